@@ -1,0 +1,82 @@
+"""Launch configuration shared by the kernel launchers: block sizes, interpreter switches, occupancy."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+
+
+class TileConfig(NamedTuple):
+    """Block sizes and launch meta-parameters of one kernel launch."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int = 8
+    num_stages: int = 3
+    group_n: int = 8  # backward only: token blocks that share a weight tile in L2
+
+
+# Hopper/Ampere choices, keyed by (backward, fp32 inputs). 128x128 logit tiles with BLOCK_H=32 keep
+# wgmma busy and fit in registers: 236 (fwd) and 229 (bwd) per thread at 8 warps on sm_90, 0 spills.
+# Broader tiles or BLOCK_H=64 spill. Checked by ptxas in tests/test_aot_compile.py.
+GPU_CONFIGS = {
+    (False, False): TileConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
+    (True, False): TileConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
+    # fp32 inputs run 3xTF32 products, which hold three operand splits in registers: smaller tiles.
+    (False, True): TileConfig(block_n=64, block_v=64, block_h=16, num_warps=8, num_stages=3),
+    (True, True): TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=3),
+}
+# The interpreter's cost grows with the number of tiles, not their size.
+INTERPRETER = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=1, num_stages=1)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_flags(hidden: torch.Tensor) -> dict:
+    """Constexpr flags that depend on the device and dtype rather than on the shapes.
+
+    The interpreter mishandles bf16 products, so loaded tiles are upcast there (`UPCAST`); on a GPU the
+    operands stay bf16/fp16 for tensor cores. fp32 inputs use IEEE products (as torch's matmul does by
+    default) in the interpreter and 3xTF32 on a GPU (fp32-level accuracy on tensor cores).
+    """
+    upcast = hidden.device.type == "cpu"
+    return {"UPCAST": upcast, "DOT_PRECISION": dot_precision(hidden.dtype, upcast)}
+
+
+def dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
+    if interpreted:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 operands
+
+
+def default_config(hidden: torch.Tensor, backward: bool) -> TileConfig:
+    if hidden.device.type == "cpu":
+        return INTERPRETER
+    return GPU_CONFIGS[backward, hidden.dtype == torch.float32]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_programs_wanted(device: torch.device) -> int:
+    """Programs that fill the device about twice over (one on the interpreter: tiles run serially)."""
+    if device.type != "cuda":
+        return 1
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_runnable(tensor: torch.Tensor) -> None:
+    if tensor.device.type == "cpu" and not interpreting():
+        raise ValueError(
+            "impl='triton' needs CUDA tensors or the Triton interpreter: expected hidden on a CUDA device "
+            f"or TRITON_INTERPRET=1, got a tensor on {tensor.device} without the interpreter "
+            "(use impl='torch' on CPU)"
+        )

@@ -1,0 +1,140 @@
+"""Backward kernel: gradients of `lp = log_softmax(hidden @ weight.T + bias)[targets]`.
+
+With `g[n] = dL/dlp[n]`, `dL/dlogits[n, v] = g[n] * (onehot(targets[n])[v] - softmax[n, v])`. Each
+program recomputes one [BLOCK_N, BLOCK_V] logit tile from the saved logsumexp, forms that gradient
+tile in registers, and adds its contributions to dhidden (= dlogits @ weight), dweight
+(= dlogits.T @ hidden) and dbias with fp32 atomics, hidden-tile by hidden-tile. Programs are ordered
+in groups of GROUP_N token blocks so that a weight tile is reused from L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import TileConfig, check_runnable, default_config, kernel_flags
+from .tiles import logit_tile
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_lp_ptr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+    N, V, H, ignore_index,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # Grouped ordering: GROUP_N token blocks sweep the vocabulary together.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    v_blocks = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * v_blocks
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+
+    n0 = pid_n * BLOCK_N
+    v0 = pid_v * BLOCK_V
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_H)
+    row_in = rows < N - n0
+    col_in = cols < V - v0
+    hidden_blk = hidden_ptr + n0.to(tl.int64) * stride_hn
+    weight_blk = weight_ptr + v0.to(tl.int64) * stride_wv
+    targets = tl.load(targets_ptr + n0 + rows, mask=row_in, other=ignore_index)
+    lse = tl.load(lse_ptr + n0 + rows, mask=row_in, other=0.0)
+    g = tl.load(grad_lp_ptr + n0 + rows, mask=row_in, other=0.0)
+    g = tl.where(targets == ignore_index, 0.0, g)
+
+    logits = logit_tile(
+        hidden_blk, weight_blk, bias_ptr, v0, N - n0, V - v0, H,
+        stride_hn, stride_hh, stride_wv, stride_wh,
+        HAS_BIAS, EVEN_H, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    probs = tl.exp(logits - lse[:, None])
+    onehot = ((v0 + cols)[None, :] == targets[:, None]).to(tl.float32)
+    dlogits = g[:, None] * (onehot - probs)  # [BLOCK_N, BLOCK_V] fp32
+
+    if COMPUTE_DB:
+        tl.atomic_add(grad_bias_ptr + v0 + cols, tl.sum(dlogits, axis=0), mask=col_in)
+
+    if UPCAST:
+        dlogits_op = dlogits
+    else:
+        dlogits_op = dlogits.to(hidden_ptr.dtype.element_ty)
+    # fp32 gradient buffers are contiguous [N, H] and [V, H].
+    dh_ptrs = grad_hidden_ptr + n0.to(tl.int64) * H + rows[:, None] * H + ks[None, :]
+    dw_ptrs = grad_weight_ptr + v0.to(tl.int64) * H + cols[:, None] * H + ks[None, :]
+    w_ptrs = weight_blk + cols[:, None] * stride_wv + ks[None, :] * stride_wh
+    x_ptrs = hidden_blk + rows[:, None] * stride_hn + ks[None, :] * stride_hh
+    for h0 in range(0, H, BLOCK_H):
+        k_in = ks < H - h0
+        if COMPUTE_DH:
+            # dhidden[n, h] += sum_v dlogits[n, v] * weight[v, h]
+            w = tl.load(w_ptrs, mask=col_in[:, None] & k_in[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(dlogits_op, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(dh_ptrs, dh, mask=row_in[:, None] & k_in[None, :])
+        if COMPUTE_DW:
+            # dweight[v, h] += sum_n dlogits[n, v] * hidden[n, h]
+            x = tl.load(x_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+            dw = tl.dot(tl.trans(dlogits_op), x, input_precision=DOT_PRECISION)
+            tl.atomic_add(dw_ptrs, dw, mask=col_in[:, None] & k_in[None, :])
+        w_ptrs += BLOCK_H * stride_wh
+        x_ptrs += BLOCK_H * stride_hh
+        dh_ptrs += BLOCK_H
+        dw_ptrs += BLOCK_H
+
+
+def linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lp: torch.Tensor,
+    ignore_index: int = -100,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `lp` (from `linear_logprobs_fwd`) given `grad_lp = dL/dlp`.
+
+    Args:
+        hidden: [N, H], weight: [V, H], bias: [V] or None, all of one dtype (bf16/fp16/fp32).
+        targets: [N] int64. lse: [N] fp32 from the forward. grad_lp: [N], any float dtype.
+        needs_grad: which of (hidden, weight, bias) need a gradient.
+
+    Returns:
+        (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the input dtype, accumulated in
+        fp32; None for those not needed.
+    """
+    check_runnable(hidden)
+    (N, H), V = hidden.shape, weight.shape[0]
+    want_dh, want_dw, want_db = needs_grad
+    want_db = want_db and bias is not None
+    cfg = config or default_config(hidden, backward=True)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.zeros((N, H), **f32) if want_dh else None
+    grad_weight = torch.zeros((V, H), **f32) if want_dw else None
+    grad_bias = torch.zeros((V,), **f32) if want_db else None
+    if N > 0 and (want_dh or want_dw or want_db):
+        grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),)
+        _linear_logprobs_bwd_kernel[grid](
+            hidden, weight, bias, targets, lse, grad_lp.float().contiguous(),
+            grad_hidden, grad_weight, grad_bias,
+            N, V, H, ignore_index,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, EVEN_H=H % cfg.block_h == 0, **kernel_flags(hidden),
+            COMPUTE_DH=want_dh, COMPUTE_DW=want_dw, COMPUTE_DB=want_db,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+    return cast(grad_hidden, hidden), cast(grad_weight, weight), cast(grad_bias, bias)

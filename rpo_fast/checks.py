@@ -1,0 +1,131 @@
+"""Input validation for the public API. Every user error is a `ValueError` that names the argument, what
+was expected and what came."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+SFT_NORMS = ("sum", "seq_mean", "token_mean")
+IMPLS = ("auto", "triton", "torch", "dense")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def check_head(prefix: str, hidden, weight, bias, n_rows: int | None = None) -> None:
+    """hidden [N, H] and weight [V, H] of one float dtype and device; bias [V] of that dtype or None."""
+    for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a 2-D tensor, got {got}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{prefix}weight: expected dtype {hidden.dtype} on {hidden.device} like "
+                         f"{prefix}hidden, got {_shape(weight)}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{prefix}weight: expected shape [V, {hidden.shape[1]}] to match {prefix}hidden "
+                         f"[N, H]={list(hidden.shape)}, got {list(weight.shape)}")
+    if n_rows is not None and hidden.shape[0] != n_rows:
+        raise ValueError(f"{prefix}hidden: expected {n_rows} rows (one per target), got {hidden.shape[0]}")
+    if bias is not None:
+        if (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)
+                or bias.dtype != hidden.dtype or bias.device != hidden.device):
+            got = _shape(bias) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{prefix}bias: expected shape ({weight.shape[0]},) {hidden.dtype} on "
+                             f"{hidden.device}, got {got}")
+
+
+def check_targets(targets, n_rows: int, vocab: int, ignore_index: int, device) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.shape != (n_rows,):
+        got = _shape(targets) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets: expected shape ({n_rows},) (one per hidden row), got {got}")
+    if targets.dtype not in (torch.int64, torch.int32) or targets.device != device:
+        raise ValueError(f"targets: expected int64 on {device}, got {_shape(targets)}")
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {int(targets[i])} at position {i}")
+
+
+def check_cu_seqlens(cu_seqlens, n_rows: int) -> torch.Tensor:
+    """Returns the sequence lengths [2B] (int64, on cu_seqlens' device)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        got = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor [2B+1], got {got}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens: expected an int32 tensor, got dtype {cu_seqlens.dtype}")
+    n_seqs = cu_seqlens.numel() - 1
+    if n_seqs < 2 or n_seqs % 2:
+        raise ValueError(f"cu_seqlens: expected an even number (>= 2) of sequences, 2B chosen-then-rejected, "
+                         f"got {n_seqs} (cu_seqlens has {cu_seqlens.numel()} entries)")
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {values[0]}")
+    if values[-1] != n_rows:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[-1] == N == {n_rows} (rows of hidden), got {values[-1]}")
+    for i in range(n_seqs):
+        if values[i + 1] < values[i]:
+            raise ValueError(f"cu_seqlens: expected non-decreasing values, got cu_seqlens[{i + 1}]={values[i + 1]} "
+                             f"< cu_seqlens[{i}]={values[i]}")
+    return cu_seqlens.diff().long()
+
+
+def check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows: int, vocab: int, n_seqs: int) -> None:
+    if ref_logps is not None and (ref_hidden is not None or ref_weight is not None):
+        raise ValueError("ref_logps: expected either ref_logps or ref_hidden+ref_weight, got both")
+    if (ref_hidden is None) != (ref_weight is None):
+        given, missing = ("ref_hidden", "ref_weight") if ref_weight is None else ("ref_weight", "ref_hidden")
+        raise ValueError(f"{missing}: expected it together with {given}, got None")
+    if ref_bias is not None and ref_hidden is None:
+        raise ValueError("ref_bias: expected None without ref_hidden/ref_weight, got a tensor")
+    if ref_hidden is not None:
+        check_head("ref_", ref_hidden, ref_weight, ref_bias, n_rows=n_rows)
+        if ref_weight.shape[0] != vocab:
+            raise ValueError(f"ref_weight: expected {vocab} rows (the policy's vocabulary), got {ref_weight.shape[0]}")
+    if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or ref_logps.shape != (n_seqs,)
+                                  or not ref_logps.is_floating_point()):
+        got = _shape(ref_logps) if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__
+        raise ValueError(f"ref_logps: expected a float tensor of shape ({n_seqs},) (summed log-probs of the 2B "
+                         f"sequences), got {got}")
+
+
+def check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing) -> None:
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("sft_norm", sft_norm, SFT_NORMS)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 0.5):
+        raise ValueError(f"label_smoothing: expected a number in [0, 0.5], got {label_smoothing!r}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing: expected 0 with loss_type={loss_type!r} (only 'sigmoid' "
+                         f"smooths labels), got {label_smoothing}")
+
+
+def check_token_counts(counts: torch.Tensor, n_pairs: int, sft_norm: str, alpha: float,
+                       per_token_pref: bool) -> None:
+    """Refuses divisions by a zero token count; names the first sequence (0..B-1 chosen) that has none."""
+    empty = (counts == 0).tolist()
+    if per_token_pref and any(empty):
+        i = empty.index(True)
+        raise ValueError(f"cu_seqlens/targets: sequence {i} ({'chosen' if i < n_pairs else 'rejected'}) has no "
+                         "response tokens, but average_log_prob / loss_type='ipo' divides by its count")
+    if alpha and sft_norm == "seq_mean" and any(empty[:n_pairs]):
+        i = empty.index(True)
+        raise ValueError(f"cu_seqlens/targets: chosen sequence {i} has no response tokens, but "
+                         "sft_norm='seq_mean' divides by its count")
+    if alpha and sft_norm == "token_mean" and all(empty[:n_pairs]):
+        raise ValueError("cu_seqlens/targets: no chosen sequence has response tokens, but "
+                         "sft_norm='token_mean' divides by their total count")

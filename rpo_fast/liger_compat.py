@@ -1,0 +1,119 @@
+"""`RPOLoss`: a drop-in for `liger_kernel.chunked_loss.LigerFusedLinearDPOLoss` on the fused kernels.
+
+Same constructor keywords, same `forward(lin_weight, _input, target, bias, ref_input, ref_weight,
+ref_bias)` on padded `[2B, T, H]` inputs (chosen rows first), same return value. Internally the padded
+batch is packed down to its scored tokens, so padding costs no head FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .loss import fused_linear_rpo_loss
+
+# Liger loss types this module does not implement (they are not RPO's preference term).
+_LIGER_ONLY_LOSS_TYPES = ("exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+                          "discopop")
+
+
+class RPOLoss(torch.nn.Module):
+    """Fused linear + DPO/RPO loss with Liger's interface.
+
+    The SFT term is `alpha * nll` when `compute_nll_loss` (Liger's default form is `sft_norm="token_mean"`:
+    NLL summed over chosen tokens / chosen token count); `sft_norm="sum"` is the paper's main form and
+    `"seq_mean"` its appendix / OpenRLHF's. `compiled` and `chunk_size` are accepted for compatibility and
+    have no effect (the kernels neither compile per shape nor chunk by sequences). Unlike Liger 0.8.5,
+    `label_smoothing` applies to `loss_type="sigmoid"` (cDPO, as in TRL); Liger ignores it there.
+
+    Raises:
+        ValueError: for a Liger loss type that is not implemented here, or an unknown option.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_norm: str = "token_mean",
+        impl: str = "auto",
+    ):
+        super().__init__()
+        if loss_type in _LIGER_ONLY_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {list(checks.LOSS_TYPES)} (rpo_fast does not implement "
+                             f"Liger's {loss_type!r}), got {loss_type!r}")
+        checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+        checks.check_choice("impl", impl, checks.IMPLS)
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.sft_norm = sft_norm
+        self.impl = impl
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
+        """
+        Args:
+            lin_weight: [V, H]. _input: [2B, T, H] (rows 0..B-1 chosen). target: [2B, T] int64.
+            bias: [V] or None. ref_input [2B, T, H'], ref_weight [V, H'], ref_bias [V]: the reference
+                head, used when `use_ref_model`.
+
+        Returns:
+            `(loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+            chosen_rewards, rejected_rewards))` as Liger returns them: logps are per-token averages when
+            `average_log_prob`, `nll_loss` is 0 unless `compute_nll_loss`, the logits means run over every
+            position and vocab entry of the chosen (rejected) rows.
+        """
+        if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
+            raise ValueError(f"_input: expected a [2B, T, H] tensor, got "
+                             f"{tuple(_input.shape) if isinstance(_input, torch.Tensor) else type(_input).__name__}")
+        if not isinstance(target, torch.Tensor) or target.shape != _input.shape[:2]:
+            raise ValueError(f"target: expected shape {tuple(_input.shape[:2])} (the [2B, T] of _input), got "
+                             f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+        if self.use_ref_model and (ref_input is None or ref_weight is None):
+            raise ValueError("ref_input/ref_weight: expected tensors with use_ref_model=True, got None")
+        if self.use_ref_model and ref_input.shape[:2] != _input.shape[:2]:
+            raise ValueError(f"ref_input: expected [2B, T]={tuple(_input.shape[:2])} like _input, got "
+                             f"{tuple(ref_input.shape[:2])}")
+        n_seqs, seq_len, hidden_size = _input.shape
+        scored = target != self.ignore_index
+        cu_seqlens = torch.zeros(n_seqs + 1, dtype=torch.int32, device=target.device)
+        cu_seqlens[1:] = scored.sum(1).cumsum(0)
+        out = fused_linear_rpo_loss(
+            _input[scored], lin_weight, target[scored], cu_seqlens, bias=bias,
+            ref_hidden=ref_input[scored] if self.use_ref_model else None,
+            ref_weight=ref_weight if self.use_ref_model else None,
+            ref_bias=ref_bias if self.use_ref_model else None,
+            beta=self.beta, alpha=self.alpha if self.compute_nll_loss else 0.0, sft_norm=self.sft_norm,
+            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            average_log_prob=self.average_log_prob, ignore_index=self.ignore_index, impl=self.impl,
+        )
+        chosen, rejected = out.chosen_logps, out.rejected_logps
+        if self.average_log_prob:
+            chosen, rejected = chosen / out.chosen_token_counts, rejected / out.rejected_token_counts
+        nll = out.nll if self.compute_nll_loss else torch.zeros((), device=_input.device)
+
+        # Mean logit over all positions and vocab entries, without logits: sum_v logit = h . sum_v w + sum_v b.
+        with torch.no_grad():
+            weight_sum = lin_weight.float().sum(0)
+            bias_sum = bias.float().sum() if bias is not None else 0.0
+            n_pairs = n_seqs // 2
+            denom = n_pairs * seq_len * lin_weight.shape[0]
+            row_sums = _input.reshape(-1, hidden_size).float() @ weight_sum + bias_sum
+            per_seq = row_sums.view(n_seqs, seq_len).sum(1)
+            chosen_logits_mean = per_seq[:n_pairs].sum() / denom
+            rejected_logits_mean = per_seq[n_pairs:].sum() / denom
+        return out.loss, (chosen, rejected, chosen_logits_mean, rejected_logits_mean, nll,
+                          out.chosen_rewards, out.rejected_rewards)

@@ -1,0 +1,185 @@
+"""The RPO loss: DPO plus an SFT term on the chosen responses.
+
+Liu, Lu, Zhang et al., "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
+Adversarial Regularizer", NeurIPS 2024 (arXiv 2405.16436). Pair convention (Liger, TRL): of 2B
+sequences, 0..B-1 are chosen and B..2B-1 rejected; pair i is (i, B+i).
+
+    s_j     = sum_t log pi(y_t | y_<t) over the response tokens of sequence j (n_j of them)
+    z_i     = beta * ((s_i - s_i^ref) - (s_{B+i} - s_{B+i}^ref))     (s_j / n_j with average_log_prob)
+    loss    = mean_i l(z_i) + alpha * NLL
+    sigmoid: l = -(1 - eps) log sig(z) - eps log sig(-z)      (eps = label_smoothing, cDPO)
+    hinge:   l = relu(1 - z)                                  (SLiC)
+    ipo:     l = (z / beta - 1 / (2 beta))^2, always on per-token-averaged log-probs (IPO)
+    NLL "sum":        mean_i(-s_i)                 the paper's main form; its alpha is eta * beta
+    NLL "seq_mean":   mean_i(-s_i / n_i)           the paper's appendix, OpenRLHF nll_loss_coef
+    NLL "token_mean": -(sum_i s_i) / (sum_i n_i)   Liger compute_nll_loss, TRL loss_type "sft"
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import checks
+from .logprobs import linear_logprobs
+
+
+class RPOOutput(NamedTuple):
+    """Result of an RPO loss evaluation. Per-pair tensors are [B] float32."""
+
+    loss: torch.Tensor  # scalar: pref_loss + alpha * nll
+    pref_loss: torch.Tensor  # scalar: mean over pairs of the preference term
+    nll: torch.Tensor  # scalar: the normalized SFT term before alpha
+    chosen_logps: torch.Tensor  # summed over response tokens
+    rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor  # summed; zeros when reference-free
+    ref_rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor  # beta * (s - s_ref), detached
+    rejected_rewards: torch.Tensor
+    chosen_token_counts: torch.Tensor  # response tokens per sequence, float32
+    rejected_token_counts: torch.Tensor
+
+
+def preference_losses(z: torch.Tensor, beta: float, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair preference term l(z) for `z = beta * (chosen log-ratio - rejected log-ratio)`."""
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if loss_type == "hinge":
+        return torch.relu(1 - z)
+    if loss_type == "ipo":
+        return (z / beta - 1 / (2 * beta)) ** 2
+    raise ValueError(f"loss_type: expected one of {list(checks.LOSS_TYPES)}, got {loss_type!r}")
+
+
+def sft_nll(chosen_logps: torch.Tensor, chosen_counts: torch.Tensor, sft_norm: str) -> torch.Tensor:
+    """The SFT term on chosen sequences: summed log-probs [B] and token counts [B] -> scalar NLL."""
+    if sft_norm == "sum":
+        return -chosen_logps.mean()
+    if sft_norm == "seq_mean":
+        return -(chosen_logps / chosen_counts).mean()
+    if sft_norm == "token_mean":
+        return -chosen_logps.sum() / chosen_counts.sum()
+    raise ValueError(f"sft_norm: expected one of {list(checks.SFT_NORMS)}, got {sft_norm!r}")
+
+
+def rpo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    token_counts: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    sft_norm: str = "token_mean",
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+) -> RPOOutput:
+    """RPO from per-sequence summed log-probs.
+
+    Args:
+        policy_logps: [2B] summed response log-probs of the policy (differentiable), chosen first.
+        ref_logps: [2B] summed log-probs of the reference, or None (reference-free).
+        token_counts: [2B] response tokens per sequence.
+
+    Raises:
+        ValueError: on bad options, or when a normalization would divide by a zero token count.
+    """
+    checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+    n_pairs = policy_logps.shape[0] // 2
+    counts = token_counts.to(torch.float32)
+    per_token = average_log_prob or loss_type == "ipo"
+    checks.check_token_counts(counts, n_pairs, sft_norm, alpha, per_token)
+    policy = policy_logps.float()
+    ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().float()
+
+    # The preference term sees per-token averages with average_log_prob (and always for IPO).
+    scale = counts if per_token else torch.ones_like(counts)
+    logratios = (policy - ref) / scale
+    z = beta * (logratios[:n_pairs] - logratios[n_pairs:])
+    pref_loss = preference_losses(z, beta, loss_type, label_smoothing).mean()
+    if alpha:
+        nll = sft_nll(policy[:n_pairs], counts[:n_pairs], sft_norm)
+    else:  # plain DPO: report the token-mean NLL as a metric without dividing by absent tokens
+        nll = (-policy[:n_pairs].sum() / counts[:n_pairs].sum().clamp(min=1)).detach()
+    rewards = (beta * logratios).detach()
+    return RPOOutput(
+        loss=pref_loss + alpha * nll if alpha else pref_loss,
+        pref_loss=pref_loss,
+        nll=nll,
+        chosen_logps=policy[:n_pairs],
+        rejected_logps=policy[n_pairs:],
+        ref_chosen_logps=ref[:n_pairs],
+        ref_rejected_logps=ref[n_pairs:],
+        chosen_rewards=rewards[:n_pairs],
+        rejected_rewards=rewards[n_pairs:],
+        chosen_token_counts=counts[:n_pairs],
+        rejected_token_counts=counts[n_pairs:],
+    )
+
+
+def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sums a packed [N] tensor over consecutive segments of the given lengths [S] -> [S] float32."""
+    segment_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.to(values.device))
+    out = torch.zeros(lengths.numel(), dtype=torch.float32, device=values.device)
+    return out.index_add(0, segment_ids, values.float())
+
+
+def fused_linear_rpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    sft_norm: str = "token_mean",
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> RPOOutput:
+    """RPO loss straight from packed hidden states: LM head, log-softmax, gather and loss, fused.
+
+    Args:
+        hidden: [N, H] bf16/fp16/fp32, the policy's last hidden states at response positions of 2B
+            packed sequences (chosen 0..B-1 first, then rejected B..2B-1).
+        weight: [V, H] LM head, same dtype; bias: [V] or None.
+        targets: [N] int64 next tokens; `ignore_index` marks positions that do not count.
+        cu_seqlens: [2B+1] int32 sequence boundaries in `hidden`, from 0 to N.
+        ref_hidden, ref_weight, ref_bias: the reference head's inputs ([N, H'], [V, H'], [V]); run
+            forward-only, nothing saved, no gradient. Or `ref_logps`: [2B] precomputed summed
+            reference log-probs. Neither: reference-free.
+        beta, alpha, sft_norm, loss_type, label_smoothing, average_log_prob: see the module docstring.
+        impl: "auto" | "triton" | "torch" | "dense" (see `linear_logprobs`).
+
+    Returns:
+        RPOOutput.
+
+    Raises:
+        ValueError: naming the argument, for every malformed input (shapes, dtypes, cu_seqlens,
+            targets out of range, half-given reference, unknown options, empty sequences that a
+            normalization would divide by).
+    """
+    checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+    checks.check_head("", hidden, weight, bias)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device)
+    lengths = checks.check_cu_seqlens(cu_seqlens, n_rows)
+    checks.check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows, vocab, lengths.numel())
+
+    counts = segment_sum((targets != ignore_index).float(), lengths)
+    lp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, impl=impl)
+    policy_logps = segment_sum(lp, lengths)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_lp = linear_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index=ignore_index, impl=impl)
+        ref_logps = segment_sum(ref_lp, lengths)
+    return rpo_loss(policy_logps, ref_logps, counts, beta=beta, alpha=alpha, sft_norm=sft_norm,
+                    loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)

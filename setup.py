@@ -1,0 +1,21 @@
+"""rpo-fast: fused-kernel Regularized Preference Optimization (DPO + SFT) for PyTorch.
+
+The top-level folder `kernels/` is installed as `rpo_fast.kernels`: a top-level `kernels` module would
+shadow the PyPI package `kernels`, which transformers imports.
+"""
+from setuptools import setup
+
+setup(
+    name="rpo-fast",
+    version="0.1.0",
+    description="Fused linear -> log-prob -> RPO loss kernels and a packed, padding-free RPO trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["rpo_fast", "rpo_fast.kernels"],
+    package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
+    # torch is deliberately a lower bound only: the CPU CI set pins it exactly in requirements.txt,
+    # and an unpinned install would pull a multi-GB CUDA build on a CPU machine.
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={"flash": ["flash-attn>=2.6"]},
+)
