@@ -66,31 +66,27 @@ def _linear_logprobs_bwd_kernel(
         dlogits_op = dlogits
     else:
         dlogits_op = dlogits.to(hidden_ptr.dtype.element_ty)
-    # fp32 gradient buffers are contiguous [N, H] and [V, H].
-    dh_ptrs = grad_hidden_ptr + n0.to(tl.int64) * H + rows[:, None] * H + ks[None, :]
-    dw_ptrs = grad_weight_ptr + v0.to(tl.int64) * H + cols[:, None] * H + ks[None, :]
-    w_ptrs = weight_blk + cols[:, None] * stride_wv + ks[None, :] * stride_wh
-    x_ptrs = hidden_blk + rows[:, None] * stride_hn + ks[None, :] * stride_hh
     for h0 in range(0, H, BLOCK_H):
-        k_in = ks < H - h0
+        k = h0 + ks
+        k_in = k < H
         if COMPUTE_DH:
-            # dhidden[n, h] += sum_v dlogits[n, v] * weight[v, h]
-            w = tl.load(w_ptrs, mask=col_in[:, None] & k_in[None, :], other=0.0)
+            # dhidden[n, h] += sum_v dlogits[n, v] * weight[v, h]; fp32 buffers are contiguous [N, H], [V, H].
+            w = tl.load(weight_blk + cols[:, None] * stride_wv + k[None, :] * stride_wh,
+                        mask=col_in[:, None] & k_in[None, :], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
             dh = tl.dot(dlogits_op, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(dh_ptrs, dh, mask=row_in[:, None] & k_in[None, :])
+            tl.atomic_add(grad_hidden_ptr + n0.to(tl.int64) * H + rows[:, None] * H + k[None, :], dh,
+                          mask=row_in[:, None] & k_in[None, :])
         if COMPUTE_DW:
             # dweight[v, h] += sum_n dlogits[n, v] * hidden[n, h]
-            x = tl.load(x_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+            x = tl.load(hidden_blk + rows[:, None] * stride_hn + k[None, :] * stride_hh,
+                        mask=row_in[:, None] & k_in[None, :], other=0.0)
             if UPCAST:
                 x = x.to(tl.float32)
             dw = tl.dot(tl.trans(dlogits_op), x, input_precision=DOT_PRECISION)
-            tl.atomic_add(dw_ptrs, dw, mask=col_in[:, None] & k_in[None, :])
-        w_ptrs += BLOCK_H * stride_wh
-        x_ptrs += BLOCK_H * stride_hh
-        dh_ptrs += BLOCK_H
-        dw_ptrs += BLOCK_H
+            tl.atomic_add(grad_weight_ptr + v0.to(tl.int64) * H + cols[:, None] * H + k[None, :], dw,
+                          mask=col_in[:, None] & k_in[None, :])
 
 
 def linear_logprobs_bwd(

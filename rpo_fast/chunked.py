@@ -42,7 +42,10 @@ def chunked_linear_logprobs_fwd(
     for start in range(0, N, step):
         rows = slice(start, start + step)
         logits = _chunk_logits(hidden[rows], weight, bias)
-        lse[rows] = torch.logsumexp(logits, dim=-1)
+        # torch's logsumexp returns +-inf for infinite logits; their log-probs are undefined: NaN, as in
+        # the kernels' online softmax.
+        chunk_lse = torch.logsumexp(logits, dim=-1)
+        lse[rows] = chunk_lse.masked_fill(chunk_lse.isinf(), float("nan"))
         lp[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
     return lp.masked_fill_(ignored, 0.0), lse
 

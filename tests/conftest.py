@@ -1,0 +1,35 @@
+"""Shared fixtures: a seeded RNG for every test and a verbose closeness check."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Interpreter tests are ~10x faster single-threaded; the Makefile sets these too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+
+
+def assert_close(actual, expected, *, atol, rtol=0.0, name="value"):
+    """allclose that reports the worst mismatches instead of a bare False."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        rows = "\n".join(f"  at {tuple(i)}: got {actual[tuple(i)].item():.6g}, expected {expected[tuple(i)].item():.6g}"
+                         for i in idx)
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, rtol={rtol}), "
+                             f"max abs err {max_abs_err(actual, expected):.3g}; first:\n{rows}")

@@ -1,0 +1,135 @@
+"""Every malformed input gets a ValueError that names the argument; NaN/Inf inputs give NaN, never a
+silent number."""
+import math
+
+import pytest
+import torch
+
+import rpo_fast
+
+
+def base(B=2, L=3, H=8, V=11):
+    N = 2 * B * L
+    return dict(
+        hidden=torch.randn(N, H), weight=torch.randn(V, H), targets=torch.randint(0, V, (N,)),
+        cu_seqlens=torch.arange(0, N + 1, L, dtype=torch.int32),
+    )
+
+
+def call(**overrides):
+    kw = base()
+    kw.update(overrides)
+    return rpo_fast.fused_linear_rpo_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), kw.pop("cu_seqlens"), **kw)
+
+
+N, H, V = 12, 8, 11
+CASES = [
+    # (case id, overrides, argument named in the message)
+    ("hidden_1d", dict(hidden=torch.randn(N * H)), "hidden"),
+    ("hidden_int", dict(hidden=torch.ones(N, H, dtype=torch.int64)), "hidden"),
+    ("hidden_float64", dict(hidden=torch.randn(N, H, dtype=torch.float64)), "hidden"),
+    ("weight_dtype", dict(weight=torch.randn(V, H, dtype=torch.float16)), "weight"),
+    ("weight_H", dict(weight=torch.randn(V, H + 1)), "weight"),
+    ("bias_shape", dict(bias=torch.randn(V + 1)), "bias"),
+    ("bias_dtype", dict(bias=torch.randn(V, dtype=torch.bfloat16)), "bias"),
+    ("targets_len", dict(targets=torch.zeros(N - 1, dtype=torch.int64)), "targets"),
+    ("targets_float", dict(targets=torch.zeros(N)), "targets"),
+    ("target_too_big", dict(targets=torch.full((N,), V)), "targets"),
+    ("target_negative", dict(targets=torch.full((N,), -1)), "targets"),
+    ("cu_float", dict(cu_seqlens=torch.arange(0, N + 1, 3).float()), "cu_seqlens"),
+    ("cu_not_zero_start", dict(cu_seqlens=torch.tensor([1, 3, 6, 9, 12], dtype=torch.int32)), "cu_seqlens"),
+    ("cu_not_ending_at_N", dict(cu_seqlens=torch.tensor([0, 3, 6, 9, 11], dtype=torch.int32)), "cu_seqlens"),
+    ("cu_decreasing", dict(cu_seqlens=torch.tensor([0, 5, 4, 9, 12], dtype=torch.int32)), "cu_seqlens"),
+    ("cu_odd_count", dict(cu_seqlens=torch.tensor([0, 4, 8, 12], dtype=torch.int32)), "cu_seqlens"),
+    ("cu_2d", dict(cu_seqlens=torch.zeros(2, 3, dtype=torch.int32)), "cu_seqlens"),
+    ("ref_hidden_only", dict(ref_hidden=torch.randn(N, H)), "ref_weight"),
+    ("ref_weight_only", dict(ref_weight=torch.randn(V, H)), "ref_hidden"),
+    ("ref_bias_alone", dict(ref_bias=torch.randn(V)), "ref_bias"),
+    ("ref_both_forms", dict(ref_hidden=torch.randn(N, H), ref_weight=torch.randn(V, H), ref_logps=torch.zeros(4)),
+     "ref_logps"),
+    ("ref_hidden_rows", dict(ref_hidden=torch.randn(N + 1, H), ref_weight=torch.randn(V, H)), "ref_hidden"),
+    ("ref_weight_vocab", dict(ref_hidden=torch.randn(N, H), ref_weight=torch.randn(V + 2, H)), "ref_weight"),
+    ("ref_logps_shape", dict(ref_logps=torch.zeros(3)), "ref_logps"),
+    ("loss_type", dict(loss_type="robust"), "loss_type"),
+    ("sft_norm", dict(sft_norm="mean"), "sft_norm"),
+    ("impl", dict(impl="cuda"), "impl"),
+    ("beta_zero", dict(beta=0.0), "beta"),
+    ("beta_nan", dict(beta=math.nan), "beta"),
+    ("alpha_negative", dict(alpha=-1.0), "alpha"),
+    ("label_smoothing_big", dict(label_smoothing=0.7), "label_smoothing"),
+    ("label_smoothing_hinge", dict(label_smoothing=0.1, loss_type="hinge"), "label_smoothing"),
+]
+
+
+@pytest.mark.parametrize("overrides,argument", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_value_error_naming_argument(overrides, argument):
+    with pytest.raises(ValueError, match=rf"\b{argument}\b.*expected"):
+        call(**overrides)
+
+
+def empty_sequence_targets(seq: int):
+    targets = torch.randint(0, V, (N,))
+    targets[3 * seq:3 * seq + 3] = -100
+    return targets
+
+
+@pytest.mark.parametrize("kwargs,seq", [
+    (dict(sft_norm="seq_mean"), 1),          # a chosen sequence divided by its own count
+    (dict(average_log_prob=True), 0),
+    (dict(average_log_prob=True), 3),        # rejected sequences are averaged too
+    (dict(loss_type="ipo"), 2),              # IPO always averages
+])
+def test_empty_sequence_that_would_be_divided_by_is_named(kwargs, seq):
+    with pytest.raises(ValueError, match=rf"sequence {seq}\b"):
+        call(targets=empty_sequence_targets(seq), **kwargs)
+
+
+def test_empty_sequences_fine_when_nothing_divides_by_them():
+    out = call(targets=empty_sequence_targets(3), sft_norm="token_mean")  # a rejected sequence with no tokens
+    assert torch.isfinite(out.loss)
+    assert out.rejected_logps[1] == 0
+
+
+def test_all_chosen_empty_with_token_mean_is_refused():
+    targets = torch.randint(0, V, (N,))
+    targets[:6] = -100
+    with pytest.raises(ValueError, match="token_mean"):
+        call(targets=targets)
+    assert torch.isfinite(call(targets=targets, alpha=0.0).loss)  # plain DPO does not divide
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_inputs_give_nan(impl, bad):
+    hidden = torch.randn(N, H)
+    hidden[4, 2] = bad
+    out = call(hidden=hidden, impl=impl)
+    assert torch.isnan(out.loss), f"{bad} in hidden gave loss {out.loss}"
+    lp = rpo_fast.linear_logprobs(hidden, torch.randn(V, H), torch.randint(0, V, (N,)), impl=impl)
+    assert torch.isnan(lp[4]) and torch.isfinite(lp[torch.arange(N) != 4]).all()
+
+
+def test_linear_logprobs_validates_too():
+    with pytest.raises(ValueError, match="targets.*expected"):
+        rpo_fast.linear_logprobs(torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(ValueError, match="weight.*expected"):
+        rpo_fast.linear_logprobs(torch.randn(4, 3), torch.randn(5, 4), torch.zeros(4, dtype=torch.int64))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="impl='triton'.*expected"):
+        rpo_fast.linear_logprobs(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.int64),
+                                 impl="triton")
+
+
+def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():
+    with pytest.raises(ValueError, match="loss_type"):
+        rpo_fast.RPOLoss(loss_type="apo_zero")
+    loss = rpo_fast.RPOLoss(use_ref_model=False)
+    with pytest.raises(ValueError, match="_input"):
+        loss(torch.randn(5, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="target"):
+        loss(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ref_input"):
+        rpo_fast.RPOLoss()(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 2, dtype=torch.int64))

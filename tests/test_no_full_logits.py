@@ -1,0 +1,54 @@
+"""The "triton" and "torch" paths never allocate an [N, V]-sized tensor, forward or backward; the dense
+path (the control that proves the recorder works) does."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rpo_fast
+from rpo_fast import chunked
+
+
+class LargestTensorRecorder(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+N, H, V, B = 600, 16, 500, 3
+
+
+def largest_allocation(impl, monkeypatch):
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64 * V)  # 64-row chunks, so chunking is visible at this N
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    bias = torch.randn(V, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    cu = torch.arange(0, N + 1, N // (2 * B), dtype=torch.int32)
+    ref_hidden, ref_weight = torch.randn(N, H), torch.randn(V, H)
+    with LargestTensorRecorder() as rec:
+        out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, bias=bias, ref_hidden=ref_hidden,
+                                             ref_weight=ref_weight, impl=impl)
+        out.loss.backward()
+    assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
+    return rec.largest
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fused_paths_never_allocate_n_by_v(impl, monkeypatch):
+    largest = largest_allocation(impl, monkeypatch)
+    assert largest < N * V, f"impl={impl} allocated a tensor of {largest} elements (N*V = {N * V})"
+    if impl == "torch":  # the interpreter also makes byte-level host copies of its buffers; torch does not
+        assert largest <= max(V * H, 64 * V, N * H), largest  # weight-sized, one chunk, or hidden-sized
+
+
+def test_recorder_sees_dense_logits(monkeypatch):
+    assert largest_allocation("dense", monkeypatch) >= N * V
