@@ -55,6 +55,21 @@ def dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 operands
 
 
+def grad_filter_eps(dtype: torch.dtype) -> float | None:
+    """The backward's gradient-filter threshold from `RPO_FAST_GRAD_FILTER`: unset/"0"/"off" = exact
+    (default), "auto" = Cut Cross-Entropy's choice finfo(dtype).eps / 32 for bf16/fp16 (off for fp32),
+    or a number."""
+    value = os.environ.get("RPO_FAST_GRAD_FILTER", "").strip().lower()
+    if value in ("", "0", "off", "none"):
+        return None
+    if value == "auto":
+        return torch.finfo(dtype).eps / 32 if dtype in (torch.bfloat16, torch.float16) else None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"RPO_FAST_GRAD_FILTER: expected 'auto', 'off' or a number, got {value!r}") from None
+
+
 def default_config(hidden: torch.Tensor, backward: bool) -> TileConfig:
     if hidden.device.type == "cpu":
         return INTERPRETER

@@ -5,6 +5,10 @@ program recomputes one [BLOCK_N, BLOCK_V] logit tile from the saved logsumexp, f
 tile in registers, and adds its contributions to dhidden (= dlogits @ weight), dweight
 (= dlogits.T @ hidden) and dbias with fp32 atomics, hidden-tile by hidden-tile. Programs are ordered
 in groups of GROUP_N token blocks so that a weight tile is reused from L2.
+
+With FILTER_GRAD (Cut Cross-Entropy's gradient filtering), a tile whose every |onehot - softmax| is
+below `filter_eps` skips its atomics: at large vocabularies most tiles hold only probabilities far below
+the output dtype's resolution, and the atomics dominate the backward's memory traffic.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TileConfig, check_runnable, default_config, kernel_flags
+from .launch import TileConfig, check_runnable, default_config, grad_filter_eps, kernel_flags
 from .tiles import logit_tile
 
 
@@ -20,10 +24,10 @@ from .tiles import logit_tile
 def _linear_logprobs_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_lp_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    N, V, H, ignore_index,
+    N, V, H, ignore_index, filter_eps,
     stride_hn, stride_hh, stride_wv, stride_wh,
     HAS_BIAS: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped ordering: GROUP_N token blocks sweep the vocabulary together.
@@ -57,7 +61,11 @@ def _linear_logprobs_bwd_kernel(
     )
     probs = tl.exp(logits - lse[:, None])
     onehot = ((v0 + cols)[None, :] == targets[:, None]).to(tl.float32)
-    dlogits = g[:, None] * (onehot - probs)  # [BLOCK_N, BLOCK_V] fp32
+    dsoftmax = tl.where((g != 0.0)[:, None], onehot - probs, 0.0)
+    if FILTER_GRAD:
+        if tl.max(tl.abs(dsoftmax)) < filter_eps:
+            return
+    dlogits = g[:, None] * dsoftmax  # [BLOCK_N, BLOCK_V] fp32
 
     if COMPUTE_DB:
         tl.atomic_add(grad_bias_ptr + v0 + cols, tl.sum(dlogits, axis=0), mask=col_in)
@@ -99,6 +107,7 @@ def linear_logprobs_bwd(
     ignore_index: int = -100,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     config: TileConfig | None = None,
+    filter_eps: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `lp` (from `linear_logprobs_fwd`) given `grad_lp = dL/dlp`.
 
@@ -106,6 +115,8 @@ def linear_logprobs_bwd(
         hidden: [N, H], weight: [V, H], bias: [V] or None, all of one dtype (bf16/fp16/fp32).
         targets: [N] int64. lse: [N] fp32 from the forward. grad_lp: [N], any float dtype.
         needs_grad: which of (hidden, weight, bias) need a gradient.
+        filter_eps: skip tiles whose |onehot - softmax| < filter_eps everywhere (an approximation, off
+            when None). Default: the `RPO_FAST_GRAD_FILTER` environment switch (see `launch.grad_filter_eps`).
 
     Returns:
         (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the input dtype, accumulated in
@@ -116,6 +127,8 @@ def linear_logprobs_bwd(
     want_dh, want_dw, want_db = needs_grad
     want_db = want_db and bias is not None
     cfg = config or default_config(hidden, backward=True)
+    if filter_eps is None:
+        filter_eps = grad_filter_eps(hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros((N, H), **f32) if want_dh else None
     grad_weight = torch.zeros((V, H), **f32) if want_dw else None
@@ -125,10 +138,10 @@ def linear_logprobs_bwd(
         _linear_logprobs_bwd_kernel[grid](
             hidden, weight, bias, targets, lse, grad_lp.float().contiguous(),
             grad_hidden, grad_weight, grad_bias,
-            N, V, H, ignore_index,
+            N, V, H, ignore_index, float(filter_eps or 0.0),
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             HAS_BIAS=bias is not None, EVEN_H=H % cfg.block_h == 0, **kernel_flags(hidden),
-            COMPUTE_DH=want_dh, COMPUTE_DW=want_dw, COMPUTE_DB=want_db,
+            COMPUTE_DH=want_dh, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, FILTER_GRAD=bool(filter_eps),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

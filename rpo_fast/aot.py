@@ -32,7 +32,7 @@ class CompileReport:
     has_mma: bool  # any tensor-core instruction: wgmma (sm_90) or mma.sync (sm_80)
 
 
-def _signature(kernel: str, dtype: str, bias: bool, cfg=None) -> tuple[dict, dict, object]:
+def _signature(kernel: str, dtype: str, bias: bool, grad_filter: bool, cfg=None) -> tuple[dict, dict, object]:
     """Argument types and constexprs for one kernel; mirrors the launchers in `rpo_fast.kernels`."""
     import torch
 
@@ -55,8 +55,8 @@ def _signature(kernel: str, dtype: str, bias: bool, cfg=None) -> tuple[dict, dic
         sig = {"hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": bias_t, "targets_ptr": "*i64",
                "lse_ptr": "*fp32", "grad_lp_ptr": "*fp32", "grad_hidden_ptr": "*fp32",
                "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32" if bias else "constexpr",
-               "N": "i32", "V": "i32", "H": "i32", "ignore_index": "i32", **strides}
-        flags.update(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=bias, GROUP_N=cfg.group_n)
+               "N": "i32", "V": "i32", "H": "i32", "ignore_index": "i32", "filter_eps": "fp32", **strides}
+        flags.update(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=bias, FILTER_GRAD=grad_filter, GROUP_N=cfg.group_n)
     constexprs = dict(flags)
     if not bias:
         constexprs["bias_ptr"] = None
@@ -66,8 +66,10 @@ def _signature(kernel: str, dtype: str, bias: bool, cfg=None) -> tuple[dict, dic
     return sig, constexprs, cfg
 
 
-def compile_kernel(kernel: str, dtype: str, arch: int, bias: bool = True, config=None) -> CompileReport:
-    """Compile `kernel` ("fwd" or "bwd") for `dtype` and sm_`arch`; parse `ptxas -v` for spills."""
+def compile_kernel(kernel: str, dtype: str, arch: int, bias: bool = True, grad_filter: bool = False,
+                   config=None) -> CompileReport:
+    """Compile `kernel` ("fwd" or "bwd") for `dtype` and sm_`arch`; parse `ptxas -v` for spills.
+    `grad_filter` compiles the backward's gradient-filtering variant."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile_kernel must run without TRITON_INTERPRET (see module docstring)")
     import triton
@@ -78,7 +80,7 @@ def compile_kernel(kernel: str, dtype: str, arch: int, bias: bool = True, config
     from rpo_fast.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
 
     fn = _linear_logprobs_fwd_kernel if kernel == "fwd" else _linear_logprobs_bwd_kernel
-    sig, constexprs, cfg = _signature(kernel, dtype, bias, config)
+    sig, constexprs, cfg = _signature(kernel, dtype, bias, grad_filter, config)
     compiled = triton.compile(
         ASTSource(fn, sig, constexprs),
         target=GPUTarget("cuda", arch, 32),
@@ -99,7 +101,7 @@ def compile_kernel(kernel: str, dtype: str, arch: int, bias: bool = True, config
     if regs is None or spills is None:
         raise RuntimeError(f"could not parse ptxas output:\n{log}")
     return CompileReport(
-        kernel=kernel, dtype=dtype, arch=arch, registers=int(regs.group(1)),
+        kernel=kernel + ("_filtered" if grad_filter else ""), dtype=dtype, arch=arch, registers=int(regs.group(1)),
         spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
         has_wgmma="wgmma.mma_async" in ptx, has_mma="wgmma.mma_async" in ptx or "mma.sync" in ptx,
     )
@@ -107,9 +109,11 @@ def compile_kernel(kernel: str, dtype: str, arch: int, bias: bool = True, config
 
 def main(argv: list[str]) -> int:
     archs = [int(a) for a in (argv or ["90", "80"])]
+    variants = [("fwd", False, False), ("fwd", True, False), ("bwd", False, False), ("bwd", True, False),
+                ("bwd", True, True)]  # (kernel, bias, grad_filter)
     reports = [
-        dataclasses.asdict(compile_kernel(k, d, a, bias))
-        for a in archs for k in ("fwd", "bwd") for d in ("bf16", "fp16", "fp32") for bias in (False, True)
+        dataclasses.asdict(compile_kernel(k, d, a, bias, grad_filter))
+        for a in archs for k, bias, grad_filter in variants for d in ("bf16", "fp16", "fp32")
     ]
     for r in reports:
         print(json.dumps(r))

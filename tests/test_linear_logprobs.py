@@ -123,3 +123,26 @@ def test_auto_picks_torch_on_cpu():
     logprobs_module = importlib.import_module("rpo_fast.logprobs")
     assert logprobs_module.resolve_impl("auto", torch.device("cpu")) == "torch"
     assert logprobs_module.resolve_impl("auto", torch.device("cuda", 0)) == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gradient_filter_is_within_dtype_error_and_off_by_default(dtype, monkeypatch):
+    """RPO_FAST_GRAD_FILTER=auto skips tiles with negligible softmax gradient (Cut Cross-Entropy's filter);
+    peaked logits make many tiles skippable. Results stay within the same-dtype dense error bound."""
+    monkeypatch.delenv("RPO_FAST_GRAD_FILTER", raising=False)
+    hidden, weight, _, targets = make_inputs(40, 64, 2000, dtype, bias=False, scale=12.0)
+    g = torch.randn(40, dtype=torch.float64)
+    ref_lp, ref_grads = grads_of(lambda h, w, bb, t: logprobs64(h, w, bb, t), hidden, weight, None, targets, g)
+    _, dense_grads = grads_of(lambda h, w, bb, t: rpo_fast.linear_logprobs(h, w, t, impl="dense"),
+                              hidden, weight, None, targets, g)
+    cfg = TileConfig(block_n=16, block_v=64, block_h=64)
+    lp, lse = linear_logprobs_fwd(hidden, weight, None, targets, config=cfg)
+    exact = linear_logprobs_bwd(hidden, weight, None, targets, lse, g, needs_grad=(True, True, False), config=cfg)
+    monkeypatch.setenv("RPO_FAST_GRAD_FILTER", "auto")
+    filtered = linear_logprobs_bwd(hidden, weight, None, targets, lse, g, needs_grad=(True, True, False), config=cfg)
+    assert any(not torch.equal(a, b) for a, b in zip(exact[:2], filtered[:2])), "the filter skipped no tile"
+    for name, got, dense, ref in zip(("d_hidden", "d_weight"), filtered, dense_grads, ref_grads):
+        judge(name, max_abs_err(got, ref), max_abs_err(dense, ref), dtype, ref.abs().max().item())
+    monkeypatch.setenv("RPO_FAST_GRAD_FILTER", "often")
+    with pytest.raises(ValueError, match="RPO_FAST_GRAD_FILTER"):
+        linear_logprobs_bwd(hidden, weight, None, targets, lse, g, config=cfg)
