@@ -12,10 +12,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rpo_fast", "rpo_fast.kernels"],
+    packages=["rpo_fast", "rpo_fast.kernels", "rpo_fast.integrations"],
     package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
     # torch is deliberately a lower bound only: the CPU CI set pins it exactly in requirements.txt,
     # and an unpinned install would pull a multi-GB CUDA build on a CPU machine.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    extras_require={"flash": ["flash-attn>=2.6"]},
+    extras_require={"flash": ["flash-attn>=2.6"], "trl": ["trl==1.16.0"]},
 )

@@ -1,0 +1,153 @@
+"""Model plumbing shared by the integrations: the LM head's parameters and logit scale, the fused head on
+gathered response rows, and a chunked no-grad pass for the logging statistics.
+
+None of these functions build the [tokens, V] logits: the head runs through `rpo_fast.linear_logprobs`
+(tiles of at most [chunk, V]), and the statistics pass walks the rows in chunks of `metrics_chunk_rows`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..logprobs import linear_logprobs
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()
+
+# One statistics chunk's fp32 logits: 2**25 x 4 B = 128 MiB, i.e. 261 tokens at a 128256-token vocab. Larger
+# than the op's own chunks because this pass is one GEMM per chunk (reads the whole head each time).
+METRICS_CHUNK_ELEMENTS = 2**25
+
+
+def metrics_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
+    return chunk_size or max(1, METRICS_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def logit_scale_of(config) -> float:
+    """The factor the model applies to `hidden @ W.T + b` before the softmax (1.0 for Llama, Qwen, Mistral).
+
+    Read the way TRL's fused head reads it: `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier`
+    (Falcon-H1), `1 / logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies).
+
+    Raises:
+        ValueError: for `final_logit_softcapping` (Gemma 2), a nonlinear cap the fused op does not apply.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"model config: expected final_logit_softcapping=None (rpo_fast's head applies no softcap), "
+                         f"got {text_config.final_logit_softcapping}")
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if getattr(text_config, "model_type", "") == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
+def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(weight [V, H], bias [V] or None, logit scale) of the model's LM head."""
+    lm_head = model.get_output_embeddings()
+    if lm_head is None or not hasattr(lm_head, "weight"):
+        raise ValueError(f"model: expected an LM head from get_output_embeddings(), got {type(lm_head).__name__}")
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if isinstance(weight, DTensor):  # FSDP2 shards: gather once per call, as TRL does
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    return weight, bias, logit_scale_of(model.config)
+
+
+def prepare_head_inputs(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    scale: float = 1.0,
+    cast_to_fp32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Puts rows [N, H], weight [V, H] and bias [V] in the dtype the model's own head would compute in
+    (autocast's when it is on, float32 with `cast_to_fp32`, else the weight's) and folds the logit scale
+    into rows and bias: `s * (h W^T + b) = (s h) W^T + s b`. Differentiable."""
+    device_type = rows.device.type
+    if cast_to_fp32:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = weight.dtype
+    rows, weight = rows.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if scale != 1.0:
+        rows = rows * scale
+        bias = None if bias is None else bias * scale
+    return rows, weight, bias
+
+
+def head_logprobs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, *,
+                  impl: str = "auto") -> torch.Tensor:
+    """`log_softmax(rows @ weight.T + bias)[targets]` through `rpo_fast.linear_logprobs`.
+
+    Args:
+        rows: [N, H], weight: [V, H], bias: [V] or None, one dtype (`prepare_head_inputs`).
+        targets: [N] int64, all scored.
+
+    Returns:
+        [N] float32, differentiable in rows, weight and bias.
+    """
+    with torch.autocast(rows.device.type, enabled=False):  # the op picks its own accumulation dtypes
+        return linear_logprobs(rows, weight, targets, bias, impl=impl)
+
+
+@torch.no_grad()
+def head_statistics(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    wanted: set[str] | frozenset[str],
+    *,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-row statistics of the next-token distribution, no gradient, in chunks of rows.
+
+    `wanted` is a subset of {"entropy", "mean_logits", "is_top1", "log_sum_sq_probs"} (TRL's
+    `FusedCausalLMOutput` fields, same definitions: `is_top1` means the target is the first argmax).
+    `mean_logits` alone needs no vocab pass: `mean_v z_v = (h . sum_v W_v + sum_v b_v) / V`.
+
+    Returns:
+        name -> [N] (float32; bool for is_top1).
+    """
+    rows, weight = rows.detach(), weight.detach()
+    bias = None if bias is None else bias.detach()
+    n_rows, vocab = rows.shape[0], weight.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    if not wanted:
+        return out
+    if set(wanted) == {"mean_logits"}:
+        bias_sum = bias.sum(dtype=torch.float32) if bias is not None else 0.0
+        out["mean_logits"] = (rows.float() @ weight.sum(0, dtype=torch.float32) + bias_sum) / vocab
+        return out
+    for name in wanted:
+        dtype = torch.bool if name == "is_top1" else torch.float32
+        out[name] = torch.empty(n_rows, dtype=dtype, device=rows.device)
+    step = metrics_chunk_rows(vocab, chunk_size)
+    with torch.autocast(rows.device.type, enabled=False):
+        for start in range(0, n_rows, step):
+            sl = slice(start, start + step)
+            z = rows[sl] @ weight.T
+            if bias is not None:
+                z = z + bias
+            z = z.float()
+            lse = torch.logsumexp(z, dim=-1)
+            if "mean_logits" in wanted:
+                out["mean_logits"][sl] = z.mean(-1)
+            if "is_top1" in wanted:
+                out["is_top1"][sl] = z.argmax(-1) == targets[sl]
+            if "log_sum_sq_probs" in wanted:
+                out["log_sum_sq_probs"][sl] = torch.logsumexp(2 * (z - lse[:, None]), dim=-1)
+            if "entropy" in wanted:
+                z.sub_(lse[:, None])  # log p, in place: one [chunk, V] buffer plus one for p
+                out["entropy"][sl] = -(z.exp() * z).sum(-1)
+    return out

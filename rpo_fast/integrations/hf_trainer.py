@@ -1,0 +1,299 @@
+"""`transformers.Trainer` on preference batches, with the RPO loss on rpo_fast's fused head.
+
+Batch format (what `PreferenceCollator` builds; the usual padded DPO batch): `input_ids`,
+`attention_mask`, `labels`, all [2B, T], rows 0..B-1 chosen and B..2B-1 rejected (pair i = (i, B+i)),
+`labels` HF-style (aligned with input_ids, -100 on prompt and padding, shifted inside). Optional
+`ref_chosen_logps`, `ref_rejected_logps`: [B] precomputed summed reference log-probs.
+
+The loss is `rpo_fast.rpo_loss` (DESIGN.md):
+
+    loss = mean_i l(z_i) + alpha * NLL,   z_i = beta * ((s_i - s_i^ref) - (s_{B+i} - s_{B+i}^ref))
+    sft_norm="token_mean" (default; TRL's "sft", Liger):  NLL = -(sum_i s_i) / (sum_i n_i)
+    sft_norm="sum"        (the paper's main form, alpha = eta * beta):  NLL = mean_i(-s_i)
+    sft_norm="seq_mean"   (the paper's appendix, OpenRLHF nll_loss_coef):  NLL = mean_i(-s_i / n_i)
+
+Log-probs come from the model's backbone plus `rpo_fast.linear_logprobs` on the response positions only,
+run inside the model's forward (so a DDP wrapper sees the LM head used in its forward); the [tokens, V] logits
+never exist. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
+one row, position_ids restarting per sequence, no attention mask. transformers reads the sequence boundaries
+from those position_ids (tested: eager and sdpa, transformers 5.24; flash_attention_2 does the same by
+design); a model whose attention ignores them must stay padded.
+
+    class MyTrainer(RPOTrainerMixin, transformers.Trainer):
+        pass
+
+    trainer = MyTrainer(model=model, ref_model=ref, rpo_args=RPOArguments(beta=0.1, alpha=0.5),
+                        args=TrainingArguments(..., remove_unused_columns=False),
+                        train_dataset=ds, data_collator=PreferenceCollator(pad_token_id=tok.pad_token_id))
+"""
+from __future__ import annotations
+
+import functools
+import types
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice
+from ..loss import RPOOutput, rpo_loss, segment_sum
+from ._model import head_logprobs, head_of, logit_scale_of, prepare_head_inputs
+from .padded import pack_padded_pairs
+
+
+@dataclass
+class RPOArguments:
+    """RPO loss options (see the module docstring for the formulas)."""
+
+    beta: float = 0.1
+    alpha: float = 1.0  # 0.0 is plain DPO
+    sft_norm: str = "token_mean"  # "token_mean" | "sum" | "seq_mean"
+    loss_type: str = "sigmoid"  # "sigmoid" | "hinge" | "ipo"
+    label_smoothing: float = 0.0
+    average_log_prob: bool = False
+    packed: bool = False  # drop the padding before the backbone
+    reference_free: bool = False  # allow running with no reference at all (s^ref = 0)
+    impl: str = "auto"  # rpo_fast.linear_logprobs backend
+
+    def __post_init__(self):
+        check_choice("sft_norm", self.sft_norm, SFT_NORMS)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("impl", self.impl, IMPLS)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strips DDP / DataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    model = _unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the patched module
+
+
+def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
+    """Makes `model(..., rpo_fast_shift_labels=sl)` return the fused head's log-probs instead of logits.
+
+    `sl` [R, T] int64 holds at position t the token to score from position t (already shifted), -100
+    elsewhere; the call returns [N] float32 log-probs of the scored positions in row-major order, differentiable
+    and computed inside forward. Without the keyword the model's previous forward runs. Installs on the
+    unwrapped causal LM (the base model under PEFT); installing again only updates `impl`.
+    """
+    check_choice("impl", impl, IMPLS)
+    target = _causal_lm(model)
+    logit_scale_of(target.config)  # validate the head (softcapping) at install time
+    previous = getattr(target.forward, "_rpo_fast_previous", target.forward)
+
+    @functools.wraps(type(target).forward)  # generate() validates its kwargs against the original signature
+    def _rpo_fast_forward(self, *args, rpo_fast_shift_labels=None, **kwargs):
+        if rpo_fast_shift_labels is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False  # with the cache on, transformers ignores packed position_ids
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        weight, bias, scale = head_of(self)
+        labels = rpo_fast_shift_labels.to(weight.device)
+        scored = labels != -100
+        rows, weight, bias = prepare_head_inputs(hidden.to(weight.device)[scored], weight, bias, scale=scale)
+        return head_logprobs(rows, weight, bias, labels[scored], impl=impl)
+
+    _rpo_fast_forward._rpo_fast_previous = previous
+    target.forward = types.MethodType(_rpo_fast_forward, target)
+
+
+def _is_installed(model: torch.nn.Module) -> bool:
+    return hasattr(getattr(_causal_lm(model).forward, "__func__", None), "_rpo_fast_previous")
+
+
+def _check_batch(inputs: dict[str, Any]) -> tuple[int, int]:
+    for key in ("input_ids", "attention_mask", "labels"):
+        if key not in inputs:
+            raise ValueError(f"inputs: expected keys input_ids, attention_mask, labels ([2B, T] each), "
+                             f"missing {key!r} (got {sorted(inputs)})")
+    shape = tuple(inputs["input_ids"].shape)
+    if len(shape) != 2 or shape[0] < 2 or shape[0] % 2:
+        raise ValueError(f"input_ids: expected [2B, T] with an even number (>= 2) of rows, got {shape}")
+    for key in ("attention_mask", "labels"):
+        if tuple(inputs[key].shape) != shape:
+            raise ValueError(f"{key}: expected shape {shape} like input_ids, got {tuple(inputs[key].shape)}")
+    return shape
+
+
+def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool = False,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of every row of a padded preference batch, through the fused head.
+
+    Args:
+        model: a causal LM (possibly PEFT-, DDP- or compile-wrapped); the head forward is installed on
+            first use. Runs with the model's current grad mode and adapters.
+        inputs: input_ids, attention_mask, labels [2B, T] (module docstring).
+
+    Returns:
+        (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of DESIGN.md.
+    """
+    _check_batch(inputs)
+    if not _is_installed(model):
+        install_head_forward(model, impl)
+    input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    if packed:
+        p = pack_padded_pairs(input_ids, attention_mask, labels)
+        shift_labels = torch.full_like(p.input_ids, -100)
+        shift_labels[0, p.response_index] = p.targets
+        lp = model(input_ids=p.input_ids, position_ids=p.position_ids, rpo_fast_shift_labels=shift_labels)
+        lengths = p.response_cu_seqlens.diff().long()
+    else:
+        attended = attention_mask.bool()
+        shift_labels = torch.full_like(labels, -100)
+        shift_labels[:, :-1] = labels[:, 1:]
+        shift_labels = shift_labels.masked_fill(~attended, -100)  # the predicting position must be a real token
+        position_ids = (attended.long().cumsum(1) - 1).clamp(min=0)  # right or left padding
+        lp = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   rpo_fast_shift_labels=shift_labels)
+        lengths = (shift_labels != -100).sum(1)
+    return segment_sum(lp, lengths), lengths.float().to(lp.device)
+
+
+def rpo_compute_loss(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    *,
+    ref_model: torch.nn.Module | None = None,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    sft_norm: str = "token_mean",
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    packed: bool = False,
+    reference_free: bool = False,
+    impl: str = "auto",
+) -> RPOOutput:
+    """The RPO loss of one padded preference batch; a `compute_loss` body for any HF-style trainer.
+
+    Reference, first that applies: `inputs["ref_chosen_logps"]` / `["ref_rejected_logps"]` (precomputed,
+    [B] each); `ref_model` (no grad); a PEFT `model` with its adapter disabled; none if `reference_free`.
+
+    Returns:
+        `rpo_fast.RPOOutput` (loss, pref_loss, nll, per-pair logps, rewards, token counts).
+
+    Raises:
+        ValueError: on a malformed batch, bad options, or no reference without `reference_free=True`.
+    """
+    n_seqs = _check_batch(inputs)[0]
+    policy_logps, counts = sequence_logps(model, inputs, packed=packed, impl=impl)
+    if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
+        ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+        if ref_logps.shape != (n_seqs,):
+            raise ValueError(f"ref_chosen_logps/ref_rejected_logps: expected [B]=[{n_seqs // 2}] each, got "
+                             f"{tuple(inputs['ref_chosen_logps'].shape)} and "
+                             f"{tuple(inputs['ref_rejected_logps'].shape)}")
+        ref_logps = ref_logps.to(policy_logps.device)
+    elif ref_model is not None:
+        with torch.no_grad():
+            ref_logps = sequence_logps(ref_model, inputs, packed=packed, impl=impl)[0]
+    elif hasattr(_unwrap(model), "disable_adapter"):
+        with torch.no_grad(), _unwrap(model).disable_adapter():
+            ref_logps = sequence_logps(model, inputs, packed=packed, impl=impl)[0]
+    elif reference_free:
+        ref_logps = None
+    else:
+        raise ValueError("reference: expected ref_chosen_logps/ref_rejected_logps in the batch, a ref_model, a PEFT "
+                         "model (adapter disabled = reference) or reference_free=True, got none of them")
+    return rpo_loss(policy_logps, ref_logps, counts, beta=beta, alpha=alpha, sft_norm=sft_norm,
+                    loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads `{"prompt_ids", "chosen_ids", "rejected_ids"[, "ref_chosen_logps", "ref_rejected_logps"]}` examples
+    into the batch `rpo_compute_loss` reads: input_ids / attention_mask / labels [2B, T], chosen rows first."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        check_choice("padding_side", self.padding_side, ("right", "left"))
+        seqs, labels = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                prompt, response = list(ex["prompt_ids"]), list(ex[key])
+                seqs.append(prompt + response)
+                labels.append([-100] * len(prompt) + response)
+        width = max(len(s) for s in seqs)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {name: torch.full((len(seqs), width), fill, dtype=torch.long)
+                 for name, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", -100))}
+        for j, (seq, lab) in enumerate(zip(seqs, labels)):
+            cols = slice(0, len(seq)) if self.padding_side == "right" else slice(width - len(seq), width)
+            batch["input_ids"][j, cols] = torch.tensor(seq)
+            batch["attention_mask"][j, cols] = 1
+            batch["labels"][j, cols] = torch.tensor(lab)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
+        return batch
+
+
+class RPOTrainerMixin:
+    """Adds the RPO loss to `transformers.Trainer`: `class MyTrainer(RPOTrainerMixin, Trainer)`.
+
+    Extra constructor keywords: `ref_model` (frozen reference; optional with PEFT or precomputed
+    `ref_*_logps` columns) and `rpo_args: RPOArguments` (beta, alpha, sft_norm, ...). `compute_loss`
+    returns `rpo_compute_loss(...).loss`, a per-micro-batch mean (the Trainer divides it by the gradient
+    accumulation steps). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
+    rewards/margins, logps/chosen, logps/rejected, plus nll and pref_loss. Formula: the module docstring;
+    with the default `sft_norm="token_mean"` it is TRL's `loss_type=["sigmoid", "sft"]`,
+    `loss_weights=[1, alpha]`.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, ref_model: torch.nn.Module | None = None, rpo_args: RPOArguments | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rpo_args = rpo_args or RPOArguments()
+        install_head_forward(self.model, self.rpo_args.impl)
+        self.ref_model = None
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            install_head_forward(ref_model, self.rpo_args.impl)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self._rpo_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "attention_mask", "labels", "prompt_ids", "chosen_ids",
+                                       "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = rpo_compute_loss(model, inputs, ref_model=self.ref_model, **asdict(self.rpo_args))
+        metrics = self._rpo_metrics["train" if self.model.training else "eval"]
+        gather = self.accelerator.gather_for_metrics
+        margins = out.chosen_rewards - out.rejected_rewards
+        for name, value in (("rewards/chosen", out.chosen_rewards), ("rewards/rejected", out.rejected_rewards),
+                            ("rewards/accuracies", (margins > 0).float()), ("rewards/margins", margins),
+                            ("logps/chosen", out.chosen_logps.detach()),
+                            ("logps/rejected", out.rejected_logps.detach()),
+                            ("nll", out.nll.detach()[None]), ("pref_loss", out.pref_loss.detach()[None])):
+            metrics[name].append(gather(value).mean().item())
+        return (out.loss, out) if return_outputs else out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Preference batches have labels but no logits to return: always the loss only.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._rpo_metrics[mode].items() if v})
+        self._rpo_metrics[mode].clear()
+        super().log(logs, start_time)

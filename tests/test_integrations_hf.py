@@ -1,0 +1,179 @@
+"""RPOTrainerMixin on transformers.Trainer: a few steps match a dense full-logits Trainer computing the same
+RPO loss, for each reference source and SFT normalization, and the fused path never builds [tokens, V] logits."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+import rpo_fast.chunked  # noqa: E402
+from rpo_fast.integrations.hf_trainer import (  # noqa: E402
+    PreferenceCollator, RPOArguments, RPOTrainerMixin, rpo_compute_loss, sequence_logps)
+
+VOCAB, HIDDEN, PAD = 211, 32, 0
+
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False, pad_token_id=PAD, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _examples(n, generator):
+    def ids(low, high):
+        return torch.randint(1, VOCAB, (int(torch.randint(low, high, (1,), generator=generator)),),
+                             generator=generator).tolist()
+    return [{"prompt_ids": ids(2, 6), "chosen_ids": ids(3, 9), "rejected_ids": ids(3, 9)} for _ in range(n)]
+
+
+def _dense_rpo_loss(model, ref_model, batch, args: RPOArguments):
+    """Independent reference: full [2B, T, V] logits, log_softmax, gather, and the RPO formula written out."""
+    def seq_logps(m):
+        position_ids = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
+                   use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (lp * mask).sum(1), mask.sum(1).float()
+
+    logps, counts = seq_logps(model)
+    if "ref_chosen_logps" in batch:
+        ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    else:
+        with torch.no_grad():
+            if ref_model is None:  # PEFT: the adapter disabled is the reference
+                with model.disable_adapter():
+                    ref = seq_logps(model)[0]
+            else:
+                ref = seq_logps(ref_model)[0]
+    n = logps.shape[0] // 2
+    ratio = logps - ref
+    z = args.beta * (ratio[:n] - ratio[n:])
+    pref = -torch.nn.functional.logsigmoid(z).mean()
+    chosen, chosen_counts = logps[:n], counts[:n]
+    nll = {"sum": -chosen.mean(), "seq_mean": -(chosen / chosen_counts).mean(),
+           "token_mean": -chosen.sum() / chosen_counts.sum()}[args.sft_norm]
+    return pref + args.alpha * nll
+
+
+class RPOTrainer(RPOTrainerMixin, transformers.Trainer):
+    pass
+
+
+class DenseRPOTrainer(transformers.Trainer):
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *a, ref_model=None, rpo_args=None, **kw):
+        super().__init__(*a, **kw)
+        self.ref_model, self.rpo_args = ref_model, rpo_args
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return _dense_rpo_loss(model, self.ref_model, inputs, self.rpo_args)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            return self.compute_loss(model, self._prepare_inputs(inputs)), None, None
+
+
+def _train(trainer_cls, model, ref_model, examples, rpo_args, tmp_path, **train_kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=3, learning_rate=1e-2, logging_steps=1,
+        report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, **train_kw)
+    trainer = trainer_cls(model=model, ref_model=ref_model, rpo_args=rpo_args, args=args, train_dataset=examples,
+                          eval_dataset=examples[:4], data_collator=PreferenceCollator(pad_token_id=PAD))
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h] + [trainer.evaluate()], model
+
+
+def _peft_model(base):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return peft.get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("reference, sft_norm, packed, grad_accum", [
+    ("ref_model", "sum", False, 1),
+    ("ref_model", "token_mean", True, 2),
+    ("precomputed", "seq_mean", True, 1),
+    ("peft", "token_mean", False, 1),
+])
+def test_mixin_matches_dense_trainer(reference, sft_norm, packed, grad_accum, tmp_path):
+    base = _tiny_llama()
+    if reference == "peft":
+        base = _peft_model(base)  # random (not zero) LoRA init: the disabled adapter differs from the policy
+    examples = _examples(12, torch.Generator().manual_seed(3))
+    rpo_args = RPOArguments(beta=0.1, alpha=0.5, sft_norm=sft_norm, packed=packed)
+    ref_model = copy.deepcopy(base).eval() if reference == "ref_model" else None
+    if reference == "precomputed":
+        collate = PreferenceCollator(pad_token_id=PAD)
+        with torch.no_grad():
+            for ex in examples:
+                logps = sequence_logps(copy.deepcopy(base), collate([ex]), packed=True)[0]
+                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = logps.tolist()
+
+    runs = []
+    for trainer_cls in (RPOTrainer, DenseRPOTrainer):
+        model = copy.deepcopy(base)
+        runs.append(_train(trainer_cls, model, ref_model, [dict(ex) for ex in examples], rpo_args,
+                           tmp_path / trainer_cls.__name__, gradient_accumulation_steps=grad_accum))
+    (ours, ours_model), (dense, dense_model) = runs
+    (ours, ours_eval), (dense, dense_eval) = (ours[:-1], ours[-1]), (dense[:-1], dense[-1])
+    assert ours_eval["eval_loss"] == pytest.approx(dense_eval["eval_loss"], rel=1e-4)
+    assert "eval_rewards/margins" in ours_eval
+    assert len(ours) == len(dense) == 3
+    for step, (a, b) in enumerate(zip(ours, dense)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), f"step {step}"
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3, abs=1e-5), f"step {step}"
+        for name in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll"):
+            assert name in a, f"missing metric {name}"
+    assert ours[-1]["rewards/margins"] != 0.0  # the policy moved away from the reference
+    for (name, p), q in zip(dense_model.named_parameters(), ours_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_missing_reference_is_an_error():
+    model = _tiny_llama()
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(2, torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="reference"):
+        rpo_compute_loss(model, batch)
+    out = rpo_compute_loss(model, batch, reference_free=True)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="even number"):
+        rpo_compute_loss(model, {k: v[:3] for k, v in batch.items()}, reference_free=True)
+
+
+class _VocabTensorRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor with a vocab-sized dimension that any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and VOCAB in t.shape and t.numel() > self.largest[0]:
+                self.largest = (t.numel(), tuple(t.shape), str(func))
+        return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_path_never_builds_full_logits(packed, monkeypatch):
+    chunk = 8
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", chunk * VOCAB)  # 8-token tiles
+    model, ref_model = _tiny_llama(), _tiny_llama().eval()
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(6, torch.Generator().manual_seed(5)))
+    n_resp = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_resp > HIDDEN  # so [N_resp, V] logits would outsize the [V, H] head itself
+    with _VocabTensorRecorder() as rec:
+        rpo_compute_loss(model, batch, ref_model=ref_model, packed=packed).loss.backward()
+    assert rec.largest[0] <= VOCAB * HIDDEN, rec.largest  # nothing larger than the head weight / its grad
+    with _VocabTensorRecorder() as dense:
+        _dense_rpo_loss(model, ref_model, batch, RPOArguments()).backward()
+    assert dense.largest[0] >= n_resp * VOCAB  # the recorder does see full logits when they exist

@@ -1,0 +1,194 @@
+"""RPOFastDPOTrainer / patch_dpo_trainer: TRL's own DPOTrainer run both ways on a tiny random model gives the
+same losses, metrics and weights, and the rpo_fast head never builds [tokens, V] logits.
+
+Offline: the tokenizer is a WordLevel `tokenizers` model over made-up words, the model a random LlamaConfig.
+"""
+import copy
+import functools
+import os
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl==1.16.0)")
+datasets = pytest.importorskip("datasets", reason="datasets is not installed (a trl dependency)")
+import transformers  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
+import rpo_fast.chunked  # noqa: E402
+from rpo_fast.integrations import trl as rpo_trl  # noqa: E402
+
+VOCAB, HIDDEN = 257, 32
+# Logged values that depend on wall time, not on the computation.
+_TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
+
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                                unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    g = torch.Generator().manual_seed(0)
+
+    def words(low, high):
+        n = int(torch.randint(low, high, (1,), generator=g))
+        return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g))
+
+    return datasets.Dataset.from_list([{"prompt": words(2, 6), "chosen": " " + words(4, 10),
+                                        "rejected": " " + words(4, 10)} for _ in range(12)])
+
+
+def _tiny_llama(**config_overrides):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False,
+                                      **config_overrides)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _dpo_config(tmp_path, **overrides):
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                   logging_steps=1, report_to="none", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                   beta=0.1, use_cpu=True, save_strategy="no", bf16=False, gradient_checkpointing=False, seed=0,
+                   dataloader_num_workers=0, disable_tqdm=True)
+    return trl.DPOConfig(**{**options, **overrides})
+
+
+def _run(build, base, reference, tokenizer, dataset, tmp_path, peft_config=None, **config):
+    """Trains a copy of `base` for 3 steps; returns the per-step logs and the trained model."""
+    model = copy.deepcopy(base)
+    ref_model = copy.deepcopy(base).eval() if reference == "ref_model" else None
+    trainer = build(model, ref_model=ref_model, args=_dpo_config(tmp_path, **config), train_dataset=dataset,
+                    processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h], trainer.model
+
+
+def _assert_same_logs(ours, stock, skip=()):
+    assert len(ours) == len(stock) > 0
+    for step, (a, b) in enumerate(zip(ours, stock)):
+        for key, value in b.items():
+            if key in _TIMING_KEYS or key in skip:
+                continue
+            assert key in a, f"step {step}: metric {key!r} missing"
+            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"step {step} {key}: {a[key]} vs {value}"
+
+
+def _assert_same_weights(ours, stock):
+    # Adam turns a 1e-7 gradient difference on a near-zero gradient into a visible step: compare at 1e-4
+    # against updates of about lr = 1e-2.
+    for (name, p), q in zip(stock.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["rpo_ref_model", "ipo_ref_model", "rpo_peft_adapter", "rpo_precomputed",
+                                  "rpo_logits_scaling", "rpo_triton_kernels"])
+def test_same_losses_metrics_and_weights_as_trl(case, tokenizer, dataset, tmp_path, monkeypatch):
+    config, peft_config, reference = {}, None, "ref_model"
+    base = _tiny_llama(logits_scaling=2.0) if case == "rpo_logits_scaling" else _tiny_llama()
+    ours_cls = rpo_trl.RPOFastDPOTrainer
+    if case == "rpo_triton_kernels":  # the Triton kernels themselves, on CPU through the interpreter
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernels run on CPU tensors only with TRITON_INTERPRET=1")
+        ours_cls = functools.partial(rpo_trl.RPOFastDPOTrainer, impl="triton")
+    elif case == "ipo_ref_model":
+        config = dict(loss_type=["ipo"], loss_weights=None)
+    elif case == "rpo_peft_adapter":
+        peft = pytest.importorskip("peft", reason="peft is not installed")
+        peft_config, reference = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), None
+        config = dict(learning_rate=5e-2)  # LoRA B starts at 0: move it enough to show in the rewards
+    elif case == "rpo_precomputed":
+        config, reference = dict(precompute_ref_log_probs=True), None
+
+    head_calls = []
+    real_head = rpo_trl.head_logprobs
+    monkeypatch.setattr(rpo_trl, "head_logprobs", lambda *a, **k: head_calls.append(1) or real_head(*a, **k))
+    stock, stock_model = _run(trl.DPOTrainer, base, reference, tokenizer, dataset, tmp_path / "stock", peft_config,
+                              **config)
+    ours, ours_model = _run(ours_cls, base, reference, tokenizer, dataset, tmp_path / "ours", peft_config,
+                            **config)
+    # Per step: policy + reference forward, except with precomputed reference log-probs (policy only, plus
+    # one precompute pass per dataset batch through the same head at construction).
+    assert len(head_calls) == (3 + 3 if case == "rpo_precomputed" else 6)
+    _assert_same_logs(ours, stock)
+    assert stock[-1]["rewards/margins"] != 0.0 and stock[-1]["entropy"] > 0
+    _assert_same_weights(ours_model, stock_model)
+
+
+def test_bf16_autocast_matches_trl_to_bf16_rounding(tokenizer, dataset, tmp_path):
+    base = _tiny_llama()
+    ours, _ = _run(rpo_trl.RPOFastDPOTrainer, base, "ref_model", tokenizer, dataset, tmp_path / "ours", bf16=True,
+                   max_steps=1)
+    stock, _ = _run(trl.DPOTrainer, base, "ref_model", tokenizer, dataset, tmp_path / "stock", bf16=True,
+                    max_steps=1)
+    for key in ("loss", "logps/chosen", "logps/rejected", "entropy", "grad_norm"):
+        assert ours[0][key] == pytest.approx(stock[0][key], rel=2e-3), key
+
+
+def test_patch_dpo_trainer_without_token_metrics(tokenizer, dataset, tmp_path):
+    base = _tiny_llama()
+
+    def patched(*args, **kwargs):
+        return rpo_trl.patch_dpo_trainer(trl.DPOTrainer(*args, **kwargs), token_metrics=False)
+
+    ours, ours_model = _run(patched, base, "ref_model", tokenizer, dataset, tmp_path / "ours")
+    stock, stock_model = _run(trl.DPOTrainer, base, "ref_model", tokenizer, dataset, tmp_path / "stock")
+    assert not {"entropy", "mean_token_accuracy"} & set(ours[0])
+    _assert_same_logs(ours, stock, skip=("entropy", "mean_token_accuracy"))
+    _assert_same_weights(ours_model, stock_model)
+
+
+class _VocabTensorRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor with a vocab-sized dimension that any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and VOCAB in t.shape and t.numel() > self.largest[0]:
+                self.largest = (t.numel(), tuple(t.shape), str(func))
+        return out
+
+
+def _largest_vocab_tensor(trainer):
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with _VocabTensorRecorder() as rec:
+        trainer.compute_loss(trainer.model, inputs).backward()
+    n_resp = int(inputs["completion_mask"][:, 1:].sum())
+    return rec.largest, n_resp
+
+
+def test_never_builds_full_logits(tokenizer, dataset, tmp_path, monkeypatch):
+    chunk = 8
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", chunk * VOCAB)  # the op's tiles: 8 tokens x V
+    base = _tiny_llama()
+    ours = rpo_trl.RPOFastDPOTrainer(copy.deepcopy(base), ref_model=copy.deepcopy(base).eval(),
+                                     args=_dpo_config(tmp_path / "ours"), train_dataset=dataset,
+                                     processing_class=tokenizer, metrics_chunk_size=chunk)
+    (numel, shape, op), n_resp = _largest_vocab_tensor(ours)
+    assert n_resp > HIDDEN  # so [N_resp, V] logits would outsize the [V, H] head itself
+    assert numel <= VOCAB * HIDDEN, f"largest vocab-sized tensor {shape} from {op}"
+    stock = trl.DPOTrainer(copy.deepcopy(base), ref_model=copy.deepcopy(base).eval(),
+                           args=_dpo_config(tmp_path / "stock"), train_dataset=dataset, processing_class=tokenizer)
+    (stock_numel, stock_shape, _), _ = _largest_vocab_tensor(stock)
+    assert stock_numel >= n_resp * VOCAB, stock_shape  # TRL's CPU head does build them: the recorder sees it
+
+
+def test_rejects_softcapped_heads():
+    model = _tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        rpo_trl.install_fused_head(model)
+    with pytest.raises(ValueError, match="impl"):
+        rpo_trl.install_fused_head(_tiny_llama(), impl="cuda")
