@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=["rpo_fast", "rpo_fast.kernels", "rpo_fast.integrations"],
     package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
+    package_data={"rpo_fast": ["model_configs/*.json"]},
     # torch is deliberately a lower bound only: the CPU CI set pins it exactly in requirements.txt,
     # and an unpinned install would pull a multi-GB CUDA build on a CPU machine.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],

@@ -2,7 +2,7 @@
 
 Processes tokens in chunks so that at most a [chunk, V] block of logits exists at a time; the backward
 recomputes each chunk's logits from the saved logsumexp. Peak extra memory is O(chunk x V) plus the
-fp32 weight-gradient accumulator. The default on CPU and the fallback where Triton is unavailable.
+fp32 weight-gradient accumulator (the weight-gradient products run in fp32, in place). The default on CPU and the fallback where Triton is unavailable.
 Same contract as `rpo_fast.kernels.linear_logprobs_fwd` / `linear_logprobs_bwd`.
 """
 from __future__ import annotations
@@ -80,10 +80,10 @@ def chunked_linear_logprobs_bwd(
         dlogits.mul_(g[rows, None])
         if want_db:
             grad_bias += dlogits.sum(0)
-        dlogits = dlogits.to(hidden.dtype)
-        if want_dh:
-            grad_hidden[rows] = dlogits @ weight
         if want_dw:
-            grad_weight += (dlogits.T @ hidden[rows]).float()
+            # In place in fp32: a native-dtype product plus its fp32 copy would be two [V, H] temporaries.
+            grad_weight.addmm_(dlogits.T, hidden[rows].float())
+        if want_dh:
+            grad_hidden[rows] = dlogits.to(hidden.dtype) @ weight
     cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
     return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)

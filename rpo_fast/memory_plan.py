@@ -1,0 +1,714 @@
+"""Memory planner: the peak memory of an RPO training step, by component, from a model config alone.
+
+`plan_memory(config, max_length=1024, micro_batch_pairs=2, ...)` predicts what
+`torch.cuda.max_memory_allocated` reports at steady state (optimizer state already allocated) for
+one packed micro-batch of `2 * micro_batch_pairs` sequences, and `MemoryPlan.fits(gpu_bytes)` says
+whether it fits. Parameter counts come from instantiating the model on the `meta` device.
+`LiveTensorTracker` measures the same quantity on CPU (live tensor-storage bytes); the tests hold the
+planner to it.
+
+Activation formula (bytes per token per decoder layer; Llama/Mistral/Gemma blocks, H hidden, Q = heads
+x head_dim, K = kv_heads x head_dim, I intermediate, a heads, b = bytes of the dtype, T the packed
+tokens). Full fine-tuning, every weight trainable, what autograd saves:
+
+    RMSNorm x2      2 x (4H + 4 + bH)     fp32 copy of x (x itself in fp32) and rsqrt, normed input of
+                                          the weight multiply; Gemma keeps the fp32 normed (4H) instead
+    norm outputs    2 x bH                inputs of q/k/v and gate/up projections
+    attention       bQ + 2bK + bQ + 4a    q, k, v after RoPE, output (= o_proj input), fp32 logsumexp
+                                          (flash / varlen; "sdpa" with a packed mask repeats k, v to Q and
+                                          adds the converted mask, T x b per token; "eager" adds the fp32
+                                          and b-byte probabilities, a T (4 + b), and an o_proj input copy)
+    MLP             4bI                   gate, act(gate), up, act*up
+    llama bf16:     16H + 4K + 8I + 4a + 8  ~ 180 KiB for Mistral-7B, 5.6 MiB/token for 32 layers
+
+Frozen weights (LoRA) save less: a frozen linear keeps no input, a frozen norm no normed copy; each
+LoRA branch keeps its input cast to the adapter dtype (when it differs), its dropout mask/output when
+dropout > 0, and the rank-r activation. With gradient checkpointing (per layer, non-reentrant) a layer
+keeps only its input, bH per token, and one layer's saved set is recomputed during its backward.
+
+Peak = max over the step's phases (loss forward, loss backward, backward through the last and the
+first layer, end of backward, optimizer step) of weights + optimizer state + reference + the
+activations, gradients and workspaces alive then. Constants that are not in the formula above
+(backward temporaries, CUDA kernel workspace) are set from CPU measurements with `LiveTensorTracker`
+and kept small; see docs/memory.md for the validation table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from . import optim
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+MODES = ("full_ft", "lora")
+REFERENCES = ("precomputed", "model", "lora_disabled", "none")
+LOSS_IMPLS = ("fused", "triton", "torch", "dense")
+ATTENTIONS = ("flash", "sdpa", "eager")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "loss_workspace", "reference", "workspace")
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+GiB = 2**30
+
+# Constants measured with LiveTensorTracker on CPU (tests/test_memory_plan.py) or known of CUDA.
+CUDA_KERNEL_WORKSPACE = 256 * 2**20  # cuBLAS workspaces, attention scratch: inside max_memory_allocated
+CUDA_CONTEXT = 600 * 2**20  # CUDA context + handles: outside the allocator, counted by `fits`
+TORCH_CHUNK_ELEMENTS = 2**22  # rpo_fast.chunked.CHUNK_ELEMENTS (the torch path's logits chunk)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model configs and their shapes
+
+
+def shipped_configs() -> list[str]:
+    """Names accepted by `load_model_config` besides paths: the JSON files in rpo_fast/model_configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_model_config(model):
+    """A `transformers.PretrainedConfig` from a config, a dict, a shipped name, a JSON file or a directory.
+
+    Raises:
+        ValueError: for a name that is neither shipped nor an existing path, or a dict without model_type.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists() and (CONFIG_DIR / f"{model}.json").exists():
+            path = CONFIG_DIR / f"{model}.json"
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model: expected a shipped config name {shipped_configs()}, a config.json path or a "
+                             f"directory with one, got {str(model)!r}")
+        model = json.loads(path.read_text())
+    if not isinstance(model, dict) or "model_type" not in model:
+        raise ValueError(f"model: expected a config dict with 'model_type', got {type(model).__name__}")
+    kwargs = {k: v for k, v in model.items() if k not in ("model_type", "architectures") and not k.startswith("_")}
+    return AutoConfig.for_model(model["model_type"], **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from a decoder-only model: sizes and parameter counts (no weights)."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    gemma_norm: bool  # the norm keeps its fp32 normed input (Gemma) rather than a b-byte copy (Llama)
+    n_params: int  # unique parameters
+    layer_params: int  # one decoder layer
+    embedding_params: int
+    head_params: int  # 0 when tied to the embedding
+    linears: tuple[tuple[str, int, int], ...]  # (name, in_features, out_features) in one layer
+    layer_param_numels: tuple[int, ...]  # every parameter tensor of one layer
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear(self, name: str) -> tuple[int, int]:
+        for n, fan_in, fan_out in self.linears:
+            if n == name:
+                return fan_in, fan_out
+        raise KeyError(name)
+
+
+def model_shape(config) -> ModelShape:
+    """Sizes and parameter counts of the model `config` describes, instantiated on the meta device."""
+    config = load_model_config(config)
+    return _model_shape(config.to_json_string(use_diff=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_shape(config_json: str) -> ModelShape:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(data.pop("model_type"), **{k: v for k, v in data.items()
+                                                              if k not in ("architectures", "_name_or_path")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = backbone.layers
+    layer = layers[0]
+    linears = {}
+    for name, module in layer.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and short in LINEARS:
+            linears[short] = (module.in_features, module.out_features)
+    missing = [n for n in LINEARS if n not in linears]
+    if missing:
+        raise ValueError(f"model: the planner models Llama/Mistral/Gemma-style blocks with {list(LINEARS)}; "
+                         f"{type(model).__name__} lacks {missing}")
+    unique = {id(p): p for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = head is embedding
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    return ModelShape(
+        name=type(model).__name__,
+        vocab_size=embedding.shape[0],
+        hidden_size=embedding.shape[1],
+        intermediate_size=linears["gate_proj"][1],
+        num_layers=len(layers),
+        num_heads=num_heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        tied_embeddings=tied,
+        gemma_norm="Gemma" in type(layer).__name__,
+        n_params=sum(p.numel() for p in unique.values()),
+        layer_params=sum(p.numel() for p in layer.parameters()),
+        embedding_params=embedding.numel(),
+        head_params=0 if tied else head.numel(),
+        linears=tuple((n, *linears[n]) for n in LINEARS),
+        layer_param_numels=tuple(p.numel() for p in layer.parameters()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one training step, by component (bytes), at its peak phase.
+
+    `components` sum to `peak_bytes`, the prediction for `torch.cuda.max_memory_allocated` (on CPU: peak
+    live tensor bytes). `phases` holds the total at every modeled phase of the step.
+    """
+
+    components: dict[str, int]
+    peak_phase: str
+    phases: dict[str, int]
+    options: dict
+    tokens: int
+    response_tokens: int
+    n_params: int
+    n_trainable: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.components.values())
+
+    def required_bytes(self, headroom: float = 0.05) -> int:
+        """GPU memory needed: the peak plus the CUDA context (on CUDA), over (1 - headroom) for allocator
+        fragmentation (reserved beyond allocated)."""
+        context = CUDA_CONTEXT if self.options["device"] == "cuda" else 0
+        return math.ceil((self.peak_bytes + context) / (1 - headroom))
+
+    def fits(self, gpu_bytes: int, headroom: float = 0.05) -> bool:
+        """True when `required_bytes(headroom)` is at most `gpu_bytes` (e.g. 80 * 2**30; an "80 GB"
+        H100 reports 79.2 GiB as total_memory)."""
+        return self.required_bytes(headroom) <= gpu_bytes
+
+    def table(self, gpu_bytes: int | None = None) -> str:
+        width = max(len(c) for c in COMPONENTS) + 2
+        opts = self.options
+        lines = [
+            f"model {opts['model']}: {self.n_params / 1e9:.2f}B params, {self.n_trainable / 1e6:.1f}M trainable",
+            f"mode {opts['mode']}, {opts['dtype']}, optimizer {opts['optimizer']}, reference {opts['reference']}, "
+            f"loss {opts['loss_impl']}, attention {opts['attention']}, checkpointing "
+            f"{'on' if opts['gradient_checkpointing'] else 'off'}",
+            f"micro-batch: {self.tokens} tokens ({self.response_tokens} scored)",
+            "",
+            f"{'component':<{width}}{'GiB':>9}",
+        ]
+        for name in COMPONENTS:
+            lines.append(f"{name:<{width}}{self.components[name] / GiB:>9.2f}")
+        lines.append(f"{'peak':<{width}}{self.peak_bytes / GiB:>9.2f}   (at {self.peak_phase})")
+        if gpu_bytes is not None:
+            need = self.required_bytes()
+            verdict = "fits" if self.fits(gpu_bytes) else "does NOT fit"
+            lines.append(f"{'needed':<{width}}{need / GiB:>9.2f}   {verdict} in {gpu_bytes / GiB:.1f} GiB "
+                         f"(+CUDA context, 5% fragmentation headroom)")
+        lines.append("phases: " + ", ".join(f"{k} {v / GiB:.1f}" for k, v in self.phases.items()))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def plan_memory(
+    model_config,
+    *,
+    max_length: int = 1024,
+    micro_batch_pairs: int | None = 2,
+    tokens_per_micro_batch: int | None = None,
+    prompt_tokens: int = 0,
+    mode: str = "full_ft",
+    lora_rank: int = 16,
+    lora_targets: tuple[str, ...] = LINEARS,
+    lora_dtype: str = "fp32",
+    lora_dropout: float = 0.0,
+    dtype: str = "bf16",
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    reference: str = "precomputed",
+    loss_impl: str = "fused",
+    attention: str = "flash",
+    device: str = "cuda",
+) -> MemoryPlan:
+    """Predicts the peak memory of one RPO training step.
+
+    Args:
+        model_config: a transformers config, a config dict, a shipped name (`shipped_configs()`), a
+            config.json path or a directory holding one.
+        max_length: tokens per sequence (prompt + response); a micro-batch packs 2 * micro_batch_pairs
+            sequences into one row of T = 2 * micro_batch_pairs * max_length tokens (worst case).
+        tokens_per_micro_batch: the packer's token budget T instead of micro_batch_pairs.
+        prompt_tokens: prompt tokens per sequence, not scored by the head (0: worst case, N = T).
+        mode: "full_ft" or "lora" (frozen base, adapters of `lora_rank` on `lora_targets`, stored in
+            `lora_dtype`, peft's default fp32; dropout > 0 keeps a mask and a copy per target).
+        dtype: parameter and activation dtype, "bf16" | "fp16" | "fp32".
+        optimizer: one of `rpo_fast.optim.OPTIMIZER_MODES` (see that module).
+        reference: "precomputed" (cached reference log-probs), "model" (a second frozen copy),
+            "lora_disabled" (the base model with adapters off), "none" (reference-free).
+        loss_impl: "fused" (= "triton" on CUDA, "torch" on CPU), "triton", "torch" (chunked) or
+            "dense" (full [N, V] logits, the naive baseline).
+        attention: "flash" (FlashAttention varlen / torch varlen_attn: no mask, no kv repeat), "sdpa"
+            (transformers' sdpa with packed position_ids: block mask, kv repeated) or "eager".
+        device: "cuda" (adds kernel workspace; `fits` adds the context) or "cpu" (the measurement).
+
+    Returns:
+        MemoryPlan.
+
+    Raises:
+        ValueError: naming the argument, for unknown options or non-positive sizes.
+    """
+    _check_choice("mode", mode, MODES)
+    _check_choice("dtype", dtype, DTYPE_BYTES)
+    _check_choice("lora_dtype", lora_dtype, DTYPE_BYTES)
+    _check_choice("reference", reference, REFERENCES)
+    _check_choice("loss_impl", loss_impl, LOSS_IMPLS)
+    _check_choice("attention", attention, ATTENTIONS)
+    _check_choice("device", device, ("cuda", "cpu"))
+    opt_base, in_backward = optim.parse_mode(optimizer)
+    if reference == "lora_disabled" and mode != "lora":
+        raise ValueError("reference: 'lora_disabled' needs mode='lora', got mode='full_ft'")
+    bad_targets = [t for t in lora_targets if t not in LINEARS]
+    if mode == "lora" and (bad_targets or not lora_targets or lora_rank < 1):
+        raise ValueError(f"lora_targets: expected a non-empty subset of {list(LINEARS)} and lora_rank >= 1, "
+                         f"got {list(lora_targets)} and {lora_rank}")
+    if tokens_per_micro_batch is None:
+        if not micro_batch_pairs or micro_batch_pairs < 1 or max_length < 1:
+            raise ValueError(f"expected micro_batch_pairs >= 1 and max_length >= 1 (or tokens_per_micro_batch), "
+                             f"got {micro_batch_pairs} and {max_length}")
+        tokens = 2 * micro_batch_pairs * max_length
+        n_seq = 2 * micro_batch_pairs
+    else:
+        if tokens_per_micro_batch < 2:
+            raise ValueError(f"tokens_per_micro_batch: expected >= 2, got {tokens_per_micro_batch}")
+        tokens = tokens_per_micro_batch
+        n_seq = max(2, 2 * math.ceil(tokens / (2 * max_length)))
+    if not 0 <= prompt_tokens < max_length:
+        raise ValueError(f"prompt_tokens: expected 0 <= prompt_tokens < max_length={max_length}, got {prompt_tokens}")
+    response = max(1, tokens - n_seq * prompt_tokens)
+    if loss_impl == "fused":
+        loss_impl_resolved = "triton" if device == "cuda" else "torch"
+    else:
+        loss_impl_resolved = loss_impl
+
+    shape = model_shape(model_config)
+    b = DTYPE_BYTES[dtype]
+    lora = mode == "lora"
+    ctx = _Context(shape, tokens, response, b, lora, lora_rank, set(lora_targets), DTYPE_BYTES[lora_dtype],
+                   lora_dropout, attention, device)
+
+    # Static: weights, optimizer state, reference weights.
+    H, V, L = shape.hidden_size, shape.vocab_size, shape.num_layers
+    if lora:
+        lora_numels = [lora_rank * fan for name, fan_in, fan_out in shape.linears if name in lora_targets
+                       for fan in (fan_in, fan_out)]  # lora_A [r, in], lora_B [out, r]
+        lora_layer = sum(lora_numels)
+        n_trainable = L * lora_layer
+        weights = shape.n_params * b + n_trainable * ctx.lb
+        trainable_numels = lora_numels * L
+        grad_bytes = ctx.lb
+    else:
+        n_trainable = shape.n_params
+        weights = shape.n_params * b
+        trainable_numels = list(shape.layer_param_numels) * L + [shape.embedding_params, shape.head_params, H]
+        trainable_numels = [n for n in trainable_numels if n]
+        grad_bytes = b
+    state = sum(optim.state_bytes(optimizer, n, grad_bytes) for n in trainable_numels)
+    step_ws = optim.step_workspace_bytes(optimizer, max(trainable_numels))
+    ref_weights = shape.n_params * b if reference == "model" else 0
+    ref_hidden = response * H * b if reference in ("model", "lora_disabled") else 0
+
+    # Gradients of each region (bytes), and the largest tensor of a layer (in-backward steps it alone).
+    if lora:
+        g_layer, g_head, g_embed = lora_layer * grad_bytes, 0, 0
+        layer_largest = max(lora_numels)
+    else:
+        g_layer = shape.layer_params * b
+        g_head = (shape.head_params or shape.embedding_params) * b + H * b  # head (or tied) + final norm
+        g_embed = 0 if shape.tied_embeddings else shape.embedding_params * b
+        layer_largest = max(shape.layer_param_numels)
+    g_all = L * g_layer + g_head + g_embed
+    # A tied embedding's head gradient waits in autograd's buffer until the embedding's arrives at the
+    # end of backward; the two are then summed out of place (three [V, H] gradients at once).
+    g_tied = shape.embedding_params * b if (shape.tied_embeddings and not lora) else 0
+
+    # Activations.
+    a_layer = ctx.layer_saved()
+    a_shared = ctx.shared_saved()
+    a_ckpt = tokens * H * b  # a checkpointed layer keeps its input
+    held = tokens * H * b  # the last hidden state, referenced by the training step until it ends
+    a_final = ctx.final_norm_saved() + held + response * H * b  # + the head's input rows
+    a_layers = L * (a_ckpt if gradient_checkpointing else a_layer)
+    transient = ctx.backward_transient()
+    loss = _loss_memory(loss_impl_resolved, response, V, H, b, not lora, device)
+
+    phases: dict[str, dict[str, int]] = {}
+    static = dict(weights=weights, optimizer_state=state, reference=ref_weights)
+
+    def phase(name, **parts):
+        comp = dict.fromkeys(COMPONENTS, 0)
+        comp.update(static)
+        for k, v in parts.items():
+            comp[k] += v
+        comp["workspace"] += CUDA_KERNEL_WORKSPACE if device == "cuda" else 0
+        phases[name] = comp
+
+    def in_backward_step(numel: int) -> int:
+        return optim.step_workspace_bytes(optimizer, numel) if in_backward else 0
+
+    if reference in ("model", "lora_disabled"):
+        phase("reference forward", reference=ctx.no_grad_forward_peak() + ref_hidden)
+    fwd_act = a_layers + a_shared + a_final
+    phase("loss forward", activations=fwd_act, loss_workspace=loss.forward + loss.saved, reference=ref_hidden)
+    phase("loss backward", activations=fwd_act, loss_workspace=loss.backward + loss.saved, reference=ref_hidden)
+    phase("loss backward end", activations=fwd_act, loss_workspace=loss.end + loss.saved, reference=ref_hidden)
+    if in_backward and not lora and not g_tied:  # the head's gradient is stepped as soon as it is returned
+        phase("head step", activations=fwd_act, loss_workspace=loss.returned + loss.saved, reference=ref_hidden,
+              workspace=in_backward_step(shape.head_params))
+    recompute = a_layer if gradient_checkpointing else 0
+    per_layer_kept = a_ckpt if gradient_checkpointing else a_layer
+    for which, done_layers in (("last", 0), ("first", L - 1)):
+        kept = (L - done_layers) * per_layer_kept
+        if in_backward:  # one layer tensor's gradient at a time (+ the waiting tied head gradient)
+            g_now = g_tied + layer_largest * grad_bytes
+        else:
+            g_now = g_head + done_layers * g_layer
+        phase(f"backward, {which} layer", activations=kept + recompute + a_shared + transient + held,
+              gradients=g_now, workspace=in_backward_step(layer_largest))
+    if not in_backward:
+        phase("backward end", gradients=g_all + 2 * g_tied, activations=held)
+        phase("optimizer step", gradients=g_all, workspace=step_ws)
+    elif g_tied:  # the out-of-place sum of the two tied gradients, then its step
+        phase("backward end", gradients=3 * g_tied, activations=held)
+    elif g_embed:
+        phase("backward end", gradients=g_embed, activations=held,
+              workspace=in_backward_step(shape.embedding_params))
+
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    notes = []
+    if in_backward:
+        notes.append("optimizer steps in backward: gradient accumulation 1, no global-norm clipping")
+    if opt_base == "adamw" and dtype != "fp32" and not lora:
+        notes.append(f"torch AdamW on {dtype} weights keeps {dtype} states and loses updates below half an ulp; "
+                     "adamw_bf16 (Kahan) or adamw_bf16_sr preserve them")
+    if shape.tied_embeddings and not lora:
+        notes.append("tied embeddings: the head's gradient waits for the embedding's until the end of backward")
+    options = dict(model=getattr(model_config, "name_or_path", None) or
+                   (str(model_config) if isinstance(model_config, (str, os.PathLike)) else shape.name),
+                   max_length=max_length, micro_batch_pairs=micro_batch_pairs,
+                   tokens_per_micro_batch=tokens_per_micro_batch, prompt_tokens=prompt_tokens, mode=mode, lora_rank=lora_rank, lora_targets=tuple(lora_targets),
+                   lora_dtype=lora_dtype, lora_dropout=lora_dropout, dtype=dtype,
+                   gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, reference=reference,
+                   loss_impl=loss_impl_resolved, attention=attention, device=device)
+    return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
+                      phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
+                      response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable, notes=notes)
+
+
+@dataclass
+class _Context:
+    """Per-token activation accounting for one decoder layer (see the module docstring)."""
+
+    shape: ModelShape
+    T: int  # packed tokens
+    N: int  # scored (response) tokens
+    b: int  # activation bytes
+    lora: bool
+    rank: int
+    targets: set
+    lb: int  # LoRA adapter bytes
+    dropout: float
+    attention: str
+    device: str
+
+    def _lora_branch(self, name: str) -> int:
+        """Per-token bytes a LoRA branch on `name` saves: cast input, dropout, rank-r activation."""
+        if not self.lora or name not in self.targets:
+            return 0
+        fan_in, _ = self.shape.linear(name)
+        kept = self.lb * self.rank
+        if self.dropout > 0:  # mask (bool from CUDA's fused kernel, a float tensor on CPU) + dropped input
+            kept += (1 if self.device == "cuda" else self.lb) * fan_in + self.lb * fan_in
+        elif self.lb != self.b:
+            kept += self.lb * fan_in  # the input cast to the adapter dtype
+        return kept
+
+    def _input_kept(self, names) -> bool:
+        """Does some consumer keep this b-byte input itself? (trainable weight, or a same-dtype adapter)"""
+        if not self.lora:
+            return True
+        return self.dropout == 0 and self.lb == self.b and any(n in self.targets for n in names)
+
+    def _norm(self) -> int:
+        H, trainable = self.shape.hidden_size, not self.lora
+        if self.shape.gemma_norm:
+            return 4 * H + 4 + (4 * H if trainable else 0)
+        return 4 * H + 4 + (self.b * H if trainable else 0)
+
+    def layer_saved(self) -> int:
+        """Bytes one decoder layer saves for backward (all T tokens)."""
+        s, b = self.shape, self.b
+        H, Q, K, I, a = s.hidden_size, s.q_width, s.kv_width, s.intermediate_size, s.num_heads
+        per_token = 2 * self._norm()
+        per_token += b * H * self._input_kept(("q_proj", "k_proj", "v_proj"))
+        per_token += b * H * self._input_kept(("gate_proj", "up_proj"))
+        repeat = self.attention != "flash" and K != Q
+        kv = 2 * b * (Q if repeat else K)
+        if self.attention == "eager":
+            probs = 4 * a * self.T + (b * a * self.T if b != 4 else 0)  # fp32 softmax, its b-byte copy
+            per_token += b * Q + kv + probs + b * Q * self._input_kept(("o_proj",))
+        else:
+            per_token += b * Q + kv + b * Q + 4 * a  # q, k, v, output (o_proj's input), logsumexp
+            if self.attention == "sdpa":
+                per_token += b * self.T  # the block mask converted to an additive b-byte bias, per call
+        per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))
+        per_token += sum(self._lora_branch(n) for n in LINEARS)
+        return self.T * per_token
+
+    def shared_saved(self) -> int:
+        """Saved once per forward: RoPE cos/sin, ids, positions, the packed boolean mask."""
+        extra = self.T * self.T if self.attention in ("sdpa", "eager") else 0
+        return 2 * self.T * self.shape.head_dim * self.b + 16 * self.T + extra
+
+    def final_norm_saved(self) -> int:
+        return self.T * self._norm()
+
+    def backward_transient(self) -> int:
+        """Temporaries of one layer's backward on top of its saved tensors: the output gradient, the
+        MLP's intermediate gradients and the norms' fp32 gradients (calibrated on CPU)."""
+        s = self.shape
+        return self.T * (2 * self.b * s.intermediate_size + 3 * 4 * s.hidden_size)
+
+    def no_grad_forward_peak(self) -> int:
+        """Peak of a forward without autograd: one MLP's intermediates, the stream and its norm."""
+        s = self.shape
+        return self.T * (3 * self.b * s.intermediate_size + 3 * self.b * s.hidden_size + 8 * s.hidden_size)
+
+
+class LossMemory(NamedTuple):
+    """Bytes of the linear -> log-prob op beyond its inputs, at its moments."""
+
+    forward: int  # forward peak
+    backward: int  # backward peak inside its loop
+    end: int  # backward end: the fp32 accumulators being cast to the gradients
+    returned: int  # after it returns: the hidden-state gradient and the head's gradient
+    saved: int  # kept from forward to backward
+
+
+def _loss_memory(impl: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str) -> LossMemory:
+    """The head's gradient (b x V x H) is part of `end` and `returned`; `plan_memory` does not count it
+    again among the gradients."""
+    head_grad = b * V * H if trainable_head else 0
+    returned = N * H * b + head_grad
+    if impl == "dense":  # full logits: b-byte matmul output, fp32 log-softmax saved, fp32 grads
+        fwd = (b * N * V if b != 4 else 0) + 4 * N * V
+        bwd = 4 * N * V + 4 * N * V + (b * N * V if b != 4 else 0) + N * H * b
+        return LossMemory(fwd, bwd, returned, returned, 4 * N * V)
+    if impl == "triton":  # per-split partial lse / target logits; fp32 dhidden and dweight accumulators
+        splits = 8
+        fwd = 2 * 4 * splits * N + 8 * N
+        bwd = 4 * N * H + b * N * H + (4 * V * H if trainable_head else 0)
+        return LossMemory(fwd, bwd, bwd + head_grad, returned, 4 * N)
+    # torch: chunked logits (b-byte matmul output, then fp32); on CUDA logsumexp's own two fp32 temporaries
+    rows = min(N, max(1, TORCH_CHUNK_ELEMENTS // V))
+    chunk = rows * V
+    upcast = b * chunk if b != 4 else 0
+    fwd = 4 * chunk + upcast + (8 * chunk if device == "cuda" else 0) + 8 * N
+    # Backward, three moments: a chunk's fp32 logits (and their b-byte copy); the fp32 dlogits with the
+    # chunk's fp32 hidden rows (dweight accumulates in place) and the b-byte dlogits for dhidden; the
+    # fp32 accumulator cast to the gradient (in fp32 the accumulator is the gradient).
+    grad_hidden = N * H * b + 8 * N
+    acc = 4 * V * H if trainable_head else 0
+    logits = grad_hidden + acc + 4 * chunk + upcast
+    product = grad_hidden + acc + 4 * chunk + upcast + 4 * rows * H
+    end = grad_hidden + head_grad + (acc if b != 4 else 0)
+    return LossMemory(fwd, max(logits, product), end, returned, 4 * N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurement: live tensor bytes on any device, CPU included
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive (and their peak) while active.
+
+    Every tensor an operator returns inside the context is registered by its storage (views and
+    in-place results share one); a weak reference on the storage subtracts its bytes when it is freed.
+    Tensors created before entering (parameters, optimizer state) are invisible to the dispatcher, so
+    pass them to `track` first. What the dispatcher never sees (scratch memory inside one kernel) is
+    not counted, exactly as the CUDA allocator does not count what a kernel keeps in registers.
+
+    Usage:
+        tracker = LiveTensorTracker()
+        tracker.track(model, optimizer)
+        with tracker:
+            step()
+        tracker.peak   # bytes
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def track(self, *objects) -> LiveTensorTracker:
+        """Registers tensors, modules (parameters, buffers, grads) and optimizers (state tensors)."""
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):
+                for t in [*obj.parameters(), *obj.buffers()]:
+                    self.register(t)
+                    self.register(t.grad)
+            elif isinstance(obj, torch.optim.Optimizer):
+                inners = getattr(obj, "_inner", None)
+                for opt in (inners.values() if inners else [obj]):
+                    for st in opt.state.values():
+                        for t in tree_flatten(st)[0]:
+                            self.register(t)
+            else:
+                for t in tree_flatten(obj)[0]:
+                    self.register(t)
+        return self
+
+    def _free(self, key: int, _ref) -> None:
+        self.live -= self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def register(self, t) -> None:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type != self.device.type:
+            return
+        if self.device.index is not None and t.device.index != self.device.index:
+            return
+        storage = t.untyped_storage()
+        key, nbytes = id(storage), storage.nbytes()
+        old = self._sizes.get(key)
+        if old is None:
+            self._refs[key] = weakref.ref(storage, functools.partial(self._free, key))
+        self._sizes[key] = nbytes
+        self.live += nbytes - (old or 0)
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.register(t)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: rpo-fast plan-memory
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="rpo-fast plan-memory",
+        description="Predict the peak GPU memory of RPO training from a model config (no weights).")
+    parser.add_argument("--model", required=True,
+                        help=f"shipped config {shipped_configs()}, a config.json, or a directory holding one")
+    parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (prompt + response)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--micro-batch", type=int, default=None, help="preference pairs per micro-batch (default 2)")
+    size.add_argument("--tokens", type=int, default=None, help="token budget per packed micro-batch instead")
+    parser.add_argument("--prompt-tokens", type=int, default=0, help="unscored prompt tokens per sequence")
+    parser.add_argument("--mode", choices=MODES, default="full_ft")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-targets", default=",".join(LINEARS), help="comma-separated projection names")
+    parser.add_argument("--lora-dtype", choices=list(DTYPE_BYTES), default="fp32")
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
+    parser.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    parser.add_argument("--optimizer", choices=list(optim.OPTIMIZER_MODES) + list(optim.ALIASES), default="adamw")
+    parser.add_argument("--reference", choices=REFERENCES, default=None,
+                        help="default: precomputed (full_ft), lora_disabled (lora)")
+    parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default="fused")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="flash")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--gpu-gb", type=float, default=79.1,
+                        help="GPU memory in GiB for the fits verdict (an '80 GB' H100 has 79.1 GiB)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    return parser
+
+
+def plan_from_args(args: argparse.Namespace) -> MemoryPlan:
+    reference = args.reference or ("lora_disabled" if args.mode == "lora" else "precomputed")
+    pairs = None if args.tokens else (2 if args.micro_batch is None else args.micro_batch)
+    return plan_memory(
+        args.model, max_length=args.max_length, micro_batch_pairs=pairs, tokens_per_micro_batch=args.tokens,
+        prompt_tokens=args.prompt_tokens, mode=args.mode, lora_rank=args.lora_rank,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lora_dtype=args.lora_dtype,
+        lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
+        optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, attention=args.attention,
+        device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`rpo-fast plan-memory ...`: prints the plan; exit status 0 when it fits, 1 when it does not."""
+    args = build_parser().parse_args(argv)
+    try:
+        plan = plan_from_args(args)
+    except ValueError as err:
+        build_parser().error(str(err))
+    gpu_bytes = int(args.gpu_gb * GiB)
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(plan), "peak_bytes": plan.peak_bytes,
+                          "required_bytes": plan.required_bytes(), "fits": plan.fits(gpu_bytes)}, indent=2))
+    else:
+        print(plan.table(gpu_bytes))
+    return 0 if plan.fits(gpu_bytes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
