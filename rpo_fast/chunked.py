@@ -1,7 +1,7 @@
 """Chunked pure-PyTorch backend of the linear -> log-prob op.
 
 Processes tokens in chunks so that at most a [chunk, V] block of logits exists at a time; the backward
-recomputes each chunk's logits from the saved logsumexp. Peak extra memory is O(chunk x V) plus the
+recomputes each chunk's logits from the saved logsumexp. Peak extra memory is one [chunk, V] fp32 block (8 MiB on CPU, 64 MiB on CUDA) plus the
 fp32 weight-gradient accumulator (the weight-gradient products run in fp32, in place). The default on CPU and the fallback where Triton is unavailable.
 Same contract as `rpo_fast.kernels.linear_logprobs_fwd` / `linear_logprobs_bwd`.
 """
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one chunk's fp32 logits: 2**22 x 4 B = 16 MiB, i.e. 128 tokens at a 32000-token vocab.
-CHUNK_ELEMENTS = 2**22
+# Elements of one chunk's fp32 logits. CPU: 2**21 x 4 B = 8 MiB (64 tokens at a 32000-token vocab), small
+# enough that the chunk stays below an eighth of the dense path's memory at 1024 tokens, with no loss of
+# speed (bench/RESULTS.md). CUDA: 64 MiB, so a chunk at a 128k vocab still has 130 rows for the GEMMs.
+CHUNK_ELEMENTS = 2**21
+CUDA_CHUNK_ELEMENTS = 2**24
 
 
-def chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
-    return chunk_size or max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+def chunk_rows(vocab_size: int, chunk_size: int | None = None, device: torch.device | None = None) -> int:
+    """Tokens per chunk: `chunk_size`, or as many as fit the device's logits budget."""
+    budget = CUDA_CHUNK_ELEMENTS if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
+    return chunk_size or max(1, budget // max(1, vocab_size))
 
 
 def _chunk_logits(hidden, weight, bias):
@@ -38,7 +43,7 @@ def chunked_linear_logprobs_fwd(
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0)
-    step = chunk_rows(V, chunk_size)
+    step = chunk_rows(V, chunk_size, hidden.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
         logits = _chunk_logits(hidden[rows], weight, bias)
@@ -47,6 +52,7 @@ def chunked_linear_logprobs_fwd(
         chunk_lse = torch.logsumexp(logits, dim=-1)
         lse[rows] = chunk_lse.masked_fill(chunk_lse.isinf(), float("nan"))
         lp[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1) - lse[rows]
+        del logits, chunk_lse  # free this chunk before the next one is computed: one chunk alive, not two
     return lp.masked_fill_(ignored, 0.0), lse
 
 
@@ -71,7 +77,7 @@ def chunked_linear_logprobs_bwd(
     grad_hidden = torch.empty_like(hidden) if want_dh else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
     grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if want_db else None
-    step = chunk_rows(V, chunk_size)
+    step = chunk_rows(V, chunk_size, hidden.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
         # dlogits = g * (onehot - softmax), built in place on the recomputed logits.
@@ -85,5 +91,6 @@ def chunked_linear_logprobs_bwd(
             grad_weight.addmm_(dlogits.T, hidden[rows].float())
         if want_dh:
             grad_hidden[rows] = dlogits.to(hidden.dtype) @ weight
+        del dlogits
     cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
     return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)

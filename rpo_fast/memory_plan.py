@@ -49,7 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import optim
+from . import chunked, optim
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MODES = ("full_ft", "lora")
@@ -64,7 +64,6 @@ GiB = 2**30
 # Constants measured with LiveTensorTracker on CPU (tests/test_memory_plan.py) or known of CUDA.
 CUDA_KERNEL_WORKSPACE = 256 * 2**20  # cuBLAS workspaces, attention scratch: inside max_memory_allocated
 CUDA_CONTEXT = 600 * 2**20  # CUDA context + handles: outside the allocator, counted by `fits`
-TORCH_CHUNK_ELEMENTS = 2**22  # rpo_fast.chunked.CHUNK_ELEMENTS (the torch path's logits chunk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -558,7 +557,7 @@ def _loss_memory(impl: str, N: int, V: int, H: int, b: int, trainable_head: bool
         bwd = 4 * N * H + b * N * H + (4 * V * H if trainable_head else 0)
         return LossMemory(fwd, bwd, bwd + head_grad, returned, 4 * N)
     # torch: chunked logits (b-byte matmul output, then fp32); on CUDA logsumexp's own two fp32 temporaries
-    rows = min(N, max(1, TORCH_CHUNK_ELEMENTS // V))
+    rows = min(N, chunked.chunk_rows(V, device=torch.device(device)))
     chunk = rows * V
     upcast = b * chunk if b != 4 else 0
     fwd = 4 * chunk + upcast + (8 * chunk if device == "cuda" else 0) + 8 * N

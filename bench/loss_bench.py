@@ -1,0 +1,214 @@
+"""The loss microbenchmark loop: for every point, provider, mode and reference setting, time, memory,
+TFLOP/s and the ratios, as long-format rows.
+
+Metrics (one row each; `p50/p20/p80` hold the value, equal when there is a single measurement):
+    time            s      fn only (setup such as the forward before a timed backward is excluded)
+    first_call      s      the first forward+backward: compilation, autotuning, allocator warm-up
+    tflops          TFLOP/s useful head FLOPs (`providers.flops`) over time; p20/p80 from the p80/p20 times
+    x_gemm          x      time over the bare-GEMM floor's time (same mode, reference setting and point)
+    frac_mm_peak    1      tflops over the matmul rate measured in the same run
+    peak_mem        bytes  peak allocation above the inputs during the call (gradients included)
+    peak_workspace  bytes  peak_mem minus the gradients every provider must return (dh, dW)
+    mem_vs_dense    1      peak_mem over the dense provider's peak_mem
+    loss_rel_diff   1      |loss - loss_dense| / |loss_dense| on the same inputs (all compute one loss)
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from . import providers as P
+from .memory import measure_memory
+from .shapes import Point, Suite
+from .timing import Candidate, Quantiles, time_interleaved
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Measured matmul TFLOP/s of a size^3 product (random data, after warm-up)."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    a = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    b = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    res, _ = time_interleaved([Candidate("mm", lambda: None, lambda _: a @ b)], device, warmup=2,
+                              min_reps=5, max_reps=20, budget_s=1.0)
+    return 2.0 * size ** 3 / res["mm"].p50 / 1e12
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _candidate(name: str, run: P.Run, inp: P.Inputs, mode: str) -> Candidate:
+    def clear():
+        inp.clear_grads()
+
+    if mode == "forward":
+        return Candidate(name, clear, lambda _: run.forward())
+    if mode == "backward":
+        return Candidate(name, lambda: (clear(), run.forward())[1], run.backward)
+    return Candidate(name, clear, lambda _: run.backward(run.forward()))
+
+
+class LossBench:
+    """Runs a `Suite`'s points and collects rows through `emit(row_dict)`."""
+
+    def __init__(self, suite: Suite, device: torch.device, emit: Callable[[dict], None], *,
+                 providers: tuple[str, ...] | None = None, deadline: float | None = None,
+                 log: Callable[[str], None] = print):
+        self.suite, self.device, self.emit, self.log = suite, device, emit, log
+        self.dtype = DTYPES[suite.dtype]
+        self.only = providers
+        self.deadline = deadline
+        self.skipped: dict[str, str] = {}  # provider -> why it never ran
+        self.mm_tflops = matmul_rate(device, self.dtype, suite.matmul_size)
+        self.emit(dict(op="matmul", provider="torch.mm", mode="forward", metric="tflops", unit="TFLOP/s",
+                       x_name="size", x_value=suite.matmul_size,
+                       p50=self.mm_tflops, p20=self.mm_tflops, p80=self.mm_tflops,
+                       config=json.dumps({"dtype": suite.dtype})))
+        self.log(f"matmul rate ({suite.dtype}): {self.mm_tflops:.2f} TFLOP/s")
+
+    def _providers(self, point: Point) -> list[str]:
+        names = [n for n in P.ORDER if (point.providers is None or n in point.providers)
+                 and (self.only is None or n in self.only)]
+        out = []
+        for name in names:
+            reason = P.unavailable(name, self.device)
+            if reason:
+                if name not in self.skipped:
+                    self.skipped[name] = reason
+                    self.log(f"  skip {name}: {reason}")
+                continue
+            out.append(name)
+        return out
+
+    def run(self) -> None:
+        for point in self.suite.points:
+            for with_ref in point.with_ref:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.log(f"  time budget spent: skipping {point.label or point.x_name}={point.x_value}"
+                             f"{' +ref' if with_ref else ''}")
+                    self.skipped.setdefault("(points)", "time budget")
+                    continue
+                try:
+                    self._run_point(point, with_ref)
+                except Exception as exc:  # a broken point must not sink the whole run
+                    if not _is_oom(exc):
+                        traceback.print_exc()
+                    self.log(f"  point {point.x_name}={point.x_value} ref={with_ref} failed: {exc!r}"[:300])
+                _free(self.device)
+
+    def _row(self, point, with_ref, provider, mode, metric, unit, q: Quantiles | float, extra=None) -> None:
+        if isinstance(q, Quantiles):
+            p50, p20, p80 = q.p50, q.p20, q.p80
+        else:
+            p50 = p20 = p80 = q
+        n, h, v, pairs = point.shape
+        config = dict(N=n, H=h, V=v, pairs=pairs, dtype=self.suite.dtype, ref=with_ref, label=point.label)
+        config.update(extra or {})
+        self.emit(dict(op="rpo_head", provider=provider, mode=mode, metric=metric, unit=unit, x_name=point.x_name,
+                       x_value=point.x_value, p50=p50, p20=p20, p80=p80, config=json.dumps(config)))
+
+    def _run_point(self, point: Point, with_ref: bool) -> None:
+        shape = point.shape
+        tag = f"{point.label or point.x_name + '=' + str(point.x_value)}{' +ref' if with_ref else ''}"
+        self.log(f"[{tag}] N={shape.n} H={shape.h} V={shape.v} {self.suite.dtype}")
+        inp = P.make_inputs(shape, self.dtype, self.device, with_ref)
+        runs: dict[str, P.Run] = {}
+        losses: dict[str, float] = {}
+        for name in self._providers(point):
+            try:
+                run = P.build(name, inp)
+                inp.clear_grads()
+                start = time.perf_counter()
+                out = run.forward()
+                if name != "gemm":
+                    losses[name] = float(out.detach().float())
+                run.backward(out)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                first = time.perf_counter() - start
+                del out
+                inp.clear_grads()
+                runs[name] = run
+                if "full" in point.modes:
+                    self._row(point, with_ref, name, "full", "first_call", "s", first)
+            except Exception as exc:
+                reason = "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
+                self.log(f"  {name}: failed ({reason[:200]})")
+                self._row(point, with_ref, name, "full", "failed", "", float("nan"), {"reason": reason[:200]})
+                run = None
+            if name not in runs:  # after the except block, whose traceback pins the failed call's tensors
+                inp.clear_grads()
+                _free(self.device)
+        if "dense" in losses:
+            for name, value in losses.items():
+                diff = abs(value - losses["dense"]) / max(abs(losses["dense"]), 1e-30)
+                self._row(point, with_ref, name, "full", "loss_rel_diff", "1", diff)
+
+        for mode in point.modes:
+            cands = [_candidate(name, run, inp, mode) for name, run in runs.items()]
+            if not cands:
+                continue
+            try:
+                times, _ = time_interleaved(cands, self.device, warmup=1, min_reps=self.suite.min_reps,
+                                            max_reps=self.suite.max_reps, budget_s=self.suite.budget_s)
+            except Exception as exc:
+                self.log(f"  timing {mode} failed: {exc!r}"[:300])
+                times = None
+            if times is None:
+                inp.clear_grads()
+                _free(self.device)
+                continue
+            flop = P.flops(shape, mode, with_ref)
+            floor = times.get("gemm")
+            for name, q in times.items():
+                self._row(point, with_ref, name, mode, "time", "s", q)
+                tfl = Quantiles(flop / q.p50 / 1e12, flop / q.p80 / 1e12, flop / q.p20 / 1e12, q.n)
+                self._row(point, with_ref, name, mode, "tflops", "TFLOP/s", tfl)
+                self._row(point, with_ref, name, mode, "frac_mm_peak", "1", tfl.p50 / self.mm_tflops)
+                if floor is not None:
+                    self._row(point, with_ref, name, mode, "x_gemm", "x", q.p50 / floor.p50)
+            summary = "  ".join(f"{n}={q.p50 * 1e3:.1f}ms" for n, q in times.items())
+            self.log(f"  {mode:8s} {summary}")
+
+            if mode == "backward":
+                continue  # memory is reported for the forward and for forward+backward
+            peaks = {}
+            for name, run in runs.items():
+                if name == "gemm":
+                    continue  # a time floor only: it materializes the logits
+                inp.clear_grads()
+                try:
+                    if mode == "forward":
+                        use = measure_memory(run.forward, self.device)
+                    else:
+                        use = measure_memory(lambda r=run: r.backward(r.forward()), self.device)
+                except Exception as exc:
+                    self.log(f"  memory {name} {mode} failed: {exc!r}"[:300])
+                    use = None
+                if use is None:
+                    inp.clear_grads()
+                    _free(self.device)
+                    continue
+                grads = inp.grad_bytes() if mode == "full" else 0
+                inp.clear_grads()
+                peaks[name] = use.peak
+                self._row(point, with_ref, name, mode, "peak_mem", "bytes", float(use.peak))
+                self._row(point, with_ref, name, mode, "peak_workspace", "bytes", float(max(use.peak - grads, 0)))
+            if "dense" in peaks:
+                for name, peak in peaks.items():
+                    self._row(point, with_ref, name, mode, "mem_vs_dense", "1", peak / max(peaks["dense"], 1))
+            self.log("  " + " " * 9 + "  ".join(f"{n}={p / 2**20:.1f}MiB" for n, p in peaks.items()))
+        del runs, inp

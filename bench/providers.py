@@ -1,0 +1,297 @@
+"""Benchmark providers: every way a user could compute the RPO loss through an LM head, plus the floor.
+
+Each provider turns one set of inputs into a `Run` with `forward() -> loss` (autograd on) and
+`backward(loss)`. All compute the same loss (sigmoid DPO, beta=0.1, plus alpha=1.0 times the token-mean
+NLL on the chosen sequences: Liger's `compute_nll_loss` and TRL's "sft"), which `loss_bench` checks:
+
+    dense          full logits in the input dtype, log_softmax in fp32 (rpo_fast impl="dense")
+    dense_compile  the same function under torch.compile (static shapes)
+    liger          liger_kernel LigerFusedLinearDPOLoss(compute_nll_loss=True), its default chunking
+                   (one pair per chunk); compiled=True on GPU as users run it, False on CPU
+    cce            Cut Cross-Entropy linear_cross_entropy(reduction="none") -> per-token log-probs, then
+                   the RPO formula in torch; impl="cce" on GPU (default gradient filtering), on CPU
+                   impl="torch_compile" (dense logits under torch.compile: the only CPU path it has)
+    ours_torch     rpo_fast fused_linear_rpo_loss(impl="torch"): chunked PyTorch, recompute in backward
+    ours_triton    rpo_fast fused_linear_rpo_loss(impl="triton"): the fused kernels (GPU only; the CPU
+                   interpreter is a correctness tool, not a performance path); exact gradients
+    ours_triton_filter  the same with RPO_FAST_GRAD_FILTER=auto: the backward skips tiles whose softmax
+                   gradient is below bf16 resolution, as Cut Cross-Entropy does by default
+    gemm           the bare head GEMMs, no softmax: logits = h W^T forward, dh = G W and dW = G^T h
+                   backward (plus h_ref W_ref^T with the reference head): the time floor
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+from typing import Callable
+
+import torch
+
+from rpo_fast import fused_linear_rpo_loss
+from rpo_fast.loss import preference_losses, sft_nll
+from rpo_fast.reference import dense_linear_logprobs
+
+from .shapes import Shape
+
+BETA, ALPHA, LOSS_TYPE, SFT_NORM = 0.1, 1.0, "sigmoid", "token_mean"
+ALLOW_INTERPRETER = "RPO_BENCH_INTERPRETER"  # set by the gpu-dryrun suite: run ours_triton in the interpreter
+ORDER = ("dense", "dense_compile", "liger", "cce", "ours_torch", "ours_triton", "ours_triton_filter", "gemm")
+LABELS = {
+    "dense": "dense PyTorch (fp32 logits)",
+    "dense_compile": "dense + torch.compile",
+    "liger": "Liger FusedLinearDPO+NLL",
+    "cce": "Cut Cross-Entropy + RPO",
+    "ours_torch": "rpo_fast impl=torch",
+    "ours_triton": "rpo_fast impl=triton",
+    "ours_triton_filter": "rpo_fast impl=triton, grad filter",
+    "gemm": "bare head GEMMs (floor)",
+}
+
+
+@dataclasses.dataclass
+class Inputs:
+    """One benchmark point's tensors. hidden [N, H] and weight [V, H] require grad; the reference head
+    (ref_hidden, ref_weight) does not. 2B sequences of equal length, chosen first."""
+
+    shape: Shape
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor  # [N] int64
+    cu_seqlens: torch.Tensor  # [2B+1] int32
+    seg_ids: torch.Tensor  # [N] int64: sequence of each token
+    counts: torch.Tensor  # [2B] float32 tokens per sequence
+    ref_hidden: torch.Tensor | None = None
+    ref_weight: torch.Tensor | None = None
+
+    def clear_grads(self) -> None:
+        self.hidden.grad = None
+        self.weight.grad = None
+
+    def grad_bytes(self) -> int:
+        return sum(t.grad.numel() * t.grad.element_size() for t in (self.hidden, self.weight) if t.grad is not None)
+
+    def input_bytes(self) -> int:
+        ts = (self.hidden, self.weight, self.targets, self.ref_hidden, self.ref_weight)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, with_ref: bool, seed: int = 0) -> Inputs:
+    """Random (never zero) inputs whose logits have unit scale, like a trained head's after its final norm."""
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: a CPU randn of a Gemma head takes s
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
+
+    n, h, v, pairs = shape
+    if n % (2 * pairs):
+        raise ValueError(f"shape: expected N divisible by 2B={2 * pairs} (equal-length sequences), got N={n}")
+    lengths = torch.full((2 * pairs,), n // (2 * pairs), dtype=torch.int64)
+    cu = torch.zeros(2 * pairs + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    inputs = Inputs(
+        shape=shape,
+        hidden=randn(n, h).requires_grad_(),
+        weight=randn(v, h, scale=h ** -0.5).requires_grad_(),
+        targets=torch.randint(0, v, (n,), generator=gen, device=device),
+        cu_seqlens=cu.to(device),
+        seg_ids=torch.repeat_interleave(torch.arange(2 * pairs), lengths).to(device),
+        counts=lengths.float().to(device),
+    )
+    if with_ref:
+        inputs.ref_hidden = randn(n, h)
+        inputs.ref_weight = randn(v, h, scale=h ** -0.5)
+    return inputs
+
+
+def rpo_from_token_logps(lp: torch.Tensor, ref_lp: torch.Tensor | None, inp: Inputs) -> torch.Tensor:
+    """The RPO loss from per-token log-probs [N] (fp32): segment sums, then the formula (no checks, so it
+    traces under torch.compile)."""
+    n_seqs = inp.counts.numel()
+    sums = torch.zeros(n_seqs, dtype=torch.float32, device=lp.device).index_add(0, inp.seg_ids, lp.float())
+    ratios = sums
+    if ref_lp is not None:
+        ref = torch.zeros(n_seqs, dtype=torch.float32, device=lp.device).index_add(0, inp.seg_ids, ref_lp.float())
+        ratios = sums - ref
+    b = n_seqs // 2
+    z = BETA * (ratios[:b] - ratios[b:])
+    return preference_losses(z, BETA, LOSS_TYPE).mean() + ALPHA * sft_nll(sums[:b], inp.counts[:b], SFT_NORM)
+
+
+class Run:
+    """A provider bound to inputs."""
+
+    def forward(self):  # -> loss (scalar, autograd graph attached) or the floor's forward products
+        raise NotImplementedError
+
+    def backward(self, out) -> None:
+        out.backward()
+
+
+class LossRun(Run):
+    def __init__(self, loss_fn: Callable[[], torch.Tensor]):
+        self.loss_fn = loss_fn
+
+    def forward(self):
+        return self.loss_fn()
+
+
+class EnvRun(LossRun):
+    """A LossRun with environment switches set around its forward and its backward."""
+
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], env: dict[str, str]):
+        super().__init__(loss_fn)
+        self.env = env
+
+    @contextlib.contextmanager
+    def _switches(self):
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def forward(self):
+        with self._switches():
+            return self.loss_fn()
+
+    def backward(self, out) -> None:
+        with self._switches():
+            out.backward()
+
+
+class GemmRun(Run):
+    """The three GEMMs of a linear head (fp32 accumulation inside cuBLAS/MKL, outputs in the input dtype),
+    plus the reference head's forward GEMM when there is one. The backward GEMMs take the forward's
+    logits as the upstream gradient: same shape and dtype as a real dlogits, and no extra [N, V] buffer."""
+
+    def __init__(self, inp: Inputs):
+        self.inp = inp
+
+    def forward(self):
+        inp = self.inp
+        with torch.no_grad():
+            logits = inp.hidden @ inp.weight.T
+            if inp.ref_hidden is not None:
+                torch.mm(inp.ref_hidden, inp.ref_weight.T)  # the reference head's GEMM, result unused
+        return logits
+
+    def backward(self, out) -> None:
+        inp = self.inp
+        with torch.no_grad():
+            inp.hidden.grad = out @ inp.weight
+            inp.weight.grad = out.T @ inp.hidden
+
+
+def _have(module: str) -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec(module) is not None else f"{module} not installed"
+
+
+def _cpu_compiler() -> str | None:
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) for torch.compile on CPU"
+
+
+def _configure_dynamo() -> None:
+    import torch._dynamo
+
+    # One compiled graph per shape (static shapes are the fastest); raise the recompile limit so that a
+    # sweep never silently falls back to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+
+
+def unavailable(name: str, device: torch.device) -> str | None:
+    """None when the provider can run on `device`; else why not."""
+    if name in ("ours_triton", "ours_triton_filter"):
+        if device.type != "cuda" and not (os.environ.get(ALLOW_INTERPRETER) == "1"
+                                          and os.environ.get("TRITON_INTERPRET") == "1"):
+            return "GPU only (the CPU interpreter is not a performance path)"
+        return _have("triton")
+    if name == "liger":
+        return _have("liger_kernel")
+    if name == "cce":
+        return _have("cut_cross_entropy") or (_cpu_compiler() if device.type == "cpu" else None)
+    if name == "dense_compile":
+        return _cpu_compiler() if device.type == "cpu" else _have("triton")
+    if name in ("dense", "ours_torch", "gemm"):
+        return None
+    raise ValueError(f"provider: expected one of {list(ORDER)}, got {name!r}")
+
+
+def build(name: str, inp: Inputs) -> Run:
+    """Binds provider `name` to `inp`. Heavy setup (compilation) happens on the first forward."""
+    dev = inp.hidden.device
+    ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight)
+    opts = dict(beta=BETA, alpha=ALPHA, sft_norm=SFT_NORM, loss_type=LOSS_TYPE)
+    if name in ("dense", "ours_torch", "ours_triton"):
+        impl = {"dense": "dense", "ours_torch": "torch", "ours_triton": "triton"}[name]
+        return LossRun(lambda: fused_linear_rpo_loss(inp.hidden, inp.weight, inp.targets, inp.cu_seqlens, **ref,
+                                                     **opts, impl=impl).loss)
+    if name == "ours_triton_filter":
+        return EnvRun(lambda: fused_linear_rpo_loss(inp.hidden, inp.weight, inp.targets, inp.cu_seqlens, **ref, **opts,
+                                                    impl="triton").loss, {"RPO_FAST_GRAD_FILTER": "auto"})
+    if name == "gemm":
+        return GemmRun(inp)
+    if name == "dense_compile":
+        _configure_dynamo()
+
+        def dense_rpo(hidden, weight, targets, ref_hidden, ref_weight):
+            lp = dense_linear_logprobs(hidden, weight, targets)
+            ref_lp = None
+            if ref_hidden is not None:
+                with torch.no_grad():
+                    ref_lp = dense_linear_logprobs(ref_hidden, ref_weight, targets)
+            return rpo_from_token_logps(lp, ref_lp, inp)
+
+        compiled = torch.compile(dense_rpo, dynamic=False)
+        return LossRun(lambda: compiled(inp.hidden, inp.weight, inp.targets, inp.ref_hidden, inp.ref_weight))
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if dev.type == "cuda" else "torch_compile"
+        if impl == "torch_compile":
+            _configure_dynamo()
+
+        def cce_loss():
+            lp = -linear_cross_entropy(inp.hidden, inp.weight, inp.targets, reduction="none", impl=impl)
+            ref_lp = None
+            if inp.ref_hidden is not None:
+                with torch.no_grad():
+                    ref_lp = -linear_cross_entropy(inp.ref_hidden, inp.ref_weight, inp.targets, reduction="none",
+                                                   impl=impl)
+            return rpo_from_token_logps(lp, ref_lp, inp)
+
+        return LossRun(cce_loss)
+    if name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        with_ref = inp.ref_hidden is not None
+        module = LigerFusedLinearDPOLoss(beta=BETA, alpha=ALPHA, compute_nll_loss=True, compiled=dev.type == "cuda",
+                                         use_ref_model=with_ref, loss_type=LOSS_TYPE)
+        n_seqs, seq_len, h = 2 * inp.shape.pairs, inp.shape.seq_len, inp.shape.h
+        padded = lambda t: None if t is None else t.view(n_seqs, seq_len, h)  # noqa: E731
+
+        def liger_loss():
+            return module(inp.weight, padded(inp.hidden), inp.targets.view(n_seqs, seq_len),
+                          ref_input=padded(inp.ref_hidden), ref_weight=inp.ref_weight)[0]
+
+        return LossRun(liger_loss)
+    raise ValueError(f"provider: expected one of {list(ORDER)}, got {name!r}")
+
+
+def flops(shape: Shape, mode: str, with_ref: bool) -> float:
+    """Useful head FLOPs: 2NHV per GEMM; forward 1 GEMM (+1 reference), backward 2, full 3 (+1)."""
+    n, h, v, _ = shape
+    gemm = 2.0 * n * h * v
+    ref = gemm if with_ref else 0.0
+    return {"forward": gemm + ref, "backward": 2 * gemm, "full": 3 * gemm + ref}[mode]

@@ -1,0 +1,209 @@
+"""Entry point: `python -m bench.run [--quick] [--out DIR] [--suite NAME] ...`.
+
+Runs, in order: correctness of our fast path against the dense reference, the loss microbenchmarks, the
+training-step benchmark; then writes into the output folder (flat, at most 6 files, so that a lent GPU
+machine returns all of it; bench/gpu_suite.sh adds nvidia-smi.csv):
+
+    results.csv   one long-format row per measurement (see loss_bench.py for the metrics)
+    summary.md    targets of issue 4, tables, skipped providers
+    meta.json     device, commit, versions, command, suite, wall time
+    vs_V.png, vs_N.png   time and peak memory per provider along the sweeps
+    log.txt       everything printed
+
+Suites: `cpu-quick` (`make bench`: one thread, about two minutes), `cpu` (all cores, longer), `gpu` (bf16
+on one GPU, budgeted to finish inside --budget-s), `gpu-dryrun` (the gpu suite's code at toy sizes on CPU,
+impl="triton" interpreted: a rehearsal, not a measurement), `tiny` (the test suite's, seconds). The default is `gpu`
+when CUDA is available, else `cpu-quick` with --quick and `cpu` without.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from . import correctness, env, providers, report, shapes, train_step
+from .loss_bench import LossBench
+from .shapes import Shape
+
+SUITES = {"cpu-quick": shapes.cpu_quick_suite, "cpu": shapes.cpu_full_suite, "gpu": shapes.gpu_suite,
+          "tiny": shapes.tiny_suite, "gpu-dryrun": shapes.gpu_dryrun_suite}
+
+
+class Log:
+    """Prints and writes to log.txt; section headers ('== ...') carry the seconds since the start."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "w", encoding="utf-8")
+        self._start = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        if msg.startswith("== ") or msg.startswith("["):
+            msg = f"{msg}  (t={time.monotonic() - self._start:.0f}s)"
+        print(msg, flush=True)
+        self._file.write(msg + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU: the quick suite (make bench)")
+    ap.add_argument("--suite", choices=["auto", *SUITES], default="auto")
+    ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>-<sha>)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--providers", help="comma-separated subset of " + ",".join(providers.ORDER))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: 1 for cpu-quick, else torch's one per core); recorded in "
+                         "the device name")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new work after this many seconds (gpu default 480)")
+    ap.add_argument("--no-correctness", action="store_true")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-trl", action="store_true", help="leave TRL out of the training-step benchmark")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _train_plan(suite: str, device: torch.device):
+    """[(model config, StepShape, dtype, checkpointing, steps, warmup)]"""
+    S = train_step.StepShape
+    if suite == "gpu":
+        return [("llama-3.2-1b", S(4, 256, 768), torch.bfloat16, True, 4, 2),
+                ("mistral-7b", S(4, 256, 768), torch.bfloat16, True, 3, 1)]
+    if suite == "tiny":
+        return [("micro-llama", S(1, 8, 24), torch.float32, False, 2, 1)]
+    if suite == "gpu-dryrun":
+        return [("micro-llama", S(2, 8, 24), torch.bfloat16, True, 2, 1)]
+    return [("tiny-llama", S(2, 32, 96), torch.float32, False, 3, 1)]
+
+
+def _checks(suite: str):
+    if suite == "gpu":
+        return correctness.gpu_checks(), torch.bfloat16, "triton"
+    if suite == "tiny":
+        return [("tiny-irregular+bias", Shape(61, 24, 517, pairs=2), True)], torch.float32, "torch"
+    if suite == "gpu-dryrun":
+        return ([(label, Shape(max(61, s.n // 64), max(32, s.h // 64), max(257, s.v // 256), s.pairs), bias)
+                 for label, s, bias in correctness.gpu_checks()], torch.bfloat16, "triton")
+    return correctness.cpu_checks(), torch.float32, "torch"
+
+
+def _exit_on_sigterm(signum, frame):
+    # `timeout` sends SIGTERM: leave through the `finally` below, which writes the summary of what ran.
+    raise SystemExit(124)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    if argv is None:  # run as a program, not from a test
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    suite_name = args.suite
+    if suite_name == "auto":
+        suite_name = "gpu" if device.type == "cuda" else ("cpu-quick" if args.quick else "cpu")
+    if suite_name == "gpu" and device.type != "cuda":
+        raise SystemExit("--suite gpu: expected a CUDA device, got none (torch.cuda.is_available() is False)")
+    if suite_name == "gpu-dryrun":
+        # The interpreter must be on before the kernels are imported (it swaps @triton.jit at import).
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ[providers.ALLOW_INTERPRETER] = "1"
+    suite = SUITES[suite_name]()
+    threads = args.threads or (suite.threads if device.type == "cpu" else None)
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    budget = args.budget_s if args.budget_s is not None else (480.0 if suite_name == "gpu" else None)
+    deadline = None if budget is None else t_start + budget
+    train_reserve = 130.0 if suite_name == "gpu" else 0.0
+
+    out = args.out or env.default_out_dir(device)
+    os.makedirs(out, exist_ok=True)
+    log = Log(os.path.join(out, "log.txt"))
+    meta = dict(device=env.device_name(device), device_type=device.type, git_sha=env.git_sha(),
+                versions=env.versions(), timestamp=env.timestamp(), suite=suite_name,
+                command="python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+                load_avg_start=round(os.getloadavg()[0], 2))
+    log(f"rpo-fast bench: {meta['device']} | commit {meta['git_sha']} | {meta['versions']}")
+    if device.type == "cuda" or suite_name == "gpu-dryrun":
+        log(f"rpo_fast.kernels from {env.ensure_kernels_importable()}")
+    log(f"suite {suite_name}, output {out}" + (f", budget {budget:.0f}s" if budget else ""))
+    if device.type == "cpu":
+        log(f"note: CPU timings on a shared machine are noisy (load average {os.getloadavg()[0]:.2f} at start); "
+            "providers are interleaved repeat by repeat so that load hits them alike")
+    results = report.Results(os.path.join(out, "results.csv"), meta)
+    only = tuple(args.providers.split(",")) if args.providers else None
+    notes: list[str] = []
+    ok = True
+    skipped: dict[str, str] = {}
+    try:
+        if not args.no_correctness:
+            checks, dtype, impl = _checks(suite_name)
+            log(f"== correctness: impl={impl} vs dense fp32, {str(dtype).replace('torch.', '')}")
+            ok = correctness.run_checks(device, dtype, impl, checks, results.emit, log, deadline)
+            if not ok:
+                notes.append(f"**Correctness check FAILED for impl={impl}**: see the correctness table.")
+        log("== loss microbenchmarks")
+        bench = LossBench(suite, device, results.emit, providers=only,
+                          deadline=None if deadline is None else deadline - train_reserve, log=log)
+        bench.run()
+        skipped.update(bench.skipped)
+        if not args.no_train:
+            log("== training steps")
+            for name, shape, dtype, ckpt, steps, warmup in _train_plan(suite_name, device):
+                if deadline is not None and time.monotonic() > deadline:
+                    log(f"  time budget spent: skipping training step {name}")
+                    skipped.setdefault("train " + name, "time budget")
+                    continue
+                try:
+                    train_step.bench_model(name, shape, device, dtype, results.emit, steps=steps, warmup=warmup,
+                                           checkpointing=ckpt, log=log, deadline=deadline, with_trl=not args.no_trl)
+                except Exception as exc:
+                    log(f"  training step {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    skipped.setdefault("train " + name, f"{type(exc).__name__}")
+            if args.no_trl:
+                skipped["trl"] = "--no-trl"
+            elif train_step.trl_unavailable():
+                skipped["trl"] = train_step.trl_unavailable()
+    finally:
+        results.close()
+        meta["wall_s"] = time.monotonic() - t_start
+        meta["load_avg_end"] = round(os.getloadavg()[0], 2)
+        rows = results.rows
+        if suite_name == "gpu-dryrun":
+            notes.append("**Dry run of the GPU suite on CPU at toy sizes (impl=triton in the Triton interpreter): "
+                         "it checks that the suite runs; none of its numbers is a measurement.**")
+        if device.type == "cpu":
+            notes.append(f"CPU timings come from a {os.cpu_count()}-core machine shared with other processes (1-minute "
+                         f"load average {meta['load_avg_start']} at the start, {meta['load_avg_end']} at the end): "
+                         "expect tens of percent of noise between runs; p20/p80 show the spread within this run.")
+        text = report.summary_markdown(rows, meta, skipped, notes)
+        with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+            f.write(text)
+        with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump({**meta, "skipped": skipped}, f, indent=1)
+        if not args.no_plots and rows:
+            try:
+                report.plot(rows, os.path.join(out, ""))
+            except Exception as exc:  # plots are a convenience; the CSV is the record
+                log(f"plots failed: {type(exc).__name__}: {exc}")
+        log("")
+        log(text)
+        log(f"wrote {out} in {meta['wall_s']:.0f}s")
+        log.close()
+        torch.set_num_threads(threads_before)  # main() also runs inside tests
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

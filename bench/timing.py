@@ -1,0 +1,85 @@
+"""Timing: p20/p50/p80 over repeats, several candidates interleaved so that load drifts hit all alike.
+
+A candidate is `(setup, fn)`: `setup()` runs untimed before every repeat and returns the state that
+`fn(state)` consumes (for the backward mode, setup runs the forward and fn the backward). GPU: one pair of
+CUDA events around each `fn`, read after a final synchronize; CPU: `time.perf_counter`. Repeats are
+round-robin over the candidates (A B C A B C ...), which on a shared CPU spreads other processes' load
+over every candidate instead of penalizing whichever ran during a spike.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+
+class Quantiles(NamedTuple):
+    p50: float
+    p20: float
+    p80: float
+    n: int
+
+
+def quantiles(samples: Sequence[float]) -> Quantiles:
+    t = torch.tensor(sorted(samples), dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return Quantiles(q[0], q[1], q[2], len(samples))
+
+
+class Candidate(NamedTuple):
+    name: str
+    setup: Callable[[], object]
+    fn: Callable[[object], object]
+
+
+def _time_once(cand: Candidate, device: torch.device) -> float:
+    """Seconds of one `fn` call (synchronized)."""
+    state = cand.setup()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = cand.fn(state)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    del out, state
+    return elapsed
+
+
+def time_interleaved(candidates: Sequence[Candidate], device: torch.device, *, warmup: int = 1,
+                     min_reps: int = 3, max_reps: int = 20, budget_s: float = 5.0,
+                     ) -> tuple[dict[str, Quantiles], dict[str, float]]:
+    """Times every candidate; returns ({name: Quantiles in seconds}, {name: seconds of the first call}).
+
+    The first call of each candidate (compilation, autotuning, allocator warm-up) is reported apart and
+    never enters the quantiles. Repeats are chosen so that all of them fit in about `budget_s`, within
+    [min_reps, max_reps]. Exceptions propagate: probe each candidate once before timing it.
+    """
+    first_call = {c.name: _time_once(c, device) for c in candidates}
+    for _ in range(max(0, warmup - 1)):
+        for c in candidates:
+            _time_once(c, device)
+    # One warm round sizes the repeats and is the first sample.
+    first_round = {c.name: _time_once(c, device) for c in candidates}
+    reps = int(min(max_reps, max(min_reps, budget_s // max(sum(first_round.values()), 1e-9)))) - 1
+    samples: dict[str, list[float]] = {name: [t] for name, t in first_round.items()}
+    if device.type == "cuda":
+        for _ in range(reps):
+            events = []
+            for c in candidates:
+                state = c.setup()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                c.fn(state)
+                end.record()
+                events.append((c.name, start, end))
+                del state
+            torch.cuda.synchronize(device)
+            for name, start, end in events:
+                samples[name].append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            for c in candidates:
+                samples[c.name].append(_time_once(c, device))
+    return {name: quantiles(s) for name, s in samples.items()}, first_call

@@ -1,0 +1,95 @@
+"""The benchmark harness: its CPU memory tracker is right, and the quick path runs on tiny shapes and writes a
+well-formed long-format CSV, the summary and the plots. Seconds in all; the numbers themselves are not judged
+here (they are benchmark results, not test results)."""
+import csv
+import json
+import math
+
+import torch
+
+from bench import report
+from bench.memory import measure_memory
+from bench.run import main
+
+CPU = torch.device("cpu")
+
+
+def test_memory_tracker_counts_live_tensor_bytes():
+    def fn():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(500, 1000)  # 2 MB: 6 MB live
+        del a  # 2 MB live
+        c = torch.empty(2000, 1000)  # 8 MB: 10 MB live, the peak
+        return b.numel() + c.numel()  # b and c die with the call
+
+    use = measure_memory(fn, CPU)
+    assert use.peak == 10_000_000
+    assert use.end == 0
+
+
+def test_memory_tracker_sees_temporaries_inside_one_op():
+    # logsumexp allocates a full-size buffer inside its kernel, which a TorchDispatchMode would not see.
+    x = torch.randn(1000, 1000)
+    use = measure_memory(lambda: torch.logsumexp(x, dim=-1), CPU)
+    assert use.peak >= 4_000_000 + 4_000
+    assert use.end == 4_000  # the returned [1000] result is still alive at the end of the call
+
+
+def test_memory_tracker_on_the_head_dense_vs_chunked():
+    from rpo_fast import dense_linear_logprobs, linear_logprobs
+
+    n, h, v = 256, 32, 8192
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+
+    def step(fn):
+        hidden.grad = weight.grad = None
+        fn().sum().backward()
+
+    dense = measure_memory(lambda: step(lambda: dense_linear_logprobs(hidden, weight, targets)), CPU)
+    assert dense.peak >= 2 * n * v * 4  # fp32 logits and their log_softmax live together
+    chunked = measure_memory(lambda: step(lambda: linear_logprobs(hidden, weight, targets, impl="torch")), CPU)
+    assert chunked.peak < dense.peak
+
+
+def test_quick_path_on_tiny_shapes_writes_csv_summary_and_plots(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--suite", "tiny", "--out", str(out), "--no-trl"]) == 0
+
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        rows = list(reader)
+    assert rows
+    for r in rows:
+        assert r["device"] and r["git_sha"] and "torch=" in r["versions"] and r["timestamp"]
+        json.loads(r["config"])
+        if r["metric"] != "failed":
+            assert not math.isnan(float(r["p50"])), r
+    head = [r for r in rows if r["op"] == "rpo_head"]
+    providers = {r["provider"] for r in head}
+    assert {"dense", "ours_torch", "gemm"} <= providers
+    assert not [r for r in head if r["metric"] == "failed"]
+    times = [r for r in head if r["metric"] == "time"]
+    assert {r["mode"] for r in times} == {"forward", "backward", "full"}
+    assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) and float(r["p50"]) > 0 for r in times)
+    # Every provider computes the same loss.
+    assert all(float(r["p50"]) < 1e-4 for r in head if r["metric"] == "loss_rel_diff")
+
+    def peak(provider):
+        return next(float(r["p50"]) for r in head if r["provider"] == provider and r["metric"] == "peak_mem"
+                    and r["mode"] == "full" and json.loads(r["config"])["label"] == "tiny-head"
+                    and not json.loads(r["config"])["ref"])
+    assert peak("ours_torch") < peak("dense")
+
+    train = {(r["provider"], r["metric"]) for r in rows if r["op"] == "train_step"}
+    assert {("ours", "tokens_per_s"), ("dense", "tokens_per_s"), ("ours", "peak_step_extra")} <= train
+    checks = [r for r in rows if r["op"] == "correctness" and r["metric"].startswith("pass")]
+    assert checks and all(float(r["p50"]) == 1.0 for r in checks)
+
+    summary = (out / "summary.md").read_text()
+    assert "## Targets (issue 4)" in summary and "not measured: no GPU in this run" in summary
+    assert json.loads((out / "meta.json").read_text())["suite"] == "tiny"
+    for name in ("vs_V.png", "vs_N.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
