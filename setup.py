@@ -18,5 +18,12 @@ setup(
     # torch is deliberately a lower bound only: the CPU CI set pins it exactly in requirements.txt,
     # and an unpinned install would pull a multi-GB CUDA build on a CPU machine.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    extras_require={"flash": ["flash-attn>=2.6"], "trl": ["trl==1.16.0"]},
+    extras_require={
+        # the trainer, CLI and demo
+        "train": ["transformers>=5.0", "accelerate>=1.0", "peft>=0.15", "safetensors", "gguf", "pyyaml", "tqdm",
+                  "matplotlib"],
+        "flash": ["flash-attn>=2.6"],
+        "trl": ["trl==1.16.0"],
+    },
+    entry_points={"console_scripts": ["rpo-fast = rpo_fast.cli:main"]},
 )

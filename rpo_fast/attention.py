@@ -1,0 +1,195 @@
+"""Packed (varlen) causal attention for transformers models, registered as one `AttentionInterface` entry.
+
+A packed batch is one row of several sequences, `[1, L]`, with `position_ids` restarting at 0 for each
+sequence and int32 `cu_seqlens` `[S+1]` marking their boundaries. Attention must stay inside each
+sequence. `varlen_attention_forward` is registered under `ATTN_IMPLEMENTATION` ("rpo_varlen") and picks:
+
+- `flash_attn_varlen_func` (flash-attn) on CUDA when installed;
+- `torch.nn.attention.varlen.varlen_attn` (PyTorch's own flash kernel) on CUDA otherwise;
+- `scaled_dot_product_attention`, causal, once per sequence, everywhere else (CPU). Exact: the same
+  math as unpacked sdpa, with no [L, L] mask.
+
+transformers builds no attention mask for a registered name it does not know (masking_utils returns
+None), so the boundaries come from the `cu_seq_lens_q` / `max_length_q` keyword arguments (the
+FlashAttention kwargs a model forward passes through to attention), or else from `position_ids`.
+Decoding with a KV cache is not packed: switch the model to "sdpa" for generation (`generation_attention`).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "rpo_varlen"
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def torch_varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(device: torch.device) -> str:
+    """"flash_attn" | "torch_varlen" | "sdpa": the kernel `varlen_attention_forward` uses on `device`."""
+    if device.type == "cuda":
+        if flash_attn_available():
+            return "flash_attn"
+        if torch_varlen_available():
+            return "torch_varlen"
+    return "sdpa"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [1, L] restarting at 0 per sequence -> cu_seqlens [S+1] int32 (0 ... L)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("position_ids: expected a packed row whose positions restart at 0 for each sequence "
+                         f"(first position 0), got {flat[:8].tolist()}...")
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def _sdpa_per_sequence(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa):
+    """query [H, L, D], key/value [Hkv, L, D] -> [H, L, D], causal attention inside each [bounds[i], bounds[i+1])."""
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, start:end], key[:, start:end], value[:, start:end]
+        mask, causal = None, True
+        if sliding_window is not None and end - start > sliding_window:
+            i = torch.arange(end - start, device=query.device)
+            distance = i[:, None] - i[None, :]
+            mask, causal = (distance >= 0) & (distance < sliding_window), False
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                      scale=scale, enable_gqa=enable_gqa))
+    return torch.cat(outputs, dim=1)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, sliding_window):
+    """q [L, H, D], k/v [L, Hkv, D] on CUDA -> [L, H, D] via torch.nn.attention.varlen (signature varies by version)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scale}
+    if "window_size" in params:  # torch >= 2.12: causal is a (left, 0) window
+        kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+    elif sliding_window is not None:
+        raise ValueError("sliding_window: this torch's varlen_attn has no window_size; install flash-attn")
+    else:
+        kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention restricted to each packed sequence (the `AttentionInterface` signature).
+
+    Args:
+        query: [1, H, L, D]; key, value: [1, Hkv, L, D] (transformers' layout; H a multiple of Hkv).
+        attention_mask: must be None (packing replaces padding masks).
+        cu_seq_lens_q: [S+1] int32 boundaries, or None to derive them from `position_ids` [1, L].
+        max_length_q: longest sequence (a Python int), used by the CUDA kernels.
+
+    Returns:
+        ([1, L, H, D] attention output, None).
+
+    Raises:
+        ValueError: for a padding mask, a KV cache (query and key lengths differ), batch > 1 with
+            packing information, attention softcapping, or attention sinks.
+    """
+    if attention_mask is not None:
+        raise ValueError(f"attention_mask: expected None with {ATTN_IMPLEMENTATION!r} attention (sequences are "
+                         f"packed, not padded), got a tensor of shape {tuple(attention_mask.shape)}")
+    if softcap is not None:
+        raise ValueError(f"softcap: {ATTN_IMPLEMENTATION!r} attention does not support attention-logit softcapping, "
+                         f"got softcap={softcap}")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"s_aux: {ATTN_IMPLEMENTATION!r} attention does not support attention sinks")
+    batch, n_heads, length, _ = query.shape
+    if key.shape[2] != length:
+        raise ValueError(f"key: expected as many keys as queries ({length}) -- {ATTN_IMPLEMENTATION!r} attention is "
+                         f"for packed training, not KV-cache decoding; wrap generation in generation_attention(model)")
+    dropout = dropout if module.training else 0.0
+
+    if batch > 1:  # an ordinary unpacked, unpadded batch: nothing to split
+        if cu_seq_lens_q is not None:
+            raise ValueError(f"cu_seq_lens_q: expected batch size 1 for a packed row, got batch {batch}")
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=key.shape[1] != n_heads)
+        return out.transpose(1, 2).contiguous(), None
+
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q = (cu_seqlens_from_position_ids(position_ids) if position_ids is not None
+                         else torch.tensor([0, length], dtype=torch.int32, device=query.device))
+        max_length_q = None
+    backend = select_backend(query.device)
+    if backend == "sdpa":
+        bounds = cu_seq_lens_q.tolist()
+        out = _sdpa_per_sequence(query[0], key[0], value[0], bounds, scale=scaling, dropout=dropout,
+                                 sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads)
+        return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+
+    # CUDA kernels take [total_tokens, heads, dim] (last dim contiguous) and int32 boundaries on the device.
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    cu_seqlens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+    if max_length_q is None:
+        max_length_q = int(cu_seqlens.diff().max())
+    max_seqlen = int(max_length_q)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout,
+                                     softmax_scale=scaling, causal=True, window_size=window)
+    else:
+        if dropout:
+            raise ValueError(f"dropout: torch varlen_attn has no attention dropout, got {dropout}")
+        out = _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scaling, sliding_window=sliding_window)
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Registers `varlen_attention_forward` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    return ATTN_IMPLEMENTATION
+
+
+@contextlib.contextmanager
+def generation_attention(model):
+    """Temporarily switches `model` to "sdpa" attention, for `generate()` with a KV cache and padding."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

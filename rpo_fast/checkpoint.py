@@ -1,0 +1,228 @@
+"""Atomic training checkpoints: a crash mid-write never leaves a checkpoint that looks complete.
+
+Layout, under `<output_dir>/checkpoints/`:
+
+    step-000040/
+        model/              save_pretrained (safetensors): the full model, or the LoRA adapter; + tokenizer
+        optimizer.pt        optimizer.state_dict()
+        scheduler.pt        scheduler.state_dict()
+        rng-rank0.pt ...    python / numpy / torch (/ cuda) RNG states of every process
+        trainer_state.json  step, data position (epoch, step in epoch), counters, metric history
+        config.yaml         the resolved TrainConfig
+        COMPLETE            written last: {"step", "files": {relative path: [bytes, sha256]}}
+
+Writing: everything goes into a hidden `.tmp-step-000040/` directory, each file is fsynced, the
+`COMPLETE` manifest is written and fsynced last, then the directory is renamed to `step-000040`
+(atomic on POSIX) and its parent fsynced. Reading: `latest_checkpoint` takes the highest step whose
+`COMPLETE` manifest is present and matches every file's size and hash, so a torn write, a leftover
+temp dir or a truncated file is skipped in favour of the previous checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def temp_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before the rename (the same path on every process)."""
+    return checkpoint_root(output_dir) / f".tmp-{step_dir_name(step)}"
+
+
+def begin(output_dir: str | Path, step: int) -> Path:
+    """Creates (empty; a leftover of a crashed write is removed) and returns the temp dir of `step`."""
+    checkpoint_root(output_dir).mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, step: int) -> Path:
+    """Fsyncs every file in `tmp`, writes the COMPLETE manifest last and renames `tmp` into place.
+
+    Returns the final directory. An existing checkpoint of the same step is replaced (moved aside first,
+    so a crash in between leaves at worst the previous step's checkpoint as the newest complete one).
+    """
+    manifest = {"step": step, "files": {}}
+    for path in _files(tmp):
+        _fsync_file(path)
+        manifest["files"][path.relative_to(tmp).as_posix()] = [path.stat().st_size, _sha256(path)]
+    for directory in sorted({p.parent for p in _files(tmp)}, key=lambda p: -len(p.parts)):
+        _fsync_dir(directory)
+    marker = tmp / MARKER
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    final = tmp.parent / step_dir_name(step)
+    if final.exists():
+        trash = tmp.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    tmp.rename(final)
+    _fsync_dir(tmp.parent)
+    return final
+
+
+def is_complete(directory: Path, verify_hashes: bool = True) -> bool:
+    """Whether `directory` holds a COMPLETE manifest that matches its files (sizes, and hashes if asked)."""
+    try:
+        manifest = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not files:
+        return False
+    for rel, (size, digest) in files.items():
+        path = directory / rel
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+        if verify_hashes and _sha256(path) != digest:
+            return False
+    return True
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every `step-N` directory (complete or not), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path, verify_hashes: bool = True) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    for _, directory in reversed(list_checkpoints(output_dir)):
+        if is_complete(directory, verify_hashes):
+            return directory
+    return None
+
+
+def prune(output_dir: str | Path, keep: int) -> None:
+    """Deletes all but the `keep` newest complete checkpoints, incomplete ones, and stale temp dirs."""
+    root = checkpoint_root(output_dir)
+    complete = [d for _, d in list_checkpoints(output_dir) if is_complete(d, verify_hashes=False)]
+    doomed = complete[:-keep] if keep > 0 else complete
+    doomed += [d for _, d in list_checkpoints(output_dir) if d not in complete]
+    if root.is_dir():
+        doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-")) and p.is_dir()]
+    for directory in doomed:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- training state --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_torch(obj, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_torch(path: Path):
+    # Our own files, written by save_torch; they hold numpy RNG arrays, so not weights_only.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Loads weights written by `save_pretrained` into `model` in place, bit for bit.
+
+    A peft model gets its adapter (`adapter_model.safetensors`); a full model its `model*.safetensors`
+    shards, where a missing key is accepted only for a parameter tied to a loaded one (lm_head/embeddings).
+
+    Raises:
+        ValueError: when the files do not fit the model (missing or unexpected keys, naming a few).
+    """
+    from safetensors.torch import load_file
+
+    from .modeling import tied_parameter_names
+
+    adapter = model_dir / "adapter_model.safetensors"
+    if hasattr(model, "get_base_model") and adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"checkpoint {model_dir}: adapter keys that do not fit the model: {unexpected[:5]}")
+        return
+    shards = sorted(model_dir.glob("model*.safetensors"))
+    if not shards:
+        raise ValueError(f"checkpoint {model_dir}: expected model*.safetensors or adapter_model.safetensors, "
+                         f"found {sorted(p.name for p in model_dir.iterdir())}")
+    state = {}
+    for shard in shards:
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - set(tied_parameter_names(model))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {model_dir}: weights do not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")

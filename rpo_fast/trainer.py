@@ -1,0 +1,510 @@
+"""The RPO trainer, top to bottom: data, models, reference, optimizer, the step loop, checkpoints, report.
+
+One optimizer step covers `gradient_accumulation_steps x world_size` packed micro-batches, taken in
+order from a batch plan that every process computes identically from (seed, epoch); process r runs
+micro-batches r, r + world, ... of each step. Each micro-batch loss is weighted by its share of the
+step's pairs (times world_size, as DDP averages over processes), so the gradient is that of the mean
+over all the step's pairs however they are split across processes and micro-batches: 2 processes give
+the same step as 1 process accumulating 2 micro-batches. (`sft_norm="token_mean"` normalizes its NLL
+by the tokens of each micro-batch, as TRL and Liger do, so only its pair weighting is split-invariant.)
+
+Resuming restores weights, optimizer, scheduler, RNG states and the data position (epoch, step in
+epoch), and rebuilds the same batch plan, so a resumed run continues bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate.utils import DistributedType
+
+from . import checkpoint, metrics, modeling, optim
+from .config import TrainConfig, load_config, save_config
+from .data import PreferenceExample, load_preference_rows, tokenize_pairs
+from .packing import batch_by_token_budget, pack_pairs
+from .ref_cache import ReferenceCache, load_or_compute, model_fingerprint
+
+
+# Keys that may change between an interrupted run and its resumption without changing the result.
+RESUME_FREE_KEYS = {"resume", "progress", "plot", "tensorboard", "log_every", "save_every", "keep_checkpoints",
+                    "ref_cache_dir", "eval_every", "gold_eval_samples", "gold_max_new_tokens"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `max_nonfinite_steps` consecutive steps with a NaN/Inf loss or gradient norm."""
+
+
+@dataclass
+class TrainHooks:
+    """Test and extension points; `step` is 1-based (the step being run / just finished).
+
+    on_step_end(step, record, policy): runs after every step, checkpointing included (raise to interrupt);
+        `policy` is the unwrapped model being trained.
+    transform_loss(step, loss): may replace each micro-batch loss before backward (e.g. inject NaN).
+    """
+
+    on_step_end: Callable[[int, dict, torch.nn.Module], None] | None = None
+    transform_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0  # optimizer steps attempted (skipped ones included): the data position
+    epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    eval_history: list = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained policy (LoRA merged for finetune=lora)
+    state: TrainState
+    records: list[dict]
+    table: str
+    output_dir: Path
+
+
+# --- data and the batch plan ----------------------------------------------------------------------------------
+
+
+def load_examples(path: str, tokenizer, config: TrainConfig, log=print) -> tuple[list[dict], list[PreferenceExample]]:
+    """(rows, tokenized examples) of one preference file; logs the tokenization report (drops, truncation)."""
+    rows = load_preference_rows(path)
+    examples, stats = tokenize_pairs(rows, tokenizer, max_length=config.max_length,
+                                     max_prompt_length=config.max_prompt_length, source=str(path))
+    log(str(stats))
+    if not examples:
+        raise ValueError(f"{path}: no usable pairs after tokenization ({stats.n_dropped} dropped)")
+    if stats.max_pair_tokens > config.token_budget:
+        log(f"warning: the longest pair has {stats.max_pair_tokens} tokens > token_budget={config.token_budget}; "
+            "such pairs get a micro-batch of their own")
+    return rows, examples
+
+
+def epoch_steps(examples: Sequence[PreferenceExample], config: TrainConfig, epoch: int,
+                world_size: int) -> list[list[list[int]]]:
+    """The steps of one epoch: each a list of `gradient_accumulation_steps * world_size` micro-batches (lists
+    of example positions). Micro-batches left over at the end of the epoch (fewer than one step) are dropped."""
+    groups = batch_by_token_budget(examples, config.token_budget, max_pairs=config.max_pairs_per_micro_batch,
+                                   shuffle=config.shuffle, seed=config.seed, epoch=epoch)
+    per_step = config.gradient_accumulation_steps * world_size
+    if len(groups) < per_step:
+        raise ValueError(f"token_budget: the training set packs into {len(groups)} micro-batches, fewer than one "
+                         f"step needs (gradient_accumulation_steps x processes = {per_step}); lower token_budget "
+                         "or max_pairs_per_micro_batch")
+    return [groups[i:i + per_step] for i in range(0, len(groups) - per_step + 1, per_step)]
+
+
+def total_steps(examples, config: TrainConfig, world_size: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return sum(len(epoch_steps(examples, config, e, world_size)) for e in range(config.num_epochs))
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+
+def build_policy(config: TrainConfig, device: torch.device):
+    model = modeling.load_causal_lm(config.model, config.gguf_file, dtype=config.dtype).to(device)
+    if config.liger_kernels:
+        modeling.enable_liger_kernels(model)
+    return model
+
+
+def finish_policy(model, config: TrainConfig):
+    """LoRA (or all weights trainable) and gradient checkpointing, once any reference copy has been taken."""
+    if config.finetune == "lora":
+        model = modeling.add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                  target_modules=config.lora_target_modules)
+    else:
+        model.requires_grad_(True)
+    if config.gradient_checkpointing:
+        modeling.enable_gradient_checkpointing(model)
+    model.train()
+    return model
+
+
+def build_optimizer(model, config: TrainConfig, steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    # Weight decay skips 1-D parameters (norms, biases); `config.optimizer` picks the memory mode.
+    optimizer = optim.build_optimizer(model, config.optimizer, lr=config.learning_rate,
+                                      betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.weight_decay, eps=config.adam_eps,
+                                      gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                      max_grad_norm=config.max_grad_norm or None, seed=config.seed)
+    if config.lr_scheduler == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    return optimizer, scheduler
+
+
+class Reference:
+    """The reference policy in one of four modes; `inputs(batch)` -> keyword arguments for PackedRPOModel."""
+
+    def __init__(self, mode: str, *, frozen=None, policy=None, caches: dict[str, ReferenceCache] | None = None):
+        self.mode, self.frozen, self.policy, self.caches = mode, frozen, policy, caches or {}
+
+    def inputs(self, batch, split: str, autocast) -> dict:
+        if self.mode == "none":
+            return {}
+        if self.mode == "cache":
+            return {"ref_logps": self.caches[split].lookup(batch.example_index)}
+        model = self.frozen if self.mode == "model" else self.policy
+        adapter_off = self.policy.disable_adapter() if self.mode == "adapter" else contextlib.nullcontext()
+        was_training = model.training
+        model.eval()  # the reference never sees dropout
+        with adapter_off, autocast(), torch.no_grad():
+            weight = modeling.head(model)[0]
+            dtype = modeling.head_compute_dtype(weight.device, weight.dtype)
+            ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(model, batch, dtype)
+        model.train(was_training)
+        return {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+
+
+def build_reference(config: TrainConfig, policy, datasets: dict[str, list], accelerator, log) -> Reference:
+    """Called before LoRA is added: `policy` is still the initial model, the default reference."""
+    if config.reference in ("none", "adapter"):
+        return Reference(config.reference)
+    if config.ref_model:
+        source = modeling.load_causal_lm(config.ref_model, dtype=config.dtype).to(accelerator.device)
+        if config.liger_kernels:
+            modeling.enable_liger_kernels(source)
+        source = modeling.freeze(source)
+    else:
+        source = policy if config.reference == "cache" else modeling.freeze(copy.deepcopy(policy))
+    if config.reference == "model":
+        return Reference("model", frozen=source)
+    caches, fingerprint = {}, model_fingerprint(source)
+    for split, examples in datasets.items():
+        if accelerator.is_main_process:  # one process computes and writes; the others read the file
+            load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
+                            impl=config.impl, model_fp=fingerprint, progress=config.progress)
+        accelerator.wait_for_everyone()
+        caches[split] = load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
+                                        impl=config.impl, model_fp=fingerprint, write=False)
+        log(f"reference log-probs ({split}): {caches[split].path}")
+    return Reference("cache", caches=caches)
+
+
+# --- one step -------------------------------------------------------------------------------------------------
+
+
+def run_step(model, reference: Reference, examples, step_groups, accelerator, config: TrainConfig,
+             step: int, hooks: TrainHooks) -> tuple[torch.Tensor, int, int]:
+    """Forward and backward of this process's share of one step's micro-batches.
+
+    Returns (metric sums over this process's pairs [len(PAIR_METRICS)], packed tokens, response tokens).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step_pairs = sum(len(g) for g in step_groups)
+    mine = step_groups[rank::world]
+    sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
+    tokens = response_tokens = 0
+    for k, group in enumerate(mine):
+        batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
+        ref = reference.inputs(batch, "train", accelerator.autocast)
+        sync = k == len(mine) - 1  # DDP all-reduces gradients on the last micro-batch only
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            out = model(batch, **ref)
+            loss = out.loss * (batch.n_pairs * world / step_pairs)
+            if hooks.transform_loss is not None:
+                loss = hooks.transform_loss(step, loss)
+            accelerator.backward(loss)
+        sums += metrics.pair_metric_sums(out, batch.n_pairs)
+        tokens += batch.num_tokens
+        response_tokens += batch.num_response_tokens
+    return sums, tokens, response_tokens
+
+
+@torch.no_grad()
+def evaluate(model, reference: Reference, examples, accelerator, config: TrainConfig, split: str = "eval") -> dict:
+    """Pair-weighted means of PAIR_METRICS over `examples` (no gradient), as {"eval/<name>": value}."""
+    groups = batch_by_token_budget(examples, config.token_budget, max_pairs=config.max_pairs_per_micro_batch,
+                                   shuffle=False, seed=0, epoch=0)
+    module = accelerator.unwrap_model(model)  # no DDP collectives: processes may get unequal shares
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
+    for group in groups[accelerator.process_index::accelerator.num_processes]:
+        batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
+        with accelerator.autocast():
+            out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
+        sums += metrics.pair_metric_sums(out, batch.n_pairs)
+    module.train(was_training)
+    sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")
+
+
+@torch.no_grad()
+def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device) -> tuple[float, list[str]]:
+    """Greedy answers to the first `gold_eval_samples` eval prompts, scored by the dataset's gold rule.
+
+    Returns (fraction correct, the generated answers)."""
+    from .attention import generation_attention
+    from .data import gold_reward
+
+    chosen = examples[:config.gold_eval_samples]
+    lm = modeling.base_model(model)
+    was_training = model.training
+    model.eval()
+    width = max(len(ex.prompt_ids) for ex in chosen)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ex.prompt_ids)) + ex.prompt_ids for ex in chosen], device=device)
+    mask = torch.tensor([[0] * (width - len(ex.prompt_ids)) + [1] * len(ex.prompt_ids) for ex in chosen],
+                        device=device)
+    with generation_attention(lm):
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.gold_max_new_tokens,
+                             do_sample=False, pad_token_id=pad, use_cache=True)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return sum(gold_reward(rows[ex.index], text) for ex, text in zip(chosen, texts)) / len(chosen), texts
+
+
+def gold_question(row: dict) -> str:
+    from .gold import question_text
+
+    return question_text(row)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: TrainState, config: TrainConfig):
+    """Atomic checkpoint of the whole training state (see rpo_fast/checkpoint.py)."""
+    if accelerator.is_main_process:
+        checkpoint.begin(config.output_dir, state.step)
+    accelerator.wait_for_everyone()
+    tmp = checkpoint.temp_dir(config.output_dir, state.step)
+    checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    policy = accelerator.unwrap_model(model).model
+    state_dict = None
+    if accelerator.distributed_type == DistributedType.FSDP:  # gather the shards (a collective: every rank)
+        state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
+    if accelerator.is_main_process:
+        modeling.save_pretrained(policy, tokenizer, tmp / "model", state_dict=state_dict)
+        checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        checkpoint.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        checkpoint.write_json(vars(state), tmp / "trainer_state.json")
+        save_config(config, tmp / "config.yaml")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.commit(tmp, state.step)
+        checkpoint.prune(config.output_dir, config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> TrainState:
+    checkpoint.load_model_weights(accelerator.unwrap_model(model).model, directory / "model")
+    optimizer.load_state_dict(checkpoint.load_torch(directory / "optimizer.pt"))
+    scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))
+    rng = directory / f"rng-rank{accelerator.process_index}.pt"
+    checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))
+    return TrainState(**checkpoint.read_json(directory / "trainer_state.json"))
+
+
+def make_accelerator(config: TrainConfig):
+    """An Accelerator for this run; on the CPU its processes talk over gloo (torchrun / accelerate launch)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state per process; a second run in the same process (tests, notebooks) may
+    # ask for another mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
+    """Runs RPO training as configured; returns the trained model and the metric records."""
+    from accelerate.utils import set_seed
+
+    hooks = hooks or TrainHooks()
+    config.validate()
+    run_start = time.perf_counter()
+    accelerator = make_accelerator(config)
+    log = accelerator.print
+    set_seed(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data: tokenized once; the batch plan is a pure function of (examples, config, epoch, world size).
+    tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
+    _, train_examples = load_examples(config.train_file, tokenizer, config, log)
+    eval_rows, eval_examples = None, []
+    if config.eval_file:
+        eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
+    world = accelerator.num_processes
+    steps = total_steps(train_examples, config, world)
+    log(f"{len(train_examples)} training pairs, {steps} steps of {config.gradient_accumulation_steps} x {world} "
+        f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}")
+
+    # Models: the policy, the reference (before LoRA: the initial policy is the default reference).
+    start = time.perf_counter()
+    policy = build_policy(config, accelerator.device)
+    splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
+    reference = build_reference(config, policy, splits, accelerator, log)
+    policy = finish_policy(policy, config)
+    if reference.mode == "adapter":
+        reference.policy = policy
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log(f"policy: {type(modeling.base_model(policy)).__name__}, {trainable:,} trainable parameters "
+        f"({config.finetune}), reference: {config.reference}, attention: {policy.config._attn_implementation} "
+        f"(models ready in {time.perf_counter() - start:.0f} s)")
+
+    loss_options = dict(beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm, loss_type=config.loss_type,
+                        label_smoothing=config.label_smoothing, average_log_prob=config.average_log_prob,
+                        impl=config.impl)
+    model = modeling.PackedRPOModel(policy, **loss_options)
+    optimizer, scheduler = build_optimizer(model, config, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step
+
+    state, resumed_from = TrainState(), None
+    if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:
+        state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler)
+        log(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch})")
+        saved = load_config(resumed_from / "config.yaml")
+        changed = [k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k not in RESUME_FREE_KEYS]
+        if changed:
+            log(f"warning: the config differs from the checkpoint's in {changed}; the run will not match an "
+                "uninterrupted one")
+    elif config.resume:
+        log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    logger = metrics.MetricsLogger(output_dir, tensorboard=config.tensorboard,
+                                   resume_step=state.step if resumed_from else None) \
+        if accelerator.is_main_process else None
+
+    def run_eval(step: int) -> dict:
+        start = time.perf_counter()
+        record = {"step": step, **evaluate(model, reference, eval_examples, accelerator, config)}
+        if config.gold_eval_samples and eval_rows is not None:
+            if accelerator.is_main_process:
+                accuracy, answers = gold_accuracy(accelerator.unwrap_model(model).model, tokenizer, eval_rows,
+                                                  eval_examples, config, accelerator.device)
+                record["eval/gold_accuracy"] = accuracy
+                for ex, answer in list(zip(eval_examples, answers))[:3]:
+                    log(f"  step {step}: {gold_question(eval_rows[ex.index])!r} -> {answer.strip()!r}")
+            accelerator.wait_for_everyone()
+        record["eval/time_s"] = time.perf_counter() - start
+        state.eval_history.append(record)
+        if logger:
+            logger.log(record)
+        return record
+
+    if eval_examples and not resumed_from:
+        before = run_eval(0)
+        log("eval before training: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in before.items() if k != "step"))
+
+    # The loop.
+    bar = metrics.progress_bar(steps, state.step, enabled=config.progress and accelerator.is_main_process)
+    loop_start, first_step = time.perf_counter(), state.step
+    plan_epoch, plan = None, []
+    while state.step < steps:
+        if plan_epoch != state.epoch:
+            plan, plan_epoch = epoch_steps(train_examples, config, state.epoch, world), state.epoch
+        if state.step_in_epoch >= len(plan):
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            continue
+        start = time.perf_counter()
+        sums, tokens, response_tokens = run_step(model, reference, train_examples, plan[state.step_in_epoch],
+                                                 accelerator, config, state.step + 1, hooks)
+        counts = torch.tensor([tokens, response_tokens], dtype=torch.float64)
+        reduced = accelerator.reduce(torch.cat([sums, counts]).to(accelerator.device), "sum").cpu()
+        sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
+        step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+        record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs)}
+        finite = math.isfinite(record["loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            state.consecutive_nonfinite = 0
+        else:  # leave weights and optimizer state untouched; move on to the next batch
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.step_in_epoch += 1
+        elapsed = time.perf_counter() - start
+        record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "pairs": step_pairs,
+                       "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
+                       "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
+                       "skipped": not finite, "skipped_steps": state.skipped_steps})
+        if logger and (state.step % config.log_every == 0 or not finite or state.step == steps):
+            logger.log(record)
+        bar.set_postfix(metrics.progress_postfix(record), refresh=False)
+        bar.update(1)
+        if not finite:
+            log(f"step {state.step}: non-finite loss {record['loss']} / grad norm {float(grad_norm)}: skipped "
+                f"({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)")
+            if state.consecutive_nonfinite >= config.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"stopping at step {state.step}: {state.consecutive_nonfinite} consecutive steps had a non-finite "
+                    f"loss or gradient (max_nonfinite_steps={config.max_nonfinite_steps}); last loss "
+                    f"{record['loss']}, grad norm {float(grad_norm)}. Lower learning_rate, check the data, or use "
+                    "gradient clipping (max_grad_norm)")
+        if config.eval_every and eval_examples and state.step % config.eval_every == 0 and state.step < steps:
+            run_eval(state.step)
+        if config.save_every and state.step % config.save_every == 0 and state.step < steps:
+            save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+        if hooks.on_step_end is not None:
+            hooks.on_step_end(state.step, record, accelerator.unwrap_model(model).model)
+    bar.close()
+    log(f"{state.step - first_step} steps in {time.perf_counter() - loop_start:.0f} s")
+
+    # The end: final checkpoint, eval, the model for use, the report.
+    save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+    after = run_eval(steps) if eval_examples else None
+    policy = accelerator.unwrap_model(model).model
+    if config.finetune == "lora":
+        policy = policy.merge_and_unload()
+    records = metrics.read_records(logger.path) if logger else []
+    table = ""
+    if accelerator.is_main_process:
+        modeling.save_pretrained(policy, tokenizer, output_dir / "model")
+        before = state.eval_history[0] if state.eval_history and state.eval_history[0]["step"] == 0 else None
+        table = metrics.final_table([r for r in records if "loss" in r], before, after)
+        (output_dir / "final_metrics.txt").write_text(table + "\n", encoding="utf-8")
+        log("\n" + table)
+        if config.plot:
+            log(f"plot: {metrics.plot_metrics(records, output_dir / 'metrics.png')}")
+        log(f"model: {output_dir / 'model'}")
+        log(f"done in {time.perf_counter() - run_start:.0f} s")
+        logger.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(model=policy, state=state, records=records, table=table, output_dir=output_dir)
+
+
+def precompute_reference(config: TrainConfig) -> dict[str, Path]:
+    """Fills the reference log-prob cache of the train (and eval) set for `config` (`rpo-fast precompute-ref`).
+
+    The reference is `ref_model`, or else the initial `model`; the files land in `ref_cache_dir`, under
+    the key that `train` with `reference: cache` looks up. Returns {split: cache file}.
+    """
+    accelerator = make_accelerator(config)
+    tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
+    splits = {"train": load_examples(config.train_file, tokenizer, config, accelerator.print)[1]}
+    if config.eval_file:
+        splits["eval"] = load_examples(config.eval_file, tokenizer, config, accelerator.print)[1]
+    source = None if config.ref_model else build_policy(config, accelerator.device)
+    reference = build_reference(dataclasses.replace(config, reference="cache"), source, splits, accelerator,
+                                accelerator.print)
+    return {split: cache.path for split, cache in reference.caches.items()}

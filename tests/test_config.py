@@ -1,0 +1,103 @@
+"""Config: defaults < preset < YAML file < --key=value overrides; typed coercion; clear errors."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rpo_fast.config import PRESETS, TrainConfig, coerce, load_config, parse_overrides, save_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_file_then_overrides(tmp_path):
+    path = write(tmp_path, "beta: 0.3\nlearning_rate: 1.0e-4\nshuffle: false\n")
+    config = load_config(path, parse_overrides(["--beta=0.2", "--max_steps=7"]))
+    assert (config.beta, config.learning_rate, config.shuffle, config.max_steps) == (0.2, 1e-4, False, 7)
+    assert config.alpha == TrainConfig().alpha  # untouched keys keep the defaults
+
+
+def test_override_types():
+    config = load_config(None, parse_overrides([
+        "--learning_rate=5e-6",  # YAML 1.1 reads this as a string; the field says float
+        "--resume", "--eval_file=none", "--lora_target_modules=q_proj,v_proj", "--max-steps=3"]))
+    assert config.learning_rate == 5e-6 and isinstance(config.learning_rate, float)
+    assert config.resume is True and config.eval_file is None and config.max_steps == 3
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    assert load_config(None, {"lora_target_modules": "all-linear"}).lora_target_modules == "all-linear"
+
+
+def test_paper_preset_sets_alpha_to_eta_times_beta():
+    config = load_config(None, {"preset": "rpo-paper"})
+    assert (config.eta, config.beta, config.sft_norm) == (0.005, 0.01, "sum")
+    assert config.alpha == pytest.approx(0.005 * 0.01)
+    # zephyr-gemma: same eta, beta 0.05 -> alpha follows beta
+    assert load_config(None, {"preset": "rpo-paper", "beta": "0.05"}).alpha == pytest.approx(0.005 * 0.05)
+    # an explicit alpha replaces the preset's eta
+    explicit = load_config(None, {"preset": "rpo-paper", "alpha": "0.3"})
+    assert (explicit.alpha, explicit.eta) == (0.3, None)
+    assert load_config(None, {"preset": "dpo"}).alpha == 0.0
+    assert set(PRESETS) >= {"rpo-paper", "dpo"}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"bta": "0.1"}, r"bta: unknown config key; did you mean \['beta'"),
+    ({"beta": "abc"}, r"beta: expected float, got 'abc'"),
+    ({"beta": "0"}, r"beta: expected a finite number > 0, got 0.0"),
+    ({"max_steps": "1.5"}, r"max_steps: expected int, got 1.5"),
+    ({"resume": "maybe"}, r"resume: expected bool"),
+    ({"reference": "frozen"}, r"reference: expected one of \['model', 'adapter', 'cache', 'none'\], got 'frozen'"),
+    ({"finetune": "full", "reference": "adapter"}, r"reference: 'adapter' .* needs finetune='lora'"),
+    ({"max_prompt_length": "600"}, r"max_prompt_length: expected less than max_length=512"),
+    ({"eta": "0.1", "alpha": "2"}, r"alpha: expected eta \* beta = 0.01"),
+    ({"preset": "zephyr"}, r"preset: expected one of"),
+    ({"sft_norm": "mean"}, r"sft_norm: expected one of"),
+    ({"label_smoothing": "0.1", "loss_type": "ipo"}, r"label_smoothing: expected 0 with loss_type='ipo'"),
+    ({"mixed_precision": "fp16"}, r"mixed_precision: expected one of \['no', 'bf16'\]"),
+])
+def test_bad_values_name_the_key(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(write(tmp_path, "beta: [1\n"))
+    with pytest.raises(ValueError, match="warmup: unknown config key"):
+        load_config(write(tmp_path, "warmup: 3\n"))
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="expected --key=value"):
+        parse_overrides(["beta=0.1"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, {"preset": "rpo-paper", "lora_target_modules": "q_proj,k_proj", "eval_file": "none"})
+    save_config(config, tmp_path / "saved.yaml")
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["eta"] == 0.005
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+def test_coerce_rejects_bool_for_int():
+    with pytest.raises(ValueError, match="lora_r: expected int, got True"):
+        coerce("lora_r", True)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.output_dir.startswith("outputs/")
+
+
+def test_optimizer_modes_of_the_trainer():
+    from rpo_fast.config import load_config
+
+    assert load_config(None, {"optimizer": "adamw_bf16"}).optimizer == "adamw_bf16"
+    with pytest.raises(ValueError, match="optimizer"):
+        load_config(None, {"optimizer": "adamw_bf16_in_backward"})  # would update weights before the skip check

@@ -1,0 +1,230 @@
+"""The trainer on a tiny random-init Llama (CPU): the packed step against a plain unpacked computation,
+the reference modes against each other, non-finite steps, the outputs of a run, and refused models."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM,
+                          LlamaConfig)
+
+from conftest import assert_close
+from rpo_fast import modeling
+from rpo_fast.config import load_config
+from rpo_fast.data import load_preference_rows, tokenize_pairs
+from rpo_fast.metrics import PAIR_METRICS
+from rpo_fast.packing import pack_pairs
+from rpo_fast.trainer import NonFiniteLossError, TrainHooks, epoch_steps, train
+from tiny_lm import build_tiny_model_dir, tiny_overrides, write_rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir, tmp_path_factory):
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    rows = load_preference_rows(write_rows(tmp_path_factory.mktemp("rows") / "t.jsonl", 6))
+    return tokenize_pairs(rows, tokenizer, max_length=96, max_prompt_length=64)[0]
+
+
+def unpacked_sequence_logps(model, ex, response):
+    """Summed log-probs of `response` after ex.prompt_ids: one unpadded sequence, full logits, float64 softmax."""
+    ids = torch.tensor([ex.prompt_ids + response])
+    logits = model(input_ids=ids, use_cache=False).logits[0].double()
+    logp = torch.log_softmax(logits[:-1], -1)
+    start = len(ex.prompt_ids) - 1
+    return logp[start:].gather(1, ids[0, start + 1:, None]).sum()
+
+
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_packed_step_equals_unpacked_dense(tiny_model_dir, examples, head_bias):
+    """PackedRPOModel (packing, varlen attention, response rows only, fused head) vs per-sequence forwards
+    with full logits, and the RPO formula written out: same loss, log-probs and gradients."""
+    model = modeling.load_causal_lm(str(tiny_model_dir))
+    if head_bias:  # an untied head with a bias
+        weight = model.lm_head.weight.detach().clone()
+        model.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+        model.lm_head.weight.data.copy_(weight)
+        torch.nn.init.normal_(model.lm_head.bias, std=0.5)
+        model.config.tie_word_embeddings = False
+    ref_logps = torch.randn(2 * 4) * 3
+    beta, alpha = 0.7, 0.3
+    packed = modeling.PackedRPOModel(model, beta=beta, alpha=alpha, sft_norm="sum")
+    batch = pack_pairs(examples[:4])
+    out = packed(batch, ref_logps=ref_logps)
+    out.loss.backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    model.config._attn_implementation = "sdpa"
+    chosen = torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids) for ex in examples[:4]])
+    rejected = torch.stack([unpacked_sequence_logps(model, ex, ex.rejected_ids) for ex in examples[:4]])
+    ref = ref_logps.double()
+    z = beta * ((chosen - ref[:4]) - (rejected - ref[4:]))
+    loss = (-torch.nn.functional.logsigmoid(z)).mean() + alpha * (-chosen).mean()
+    loss.backward()
+
+    assert_close(out.chosen_logps, chosen, atol=1e-3, rtol=1e-5, name="chosen logps")
+    assert_close(out.rejected_logps, rejected, atol=1e-3, rtol=1e-5, name="rejected logps")
+    assert_close(out.loss, loss, atol=1e-4, rtol=1e-5, name="loss")
+    for name, param in model.named_parameters():
+        assert_close(got_grads[name], param.grad, atol=1e-5, rtol=1e-3, name=f"grad {name}")
+
+
+def test_epoch_steps_partition(tiny_model_dir, examples):
+    config = load_config(None, {"token_budget": "300", "max_pairs_per_micro_batch": "1",
+                                "gradient_accumulation_steps": "2", "max_length": "96", "max_prompt_length": "64"})
+    steps = epoch_steps(examples, config, epoch=0, world_size=2)
+    assert len(steps) == 1 and all(len(step) == 4 for step in steps)  # 6 micro-batches -> 1 step, 2 dropped
+    flat = [i for step in steps for group in step for i in group]
+    assert len(set(flat)) == len(flat) == 4
+    assert epoch_steps(examples, config, 1, 2) != steps  # reshuffled per epoch
+    with pytest.raises(ValueError, match="token_budget"):
+        epoch_steps(examples, config, 0, world_size=4)
+
+
+def records_of(result):
+    return [r for r in result.records if "loss" in r]
+
+
+def test_reference_modes_agree(tiny_model_dir, tmp_path):
+    """A frozen copy, the cached log-probs of the same model, and (for LoRA) the policy with its adapter
+    off are the same reference: the runs log the same metrics step by step."""
+    runs = {}
+    for name, extra in {"model": dict(reference="model"), "cache": dict(reference="cache"),
+                        "lora-model": dict(finetune="lora", reference="model", lora_r=4),
+                        "lora-adapter": dict(finetune="lora", reference="adapter", lora_r=4)}.items():
+        (tmp_path / name).mkdir()
+        runs[name] = records_of(train(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / name, max_steps=4,
+                                                                        **extra))))
+    for a, b in (("model", "cache"), ("lora-model", "lora-adapter")):
+        for ra, rb in zip(runs[a], runs[b]):
+            for key in PAIR_METRICS:
+                assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-4), (a, b, ra["step"], key)
+    assert any(abs(r["rewards/margins"]) > 1e-3 for r in runs["model"][1:])  # the reference mattered
+    assert len(list((tmp_path / "cache" / "ref_cache").glob("ref-logps-*.pt"))) == 2  # train and eval
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_model_dir, tmp_path):
+    snapshots = {}
+
+    def snapshot(step, record, policy):
+        snapshots[step] = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    def nan_at_step_2(step, loss):
+        return loss * float("nan") if step == 2 else loss
+
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=3, eval_file="none"))
+    result = train(config, TrainHooks(on_step_end=snapshot, transform_loss=nan_at_step_2))
+    steps = records_of(result)
+    assert [r["skipped"] for r in steps] == [False, True, False] and result.state.skipped_steps == 1
+    for key, value in snapshots[1].items():  # step 2 left the weights untouched
+        assert torch.equal(snapshots[2][key], value), key
+    assert any(not torch.equal(snapshots[3][k], v) for k, v in snapshots[2].items())  # step 3 trained again
+
+    (tmp_path / "stop").mkdir()
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "stop", max_steps=6, eval_file="none",
+                                              max_nonfinite_steps=2))
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        train(config, TrainHooks(transform_loss=lambda step, loss: loss * float("inf") if step >= 2 else loss))
+
+
+def test_run_outputs(tiny_model_dir, tmp_path):
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
+                                              lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,
+                                              gold_max_new_tokens=4, learning_rate=1e-3))
+    result = train(config)
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    for key in (*PAIR_METRICS, "tokens/s", "peak_mem_mb", "lr", "grad_norm"):
+        assert all(math.isfinite(r[key]) for r in train_records), key
+    evals = [r for r in lines if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3] and all(0 <= r["eval/gold_accuracy"] <= 1 for r in evals)
+    assert (run / "metrics.png").stat().st_size > 10_000
+    assert "rewards/margins" in result.table and "eval after" in result.table
+    assert (run / "final_metrics.txt").read_text().strip() == result.table
+    # the saved model is a plain transformers model (LoRA merged) with its tokenizer
+    saved = AutoModelForCausalLM.from_pretrained(run / "model")
+    merged = result.model.state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in saved.state_dict().items())
+    assert (run / "model" / "tokenizer.json").is_file()
+
+
+def test_bf16_mixed_precision_runs(tiny_model_dir, tmp_path):
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, eval_file="none",
+                                              mixed_precision="bf16"))
+    steps = records_of(train(config))
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in steps)
+
+
+def test_refuses_heads_the_fused_loss_cannot_compute():
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 is not supported"):
+        modeling.check_head(Gemma2ForCausalLM(Gemma2Config(head_dim=16, **small)))
+    with pytest.raises(ValueError, match="logits_scaling=4.0 is not supported"):
+        modeling.check_head(GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **small)))
+    with pytest.raises(ValueError, match="expected the LM head to be a plain nn.Linear"):
+        llama = AutoModelForCausalLM.from_config(LlamaConfig(**small))
+        llama.lm_head = torch.nn.Sequential(llama.lm_head)
+        modeling.head(llama)
+    # a head that does more than its config says: caught by the numerical check
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**small))
+    modeling.check_head(model)  # a plain linear head passes
+    original = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+    model.forward = scaled_forward
+    with pytest.raises(ValueError, match="logits are not hidden @ W.T"):
+        modeling.check_head(model)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, examples):
+    batch = pack_pairs(examples[:3])
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        model = modeling.load_causal_lm(str(tiny_model_dir))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = modeling.PackedRPOModel(model, beta=0.3, alpha=1.0)(batch)
+        out.loss.backward()
+        saved.append(count[0])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert saved[1] < saved[0] / 2  # checkpointing keeps far fewer activations for backward
+    for name, grad in grads[0].items():
+        assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, name=name)
+
+
+def test_reference_cache_key_and_lookup(tmp_path, examples):
+    from rpo_fast.ref_cache import ReferenceCache, cache_key, data_fingerprint
+
+    assert data_fingerprint(examples) == data_fingerprint(list(examples))
+    assert data_fingerprint(examples[:-1]) != data_fingerprint(examples)
+    assert cache_key("m1", "d") != cache_key("m2", "d")
+    logps = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    cache = ReferenceCache(key="k", example_index=torch.tensor([10, 11, 12, 13, 14, 15]), logps=logps)
+    cache.save(tmp_path / "c.pt")
+    loaded = ReferenceCache.load(tmp_path / "c.pt", "k")
+    # pairs 12 and 10 -> [chosen 12, chosen 10, rejected 12, rejected 10]
+    assert loaded.lookup(torch.tensor([12, 10])).tolist() == [4.0, 0.0, 5.0, 1.0]
+    with pytest.raises(KeyError, match="example 99"):
+        loaded.lookup(torch.tensor([99]))
+    with pytest.raises(ValueError, match="expected key other"):
+        ReferenceCache.load(tmp_path / "c.pt", "other")
