@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except trainer.NonFiniteLossError as e:
         print(f"rpo-fast {args.command}: {e}", file=sys.stderr)
         return 3
+    except trainer.oom.TrainingOutOfMemoryError as e:
+        print(f"rpo-fast {args.command}: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

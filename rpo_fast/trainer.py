@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate.utils import DistributedType
 
-from . import checkpoint, metrics, modeling, optim
+from . import checkpoint, metrics, modeling, oom, optim
 from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
 from .packing import batch_by_token_budget, pack_pairs
@@ -47,7 +47,8 @@ class TrainHooks:
 
     on_step_end(step, record, policy): runs after every step, checkpointing included (raise to interrupt);
         `policy` is the unwrapped model being trained.
-    transform_loss(step, loss): may replace each micro-batch loss before backward (e.g. inject NaN).
+    transform_loss(step, loss): may replace each micro-batch loss before backward (e.g. inject NaN, or raise
+        an out-of-memory error in tests).
     """
 
     on_step_end: Callable[[int, dict, torch.nn.Module], None] | None = None
@@ -215,14 +216,20 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
     tokens = response_tokens = 0
     for k, group in enumerate(mine):
         batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
-        ref = reference.inputs(batch, "train", accelerator.autocast)
         sync = k == len(mine) - 1  # DDP all-reduces gradients on the last micro-batch only
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            out = model(batch, **ref)
-            loss = out.loss * (batch.n_pairs * world / step_pairs)
-            if hooks.transform_loss is not None:
-                loss = hooks.transform_loss(step, loss)
-            accelerator.backward(loss)
+        try:
+            ref = reference.inputs(batch, "train", accelerator.autocast)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                out = model(batch, **ref)
+                loss = out.loss * (batch.n_pairs * world / step_pairs)
+                if hooks.transform_loss is not None:
+                    loss = hooks.transform_loss(step, loss)
+                accelerator.backward(loss)
+        except torch.OutOfMemoryError as e:
+            policy = accelerator.unwrap_model(model).model
+            raise oom.TrainingOutOfMemoryError(oom.out_of_memory_message(
+                config, step, batch.n_pairs, batch.num_tokens, batch.num_response_tokens,
+                getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device))) from e
         sums += metrics.pair_metric_sums(out, batch.n_pairs)
         tokens += batch.num_tokens
         response_tokens += batch.num_response_tokens

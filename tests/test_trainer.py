@@ -228,3 +228,23 @@ def test_reference_cache_key_and_lookup(tmp_path, examples):
         loaded.lookup(torch.tensor([99]))
     with pytest.raises(ValueError, match="expected key other"):
         ReferenceCache.load(tmp_path / "c.pt", "other")
+
+
+def test_out_of_memory_is_reported_with_step_batch_and_advice(tiny_model_dir, tmp_path):
+    from rpo_fast.oom import TrainingOutOfMemoryError
+
+    def oom_at_step_2(step, loss):
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss
+
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=3, eval_file="none",
+                                              reference="model", gradient_checkpointing=False))
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(config, TrainHooks(transform_loss=oom_at_step_2))
+    message = str(info.value)
+    assert "at step 2" in message and "packed tokens" in message and f"token_budget={config.token_budget}" in message
+    assert "memory planner predicts a peak of" in message  # the planner models the tiny Llama
+    assert "--token_budget=" in message and "--gradient_checkpointing=true" in message
+    assert "--reference=cache" in message
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)

@@ -1,0 +1,62 @@
+"""Turning a CUDA out-of-memory error in training into a report a person can act on: where it happened,
+how big the batch was, what the memory planner predicts, and what to change."""
+from __future__ import annotations
+
+import torch
+
+from .config import TrainConfig
+
+# Trainer config values -> the planner's names for the same settings.
+_REFERENCE = {"model": "model", "adapter": "lora_disabled", "cache": "precomputed", "none": "none"}
+_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+GiB = 2**30
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """A CUDA out-of-memory error in a training step, with the step, the batch and the planner's advice."""
+
+
+def _planned_peak(model_config, config: TrainConfig, token_budget: int) -> float | None:
+    """The planner's predicted peak (bytes) for these settings at `token_budget`, or None if it cannot plan."""
+    from .memory_plan import plan_memory
+
+    try:
+        return plan_memory(
+            model_config, max_length=config.max_length, tokens_per_micro_batch=token_budget,
+            mode="lora" if config.finetune == "lora" else "full_ft", lora_rank=config.lora_r,
+            dtype=_DTYPE.get(config.dtype, "bf16"), gradient_checkpointing=config.gradient_checkpointing,
+            optimizer=config.optimizer, reference=_REFERENCE.get(config.reference, "model"),
+        ).peak_bytes
+    except Exception:  # an architecture or option the planner does not model: advise without numbers
+        return None
+
+
+def out_of_memory_message(config: TrainConfig, step: int, pairs: int, tokens: int, response_tokens: int,
+                          model_config, device_bytes: int | None) -> str:
+    """What went wrong and what to change, in one paragraph."""
+    lines = [f"CUDA out of memory at step {step}, in a micro-batch of {pairs} pairs = {tokens} packed tokens "
+             f"({response_tokens} scored) with token_budget={config.token_budget}."]
+    peak = _planned_peak(model_config, config, config.token_budget)
+    if peak is not None:
+        where = f" of the device's {device_bytes / GiB:.1f} GiB" if device_bytes else ""
+        lines.append(f"The memory planner predicts a peak of {peak / GiB:.1f} GiB{where} for these settings.")
+    advice = []
+    smaller = max(2, config.token_budget // 2)
+    smaller_peak = _planned_peak(model_config, config, smaller)
+    advice.append(f"lower token_budget (e.g. --token_budget={smaller}"
+                  + (f": {smaller_peak / GiB:.1f} GiB predicted" if smaller_peak is not None else "")
+                  + "; raise gradient_accumulation_steps to keep the batch)")
+    if not config.gradient_checkpointing:
+        advice.append("--gradient_checkpointing=true (one layer input saved per layer instead of all activations)")
+    if config.reference == "model":
+        advice.append("--reference=cache (precomputed reference log-probs: no resident reference model)")
+    if config.finetune != "lora" and config.optimizer in ("adamw", "adamw_bf16"):
+        advice.append("--optimizer=adamw_bf16_sr or adamw8bit (smaller optimizer states), or --finetune=lora")
+    lines.append("To fit: " + "; ".join(advice) + ". `rpo-fast plan-memory --help` compares the options.")
+    return " ".join(lines)
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
