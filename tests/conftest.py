@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Interpreter tests are ~10x faster single-threaded; the Makefile sets these too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -33,3 +34,21 @@ def assert_close(actual, expected, *, atol, rtol=0.0, name="value"):
                          for i in idx)
         raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, rtol={rtol}), "
                              f"max abs err {max_abs_err(actual, expected):.3g}; first:\n{rows}")
+
+
+class LargestTensorRecorder(TorchDispatchMode):
+    """Records the largest tensor any op creates while active: `largest = (numel, shape, op)`.
+    With `dim_size`, only tensors having a dimension of that size count (e.g. vocab-sized ones)."""
+
+    def __init__(self, dim_size: int | None = None):
+        super().__init__()
+        self.dim_size = dim_size
+        self.largest = (0, None, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and (self.dim_size is None or self.dim_size in t.shape)
+                    and t.numel() > self.largest[0]):
+                self.largest = (t.numel(), tuple(t.shape), str(func))
+        return out

@@ -10,9 +10,9 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 import rpo_fast.chunked  # noqa: E402
 from rpo_fast.integrations.hf_trainer import (  # noqa: E402
     PreferenceCollator, RPOArguments, RPOTrainerMixin, rpo_compute_loss, sequence_logps)
+from conftest import LargestTensorRecorder  # noqa: E402
 
 VOCAB, HIDDEN, PAD = 211, 32, 0
-
 
 
 def _tiny_llama():
@@ -148,21 +148,6 @@ def test_missing_reference_is_an_error():
         rpo_compute_loss(model, {k: v[:3] for k, v in batch.items()}, reference_free=True)
 
 
-class _VocabTensorRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor with a vocab-sized dimension that any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and VOCAB in t.shape and t.numel() > self.largest[0]:
-                self.largest = (t.numel(), tuple(t.shape), str(func))
-        return out
-
-
 @pytest.mark.parametrize("packed", [False, True])
 def test_fused_path_never_builds_full_logits(packed, monkeypatch):
     chunk = 8
@@ -171,9 +156,9 @@ def test_fused_path_never_builds_full_logits(packed, monkeypatch):
     batch = PreferenceCollator(pad_token_id=PAD)(_examples(6, torch.Generator().manual_seed(5)))
     n_resp = int((batch["labels"][:, 1:] != -100).sum())
     assert n_resp > HIDDEN  # so [N_resp, V] logits would outsize the [V, H] head itself
-    with _VocabTensorRecorder() as rec:
+    with LargestTensorRecorder(dim_size=VOCAB) as rec:
         rpo_compute_loss(model, batch, ref_model=ref_model, packed=packed).loss.backward()
     assert rec.largest[0] <= VOCAB * HIDDEN, rec.largest  # nothing larger than the head weight / its grad
-    with _VocabTensorRecorder() as dense:
+    with LargestTensorRecorder(dim_size=VOCAB) as dense:
         _dense_rpo_loss(model, ref_model, batch, RPOArguments()).backward()
     assert dense.largest[0] >= n_resp * VOCAB  # the recorder does see full logits when they exist

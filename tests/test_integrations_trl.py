@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 import rpo_fast.chunked  # noqa: E402
 from rpo_fast.integrations import trl as rpo_trl  # noqa: E402
+from conftest import LargestTensorRecorder  # noqa: E402
 
 VOCAB, HIDDEN = 257, 32
 # Logged values that depend on wall time, not on the computation.
@@ -146,24 +147,9 @@ def test_patch_dpo_trainer_without_token_metrics(tokenizer, dataset, tmp_path):
     _assert_same_weights(ours_model, stock_model)
 
 
-class _VocabTensorRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor with a vocab-sized dimension that any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and VOCAB in t.shape and t.numel() > self.largest[0]:
-                self.largest = (t.numel(), tuple(t.shape), str(func))
-        return out
-
-
 def _largest_vocab_tensor(trainer):
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    with _VocabTensorRecorder() as rec:
+    with LargestTensorRecorder(dim_size=VOCAB) as rec:
         trainer.compute_loss(trainer.model, inputs).backward()
     n_resp = int(inputs["completion_mask"][:, 1:].sum())
     return rec.largest, n_resp
