@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checks
+from . import checks, optim
 
 PRESETS: dict[str, dict] = {
     # The paper's RPO: eta 0.005, beta 0.01 (zephyr-7b-beta), the summed-log-prob SFT term, DPO's sigmoid loss.
@@ -71,8 +71,9 @@ class TrainConfig:
     impl: str = "auto"  # auto | triton | torch | dense
     # --- optimization ---
     learning_rate: float = 5e-6
-    # adamw | adamw_bf16 (bf16 states, Kahan-compensated bf16 weights) | adamw_bf16_sr | adamw8bit (CUDA):
-    # rpo_fast.optim and docs/memory.md. Its *_in_backward modes are for custom loops, not this trainer.
+    # adamw | adamw_bf16 (bf16 states, Kahan-compensated bf16 weights) | adamw_bf16_sr | adamw8bit (CUDA), each
+    # also as <mode>_in_backward (stepped per parameter during backward: no full gradients; needs
+    # gradient_accumulation_steps=1, max_grad_norm=0, one process). rpo_fast/optim.py, docs/memory.md.
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -133,9 +134,14 @@ class TrainConfig:
         _require("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)", self.adam_beta1)
         _require("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)", self.adam_beta2)
         _require("adam_eps", self.adam_eps > 0, "a number > 0", self.adam_eps)
-        # In-backward modes update weights before the step's loss is known, so the trainer could neither skip
-        # a non-finite step nor clip by the global norm.
-        checks.check_choice("optimizer", self.optimizer, ("adamw", "adamw_bf16", "adamw_bf16_sr", "adamw8bit"))
+        _, in_backward = optim.parse_mode(self.optimizer)
+        if in_backward:  # each parameter is stepped as its gradient arrives (rpo_fast/optim.py)
+            _require("gradient_accumulation_steps", self.gradient_accumulation_steps == 1,
+                     f"1 with optimizer={self.optimizer!r} (it steps inside every backward)",
+                     self.gradient_accumulation_steps)
+            _require("max_grad_norm", self.max_grad_norm == 0,
+                     f"0 with optimizer={self.optimizer!r}: the global norm is known only after every parameter "
+                     "has been stepped, so it cannot clip", self.max_grad_norm)
         if self.eta is not None:
             _require("eta", _finite(self.eta) and self.eta >= 0, "None or a finite number >= 0", self.eta)
             _require("alpha", math.isclose(self.alpha, self.eta * self.beta, rel_tol=1e-9, abs_tol=0.0),

@@ -40,6 +40,7 @@ import functools
 import json
 import math
 import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,19 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+def shipped_hub_ids() -> dict[str, str]:
+    """{hub id: shipped name}, e.g. {"mistralai/Mistral-7B-v0.1": "mistral-7b"} (from each file's _comment)."""
+    ids = {}
+    for path in CONFIG_DIR.glob("*.json"):
+        comment = json.loads(path.read_text()).get("_comment", "")
+        if comment:
+            ids[comment.split()[0]] = path.stem
+    return ids
+
+
 def load_model_config(model):
-    """A `transformers.PretrainedConfig` from a config, a dict, a shipped name, a JSON file or a directory.
+    """A `transformers.PretrainedConfig` from a config, a dict, a shipped name or the hub id of one, a JSON
+    file or a directory.
 
     Raises:
         ValueError: for a name that is neither shipped nor an existing path, or a dict without model_type.
@@ -87,13 +99,14 @@ def load_model_config(model):
         return model
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        if not path.exists() and (CONFIG_DIR / f"{model}.json").exists():
-            path = CONFIG_DIR / f"{model}.json"
+        name = shipped_hub_ids().get(str(model), str(model))
+        if not path.exists() and (CONFIG_DIR / f"{name}.json").exists():
+            path = CONFIG_DIR / f"{name}.json"
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ValueError(f"model: expected a shipped config name {shipped_configs()}, a config.json path or a "
-                             f"directory with one, got {str(model)!r}")
+            raise ValueError(f"model: expected a shipped config name {shipped_configs()} (or its hub id), a "
+                             f"config.json path or a directory with one, got {str(model)!r}")
         model = json.loads(path.read_text())
     if not isinstance(model, dict) or "model_type" not in model:
         raise ValueError(f"model: expected a config dict with 'model_type', got {type(model).__name__}")
@@ -648,6 +661,68 @@ class LiveTensorTracker(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The plan of a training config
+
+
+TRAINER_REFERENCES = {"cache": "precomputed", "model": "model", "adapter": "lora_disabled", "none": "none"}
+TRAINER_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def plan_for_train_config(config, model=None, device: str = "cuda") -> MemoryPlan:
+    """The planner's prediction for a `rpo_fast.config.TrainConfig` on `device`, at its worst micro-batch.
+
+    The packer fills micro-batches up to `token_budget` tokens and `max_pairs_per_micro_batch` pairs, and
+    gives a pair longer than the budget a micro-batch of its own, so the worst case is
+    max(2 max_length, min(token_budget, 2 max_length x max_pairs)) tokens, all of them scored (no prompt
+    tokens: response tokens cost the loss more). Attention is varlen ("flash"), as the trainer runs it
+    on CUDA. `mixed_precision: bf16` over fp32 weights is planned as fp32 throughout (an overestimate
+    of the autocast activations).
+
+    Args:
+        config: the training config.
+        model: the model config to plan for (anything `load_model_config` takes) instead of `config.model`.
+
+    Raises:
+        ValueError: when the model's config cannot be found (pass `model`), or for options the planner
+            does not model (LoRA targets outside its projections).
+    """
+    pair_tokens = 2 * config.max_length
+    tokens = config.token_budget
+    if config.max_pairs_per_micro_batch is not None:
+        tokens = min(tokens, pair_tokens * config.max_pairs_per_micro_batch)
+    targets = config.lora_target_modules
+    if targets == "all-linear":
+        targets = LINEARS
+    elif isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    lora = config.finetune == "lora"
+    return plan_memory(
+        model if model is not None else config.model, max_length=config.max_length,
+        tokens_per_micro_batch=max(tokens, pair_tokens), prompt_tokens=0, mode="lora" if lora else "full_ft",
+        lora_rank=config.lora_r, lora_targets=tuple(targets) if lora else LINEARS,
+        lora_dropout=config.lora_dropout if lora else 0.0, dtype=TRAINER_DTYPES[config.dtype],
+        gradient_checkpointing=config.gradient_checkpointing, optimizer=config.optimizer,
+        reference=TRAINER_REFERENCES[config.reference],
+        loss_impl="fused" if config.impl == "auto" else config.impl,
+        attention="flash", device=device)
+
+
+def forecast(config, model_config, gpu_bytes: int) -> str:
+    """One log line for the start of training: the predicted peak of `config`'s worst micro-batch on a GPU of
+    `gpu_bytes`, and whether it fits (with what to do when it does not)."""
+    try:
+        plan = plan_for_train_config(config, model=model_config)
+    except Exception as err:  # noqa: BLE001 - an architecture the planner does not model: training goes on
+        return f"memory plan: not available ({type(err).__name__}: {err})"
+    line = (f"memory plan: predicted peak {plan.peak_bytes / GiB:.1f} GiB at {plan.peak_phase}, needs "
+            f"{plan.required_bytes() / GiB:.1f} of {gpu_bytes / GiB:.1f} GiB")
+    if plan.fits(gpu_bytes):
+        return line + ": fits"
+    return (line + ": does NOT fit, expect an out-of-memory error; `rpo-fast plan-memory --config CONFIG` shows "
+            "the components and docs/memory.md the modes that fit")
+
+
+# ---------------------------------------------------------------------------------------------------
 # CLI: rpo-fast plan-memory
 
 
@@ -655,8 +730,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(
         prog="rpo-fast plan-memory",
         description="Predict the peak GPU memory of RPO training from a model config (no weights).")
-    parser.add_argument("--model", required=True,
-                        help=f"shipped config {shipped_configs()}, a config.json, or a directory holding one")
+    parser.add_argument("--config", default=None,
+                        help="a training config (YAML, as `rpo-fast train --config`): plan exactly that run; the "
+                             "sizing and mode options below then come from it")
+    parser.add_argument("--model", default=None,
+                        help=f"shipped config {shipped_configs()} or its hub id, a config.json, or a directory "
+                             "holding one (required without --config; with it, overrides the config's model)")
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (prompt + response)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--micro-batch", type=int, default=None, help="preference pairs per micro-batch (default 2)")
@@ -693,13 +772,32 @@ def plan_from_args(args: argparse.Namespace) -> MemoryPlan:
         device=args.device)
 
 
+# Options that --config decides (the rest: --model, --device, --gpu-gb, --json, still apply).
+CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--mode", "--lora-rank",
+                  "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing", "--optimizer",
+                  "--reference", "--loss-impl", "--attention")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`rpo-fast plan-memory ...`: prints the plan; exit status 0 when it fits, 1 when it does not."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        plan = plan_from_args(args)
+        if args.config is not None:
+            from .config import load_config
+
+            given = [a.split("=")[0] for a in argv if a.split("=")[0] in CONFIG_DECIDES]
+            if given:
+                raise ValueError(f"--config: the training config decides {given}; set them in {args.config} "
+                                 "(or drop --config)")
+            plan = plan_for_train_config(load_config(args.config), model=args.model, device=args.device)
+        elif args.model is None:
+            raise ValueError("--model: expected a model config (or --config TRAIN_CONFIG), got none")
+        else:
+            plan = plan_from_args(args)
     except ValueError as err:
-        build_parser().error(str(err))
+        parser.error(str(err))
     gpu_bytes = int(args.gpu_gb * GiB)
     if args.json:
         print(json.dumps({**dataclasses.asdict(plan), "peak_bytes": plan.peak_bytes,

@@ -2,13 +2,12 @@
 how big the batch was, what the memory planner predicts, and what to change."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .config import TrainConfig
 
-# Trainer config values -> the planner's names for the same settings.
-_REFERENCE = {"model": "model", "adapter": "lora_disabled", "cache": "precomputed", "none": "none"}
-_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 GiB = 2**30
 
 
@@ -18,15 +17,11 @@ class TrainingOutOfMemoryError(RuntimeError):
 
 def _planned_peak(model_config, config: TrainConfig, token_budget: int) -> float | None:
     """The planner's predicted peak (bytes) for these settings at `token_budget`, or None if it cannot plan."""
-    from .memory_plan import plan_memory
+    from .memory_plan import plan_for_train_config
 
     try:
-        return plan_memory(
-            model_config, max_length=config.max_length, tokens_per_micro_batch=token_budget,
-            mode="lora" if config.finetune == "lora" else "full_ft", lora_rank=config.lora_r,
-            dtype=_DTYPE.get(config.dtype, "bf16"), gradient_checkpointing=config.gradient_checkpointing,
-            optimizer=config.optimizer, reference=_REFERENCE.get(config.reference, "model"),
-        ).peak_bytes
+        return plan_for_train_config(dataclasses.replace(config, token_budget=token_budget),
+                                     model=model_config).peak_bytes
     except Exception:  # an architecture or option the planner does not model: advise without numbers
         return None
 
@@ -51,7 +46,9 @@ def out_of_memory_message(config: TrainConfig, step: int, pairs: int, tokens: in
     if config.reference == "model":
         advice.append("--reference=cache (precomputed reference log-probs: no resident reference model)")
     if config.finetune != "lora" and config.optimizer in ("adamw", "adamw_bf16"):
-        advice.append("--optimizer=adamw_bf16_sr or adamw8bit (smaller optimizer states), or --finetune=lora")
+        advice.append("--optimizer=adamw_bf16_sr or adamw8bit (smaller optimizer states), "
+                      f"--optimizer={config.optimizer}_in_backward --max_grad_norm=0 (no full gradients; no "
+                      "accumulation or clipping), or --finetune=lora")
     lines.append("To fit: " + "; ".join(advice) + ". `rpo-fast plan-memory --help` compares the options.")
     return " ".join(lines)
 

@@ -25,7 +25,12 @@ pass"). Constraints, enforced by `build_optimizer`:
   optimizer still reports the pre-step global norm of the last backward (`last_grad_norm`) for logs;
 - `optimizer.step()` and `zero_grad()` are no-ops kept so an ordinary training loop and LR schedulers
   work unchanged (the schedulers see every per-parameter group through `param_groups`);
-- no fp16 GradScaler (bf16 needs none): unscaling and inf checks would need all gradients.
+- no fp16 GradScaler (bf16 needs none): unscaling and inf checks would need all gradients;
+- a non-finite gradient cannot be skipped as a whole step: parameters whose gradients arrived earlier
+  (those nearer the output) are already updated. With `skip_nonfinite` (the default) the first
+  non-finite gradient halts the step: it and every later gradient of that backward are dropped, and
+  `step()` reports how many parameters were updated (`last_params_updated`), so a caller can skip
+  the loss before backward (a non-finite loss updates nothing) and count the rest.
 
 `LowPrecisionAdamW` keeps both moments in bf16 written with stochastic rounding (an EMA with
 beta2 = 0.999 changes v by 0.1% per step, less than bf16's 0.4% half-ulp, so round-to-nearest would
@@ -210,6 +215,21 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             self._generators[device] = torch.Generator(device).manual_seed(self.seed)
         return self._generators[device]
 
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus the stochastic-rounding generators' states (a resumed run draws the
+        same rounding noise as an uninterrupted one)."""
+        state = super().state_dict()
+        state["rounding_generators"] = {str(device): gen.get_state() for device, gen in self._generators.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("rounding_generators", {})
+        super().load_state_dict(state_dict)
+        for device, generator_state in generators.items():
+            if (gen := self._generator(torch.device(device))) is not None:
+                gen.set_state(generator_state)
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = None
@@ -268,21 +288,34 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     One inner optimizer per parameter (built by `make_optimizer([group])`), so full gradients never
     coexist: peak gradient memory is one parameter's. `param_groups` are the inner optimizers' groups
-    (the same dicts), so LR schedulers reach every parameter. `step()` only publishes the global norm
-    of the gradients seen since the previous call (`last_grad_norm`, pre-step, for logging);
-    `zero_grad()` has nothing left to do.
+    (the same dicts), so LR schedulers reach every parameter. `zero_grad()` has nothing left to do;
+    `step()` publishes what the backward passes since the previous call did:
+
+        last_grad_norm        global L2 norm of their gradients (pre-step; NaN/inf if one was not finite,
+                              None if no gradient arrived)
+        last_params_updated   parameters stepped
+        last_step_complete    True when no gradient was non-finite (always True without skip_nonfinite)
+
+    With `skip_nonfinite`, each gradient's norm is checked on the host before its step (one device sync
+    per parameter, a few microseconds each): from the first non-finite gradient on, gradients are
+    dropped unstepped until `step()`. Parameters stepped before it keep their update.
     """
 
     steps_in_backward = True
 
     def __init__(self, params, make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
-                 track_grad_norm: bool = True):
+                 track_grad_norm: bool = True, skip_nonfinite: bool = True):
         super().__init__(params, {})
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         self._handles = []
-        self.track_grad_norm = track_grad_norm
+        self.track_grad_norm = track_grad_norm or skip_nonfinite
+        self.skip_nonfinite = skip_nonfinite
         self._grad_sq: torch.Tensor | None = None
+        self._updated = 0
+        self._halted = False
         self.last_grad_norm: float | None = None
+        self.last_params_updated = 0
+        self.last_step_complete = True
         inner_groups = []
         for group in self.param_groups:
             options = {k: v for k, v in group.items() if k != "params"}
@@ -303,18 +336,23 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             # bf16 norm (fp32 accumulation inside), no fp32 copy of the gradient
             sq = torch.linalg.vector_norm(p.grad).float().square()
             self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq.to(self._grad_sq.device)
-        self._inner[p].step()
+            if self.skip_nonfinite and not self._halted and not bool(torch.isfinite(sq)):
+                self._halted = True
+        if not self._halted:
+            self._inner[p].step()
+            self._updated += 1
         p.grad = None
 
     def step(self, closure: Callable | None = None):
-        """Nothing to update (done in backward); publishes `last_grad_norm`."""
+        """Nothing to update (done in backward); publishes `last_grad_norm`, `last_params_updated` and
+        `last_step_complete`, and re-arms the non-finite guard."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._grad_sq is not None:
-            self.last_grad_norm = float(self._grad_sq.sqrt())
-            self._grad_sq = None
+        self.last_grad_norm = None if self._grad_sq is None else float(self._grad_sq.sqrt())
+        self.last_params_updated, self.last_step_complete = self._updated, not self._halted
+        self._grad_sq, self._updated, self._halted = None, 0, False
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

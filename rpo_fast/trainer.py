@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate.utils import DistributedType
 
-from . import checkpoint, metrics, modeling, oom, optim
+from . import checkpoint, memory_plan, metrics, modeling, oom, optim
 from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
 from .packing import batch_by_token_budget, pack_pairs
@@ -210,6 +210,7 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
     Returns (metric sums over this process's pairs [len(PAIR_METRICS)], packed tokens, response tokens).
     """
     world, rank = accelerator.num_processes, accelerator.process_index
+    steps_in_backward = optim.parse_mode(config.optimizer)[1]
     step_pairs = sum(len(g) for g in step_groups)
     mine = step_groups[rank::world]
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
@@ -224,7 +225,9 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
                 loss = out.loss * (batch.n_pairs * world / step_pairs)
                 if hooks.transform_loss is not None:
                     loss = hooks.transform_loss(step, loss)
-                accelerator.backward(loss)
+                # An in-backward optimizer updates weights during backward: a non-finite loss must not get there.
+                if not (steps_in_backward and not torch.isfinite(loss.detach()).item()):
+                    accelerator.backward(loss)
         except torch.OutOfMemoryError as e:
             policy = accelerator.unwrap_model(model).model
             raise oom.TrainingOutOfMemoryError(oom.out_of_memory_message(
@@ -358,6 +361,11 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if config.eval_file:
         eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
     world = accelerator.num_processes
+    steps_in_backward = optim.parse_mode(config.optimizer)[1]
+    if steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
+        raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "
+                         f"across processes: expected one process, got {world}; use "
+                         f"{optim.parse_mode(config.optimizer)[0]!r}")
     steps = total_steps(train_examples, config, world)
     log(f"{len(train_examples)} training pairs, {steps} steps of {config.gradient_accumulation_steps} x {world} "
         f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}")
@@ -365,6 +373,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     # Models: the policy, the reference (before LoRA: the initial policy is the default reference).
     start = time.perf_counter()
     policy = build_policy(config, accelerator.device)
+    if accelerator.device.type == "cuda":
+        log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device)))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     reference = build_reference(config, policy, splits, accelerator, log)
     policy = finish_policy(policy, config)
@@ -437,11 +447,20 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         reduced = accelerator.reduce(torch.cat([sums, counts]).to(accelerator.device), "sum").cpu()
         sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
         step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
         record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs)}
-        finite = math.isfinite(record["loss"]) and bool(torch.isfinite(grad_norm))
-        if finite:
+        if steps_in_backward:  # already stepped, up to the first non-finite gradient (rpo_fast/optim.py)
             optimizer.step()
+            stepper = optimizer.optimizer
+            grad_norm = math.nan if stepper.last_grad_norm is None else stepper.last_grad_norm
+            finite = math.isfinite(record["loss"]) and stepper.last_step_complete and math.isfinite(grad_norm)
+            if not finite:
+                record["params_updated"] = stepper.last_params_updated
+        else:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
+            finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+        if finite:
             scheduler.step()
             state.consecutive_nonfinite = 0
         else:  # leave weights and optimizer state untouched; move on to the next batch
@@ -451,7 +470,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         state.step += 1
         state.step_in_epoch += 1
         elapsed = time.perf_counter() - start
-        record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "pairs": step_pairs,
+        record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "pairs": step_pairs,
                        "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
                        "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
                        "skipped": not finite, "skipped_steps": state.skipped_steps})
@@ -460,13 +479,16 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         bar.set_postfix(metrics.progress_postfix(record), refresh=False)
         bar.update(1)
         if not finite:
-            log(f"step {state.step}: non-finite loss {record['loss']} / grad norm {float(grad_norm)}: skipped "
-                f"({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)")
+            partly = record.get("params_updated")
+            log(f"step {state.step}: non-finite loss {record['loss']} / grad norm {grad_norm}: skipped "
+                f"({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
+                + (f"; {partly} parameter tensors nearer the output had been updated in backward before the "
+                   "first non-finite gradient" if partly else ""))
             if state.consecutive_nonfinite >= config.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"stopping at step {state.step}: {state.consecutive_nonfinite} consecutive steps had a non-finite "
                     f"loss or gradient (max_nonfinite_steps={config.max_nonfinite_steps}); last loss "
-                    f"{record['loss']}, grad norm {float(grad_norm)}. Lower learning_rate, check the data, or use "
+                    f"{record['loss']}, grad norm {grad_norm}. Lower learning_rate, check the data, or use "
                     "gradient clipping (max_grad_norm)")
         if config.eval_every and eval_examples and state.step % config.eval_every == 0 and state.step < steps:
             run_eval(state.step)

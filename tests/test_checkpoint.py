@@ -77,10 +77,14 @@ def final_weights(run_dir):
     return load_file(run_dir / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("finetune, reference", [("full", "model"), ("lora", "adapter")])
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, finetune, reference):
+@pytest.mark.parametrize("finetune, reference, optimizer", [
+    ("full", "model", "adamw"), ("lora", "adapter", "adamw"),
+    ("full", "model", "adamw_bf16_sr_in_backward"),  # per-parameter states and stochastic-rounding generators
+])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, finetune, reference, optimizer):
     extra = dict(finetune=finetune, reference=reference, num_epochs=2, save_every=2, eval_file="none",
-                 lora_r=4, lora_dropout=0.1)  # dropout: the RNG state must be restored too
+                 lora_r=4, lora_dropout=0.1,  # dropout: the RNG state must be restored too
+                 optimizer=optimizer, **({"max_grad_norm": 0} if optimizer.endswith("in_backward") else {}))
     (tmp_path / "a").mkdir()
     whole = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "a", **extra))
     train(whole)

@@ -99,5 +99,12 @@ def test_optimizer_modes_of_the_trainer():
     from rpo_fast.config import load_config
 
     assert load_config(None, {"optimizer": "adamw_bf16"}).optimizer == "adamw_bf16"
-    with pytest.raises(ValueError, match="optimizer"):
-        load_config(None, {"optimizer": "adamw_bf16_in_backward"})  # would update weights before the skip check
+    with pytest.raises(ValueError, match="optimizer: expected one of"):
+        load_config(None, {"optimizer": "sgd"})
+    in_backward = {"optimizer": "adamw_bf16_in_backward", "max_grad_norm": 0}
+    assert load_config(None, in_backward).optimizer == "adamw_bf16_in_backward"
+    assert load_config(None, {**in_backward, "optimizer": "adamw_fused_in_backward"}).max_grad_norm == 0
+    with pytest.raises(ValueError, match=r"max_grad_norm: expected 0 with optimizer='adamw_bf16_in_backward'.*got 1.0"):
+        load_config(None, {"optimizer": "adamw_bf16_in_backward"})  # the default clips at 1.0
+    with pytest.raises(ValueError, match="gradient_accumulation_steps: expected 1 with optimizer=.*got 2"):
+        load_config(None, {**in_backward, "gradient_accumulation_steps": 2})

@@ -312,6 +312,69 @@ def test_cli_prints_table_and_exit_status(capsys):
         main(["--model", "mistral-7b", "--micro-batch", "0"])
 
 
+SHIPPED_7B_CONFIGS = [("mistral7b_full_80gb", 79.1), ("llama3_8b_full_80gb", 79.1), ("mistral7b_lora_24gb", 24.0)]
+
+
+@pytest.mark.parametrize("name,gpu_gib", SHIPPED_7B_CONFIGS)
+def test_shipped_7b_training_configs_are_planned_to_fit(name, gpu_gib):
+    """configs/*_80gb.yaml / *_24gb.yaml load as training configs and fit their card at their worst
+    micro-batch (every token scored); the hub id in `model` resolves to the shipped model config."""
+    from rpo_fast.config import load_config
+    from rpo_fast.memory_plan import plan_for_train_config
+
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    plan = plan_for_train_config(config)
+    assert plan.fits(int(gpu_gib * GiB)), plan.table(int(gpu_gib * GiB))
+    assert plan.tokens == min(config.token_budget, 2 * config.max_length * config.max_pairs_per_micro_batch)
+    assert plan.response_tokens == plan.tokens
+    assert plan.n_params == model_shape(load_model_config(config.model)).n_params
+
+
+def test_train_config_plan_maps_every_setting():
+    """plan_for_train_config == plan_memory with the trainer's settings spelled out, and each setting moves it."""
+    from rpo_fast.config import load_config
+    from rpo_fast.memory_plan import forecast, plan_for_train_config
+
+    base = dict(model="mistral-7b", finetune="full", dtype="bfloat16", gradient_checkpointing=True,
+                reference="cache", optimizer="adamw_bf16", max_length=1024, max_prompt_length=512,
+                token_budget=8192, max_pairs_per_micro_batch=2)
+    config = load_config(None, base)
+    plan = plan_for_train_config(config)
+    spelled = plan_memory("mistral-7b", max_length=1024, tokens_per_micro_batch=4096, prompt_tokens=0,
+                          optimizer="adamw_bf16", reference="precomputed", dtype="bf16")
+    assert plan.peak_bytes == spelled.peak_bytes and plan.components == spelled.components
+    peak = lambda **o: plan_for_train_config(load_config(None, {**base, **o})).peak_bytes  # noqa: E731
+    assert peak(max_pairs_per_micro_batch=4) > plan.peak_bytes  # 8192 tokens now
+    assert peak(max_pairs_per_micro_batch=None, token_budget=1000) == peak(max_pairs_per_micro_batch=1)  # 1 pair
+    assert peak(gradient_checkpointing=False) > plan.peak_bytes
+    assert peak(reference="model") > plan.peak_bytes
+    assert peak(optimizer="adamw_bf16_in_backward", max_grad_norm=0) < plan.peak_bytes
+    assert peak(dtype="float32") > plan.peak_bytes
+    dense = plan_for_train_config(load_config(None, {**base, "impl": "dense"}))
+    assert dense.phases["loss backward"] > plan.phases["loss backward"]  # the peak itself is a layer's backward
+    lora = dict(finetune="lora", reference="adapter", optimizer="adamw")
+    assert peak(**lora, lora_target_modules="q_proj,v_proj") < peak(**lora) < peak(**lora, lora_r=256)
+    assert forecast(config, "mistral-7b", 80 * GiB).endswith(": fits")
+    assert "does NOT fit" in forecast(config, "mistral-7b", 40 * GiB)
+    assert "not available" in forecast(config, "no-such-model", 80 * GiB)
+
+
+def test_cli_plans_a_training_config(capsys):
+    lora = str(ROOT / "configs" / "mistral7b_lora_24gb.yaml")
+    assert main(["--config", lora, "--gpu-gb", "24"]) == 0
+    assert "mode lora" in capsys.readouterr().out
+    assert main(["--config", lora, "--gpu-gb", "16"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["--config", lora, "--model", "gemma-7b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_params"] > 8e9
+    with pytest.raises(SystemExit):  # --config decides the sizes
+        main(["--config", lora, "--max-length", "512"])
+    assert "--config: the training config decides ['--max-length']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--max-length", "512"])
+    assert "--model: expected a model config" in capsys.readouterr().err
+
+
 def test_gpu_7b_bench_dry_run(tmp_path):
     """bench/gpu_7b.py parses its arguments and runs every mode on a tiny config on CPU."""
     result = subprocess.run([sys.executable, str(ROOT / "bench/gpu_7b.py"), str(tmp_path), "--dry-run"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -97,6 +98,54 @@ def test_in_backward_lr_scheduler_and_state_dict():
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="per-parameter optimizer states"):
         opt_clone.load_state_dict({"inner": []})
+
+
+@pytest.mark.parametrize("mode", ["adamw_bf16", "adamw_bf16_sr"])
+def test_low_precision_state_dict_resumes_the_rounding_noise(mode):
+    """Stochastic rounding draws from the optimizer's own generator: its state travels in state_dict, so a
+    reloaded optimizer continues exactly as the original (without it, the next step's noise restarts)."""
+    model = tiny_llama().to(torch.bfloat16)
+    opt = build_optimizer(model, mode, lr=1e-3, seed=3)
+    train(model, opt, 2)
+    clone = copy.deepcopy(model)
+    opt_clone = build_optimizer(clone, mode, lr=1e-3, seed=3)
+    opt_clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 2)
+    train(clone, opt_clone, 2)
+    for (name, p), q in zip(model.named_parameters(), clone.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_in_backward_halts_at_the_first_nonfinite_gradient():
+    """A NaN entering the backward between two layers: the layer after it (whose gradient arrives first)
+    is stepped, the layer before it is not; step() reports the partial update and re-arms the guard."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+    opt = build_optimizer([*first.parameters(), *second.parameters()], "adamw_in_backward", lr=1e-2)
+    before = [p.detach().clone() for p in (*first.parameters(), *second.parameters())]
+    x = torch.randn(4, 6)
+    hidden = first(x)
+    hidden.register_hook(lambda g: torch.full_like(g, float("nan")))  # poison what flows into `first`
+    second(hidden).square().sum().backward()
+    opt.step()
+    assert opt.last_params_updated == 2 and not opt.last_step_complete
+    assert not math.isfinite(opt.last_grad_norm)
+    after = [p.detach() for p in (*first.parameters(), *second.parameters())]
+    assert all(torch.equal(b, a) for b, a in zip(before[:2], after[:2]))  # first: untouched
+    assert all(not torch.equal(b, a) for b, a in zip(before[2:], after[2:]))  # second: stepped
+    assert all(p.grad is None for p in (*first.parameters(), *second.parameters()))
+    # The next backward is clean again: every parameter steps.
+    second(first(x)).square().sum().backward()
+    opt.step()
+    assert opt.last_params_updated == 4 and opt.last_step_complete and math.isfinite(opt.last_grad_norm)
+    # Without the guard every finite gradient steps and the NaN one poisons its parameter.
+    layer = torch.nn.Linear(6, 5)
+    unguarded = InBackwardOptimizer([{"params": list(layer.parameters())}],
+                                    lambda g: torch.optim.AdamW(g, lr=1e-2), skip_nonfinite=False)
+    layer(x).sum().mul(float("nan")).backward()
+    unguarded.step()
+    assert unguarded.last_params_updated == 2 and unguarded.last_step_complete
+    assert torch.isnan(layer.weight).all()
 
 
 def test_in_backward_refuses_accumulation_and_clipping():

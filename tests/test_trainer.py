@@ -132,6 +132,57 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_model_dir, tmp_path):
         train(config, TrainHooks(transform_loss=lambda step, loss: loss * float("inf") if step >= 2 else loss))
 
 
+def test_in_backward_optimizer_trains_like_adamw_and_skips_nonfinite_steps(tiny_model_dir, tmp_path):
+    """optimizer=adamw_in_backward gives AdamW's run exactly (no clipping); a NaN loss never reaches backward
+    and a NaN gradient behind a finite loss updates nothing (it reaches the first hook): both are skipped."""
+    runs = {}
+    for optimizer in ("adamw", "adamw_in_backward"):
+        (tmp_path / optimizer).mkdir()
+        config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / optimizer, max_steps=3, eval_file="none",
+                                                  optimizer=optimizer, max_grad_norm=0))
+        runs[optimizer] = train(config)
+    for a, b in zip(records_of(runs["adamw"]), records_of(runs["adamw_in_backward"])):
+        assert a["loss"] == b["loss"] and math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5)
+    expected, got = runs["adamw"].model.state_dict(), runs["adamw_in_backward"].model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+    snapshots = {}
+
+    def snapshot(step, record, policy):
+        snapshots[step] = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    def poison(step, loss):
+        if step == 2:
+            return loss * float("nan")
+        if step == 3:  # finite loss, NaN gradients
+            loss = loss.clone()
+            loss.register_hook(lambda grad: grad * float("nan"))
+        return loss
+
+    (tmp_path / "nan").mkdir()
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "nan", max_steps=4, eval_file="none",
+                                              optimizer="adamw_in_backward", max_grad_norm=0))
+    result = train(config, TrainHooks(on_step_end=snapshot, transform_loss=poison))
+    steps = records_of(result)
+    assert [r["skipped"] for r in steps] == [False, True, True, False] and result.state.skipped_steps == 2
+    assert math.isfinite(steps[2]["loss"]) and steps[2]["params_updated"] == 0
+    for step in (2, 3):
+        for key, value in snapshots[1].items():
+            assert torch.equal(snapshots[step][key], value), (step, key)
+    assert any(not torch.equal(snapshots[4][k], v) for k, v in snapshots[3].items())  # step 4 trained again
+
+
+def test_in_backward_optimizer_needs_one_process(tiny_model_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=1, eval_file="none",
+                                              optimizer="adamw_bf16_in_backward", max_grad_norm=0))
+    with pytest.raises(ValueError, match="optimizer: 'adamw_bf16_in_backward' steps during backward.*got 2"):
+        train(config)
+
+
 def test_run_outputs(tiny_model_dir, tmp_path):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
                                               lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,
