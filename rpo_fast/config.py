@@ -75,6 +75,7 @@ class TrainConfig:
     # also as <mode>_in_backward (stepped per parameter during backward: no full gradients; needs
     # gradient_accumulation_steps=1, max_grad_norm=0, one process). rpo_fast/optim.py, docs/memory.md.
     optimizer: str = "adamw"
+    optimizer_compile: bool = False  # adamw_bf16* modes: one torch.compile'd kernel per chunk's update (GPU speed)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -134,7 +135,10 @@ class TrainConfig:
         _require("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)", self.adam_beta1)
         _require("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)", self.adam_beta2)
         _require("adam_eps", self.adam_eps > 0, "a number > 0", self.adam_eps)
-        _, in_backward = optim.parse_mode(self.optimizer)
+        base_optimizer, in_backward = optim.parse_mode(self.optimizer)
+        _require("optimizer_compile", not self.optimizer_compile or base_optimizer in ("adamw_bf16", "adamw_bf16_sr"),
+                 f"false with optimizer={self.optimizer!r} (it compiles the adamw_bf16 modes' update)",
+                 self.optimizer_compile)
         if in_backward:  # each parameter is stepped as its gradient arrives (rpo_fast/optim.py)
             _require("gradient_accumulation_steps", self.gradient_accumulation_steps == 1,
                      f"1 with optimizer={self.optimizer!r} (it steps inside every backward)",

@@ -144,7 +144,8 @@ def build_optimizer(model, config: TrainConfig, steps: int):
                                       betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay, eps=config.adam_eps,
                                       gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                      max_grad_norm=config.max_grad_norm or None, seed=config.seed)
+                                      max_grad_norm=config.max_grad_norm or None, seed=config.seed,
+                                      compile=config.optimizer_compile)
     if config.lr_scheduler == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, steps)
     else:

@@ -108,3 +108,6 @@ def test_optimizer_modes_of_the_trainer():
         load_config(None, {"optimizer": "adamw_bf16_in_backward"})  # the default clips at 1.0
     with pytest.raises(ValueError, match="gradient_accumulation_steps: expected 1 with optimizer=.*got 2"):
         load_config(None, {**in_backward, "gradient_accumulation_steps": 2})
+    assert load_config(None, {**in_backward, "optimizer_compile": True}).optimizer_compile
+    with pytest.raises(ValueError, match="optimizer_compile: expected false with optimizer='adamw'"):
+        load_config(None, {"optimizer_compile": True})
