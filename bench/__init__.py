@@ -14,6 +14,7 @@ PNG plots under one folder. Modules:
     train_step.py  tokens/s and peak memory of full RPO training steps
     correctness.py triton path vs the dense reference at real sizes (GPU)
     report.py      CSV, printed table, targets, plots
+    gpu_7b.py      7B memory modes through the trainer's step: peak memory vs the planner, tokens/s (GPU)
     gpu_suite.sh   the one-command GPU check; fetch_wheels.sh fetches the peers the GPU image lacks
     RESULTS.md     the committed results, device/date/commit per run, and the targets
 """

@@ -1,29 +1,63 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, on a machine with one NVIDIA GPU and no network:
 #
-#     bash bench/gpu_suite.sh OUTDIR
+#     bash bench/gpu_suite.sh OUTDIR [all|loss|7b]          # default: all
 #
-# 1. correctness of impl="triton" against the dense fp32 reference at real sizes (bf16; judged relative to
-#    the same-dtype dense error), 2. the loss microbenchmarks (presets, then sweeps), 3. the training-step
-#    benchmark (Llama-3.2-1B and Mistral-7B configs, random weights, bf16, gradient checkpointing). Budgeted:
-#    no new work starts after BUDGET_S (default 450 s) and a hard stop at HARD_LIMIT_S (default 510 s) still
-#    writes the summary, so it ends inside 9 minutes. Writes at most 7 flat files to OUTDIR (results.csv,
-#    summary.md, meta.json, log.txt, vs_V.png, vs_N.png, nvidia-smi.csv): a lent machine returns at most 8.
+# loss: 1. correctness of impl="triton" against the dense fp32 reference at real sizes (bf16; judged relative
+#       to the same-dtype dense error), 2. the loss microbenchmarks (presets, then sweeps), 3. the training-step
+#       benchmark (Llama-3.2-1B and Mistral-7B configs, random weights, bf16, gradient checkpointing):
+#       `python -m bench.run`, writing results.csv, summary.md, meta.json, log.txt, vs_V.png, vs_N.png.
+# 7b:   the 7B memory modes through the trainer's own packed step (bench/gpu_7b.py: random-init Mistral-7B,
+#       full fine-tuning in every optimizer memory mode and LoRA under a 24 GiB cap; peak memory, tokens/s and
+#       the planner's prediction): writes gpu_7b.csv, appends a "## 7B memory modes" section to summary.md and
+#       its output to log.txt.
+# all:  loss, then 7b, inside one 10-minute device call.
+# Each part also writes nvidia-smi.csv. In all, at most 8 flat files (a lent machine returns at most 8).
+#
+# Time (the device allows 600 s per command; the suite must end by 570 s). Every part is budgeted (no new work
+# starts after its budget; bench.run stops between points, gpu_7b.py between modes) and runs under `timeout`
+# with SIGTERM at a hard limit, on which both still write what they measured, then SIGKILL 15 s later.
+#   loss alone: BUDGET_S=450, HARD_LIMIT_S=510 (as before 7b joined the suite).
+#   7b alone:   GPU7B_HARD_LIMIT_S=510, GPU7B_BUDGET_S = hard limit - 60.
+#   all:        loss gets BUDGET_S=300, HARD_LIMIT_S=340: correctness and the Llama-3-8B targets (run first)
+#               need ~100 s, bench.run keeps 130 s of its budget for its training steps, and 40 s covers the
+#               point in flight plus the summary and plots. 7b then gets all that is left of TOTAL_LIMIT_S=555
+#               (less the 15 s SIGKILL grace, at most GPU7B_HARD_LIMIT_S when set): ~200 s after a loss part
+#               that used its whole budget, never less than 180 s unless BUDGET_S/HARD_LIMIT_S are raised.
+#               Its budget is the hard limit less 60 s: ~25 s of start-up (imports, a random-init 7.24e9-parameter
+#               model, the first Triton compile), then ~5-15 s per mode (4 steps of 4096 tokens), so the first
+#               5-6 modes fit; 60 s is the longest an eager mode started just before the budget runs. The
+#               compiled-optimizer mode (tens of seconds of torch.compile) runs last, and gpu_7b.csv is written
+#               row by row, so a SIGTERM loses at most the mode in flight. 555 + 15 s = 570 s at the very worst.
+#               With under 60 s left the 7B part is skipped and summary.md says so.
+# Every limit above can be set by its environment variable. Exit status: the loss part's when nonzero (1: a
+# correctness check failed), else the 7B part's (124: stopped at its hard limit).
 #
 # Installs nothing from a network. Peers missing from the GPU image (liger-kernel, cut-cross-entropy, trl and
 # its datasets) are installed into a temporary folder from wheels in .whl/ (or $RPO_BENCH_WHEELS) when there
 # are any: bench/fetch_wheels.sh downloads them where PyPI is reachable; carry .whl to the GPU machine.
 # Without them those providers are skipped and the summary says so. rpo_fast itself runs from this checkout
 # (no install needed: bench/env.py maps kernels/ to rpo_fast.kernels).
+#
+# RPO_BENCH_SUITE=gpu-dryrun rehearses on a CPU at toy sizes: bench.run's gpu-dryrun suite (impl=triton
+# interpreted) and gpu_7b.py --dry-run. Extra arguments: RPO_BENCH_ARGS (bench.run), RPO_GPU7B_ARGS (gpu_7b.py).
 set -uo pipefail
-OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR}
+USAGE="usage: bash bench/gpu_suite.sh OUTDIR [all|loss|7b]"
+OUT=${1:?$USAGE}
+PART=${2:-all}
+case "$PART" in
+    all|loss|7b) ;;
+    *) echo "gpu_suite: PART: expected all, loss or 7b, got '$PART' ($USAGE)" >&2; exit 2 ;;
+esac
+START=$(date +%s)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=${RPO_BENCH_WHEELS:-.whl}
-START=$(date +%s)
+SUITE=${RPO_BENCH_SUITE:-gpu}
+KILL_GRACE_S=15
 
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+if [ "$PART" != 7b ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
     SITE=$(mktemp -d /tmp/rpo-bench-site.XXXXXX)
     trap 'rm -rf "$SITE"' EXIT
     for whl in "$WHEELS"/*.whl; do  # one at a time: a wheel for another Python must not block the rest
@@ -35,7 +69,7 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         fi
     done
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-else
+elif [ "$PART" != 7b ]; then
     echo "gpu_suite: no wheels in $WHEELS: liger, cce and trl run only if the image has them (bench/fetch_wheels.sh)"
 fi
 
@@ -43,9 +77,42 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,cl
     --format=csv > "$OUT/nvidia-smi.csv" 2>&1 || echo "nvidia-smi failed" >> "$OUT/nvidia-smi.csv"
 
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-# RPO_BENCH_SUITE=gpu-dryrun runs the same script on a CPU at toy sizes (impl=triton interpreted): a rehearsal.
-timeout -s TERM -k 20 "${HARD_LIMIT_S:-510}" "$PY" -m bench.run --suite "${RPO_BENCH_SUITE:-gpu}" --out "$OUT" \
-    --budget-s "${BUDGET_S:-450}" ${RPO_BENCH_ARGS:-}
-rc=$?
-echo "gpu_suite: exit $rc after $(( $(date +%s) - START )) s; results in $OUT"
+rc_loss=0
+rc_7b=0
+
+if [ "$PART" != 7b ]; then
+    if [ "$PART" = all ]; then budget=${BUDGET_S:-300}; hard=${HARD_LIMIT_S:-340}
+    else budget=${BUDGET_S:-450}; hard=${HARD_LIMIT_S:-510}; fi
+    echo "gpu_suite: loss benchmarks, budget ${budget} s, hard limit ${hard} s"
+    timeout -s TERM -k "$KILL_GRACE_S" "$hard" "$PY" -m bench.run --suite "$SUITE" --out "$OUT" \
+        --budget-s "$budget" ${RPO_BENCH_ARGS:-}
+    rc_loss=$?
+fi
+
+if [ "$PART" != loss ]; then
+    if [ "$PART" = all ]; then
+        hard=$(( ${TOTAL_LIMIT_S:-555} - ($(date +%s) - START) - KILL_GRACE_S ))
+        if [ -n "${GPU7B_HARD_LIMIT_S:-}" ] && [ "$GPU7B_HARD_LIMIT_S" -lt "$hard" ]; then hard=$GPU7B_HARD_LIMIT_S; fi
+    else
+        hard=${GPU7B_HARD_LIMIT_S:-510}
+    fi
+    budget=${GPU7B_BUDGET_S:-$(( hard - 60 ))}
+    DRY=""
+    if [ "$SUITE" = gpu-dryrun ]; then DRY="--dry-run"; fi
+    if [ "$hard" -lt 60 ]; then
+        msg="gpu_suite: only ${hard} s left of TOTAL_LIMIT_S=${TOTAL_LIMIT_S:-555}: the 7B memory modes were not run"
+        echo "$msg" | tee -a "$OUT/log.txt"
+        printf '\n## 7B memory modes\n\nNot run: %s.\n' "${msg#gpu_suite: }" >> "$OUT/summary.md"
+        rc_7b=124
+    else
+        echo "gpu_suite: 7B memory modes, budget ${budget} s, hard limit ${hard} s" | tee -a "$OUT/log.txt"
+        timeout -s TERM -k "$KILL_GRACE_S" "$hard" "$PY" bench/gpu_7b.py "$OUT" --budget-s "$budget" \
+            --summary "$OUT/summary.md" $DRY ${RPO_GPU7B_ARGS:-} 2>&1 | tee -a "$OUT/log.txt"
+        rc_7b=${PIPESTATUS[0]}
+    fi
+fi
+
+rc=$rc_loss
+if [ "$rc" -eq 0 ]; then rc=$rc_7b; fi
+echo "gpu_suite: $PART: exit $rc (loss $rc_loss, 7b $rc_7b) after $(( $(date +%s) - START )) s; results in $OUT"
 exit $rc

@@ -2,7 +2,8 @@
 
 Runs, in order: correctness of our fast path against the dense reference, the loss microbenchmarks, the
 training-step benchmark; then writes into the output folder (flat, at most 6 files, so that a lent GPU
-machine returns all of it; bench/gpu_suite.sh adds nvidia-smi.csv):
+machine returns all of it; bench/gpu_suite.sh adds nvidia-smi.csv and bench/gpu_7b.py's gpu_7b.csv, and
+appends the 7B memory modes to summary.md and log.txt):
 
     results.csv   one long-format row per measurement (see loss_bench.py for the metrics)
     summary.md    targets of issue 4, tables, skipped providers

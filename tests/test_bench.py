@@ -4,6 +4,10 @@ here (they are benchmark results, not test results)."""
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -93,3 +97,25 @@ def test_quick_path_on_tiny_shapes_writes_csv_summary_and_plots(tmp_path):
     assert json.loads((out / "meta.json").read_text())["suite"] == "tiny"
     for name in ("vs_V.png", "vs_N.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_suite_7b_part_in_a_dry_run(tmp_path):
+    """`RPO_BENCH_SUITE=gpu-dryrun bash bench/gpu_suite.sh OUT 7b` runs gpu_7b.py --dry-run: its CSV, a summary
+    section and its output in log.txt, within the 8 flat files a lent machine returns."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, RPO_BENCH_SUITE="gpu-dryrun", PYTHON=sys.executable,
+               RPO_GPU7B_ARGS="--modes full_adamw_bf16,lora_24gb")
+    result = subprocess.run(["bash", str(root / "bench/gpu_suite.sh"), str(out), "7b"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with open(out / "gpu_7b.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["mode"], r["metric"]) for r in rows} >= {("full_adamw_bf16", "peak_memory"),
+                                                        ("lora_24gb", "peak_memory")}
+    assert all(json.loads(r["config"])["path"] == "packed" for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "## 7B memory modes" in summary and "| full_adamw_bf16 | packed |" in summary
+    log = (out / "log.txt").read_text()
+    assert "full_adamw_bf16" in log and "wrote 8 rows" in log  # 4 metrics x 2 modes
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_7b.csv", "log.txt", "nvidia-smi.csv", "summary.md"]
