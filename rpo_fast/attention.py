@@ -60,10 +60,12 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_per_sequence(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa):
-    """query [H, L, D], key/value [Hkv, L, D] -> [H, L, D], causal attention inside each [bounds[i], bounds[i+1])."""
+    """query [1, H, L, D], key/value [1, Hkv, L, D] -> [1, H, L, D], causal attention inside each
+    [bounds[i], bounds[i+1]). Inputs stay 4-D: sdpa's fused (flash) kernels take only 4-D tensors, and 3-D ones
+    fall back to the math path, which saves each sequence's full [H, L, L] attention (in fp32 for bf16 inputs)."""
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, start:end], key[:, start:end], value[:, start:end]
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         mask, causal = None, True
         if sliding_window is not None and end - start > sliding_window:
             i = torch.arange(end - start, device=query.device)
@@ -71,7 +73,7 @@ def _sdpa_per_sequence(query, key, value, bounds: list[int], *, scale, dropout, 
             mask, causal = (distance >= 0) & (distance < sliding_window), False
         outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                       scale=scale, enable_gqa=enable_gqa))
-    return torch.cat(outputs, dim=1)
+    return torch.cat(outputs, dim=2)
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, sliding_window):
@@ -153,9 +155,9 @@ def varlen_attention_forward(
     backend = select_backend(query.device)
     if backend == "sdpa":
         bounds = cu_seq_lens_q.tolist()
-        out = _sdpa_per_sequence(query[0], key[0], value[0], bounds, scale=scaling, dropout=dropout,
+        out = _sdpa_per_sequence(query, key, value, bounds, scale=scaling, dropout=dropout,
                                  sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads)
-        return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None
 
     # CUDA kernels take [total_tokens, heads, dim] (last dim contiguous) and int32 boundaries on the device.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))

@@ -92,3 +92,25 @@ def test_refuses_padding_mask_and_kv_cache():
 
 def test_backend_on_cpu_is_sdpa():
     assert attention.select_backend(torch.device("cpu")) == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_uses_the_fused_kernel_not_the_math_one(dtype):
+    """Per-sequence sdpa on CPU keeps only q, k, v, the output and logsumexp for backward (the flash kernel);
+    the math fallback (3-D inputs) would keep each sequence's [H, L, L] probabilities, in fp32 for bf16."""
+    from rpo_fast.memory_plan import LiveTensorTracker
+
+    heads, kv_heads, dim, lengths = 4, 2, 16, [200, 56]
+    total = sum(lengths)
+    module = torch.nn.Module().train()
+    q = torch.randn(1, heads, total, dim, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, total, dim, dtype=dtype, requires_grad=True) for _ in range(2))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    tracker = LiveTensorTracker().track(q, k, v)
+    before = tracker.live
+    with tracker:
+        out, _ = attention.varlen_attention_forward(module, q, k, v, None, position_ids=position_ids, scaling=0.25)
+    kept = tracker.live - before  # what autograd holds for backward, plus the output
+    attention_matrices = heads * sum(n * n for n in lengths) * 4
+    assert kept < attention_matrices / 4, f"{kept} bytes kept; the [H, L, L] probabilities are {attention_matrices}"
+    assert out.shape == (1, total, heads, dim)
