@@ -20,15 +20,21 @@ PAIR_METRICS = ("loss", "pref_loss", "nll", "rewards/chosen", "rewards/rejected"
                 "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def pair_metric_sums(out, n_pairs: int) -> torch.Tensor:
+def pair_metric_sums(out, n_pairs: int, nll_pairs: float | None = None) -> torch.Tensor:
     """Sums over the pairs of one micro-batch, in PAIR_METRICS order: [len(PAIR_METRICS)] float64.
 
     Scalars (loss, pref_loss, nll) are per-pair means, so they are weighted by `n_pairs`; dividing the
-    sum over micro-batches (and processes) by the total pair count gives pair-weighted means.
+    sum over micro-batches (and processes) by the total pair count gives pair-weighted means. The NLL
+    (and its share of the loss) is weighted by `nll_pairs` instead when given: for sft_norm="token_mean"
+    the trainer passes the micro-batch's share of the step's chosen tokens, in pairs, so the result is
+    the step's token mean.
     """
+    nll_pairs = n_pairs if nll_pairs is None else nll_pairs
     c, r = out.chosen_rewards.double(), out.rejected_rewards.double()
-    values = [out.loss.detach().double() * n_pairs, out.pref_loss.detach().double() * n_pairs,
-              out.nll.detach().double() * n_pairs, c.sum(), r.sum(), (c - r).sum(), (c > r).double().sum(),
+    pref, nll = out.pref_loss.detach().double(), out.nll.detach().double()
+    sft = out.loss.detach().double() - pref  # alpha * nll
+    values = [pref * n_pairs + sft * nll_pairs, pref * n_pairs,
+              nll * nll_pairs, c.sum(), r.sum(), (c - r).sum(), (c > r).double().sum(),
               out.chosen_logps.detach().double().sum(), out.rejected_logps.detach().double().sum()]
     return torch.stack([v.reshape(()).cpu() for v in values])
 

@@ -5,8 +5,11 @@ order from a batch plan that every process computes identically from (seed, epoc
 micro-batches r, r + world, ... of each step. Each micro-batch loss is weighted by its share of the
 step's pairs (times world_size, as DDP averages over processes), so the gradient is that of the mean
 over all the step's pairs however they are split across processes and micro-batches: 2 processes give
-the same step as 1 process accumulating 2 micro-batches. (`sft_norm="token_mean"` normalizes its NLL
-by the tokens of each micro-batch, as TRL and Liger do, so only its pair weighting is split-invariant.)
+the same step as 1 process accumulating 2 micro-batches, or as one micro-batch holding them all. With
+`sft_norm="token_mean"` the NLL is weighted by the micro-batch's share of the step's chosen tokens
+instead, so it too is the step's token mean (TRL and Liger average it per micro-batch, which weights a
+token by the size of the micro-batch it landed in; transformers fixed the same bug for SFT with
+`num_items_in_batch`).
 
 Resuming restores weights, optimizer, scheduler, RNG states and the data position (epoch, step in
 epoch), and rebuilds the same batch plan, so a resumed run continues bit for bit on the CPU.
@@ -213,6 +216,7 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_in_backward = optim.parse_mode(config.optimizer)[1]
     step_pairs = sum(len(g) for g in step_groups)
+    step_chosen_tokens = sum(len(examples[i].chosen_ids) for g in step_groups for i in g)
     mine = step_groups[rank::world]
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
     tokens = response_tokens = 0
@@ -224,6 +228,9 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 out = model(batch, **ref)
                 loss = out.loss * (batch.n_pairs * world / step_pairs)
+                nll_pairs = token_mean_nll_pairs(out, config, step_pairs, step_chosen_tokens)
+                if nll_pairs is not None:  # reweight alpha * nll from the micro-batch's pairs to its tokens
+                    loss = loss + (out.loss - out.pref_loss) * ((nll_pairs - batch.n_pairs) * world / step_pairs)
                 if hooks.transform_loss is not None:
                     loss = hooks.transform_loss(step, loss)
                 # An in-backward optimizer updates weights during backward: a non-finite loss must not get there.
@@ -234,10 +241,18 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
             raise oom.TrainingOutOfMemoryError(oom.out_of_memory_message(
                 config, step, batch.n_pairs, batch.num_tokens, batch.num_response_tokens,
                 getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device))) from e
-        sums += metrics.pair_metric_sums(out, batch.n_pairs)
+        sums += metrics.pair_metric_sums(out, batch.n_pairs, nll_pairs)
         tokens += batch.num_tokens
         response_tokens += batch.num_response_tokens
     return sums, tokens, response_tokens
+
+
+def token_mean_nll_pairs(out, config: TrainConfig, total_pairs: int, total_chosen_tokens: int) -> float | None:
+    """For sft_norm="token_mean": the micro-batch's share of all chosen tokens, in pairs (its NLL's weight
+    in a pair-weighted sum whose total is `total_pairs`); None for the other norms (weight = its pairs)."""
+    if config.sft_norm != "token_mean":
+        return None
+    return total_pairs * float(out.chosen_token_counts.sum()) / total_chosen_tokens
 
 
 @torch.no_grad()
@@ -249,11 +264,13 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
     was_training = module.training
     module.eval()
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
+    chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)
     for group in groups[accelerator.process_index::accelerator.num_processes]:
         batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
         with accelerator.autocast():
             out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
-        sums += metrics.pair_metric_sums(out, batch.n_pairs)
+        sums += metrics.pair_metric_sums(out, batch.n_pairs,
+                                         token_mean_nll_pairs(out, config, len(examples), chosen_tokens))
     module.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")

@@ -24,6 +24,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory):
+    """Large logits: token log-probs that differ from token to token (and so NLLs between micro-batches)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("sharp"), logit_scale=30.0)
+
+
+@pytest.fixture(scope="module")
 def examples(tiny_model_dir, tmp_path_factory):
     tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
     rows = load_preference_rows(write_rows(tmp_path_factory.mktemp("rows") / "t.jsonl", 6))
@@ -181,6 +187,36 @@ def test_in_backward_optimizer_needs_one_process(tiny_model_dir, tmp_path, monke
                                               optimizer="adamw_bf16_in_backward", max_grad_norm=0))
     with pytest.raises(ValueError, match="optimizer: 'adamw_bf16_in_backward' steps during backward.*got 2"):
         train(config)
+
+
+@pytest.mark.parametrize("sft_norm", ["sum", "seq_mean", "token_mean"])
+def test_one_micro_batch_equals_two_accumulated(sharp_model_dir, tmp_path, sft_norm):
+    """The same 4 pairs per step as one micro-batch, or as two of 2 pairs accumulated: the same objective
+    (logged loss and NLL) and the same training. For token_mean this needs the NLL weighted by each
+    micro-batch's chosen tokens: averaging per micro-batch (as TRL and Liger do) makes the runs differ."""
+    rows = [json.loads(line) for line in write_rows(tmp_path / "rows.jsonl", 16).read_text().splitlines()]
+    for i, row in enumerate(rows):  # in order: 2 pairs with short chosen responses, 2 with long ones, ...
+        row["chosen"][0]["content"] += " ok" * (20 * ((i // 2) % 2))
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    runs = {}
+    for name, pairs, accumulation in (("one", 4, 1), ("two", 2, 2)):
+        (tmp_path / name).mkdir()
+        config = load_config(None, tiny_overrides(sharp_model_dir, tmp_path / name, sft_norm=sft_norm, alpha=2.0,
+                                                  token_budget=4000, max_pairs_per_micro_batch=pairs,
+                                                  gradient_accumulation_steps=accumulation, max_grad_norm=0,
+                                                  train_file=str(train_file), max_length=160, shuffle=False))
+        runs[name] = train(config)
+    one, two = records_of(runs["one"]), records_of(runs["two"])
+    assert len(one) == len(two) == 4 and [r["pairs"] for r in two] == [4] * 4
+    for a, b in zip(one, two):
+        for key in ("loss", "nll", "pref_loss", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5), (a["step"], key, a[key], b[key])
+    eval_one, eval_two = runs["one"].state.eval_history[-1], runs["two"].state.eval_history[-1]
+    assert math.isclose(eval_one["eval/nll"], eval_two["eval/nll"], rel_tol=1e-5)
+    expected, got = runs["one"].model.state_dict(), runs["two"].model.state_dict()
+    for key, value in expected.items():
+        assert_close(got[key], value, atol=1e-5, rtol=1e-4, name=key)
 
 
 def test_run_outputs(tiny_model_dir, tmp_path):

@@ -13,7 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_tiny_model_dir(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_model_dir(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0,
+                         logit_scale: float = 1.0) -> Path:
+    """`logit_scale` multiplies the (tied) embedding, so the logits: > 1 makes per-token log-probs vary
+    widely (a fresh random model gives every token about log V)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rpo_fast import modeling
@@ -26,6 +29,8 @@ def build_tiny_model_dir(path: Path, *, hidden: int = 32, layers: int = 2, seed:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(logit_scale)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
