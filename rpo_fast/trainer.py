@@ -310,6 +310,12 @@ def gold_question(row: dict) -> str:
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
 
+def optimizer_state_is_whole(accelerator) -> bool:
+    """False under FSDP, where rank 0 holds only its shard of the optimizer state: such checkpoints keep the
+    gathered model weights but no optimizer.pt, and resuming from them is refused (not silently wrong)."""
+    return accelerator.distributed_type != DistributedType.FSDP
+
+
 def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: TrainState, config: TrainConfig):
     """Atomic checkpoint of the whole training state (see rpo_fast/checkpoint.py)."""
     if accelerator.is_main_process:
@@ -323,7 +329,8 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: 
         state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
         modeling.save_pretrained(policy, tokenizer, tmp / "model", state_dict=state_dict)
-        checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer_state_is_whole(accelerator):
+            checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         checkpoint.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
         checkpoint.write_json(vars(state), tmp / "trainer_state.json")
         save_config(config, tmp / "config.yaml")
@@ -335,6 +342,10 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: 
 
 
 def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> TrainState:
+    if not (directory / "optimizer.pt").exists():
+        raise ValueError(f"resume: {directory} has no optimizer state (written under FSDP, whose sharded optimizer "
+                         "state is not checkpointed yet), so the run cannot continue exactly; start a new run from "
+                         f"its weights with --model={directory / 'model'} --resume=false")
     checkpoint.load_model_weights(accelerator.unwrap_model(model).model, directory / "model")
     optimizer.load_state_dict(checkpoint.load_torch(directory / "optimizer.pt"))
     scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))
@@ -384,6 +395,9 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "
                          f"across processes: expected one process, got {world}; use "
                          f"{optim.parse_mode(config.optimizer)[0]!r}")
+    if not optimizer_state_is_whole(accelerator) and (config.save_every or config.resume):
+        log("warning: under FSDP, checkpoints hold the gathered model weights but not the sharded optimizer state: "
+            "--resume cannot continue from them")
     steps = total_steps(train_examples, config, world)
     log(f"{len(train_examples)} training pairs, {steps} steps of {config.gradient_accumulation_steps} x {world} "
         f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}")

@@ -116,6 +116,21 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, 
     assert steps == list(range(1, 17))
 
 
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tiny_model_dir, tmp_path, monkeypatch):
+    """Under FSDP rank 0 holds a shard of the optimizer state: the checkpoint leaves it out, and resuming from
+    it is an error that says what to do, not a run that silently continues with a wrong optimizer."""
+    from rpo_fast import trainer
+
+    monkeypatch.setattr(trainer, "optimizer_state_is_whole", lambda accelerator: False)
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, save_every=1, eval_file="none"))
+    train(config)
+    latest = checkpoint.latest_checkpoint(config.output_dir)
+    assert latest is not None and not (latest / "optimizer.pt").exists() and (latest / "model").is_dir()
+    config.resume = True
+    with pytest.raises(ValueError, match="resume: .* has no optimizer state .*--model="):
+        train(config)
+
+
 def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, tmp_path):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, resume=True, eval_file="none"))
     assert train(config).state.step == 2
