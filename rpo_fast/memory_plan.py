@@ -433,8 +433,11 @@ def plan_memory(
             g_now = g_tied + layer_largest * grad_bytes
         else:
             g_now = g_head + done_layers * g_layer
+        # An in-backward step runs in a gradient hook between the layer's backward ops, so its temporaries and
+        # the ops' are not alive together: the phase holds the larger of the two.
+        step_now = in_backward_step(layer_largest)
         phase(f"backward, {which} layer", activations=kept + recompute + a_shared + transient + held,
-              gradients=g_now, workspace=in_backward_step(layer_largest))
+              gradients=g_now, workspace=step_now - min(step_now, transient))
     if not in_backward:
         phase("backward end", gradients=g_all + 2 * g_tied, activations=held)
         phase("optimizer step", gradients=g_all, workspace=step_ws)

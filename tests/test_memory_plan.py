@@ -136,6 +136,8 @@ CASES = [
     (MLP_HEAVY, dict(mode="lora", dtype="bf16", reference="lora_disabled"), "backward, last layer"),
     (MLP_HEAVY, dict(mode="lora", lora_dropout=0.1), "backward, last layer"),
     (MLP_HEAVY, dict(optimizer="adamw_in_backward", checkpointing=True), "backward, last layer"),
+    (MLP_HEAVY, dict(dtype="bf16", optimizer="adamw_bf16_in_backward", checkpointing=True), "backward, last layer"),
+    (MLP_HEAVY, dict(dtype="bf16", optimizer="adamw_bf16_in_backward"), "backward, last layer"),
     (WEIGHT_HEAVY, dict(max_length=16), "backward end"),
     (WEIGHT_HEAVY, dict(max_length=16, optimizer="adamw_in_backward"), "loss backward"),
     (WEIGHT_HEAVY, dict(max_length=16, dtype="bf16", optimizer="adamw_bf16"), "optimizer step"),
