@@ -81,10 +81,10 @@ class DenseRPOTrainer(transformers.Trainer):
 
 
 def _train(trainer_cls, model, ref_model, examples, rpo_args, tmp_path, **train_kw):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=3, learning_rate=1e-2, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, **train_kw)
+    args = transformers.TrainingArguments(**{
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 3, "max_steps": 3, "learning_rate": 1e-2,
+        "logging_steps": 1, "report_to": [], "use_cpu": True, "save_strategy": "no", "remove_unused_columns": False,
+        "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True, **train_kw})
     trainer = trainer_cls(model=model, ref_model=ref_model, rpo_args=rpo_args, args=args, train_dataset=examples,
                           eval_dataset=examples[:4], data_collator=PreferenceCollator(pad_token_id=PAD))
     trainer.train()
@@ -99,7 +99,7 @@ def _peft_model(base):
 
 @pytest.mark.parametrize("reference, sft_norm, packed, grad_accum", [
     ("ref_model", "sum", False, 1),
-    ("ref_model", "token_mean", True, 2),
+    ("ref_model", "seq_mean", True, 2),
     ("precomputed", "seq_mean", True, 1),
     ("peft", "token_mean", False, 1),
 ])
@@ -135,6 +135,33 @@ def test_mixin_matches_dense_trainer(reference, sft_norm, packed, grad_accum, tm
     assert ours[-1]["rewards/margins"] != 0.0  # the policy moved away from the reference
     for (name, p), q in zip(dense_model.named_parameters(), ours_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_token_mean_is_the_steps_token_mean_under_gradient_accumulation(tmp_path):
+    """Batches of 2 pairs accumulated twice == batches of 4 pairs == the dense reference on batches of 4, for the
+    token-mean NLL, with chosen responses of very different lengths and a model whose per-token log-probs
+    differ (so a mean of per-micro-batch means would not be the step's token mean)."""
+    base = _tiny_llama()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(30.0)
+    gen = torch.Generator().manual_seed(7)
+    examples = _examples(16, gen)
+    for i, ex in enumerate(examples):
+        ex["chosen_ids"] = ex["chosen_ids"][:2] if i % 2 else ex["chosen_ids"] * 4
+    rpo_args = RPOArguments(beta=0.1, alpha=1.0, sft_norm="token_mean")
+    runs = {}
+    for name, trainer_cls, batch, accumulation in (("ga2", RPOTrainer, 2, 2), ("ga1", RPOTrainer, 4, 1),
+                                                   ("dense", DenseRPOTrainer, 4, 1)):
+        model = copy.deepcopy(base)
+        logs, _ = _train(trainer_cls, model, copy.deepcopy(base).eval(), [dict(ex) for ex in examples], rpo_args,
+                         tmp_path / name, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        runs[name] = (logs[:-1], model)
+    for other in ("ga1", "dense"):
+        for step, (a, b) in enumerate(zip(runs["ga2"][0], runs[other][0])):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (other, step)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (other, step)
+        for (name, p), q in zip(runs[other][1].named_parameters(), runs["ga2"][1].parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{other} {name}: {m}")
 
 
 def test_missing_reference_is_an_error():

@@ -246,7 +246,9 @@ class RPOTrainerMixin:
     Extra constructor keywords: `ref_model` (frozen reference; optional with PEFT or precomputed
     `ref_*_logps` columns) and `rpo_args: RPOArguments` (beta, alpha, sft_norm, ...). `compute_loss`
     returns `rpo_compute_loss(...).loss`, a per-micro-batch mean (the Trainer divides it by the gradient
-    accumulation steps). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
+    accumulation steps); with `sft_norm="token_mean"` the NLL part is reweighted so that the step optimizes
+    the token mean over all its chosen tokens, across micro-batches and processes (TRL and Liger average
+    per micro-batch). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
     rewards/margins, logps/chosen, logps/rejected, plus nll and pref_loss. Formula: the module docstring;
     with the default `sft_norm="token_mean"` it is TRL's `loss_type=["sigmoid", "sft"]`,
     `loss_weights=[1, alpha]`.
@@ -271,8 +273,28 @@ class RPOTrainerMixin:
             self._signature_columns = ["input_ids", "attention_mask", "labels", "prompt_ids", "chosen_ids",
                                        "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """With sft_norm="token_mean": the chosen response tokens of the whole accumulation window, summed over
+        processes, so `compute_loss` can weight each micro-batch's NLL by its share of them. (transformers'
+        own count, every label token, would include the rejected responses.)"""
+        if self.rpo_args.sft_norm != "token_mean":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = sum((b["labels"][: b["labels"].shape[0] // 2, 1:] != -100).sum() for b in batch_samples)
+        count = torch.as_tensor(count, device=device).reshape(1)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count)
+        return count.sum()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = rpo_compute_loss(model, inputs, ref_model=self.ref_model, **asdict(self.rpo_args))
+        loss = out.loss
+        if self.rpo_args.sft_norm == "token_mean" and num_items_in_batch is not None and model.training:
+            # The Trainer divides by the accumulation steps and DDP averages over processes: weighting alpha * nll
+            # by this micro-batch's share of the window's chosen tokens makes the step's NLL their token mean,
+            # not a mean of per-micro-batch means.
+            share = (out.chosen_token_counts.sum() * self.current_gradient_accumulation_steps
+                     * self.accelerator.num_processes / num_items_in_batch)
+            loss = loss + (out.loss - out.pref_loss) * (share - 1)
         metrics = self._rpo_metrics["train" if self.model.training else "eval"]
         gather = self.accelerator.gather_for_metrics
         margins = out.chosen_rewards - out.rejected_rewards
@@ -282,7 +304,7 @@ class RPOTrainerMixin:
                             ("logps/rejected", out.rejected_logps.detach()),
                             ("nll", out.nll.detach()[None]), ("pref_loss", out.pref_loss.detach()[None])):
             metrics[name].append(gather(value).mean().item())
-        return (out.loss, out) if return_outputs else out.loss
+        return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Preference batches have labels but no logits to return: always the loss only.
