@@ -2,8 +2,12 @@
 
 Both memory-lean backends share one contract: `forward(hidden, weight, bias, targets, ignore_index)
 -> (lp [N] fp32, lse [N] fp32)` and `backward(hidden, weight, bias, targets, lse, grad_lp,
-ignore_index, needs_grad) -> (dhidden, dweight, dbias)`. The autograd Function saves only the
+ignore_index, needs_grad) -> (dhidden, dweight, dbias)`. The autograd formula saves only the
 inputs and `lse`; the [N, V] logits never exist.
+
+Both are registered as PyTorch custom ops, `torch.ops.rpo_fast.linear_logprobs_fwd` / `_bwd`, with fake
+(meta) implementations and the autograd formula: `torch.compile` treats the fused head as one opaque op
+(it never traces the Triton launches or the chunk loop), and a compiled graph can hold it whole.
 """
 from __future__ import annotations
 
@@ -29,21 +33,50 @@ def _backend(impl: str) -> Backend:
     return Backend(kernels.linear_logprobs_fwd, kernels.linear_logprobs_bwd)
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, backend: Backend):
-        lp, lse = backend.forward(hidden, weight, bias, targets, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.ignore_index = ignore_index
-        ctx.backend = backend
-        return lp
+@torch.library.custom_op("rpo_fast::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        targets: torch.Tensor, ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch"); inputs already checked."""
+    return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
 
-    @staticmethod
-    def backward(ctx, grad_lp):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grads = ctx.backend.backward(hidden, weight, bias, targets, lse, grad_lp, ctx.ignore_index,
-                                     tuple(ctx.needs_input_grad[:3]))
-        return (*grads, None, None, None)
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, targets, ignore_index, impl):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("rpo_fast::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        lse: torch.Tensor, grad_lp: torch.Tensor, ignore_index: int, impl: str,
+                        needs_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias) in the input dtypes; a gradient not in `needs_grad` is an empty tensor."""
+    grads = _backend(impl).backward(hidden, weight, bias, targets, lse, grad_lp, ignore_index, tuple(needs_grad))
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, targets, lse, grad_lp, ignore_index, impl, needs_grad):
+    like = (hidden, weight, bias if bias is not None and needs_grad[2] else None)
+    return tuple(t.new_empty(t.shape) if t is not None and need else hidden.new_empty(0)
+                 for t, need in zip(like, needs_grad))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, impl = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.ignore_index, ctx.impl = ignore_index, impl
+
+
+def _backward(ctx, grad_lp, grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = linear_logprobs_bwd(hidden, weight, bias, targets, lse, grad_lp.contiguous(), ctx.ignore_index,
+                                ctx.impl, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+
+linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -83,10 +116,5 @@ def linear_logprobs(
     targets = targets.long().contiguous()
     if impl == "dense":
         return dense_linear_logprobs(hidden, weight, targets, bias, ignore_index)
-    backend = _backend(impl)
     bias = None if bias is None else bias.contiguous()
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not needs_graph:  # reference heads and evaluation: nothing is saved
-        return backend.forward(hidden, weight, bias, targets, ignore_index)[0]
-    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, ignore_index, backend)
+    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl)[0]

@@ -146,3 +146,37 @@ def test_gradient_filter_is_within_dtype_error_and_off_by_default(dtype, monkeyp
     monkeypatch.setenv("RPO_FAST_GRAD_FILTER", "often")
     with pytest.raises(ValueError, match="RPO_FAST_GRAD_FILTER"):
         linear_logprobs_bwd(hidden, weight, None, targets, lse, g, config=cfg)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_custom_op_registration(impl, bias):
+    """Schema, fake (meta) outputs, autograd registration and AOT dispatch of the custom op agree with its real
+    outputs (torch.library.opcheck), so torch.compile can treat the fused head as one op."""
+    from rpo_fast.logprobs import linear_logprobs_fwd as op
+
+    hidden, weight, b, targets = make_inputs(23, 10, 37, torch.float32, bias=bias)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    results = torch.library.opcheck(op, (hidden, weight, b, targets, -100, impl))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_compiled_graph_holds_the_op_whole():
+    """torch.compile(fullgraph=True) over the op: no graph break inside it, same values and gradients."""
+    hidden, weight, b, targets = make_inputs(31, 12, 45, torch.float32, bias=True)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+
+    def f(h, w, bias):
+        lp = torch.ops.rpo_fast.linear_logprobs_fwd(h, w, bias, targets, -100, "torch")[0]
+        return (lp * torch.linspace(0.5, 1.5, lp.numel())).sum()
+
+    eager = f(*leaves)
+    expected = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    got = torch.autograd.grad(compiled, leaves)
+    assert torch.allclose(compiled, eager, rtol=1e-6)
+    for g, e in zip(got, expected):
+        assert max_abs_err(g, e) < 1e-6
