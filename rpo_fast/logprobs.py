@@ -33,26 +33,40 @@ def _backend(impl: str) -> Backend:
     return Backend(kernels.linear_logprobs_fwd, kernels.linear_logprobs_bwd)
 
 
-@torch.library.custom_op("rpo_fast::linear_logprobs_fwd", mutates_args=())
-def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        targets: torch.Tensor, ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+             ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch"); inputs already checked."""
     return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
+
+
+def _backward_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                    lse: torch.Tensor, grad_lp: torch.Tensor, ignore_index: int, impl: str,
+                    needs_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight, dbias) in the input dtypes; a gradient not in `needs_grad` is an empty tensor."""
+    grads = _backend(impl).backward(hidden, weight, bias, targets, lse, grad_lp, ignore_index, tuple(needs_grad))
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+linear_logprobs_fwd = torch.library.custom_op("rpo_fast::linear_logprobs_fwd", _forward, mutates_args=())
+linear_logprobs_bwd = torch.library.custom_op("rpo_fast::linear_logprobs_bwd", _backward_grads, mutates_args=())
+_PYTHON_IMPLEMENTATIONS = {torch.ops.rpo_fast.linear_logprobs_fwd.default: _forward,
+                           torch.ops.rpo_fast.linear_logprobs_bwd.default: _backward_grads}
+
+
+def python_implementation(op) -> Callable | None:
+    """The Python function behind one of rpo_fast's custom ops (an OpOverload), or None for any other op.
+
+    A `TorchDispatchMode` sees a custom op as one call and none of the tensors allocated inside it; the
+    memory tools (`memory_plan.LiveTensorTracker`, the tests' recorders) run this function under the mode
+    instead, so the op's temporaries are counted like any other.
+    """
+    return _PYTHON_IMPLEMENTATIONS.get(op)
 
 
 @linear_logprobs_fwd.register_fake
 def _(hidden, weight, bias, targets, ignore_index, impl):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
-
-
-@torch.library.custom_op("rpo_fast::linear_logprobs_bwd", mutates_args=())
-def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                        lse: torch.Tensor, grad_lp: torch.Tensor, ignore_index: int, impl: str,
-                        needs_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dhidden, dweight, dbias) in the input dtypes; a gradient not in `needs_grad` is an empty tensor."""
-    grads = _backend(impl).backward(hidden, weight, bias, targets, lse, grad_lp, ignore_index, tuple(needs_grad))
-    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @linear_logprobs_bwd.register_fake

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from rpo_fast.logprobs import python_implementation
+
 # Interpreter tests are ~10x faster single-threaded; the Makefile sets these too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
@@ -46,6 +48,9 @@ class LargestTensorRecorder(TorchDispatchMode):
         self.largest = (0, None, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (inside := python_implementation(func)) is not None:  # record inside rpo_fast's custom ops too
+            with self:
+                return inside(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if (isinstance(t, torch.Tensor) and (self.dim_size is None or self.dim_size in t.shape)

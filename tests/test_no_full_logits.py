@@ -37,3 +37,27 @@ def test_fused_paths_never_allocate_n_by_v(impl, monkeypatch):
 
 def test_recorder_sees_dense_logits(monkeypatch):
     assert largest_allocation("dense", monkeypatch) >= N * V
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_recorders_see_inside_the_custom_op(impl, monkeypatch):
+    """The fused head is a custom op, which a TorchDispatchMode sees as one call: the recorders run its Python
+    implementation under the mode, so the temporaries inside (a logits chunk, the fp32 accumulators) count.
+    Without that, every no-[N, V] check here would pass whatever the op allocated."""
+    from rpo_fast.memory_plan import LiveTensorTracker
+
+    N, H, V, rows = 40, 16, 97, 8
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", rows * V)
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    with LargestTensorRecorder(dim_size=V) as recorder:
+        rpo_fast.linear_logprobs(hidden, weight, targets, impl=impl).sum().backward()
+    assert recorder.largest[0] >= V * H, recorder.largest  # the fp32 weight-gradient accumulator, inside the op
+    hidden, weight = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
+    tracker = LiveTensorTracker().track(hidden, weight)
+    inputs = tracker.live
+    with tracker:
+        rpo_fast.linear_logprobs(hidden, weight, targets, impl=impl).sum().backward()
+    # bf16 weights: inside the backward op the fp32 accumulator and the bf16 gradient cast from it coexist
+    assert tracker.peak - inputs >= (4 + 2) * V * H
