@@ -1,4 +1,4 @@
-"""`linear_logprobs`: the fused linear -> log-prob op, its autograd Function and backend dispatch.
+"""`linear_logprobs`: the fused linear -> log-prob head as a PyTorch custom op, its autograd formula, backend dispatch.
 
 Both memory-lean backends share one contract: `forward(hidden, weight, bias, targets, ignore_index)
 -> (lp [N] fp32, lse [N] fp32)` and `backward(hidden, weight, bias, targets, lse, grad_lp,
