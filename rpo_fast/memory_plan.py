@@ -694,6 +694,11 @@ def plan_for_train_config(config, model=None, device: str = "cuda") -> MemoryPla
         ValueError: when the model's config cannot be found (pass `model`), or for options the planner
             does not model (LoRA targets outside its projections).
     """
+    return plan_memory(model if model is not None else config.model, **train_config_plan_options(config, device))
+
+
+def train_config_plan_options(config, device: str = "cuda") -> dict:
+    """`plan_memory` keyword arguments (all but the model) for a training config; see `plan_for_train_config`."""
     pair_tokens = 2 * config.max_length
     tokens = config.token_budget
     if config.max_pairs_per_micro_batch is not None:
@@ -704,15 +709,51 @@ def plan_for_train_config(config, model=None, device: str = "cuda") -> MemoryPla
     elif isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     lora = config.finetune == "lora"
-    return plan_memory(
-        model if model is not None else config.model, max_length=config.max_length,
-        tokens_per_micro_batch=max(tokens, pair_tokens), prompt_tokens=0, mode="lora" if lora else "full_ft",
-        lora_rank=config.lora_r, lora_targets=tuple(targets) if lora else LINEARS,
-        lora_dropout=config.lora_dropout if lora else 0.0, dtype=TRAINER_DTYPES[config.dtype],
-        gradient_checkpointing=config.gradient_checkpointing, optimizer=config.optimizer,
-        reference=TRAINER_REFERENCES[config.reference],
-        loss_impl="fused" if config.impl == "auto" else config.impl,
-        attention="flash", device=device)
+    return dict(
+        max_length=config.max_length, micro_batch_pairs=None, tokens_per_micro_batch=max(tokens, pair_tokens),
+        prompt_tokens=0, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,
+        lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
+        dtype=TRAINER_DTYPES[config.dtype], gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=config.optimizer, reference=TRAINER_REFERENCES[config.reference],
+        loss_impl="fused" if config.impl == "auto" else config.impl, attention="flash", device=device)
+
+
+def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, MemoryPlan]]:
+    """What one change to `options` (plan_memory's keyword arguments) does to the plan, for a run that does not
+    fit: [(the change in words, its plan)]. Those that fit on `gpu_bytes` come first, the one needing the most
+    memory (the smallest departure from the run asked for) first; then those that do not."""
+    full = options.get("mode", "full_ft") == "full_ft"
+    changes = []
+    if not options.get("gradient_checkpointing", True):
+        changes.append(("gradient checkpointing on", dict(gradient_checkpointing=True)))
+    if options.get("reference") == "model":
+        changes.append(("reference log-probs precomputed (reference: cache)", dict(reference="precomputed")))
+    if options.get("dtype") == "fp32":
+        changes.append(("bf16 weights (dtype: bfloat16)", dict(dtype="bf16")))
+    if full:
+        for opt in ("adamw_bf16_sr", "adamw8bit", "adamw_bf16_in_backward", "adamw_bf16_sr_in_backward"):
+            if opt != options.get("optimizer"):
+                note = " (max_grad_norm 0, no accumulation)" if opt.endswith("_in_backward") else ""
+                changes.append((f"optimizer {opt}{note}", dict(optimizer=opt)))
+        changes.append(("LoRA r16 with the disabled adapter as reference",
+                        dict(mode="lora", reference="lora_disabled", optimizer="adamw", lora_rank=16)))
+    tokens, pairs = options.get("tokens_per_micro_batch"), options.get("micro_batch_pairs")
+    if tokens and tokens >= 4 * options.get("max_length", 1024):
+        changes.append((f"half the micro-batch ({tokens // 2} tokens)", dict(tokens_per_micro_batch=tokens // 2)))
+    elif not tokens and pairs and pairs > 1:
+        changes.append((f"half the micro-batch ({pairs // 2} pair{'s' if pairs // 2 > 1 else ''})",
+                        dict(micro_batch_pairs=pairs // 2)))
+    plans = [(text, plan_memory(model_config, **{**options, **change})) for text, change in changes]
+    return sorted(plans, key=lambda item: (not item[1].fits(gpu_bytes), -item[1].required_bytes()))
+
+
+def alternatives_text(model_config, gpu_bytes: int, **options) -> str:
+    """Lines for a plan that does not fit: each single change and the memory it would need."""
+    lines = ["one change at a time:"]
+    for text, plan in alternatives(model_config, gpu_bytes, **options):
+        verdict = "fits" if plan.fits(gpu_bytes) else "does not fit"
+        lines.append(f"  {text}: needs {plan.required_bytes() / GiB:.1f} GiB ({verdict})")
+    return "\n".join(lines)
 
 
 def forecast(config, model_config, gpu_bytes: int) -> str:
@@ -726,8 +767,11 @@ def forecast(config, model_config, gpu_bytes: int) -> str:
             f"{plan.required_bytes() / GiB:.1f} of {gpu_bytes / GiB:.1f} GiB")
     if plan.fits(gpu_bytes):
         return line + ": fits"
-    return (line + ": does NOT fit, expect an out-of-memory error; `rpo-fast plan-memory --config CONFIG` shows "
-            "the components and docs/memory.md the modes that fit")
+    fitting = [text for text, alt in alternatives(model_config, gpu_bytes, **train_config_plan_options(config))
+               if alt.fits(gpu_bytes)]
+    return (line + ": does NOT fit, expect an out-of-memory error"
+            + (f"; it would fit with {fitting[0]}" if fitting else "")
+            + "; `rpo-fast plan-memory --config CONFIG` lists the options")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -768,11 +812,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def plan_from_args(args: argparse.Namespace) -> MemoryPlan:
+def options_from_args(args: argparse.Namespace) -> dict:
+    """`plan_memory` keyword arguments (all but the model) from the command line's options."""
     reference = args.reference or ("lora_disabled" if args.mode == "lora" else "precomputed")
     pairs = None if args.tokens else (2 if args.micro_batch is None else args.micro_batch)
-    return plan_memory(
-        args.model, max_length=args.max_length, micro_batch_pairs=pairs, tokens_per_micro_batch=args.tokens,
+    return dict(
+        max_length=args.max_length, micro_batch_pairs=pairs, tokens_per_micro_batch=args.tokens,
         prompt_tokens=args.prompt_tokens, mode=args.mode, lora_rank=args.lora_rank,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lora_dtype=args.lora_dtype,
         lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
@@ -799,11 +844,14 @@ def main(argv: list[str] | None = None) -> int:
             if given:
                 raise ValueError(f"--config: the training config decides {given}; set them in {args.config} "
                                  "(or drop --config)")
-            plan = plan_for_train_config(load_config(args.config), model=args.model, device=args.device)
+            train_config = load_config(args.config)
+            model = args.model if args.model is not None else train_config.model
+            options = train_config_plan_options(train_config, args.device)
         elif args.model is None:
             raise ValueError("--model: expected a model config (or --config TRAIN_CONFIG), got none")
         else:
-            plan = plan_from_args(args)
+            model, options = args.model, options_from_args(args)
+        plan = plan_memory(model, **options)
     except ValueError as err:
         parser.error(str(err))
     gpu_bytes = int(args.gpu_gb * GiB)
@@ -812,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
                           "required_bytes": plan.required_bytes(), "fits": plan.fits(gpu_bytes)}, indent=2))
     else:
         print(plan.table(gpu_bytes))
+        if not plan.fits(gpu_bytes):
+            print(alternatives_text(model, gpu_bytes, **options))
     return 0 if plan.fits(gpu_bytes) else 1
 
 

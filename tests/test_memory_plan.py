@@ -361,6 +361,37 @@ def test_train_config_plan_maps_every_setting():
     assert "not available" in forecast(config, "no-such-model", 80 * GiB)
 
 
+def test_alternatives_for_a_run_that_does_not_fit(capsys):
+    """Llama-3-8B with adamw_bf16 is 0.6 GiB short of 80 GB (docs/memory.md): the planner lists single changes,
+    those that fit first, the smallest departure first, and each is the plan of exactly that change."""
+    from rpo_fast.config import load_config
+    from rpo_fast.memory_plan import alternatives, forecast
+
+    gpu = int(79.1 * GiB)
+    options = dict(max_length=1024, micro_batch_pairs=2, optimizer="adamw_bf16", reference="model",
+                   gradient_checkpointing=False)
+    assert not plan_memory("llama-3-8b", **options).fits(gpu)
+    listed = alternatives("llama-3-8b", gpu, **options)
+    texts = [text for text, _ in listed]
+    assert "gradient checkpointing on" in texts and any(t.startswith("reference log-probs precomputed") for t in texts)
+    fits = [plan.fits(gpu) for _, plan in listed]
+    assert fits == sorted(fits, reverse=True)  # the ones that fit come first
+    needed = [plan.required_bytes() for _, plan in listed if plan.fits(gpu)]
+    assert needed == sorted(needed, reverse=True)
+    by_text = dict(listed)
+    assert (by_text["optimizer adamw8bit"].peak_bytes
+            == plan_memory("llama-3-8b", **{**options, "optimizer": "adamw8bit"}).peak_bytes)
+
+    assert main(["--model", "llama-3-8b", "--optimizer", "adamw_bf16"]) == 1
+    out = capsys.readouterr().out
+    first = out.split("one change at a time:\n")[1].splitlines()[0]
+    assert first.startswith("  optimizer adamw_bf16_in_backward") and first.endswith("(fits)")
+    config = load_config(None, dict(model="llama-3-8b", finetune="full", dtype="bfloat16", gradient_checkpointing=True,
+                                    reference="cache", optimizer="adamw_bf16", max_length=1024, max_prompt_length=512,
+                                    token_budget=4096, max_pairs_per_micro_batch=2))
+    assert "it would fit with optimizer adamw_bf16_in_backward" in forecast(config, "llama-3-8b", gpu)
+
+
 def test_cli_plans_a_training_config(capsys):
     lora = str(ROOT / "configs" / "mistral7b_lora_24gb.yaml")
     assert main(["--config", lora, "--gpu-gb", "24"]) == 0
