@@ -255,6 +255,30 @@ def token_mean_nll_pairs(out, config: TrainConfig, total_pairs: int, total_chose
     return total_pairs * float(out.chosen_token_counts.sum()) / total_chosen_tokens
 
 
+def apply_update(model, optimizer, accelerator, config: TrainConfig, loss: float) -> tuple[bool, float, int | None]:
+    """Clips and steps after a step's backward, unless its loss or gradient norm is not finite.
+
+    Returns (stepped, the pre-clip global gradient norm, None or, for a skipped in-backward step, how many
+    parameters its backward had updated before the first non-finite gradient (see rpo_fast/optim.py);
+    a skipped step leaves every other weight and optimizer state untouched).
+    """
+    params_updated = None
+    if optim.parse_mode(config.optimizer)[1]:  # stepped during backward already
+        optimizer.step()  # publishes what the backward did
+        stepper = optimizer.optimizer
+        grad_norm = math.nan if stepper.last_grad_norm is None else stepper.last_grad_norm
+        finite = math.isfinite(loss) and stepper.last_step_complete and math.isfinite(grad_norm)
+        if not finite:
+            params_updated = stepper.last_params_updated
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm, params_updated
+
+
 @torch.no_grad()
 def evaluate(model, reference: Reference, examples, accelerator, config: TrainConfig, split: str = "eval") -> dict:
     """Pair-weighted means of PAIR_METRICS over `examples` (no gradient), as {"eval/<name>": value}."""
@@ -480,25 +504,15 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
         step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
         record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs)}
-        if steps_in_backward:  # already stepped, up to the first non-finite gradient (rpo_fast/optim.py)
-            optimizer.step()
-            stepper = optimizer.optimizer
-            grad_norm = math.nan if stepper.last_grad_norm is None else stepper.last_grad_norm
-            finite = math.isfinite(record["loss"]) and stepper.last_step_complete and math.isfinite(grad_norm)
-            if not finite:
-                record["params_updated"] = stepper.last_params_updated
-        else:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
-            finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
+        finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
         if finite:
             scheduler.step()
             state.consecutive_nonfinite = 0
-        else:  # leave weights and optimizer state untouched; move on to the next batch
+        else:  # skipped: move on to the next batch
             state.skipped_steps += 1
             state.consecutive_nonfinite += 1
-        optimizer.zero_grad(set_to_none=True)
+            if params_updated is not None:
+                record["params_updated"] = params_updated
         state.step += 1
         state.step_in_epoch += 1
         elapsed = time.perf_counter() - start
