@@ -23,8 +23,11 @@ pass"). Constraints, enforced by `build_optimizer`:
 - clipping by the global gradient norm is impossible (the norm is known only after the last
   gradient, when all but one parameter are already updated): `max_grad_norm` is refused. The
   optimizer still reports the pre-step global norm of the last backward (`last_grad_norm`) for logs;
-- `optimizer.step()` and `zero_grad()` are no-ops kept so an ordinary training loop and LR schedulers
-  work unchanged (the schedulers see every per-parameter group through `param_groups`);
+- `optimizer.step()` updates nothing (it publishes the last backward's norm and counts) and `zero_grad()`
+  has nothing to free, so an ordinary training loop and LR schedulers work unchanged (the schedulers
+  see every per-parameter group through `param_groups`);
+- one process: DDP and FSDP reduce gradients after the hook has already stepped the local ones (the
+  trainer refuses more);
 - no fp16 GradScaler (bf16 needs none): unscaling and inf checks would need all gradients;
 - a non-finite gradient cannot be skipped as a whole step: parameters whose gradients arrived earlier
   (those nearer the output) are already updated. With `skip_nonfinite` (the default) the first
