@@ -138,14 +138,16 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_model_dir, tmp_path):
         train(config, TrainHooks(transform_loss=lambda step, loss: loss * float("inf") if step >= 2 else loss))
 
 
-def test_in_backward_optimizer_trains_like_adamw_and_skips_nonfinite_steps(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_in_backward_optimizer_trains_like_adamw_and_skips_nonfinite_steps(tiny_model_dir, tmp_path, finetune):
     """optimizer=adamw_in_backward gives AdamW's run exactly (no clipping); a NaN loss never reaches backward
     and a NaN gradient behind a finite loss updates nothing (it reaches the first hook): both are skipped."""
     runs = {}
+    lora = dict(finetune="lora", reference="adapter", lora_r=4) if finetune == "lora" else {}
     for optimizer in ("adamw", "adamw_in_backward"):
         (tmp_path / optimizer).mkdir()
         config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / optimizer, max_steps=3, eval_file="none",
-                                                  optimizer=optimizer, max_grad_norm=0))
+                                                  optimizer=optimizer, max_grad_norm=0, **lora))
         runs[optimizer] = train(config)
     for a, b in zip(records_of(runs["adamw"]), records_of(runs["adamw_in_backward"])):
         assert a["loss"] == b["loss"] and math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5)
@@ -168,7 +170,7 @@ def test_in_backward_optimizer_trains_like_adamw_and_skips_nonfinite_steps(tiny_
 
     (tmp_path / "nan").mkdir()
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "nan", max_steps=4, eval_file="none",
-                                              optimizer="adamw_in_backward", max_grad_norm=0))
+                                              optimizer="adamw_in_backward", max_grad_norm=0, **lora))
     result = train(config, TrainHooks(on_step_end=snapshot, transform_loss=poison))
     steps = records_of(result)
     assert [r["skipped"] for r in steps] == [False, True, True, False] and result.state.skipped_steps == 2
