@@ -450,6 +450,15 @@ def test_gpu_7b_bench_dry_run(tmp_path):
     assert "| lora_24gb | packed |" in text and "Dry run on CPU" in text
     assert result.stdout.count("packed peak") == len(measured)  # one progress line per mode
 
+    from bench import plot_7b  # the figure a GPU run's CSV becomes
+
+    entries = plot_7b.read_modes(tmp_path / "gpu_7b.csv")
+    assert {e["name"] for e in entries if "peak_memory" in e} == {f"{m} (packed)" for m in measured}
+    assert plot_7b.main([str(tmp_path / "gpu_7b.csv"), str(tmp_path / "gpu_7b.png")]) == 0
+    assert (tmp_path / "gpu_7b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        plot_7b.main([str(tmp_path / "missing.csv"), str(tmp_path / "x.png")])
+
 
 def test_gpu_7b_falls_back_to_the_plain_path(tmp_path, monkeypatch):
     """A non-OOM error on the packed path is recorded, and the mode is measured again on the plain path."""
