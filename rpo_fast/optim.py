@@ -300,8 +300,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         last_step_complete    True when no gradient was non-finite (always True without skip_nonfinite)
 
     With `skip_nonfinite`, each gradient's norm is checked on the host before its step (one device sync
-    per parameter, a few microseconds each): from the first non-finite gradient on, gradients are
-    dropped unstepped until `step()`. Parameters stepped before it keep their update.
+    per parameter: on a GPU the backward's kernel launches wait for it, an estimated 1-2% of a 7B step,
+    unmeasured): from the first non-finite gradient on, gradients are dropped unstepped until `step()`.
+    Parameters stepped before it keep their update.
     """
 
     steps_in_backward = True
