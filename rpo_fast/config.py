@@ -87,7 +87,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides num_epochs
     mixed_precision: str = "no"  # no | bf16 (autocast; the fused head then runs in bf16)
     seed: int = 0
-    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume on CPU holds without it)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + the torch head (exact CPU resume needs neither)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/Inf loss or gradient
     # --- output ---
     output_dir: str = "outputs/run"
@@ -105,6 +105,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def head_impl(self) -> str:
+        """The fused head's `impl`: "auto" means "torch" under `deterministic` (the Triton backward accumulates
+        with atomics, whose order varies from run to run)."""
+        return "torch" if self.deterministic and self.impl == "auto" else self.impl
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError naming the key, the expected values and the value given."""
@@ -135,6 +140,9 @@ class TrainConfig:
         _require("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)", self.adam_beta1)
         _require("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)", self.adam_beta2)
         _require("adam_eps", self.adam_eps > 0, "a number > 0", self.adam_eps)
+        if self.deterministic and self.impl == "triton":
+            raise ValueError("impl: expected 'auto' or 'torch' with deterministic=true (the Triton backward "
+                             "accumulates with atomics, whose order varies from run to run), got 'triton'")
         base_optimizer, in_backward = optim.parse_mode(self.optimizer)
         _require("optimizer_compile", not self.optimizer_compile or base_optimizer in ("adamw_bf16", "adamw_bf16_sr"),
                  f"false with optimizer={self.optimizer!r} (it compiles the adamw_bf16 modes' update)",

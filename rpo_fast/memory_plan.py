@@ -715,7 +715,7 @@ def train_config_plan_options(config, device: str = "cuda") -> dict:
         lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
         dtype=TRAINER_DTYPES[config.dtype], gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer, reference=TRAINER_REFERENCES[config.reference],
-        loss_impl="fused" if config.impl == "auto" else config.impl, attention="flash", device=device)
+        loss_impl="fused" if config.head_impl() == "auto" else config.head_impl(), attention="flash", device=device)
 
 
 def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, MemoryPlan]]:

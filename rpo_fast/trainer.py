@@ -196,10 +196,10 @@ def build_reference(config: TrainConfig, policy, datasets: dict[str, list], acce
     for split, examples in datasets.items():
         if accelerator.is_main_process:  # one process computes and writes; the others read the file
             load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
-                            impl=config.impl, model_fp=fingerprint, progress=config.progress)
+                            impl=config.head_impl(), model_fp=fingerprint, progress=config.progress)
         accelerator.wait_for_everyone()
         caches[split] = load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
-                                        impl=config.impl, model_fp=fingerprint, write=False)
+                                        impl=config.head_impl(), model_fp=fingerprint, write=False)
         log(f"reference log-probs ({split}): {caches[split].path}")
     return Reference("cache", caches=caches)
 
@@ -443,7 +443,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     loss_options = dict(beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm, loss_type=config.loss_type,
                         label_smoothing=config.label_smoothing, average_log_prob=config.average_log_prob,
-                        impl=config.impl)
+                        impl=config.head_impl())
     model = modeling.PackedRPOModel(policy, **loss_options)
     optimizer, scheduler = build_optimizer(model, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step

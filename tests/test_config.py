@@ -111,3 +111,13 @@ def test_optimizer_modes_of_the_trainer():
     assert load_config(None, {**in_backward, "optimizer_compile": True}).optimizer_compile
     with pytest.raises(ValueError, match="optimizer_compile: expected false with optimizer='adamw'"):
         load_config(None, {"optimizer_compile": True})
+
+
+def test_deterministic_runs_use_the_torch_head():
+    from rpo_fast.config import load_config
+
+    assert load_config(None, {"deterministic": True}).head_impl() == "torch"
+    assert load_config(None, {"deterministic": False}).head_impl() == "auto"
+    assert load_config(None, {"deterministic": True, "impl": "dense"}).head_impl() == "dense"
+    with pytest.raises(ValueError, match="impl: expected 'auto' or 'torch' with deterministic=true"):
+        load_config(None, {"deterministic": True, "impl": "triton"})
