@@ -60,7 +60,6 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> Path:
         f"{DISCUSSION}\n\n(to be written after looking at the figure)\n")
     s = meta["setup"]
     variants = [v["name"] for v in meta["variants"]]
-    labels = {v["name"]: v["label"] for v in meta["variants"]}
     seeds = sorted({int(r["seed"]) for r in rows})
     runs = meta["runs"]
     steps = max((r["steps"] for r in runs), default=0)
@@ -165,7 +164,7 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> Path:
         if gold.get("dpo"):
             ok = [v for v in variants if v.startswith("rpo") and gold.get(v)
                   and statistics.fmean(gold[v]) >= statistics.fmean(gold["dpo"])]
-            L.append(f"- Paper's claim 2 (RPO's quality at least as good as DPO's): final gold accuracy "
+            L.append("- Paper's claim 2 (RPO's quality at least as good as DPO's): final gold accuracy "
                      + ", ".join(f"`{v}` {_stat(gold[v], '{:.2f}')}" for v in variants if gold.get(v))
                      + f"; RPO variants at or above DPO: {ok or 'none'} (with {meta['n_gold']} prompts, one answer "
                      f"is {1 / max(meta['n_gold'], 1):.3f}).")
