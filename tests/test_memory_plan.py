@@ -410,7 +410,8 @@ def test_cli_plans_a_training_config(capsys):
 
 def _gpu_7b_rows(out_dir):
     """{(mode, path): {metric: p50}} and the reasons of failure rows, from gpu_7b.csv."""
-    rows = list(csv.DictReader((out_dir / "gpu_7b.csv").open()))
+    with (out_dir / "gpu_7b.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
     results = {}
     for r in rows:
         config = json.loads(r["config"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rpo_fast import fused_linear_rpo_loss
-from rpo_fast import optim
+from rpo_fast import modeling, optim
 from rpo_fast.memory_plan import LiveTensorTracker
 from rpo_fast.optim import (InBackwardOptimizer, LowPrecisionAdamW, build_optimizer, nearest_bf16_as_fp32,
                             stochastic_round_to_bf16)
@@ -27,7 +27,7 @@ def tiny_llama(tied: bool = False, checkpointing: bool = False):
                                   head_dim=12, tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        modeling.enable_gradient_checkpointing(model)
     return model.train()
 
 

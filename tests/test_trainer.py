@@ -283,7 +283,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, example
     for checkpointing in (False, True):
         model = modeling.load_causal_lm(str(tiny_model_dir))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            modeling.enable_gradient_checkpointing(model)
         model.train()
         count = [0]
 
