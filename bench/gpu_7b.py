@@ -69,10 +69,12 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without `pip install -
 import torch  # noqa: E402
 
 from rpo_fast import attention, fused_linear_rpo_loss, modeling  # noqa: E402
+from rpo_fast.config import TrainConfig  # noqa: E402
 from rpo_fast.data import PreferenceExample  # noqa: E402
 from rpo_fast.memory_plan import GiB, LiveTensorTracker, load_model_config, plan_memory  # noqa: E402
 from rpo_fast.optim import build_optimizer, parse_mode  # noqa: E402
 from rpo_fast.packing import PackedBatch, pack_pairs  # noqa: E402
+from rpo_fast.trainer import Reference, finish_policy  # noqa: E402
 
 FULL_MODES = {
     "full_adamw_bf16": dict(optimizer="adamw_bf16"),
@@ -218,18 +220,11 @@ class PackedRunner:
         return [self.ref_logps, *(t for t in fields if isinstance(t, torch.Tensor))]
 
     def reference(self) -> dict:
-        """`trainer.Reference.inputs`: the precomputed log-probs, or (mode "adapter") the head inputs of the
-        policy with its LoRA adapters disabled, in eval mode, without a graph."""
+        """`trainer.Reference.inputs`: the precomputed log-probs, or (LoRA) the head inputs of the policy with
+        its adapters disabled, in eval mode, without a graph."""
         if not self.lora:
             return {"ref_logps": self.ref_logps}
-        was_training = self.policy.training
-        self.policy.eval()  # the reference never sees dropout
-        with self.policy.disable_adapter(), torch.no_grad():
-            weight = modeling.head(self.policy)[0]
-            dtype = modeling.head_compute_dtype(weight.device, weight.dtype)
-            ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(self.policy, self.batch, dtype)
-        self.policy.train(was_training)
-        return {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+        return Reference("adapter", policy=self.policy).inputs(self.batch, "train", contextlib.nullcontext)
 
     def step(self, optimizer) -> None:
         ref = self.reference()  # alive until the step ends, as in run_step
@@ -282,14 +277,9 @@ class PlainRunner:
 
 def prepare_policy(model, lora: bool, rank: int):
     """The trainer's `finish_policy`: LoRA adapters (else every weight trainable), then checkpointing."""
-    if lora:
-        policy = modeling.add_lora(model, r=rank, alpha=2 * rank, dropout=0.0, target_modules=list(LORA_TARGETS))
-    else:
-        model.requires_grad_(True)
-        policy = model
-    modeling.enable_gradient_checkpointing(policy)
-    policy.train()
-    return policy
+    config = TrainConfig(finetune="lora" if lora else "full", lora_r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                         lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=True)
+    return finish_policy(model, config)
 
 
 def restore_model(model, policy) -> None:
