@@ -592,7 +592,26 @@ def _loss_memory(impl: str, N: int, V: int, H: int, b: int, trainable_head: bool
 # Measurement: live tensor bytes on any device, CPU included
 
 
-class LiveTensorTracker(TorchDispatchMode):
+class OutputRecorder(TorchDispatchMode):
+    """A dispatch mode that hands every operator's outputs to `record(func, out)`, rpo_fast's own custom ops
+    included: a mode sees a custom op as one call, so those run their Python implementation under the mode
+    (`logprobs.python_implementation`) and the tensors they allocate inside are recorded like any other."""
+
+    def record(self, func, out) -> None:
+        raise NotImplementedError
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from .logprobs import python_implementation
+
+        if (inside := python_implementation(func)) is not None:
+            with self:
+                return inside(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.record(func, out)
+        return out
+
+
+class LiveTensorTracker(OutputRecorder):
     """Counts the bytes of tensor storages alive (and their peak) while active.
 
     Every tensor an operator returns inside the context is registered by its storage (views and
@@ -656,16 +675,9 @@ class LiveTensorTracker(TorchDispatchMode):
         self.live += nbytes - (old or 0)
         self.peak = max(self.peak, self.live)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from .logprobs import python_implementation
-
-        if (inside := python_implementation(func)) is not None:  # see the tensors allocated inside the fused head
-            with self:
-                return inside(*args, **(kwargs or {}))
-        out = func(*args, **(kwargs or {}))
+    def record(self, func, out) -> None:
         for t in tree_flatten(out)[0]:
             self.register(t)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------
