@@ -120,6 +120,17 @@ class LossBench:
         self.emit(dict(op="rpo_head", provider=provider, mode=mode, metric=metric, unit=unit, x_name=point.x_name,
                        x_value=point.x_value, p50=p50, p20=p20, p80=p80, config=json.dumps(config)))
 
+    def _attempt(self, what: str, inp: P.Inputs, measure: Callable[[], object]):
+        """measure(), or None after logging why it failed and freeing what it left: outside the except block,
+        whose traceback pins the failed call's tensors."""
+        try:
+            return measure()
+        except Exception as exc:
+            self.log(f"  {what} failed: {exc!r}"[:300])
+        inp.clear_grads()
+        _free(self.device)
+        return None
+
     def _run_point(self, point: Point, with_ref: bool) -> None:
         shape = point.shape
         tag = f"{point.label or point.x_name + '=' + str(point.x_value)}{' +ref' if with_ref else ''}"
@@ -161,15 +172,10 @@ class LossBench:
             cands = [_candidate(name, run, inp, mode) for name, run in runs.items()]
             if not cands:
                 continue
-            try:
-                times, _ = time_interleaved(cands, self.device, warmup=1, min_reps=self.suite.min_reps,
-                                            max_reps=self.suite.max_reps, budget_s=self.suite.budget_s)
-            except Exception as exc:
-                self.log(f"  timing {mode} failed: {exc!r}"[:300])
-                times = None
+            times = self._attempt(f"timing {mode}", inp, lambda: time_interleaved(
+                cands, self.device, warmup=1, min_reps=self.suite.min_reps, max_reps=self.suite.max_reps,
+                budget_s=self.suite.budget_s)[0])
             if times is None:
-                inp.clear_grads()
-                _free(self.device)
                 continue
             flop = P.flops(shape, mode, with_ref)
             floor = times.get("gemm")
@@ -190,17 +196,9 @@ class LossBench:
                 if name == "gemm":
                     continue  # a time floor only: it materializes the logits
                 inp.clear_grads()
-                try:
-                    if mode == "forward":
-                        use = measure_memory(run.forward, self.device)
-                    else:
-                        use = measure_memory(lambda r=run: r.backward(r.forward()), self.device)
-                except Exception as exc:
-                    self.log(f"  memory {name} {mode} failed: {exc!r}"[:300])
-                    use = None
+                call = run.forward if mode == "forward" else (lambda r=run: r.backward(r.forward()))
+                use = self._attempt(f"memory {name} {mode}", inp, lambda c=call: measure_memory(c, self.device))
                 if use is None:
-                    inp.clear_grads()
-                    _free(self.device)
                     continue
                 grads = inp.grad_bytes() if mode == "full" else 0
                 inp.clear_grads()
