@@ -106,6 +106,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def steps_in_backward(self) -> bool:
+        """True for the `*_in_backward` optimizer modes: each parameter is stepped as its gradient arrives."""
+        return optim.parse_mode(self.optimizer)[1]
+
     def head_impl(self) -> str:
         """The fused head's `impl`: "auto" means "torch" under `deterministic` (the Triton backward accumulates
         with atomics, whose order varies from run to run)."""

@@ -41,6 +41,16 @@ class RPOOutput(NamedTuple):
     rejected_token_counts: torch.Tensor
 
 
+def reweighted_loss(out: RPOOutput, pair_weight, nll_weight) -> torch.Tensor:
+    """`pref_loss * pair_weight + alpha * nll * nll_weight`: `out.loss` with its two terms weighted apart.
+
+    A trainer that splits a step into micro-batches weights each micro-batch's preference term by its share
+    of the step's pairs; with sft_norm="token_mean" the NLL term must count by its share of the step's
+    chosen tokens instead, or the step's NLL is a mean of per-micro-batch means.
+    """
+    return out.pref_loss * pair_weight + (out.loss - out.pref_loss) * nll_weight
+
+
 def preference_losses(z: torch.Tensor, beta: float, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-pair preference term l(z) for `z = beta * (chosen log-ratio - rejected log-ratio)`."""
     if loss_type == "sigmoid":

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType
 from . import checkpoint, memory_plan, metrics, modeling, oom, optim
 from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
+from .loss import reweighted_loss
 from .packing import batch_by_token_budget, pack_pairs
 from .ref_cache import ReferenceCache, load_or_compute, model_fingerprint
 
@@ -214,7 +215,6 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
     Returns (metric sums over this process's pairs [len(PAIR_METRICS)], packed tokens, response tokens).
     """
     world, rank = accelerator.num_processes, accelerator.process_index
-    steps_in_backward = optim.parse_mode(config.optimizer)[1]
     step_pairs = sum(len(g) for g in step_groups)
     step_chosen_tokens = sum(len(examples[i].chosen_ids) for g in step_groups for i in g)
     mine = step_groups[rank::world]
@@ -227,14 +227,13 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
             ref = reference.inputs(batch, "train", accelerator.autocast)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 out = model(batch, **ref)
-                loss = out.loss * (batch.n_pairs * world / step_pairs)
                 nll_pairs = token_mean_nll_pairs(out, config, step_pairs, step_chosen_tokens)
-                if nll_pairs is not None:  # reweight alpha * nll from the micro-batch's pairs to its tokens
-                    loss = loss + (out.loss - out.pref_loss) * ((nll_pairs - batch.n_pairs) * world / step_pairs)
+                loss = reweighted_loss(out, batch.n_pairs * world / step_pairs,
+                                       (batch.n_pairs if nll_pairs is None else nll_pairs) * world / step_pairs)
                 if hooks.transform_loss is not None:
                     loss = hooks.transform_loss(step, loss)
                 # An in-backward optimizer updates weights during backward: a non-finite loss must not get there.
-                if not (steps_in_backward and not torch.isfinite(loss.detach()).item()):
+                if not (config.steps_in_backward and not torch.isfinite(loss.detach()).item()):
                     accelerator.backward(loss)
         except torch.OutOfMemoryError as e:
             policy = accelerator.unwrap_model(model).model
@@ -263,7 +262,7 @@ def apply_update(model, optimizer, accelerator, config: TrainConfig, loss: float
     a skipped step leaves every other weight and optimizer state untouched).
     """
     params_updated = None
-    if optim.parse_mode(config.optimizer)[1]:  # stepped during backward already
+    if config.steps_in_backward:  # stepped during backward already
         optimizer.step()  # publishes what the backward did
         stepper = optimizer.optimizer
         grad_norm = math.nan if stepper.last_grad_norm is None else stepper.last_grad_norm
@@ -414,8 +413,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if config.eval_file:
         eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
     world = accelerator.num_processes
-    steps_in_backward = optim.parse_mode(config.optimizer)[1]
-    if steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
+    if config.steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
         raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "
                          f"across processes: expected one process, got {world}; use "
                          f"{optim.parse_mode(config.optimizer)[0]!r}")

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice
-from ..loss import RPOOutput, rpo_loss, segment_sum
+from ..loss import RPOOutput, reweighted_loss, rpo_loss, segment_sum
 from ._model import head_logprobs, head_of, logit_scale_of, prepare_head_inputs
 from .padded import pack_padded_pairs
 
@@ -294,7 +294,7 @@ class RPOTrainerMixin:
             # not a mean of per-micro-batch means.
             share = (out.chosen_token_counts.sum() * self.current_gradient_accumulation_steps
                      * self.accelerator.num_processes / num_items_in_batch)
-            loss = loss + (out.loss - out.pref_loss) * (share - 1)
+            loss = reweighted_loss(out, 1.0, share)
         metrics = self._rpo_metrics["train" if self.model.training else "eval"]
         gather = self.accelerator.gather_for_metrics
         margins = out.chosen_rewards - out.rejected_rewards
