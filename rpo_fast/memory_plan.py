@@ -76,6 +76,7 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+@functools.lru_cache(maxsize=1)
 def shipped_hub_ids() -> dict[str, str]:
     """{hub id: shipped name}, e.g. {"mistralai/Mistral-7B-v0.1": "mistral-7b"} (from each file's _comment)."""
     ids = {}
@@ -721,13 +722,14 @@ def train_config_plan_options(config, device: str = "cuda") -> dict:
     elif isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     lora = config.finetune == "lora"
+    impl = config.head_impl()
     return dict(
         max_length=config.max_length, micro_batch_pairs=None, tokens_per_micro_batch=max(tokens, pair_tokens),
         prompt_tokens=0, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,
         lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
         dtype=TRAINER_DTYPES[config.dtype], gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer, reference=TRAINER_REFERENCES[config.reference],
-        loss_impl="fused" if config.head_impl() == "auto" else config.head_impl(), attention="flash", device=device)
+        loss_impl="fused" if impl == "auto" else impl, attention="flash", device=device)
 
 
 def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, MemoryPlan]]:
@@ -772,15 +774,15 @@ def forecast(config, model_config, gpu_bytes: int) -> str:
     """One log line for the start of training: the predicted peak of `config`'s worst micro-batch on a GPU of
     `gpu_bytes`, and whether it fits (with what to do when it does not)."""
     try:
-        plan = plan_for_train_config(config, model=model_config)
+        options = train_config_plan_options(config)
+        plan = plan_memory(model_config, **options)
     except Exception as err:  # noqa: BLE001 - an architecture the planner does not model: training goes on
         return f"memory plan: not available ({type(err).__name__}: {err})"
     line = (f"memory plan: predicted peak {plan.peak_bytes / GiB:.1f} GiB at {plan.peak_phase}, needs "
             f"{plan.required_bytes() / GiB:.1f} of {gpu_bytes / GiB:.1f} GiB")
     if plan.fits(gpu_bytes):
         return line + ": fits"
-    fitting = [text for text, alt in alternatives(model_config, gpu_bytes, **train_config_plan_options(config))
-               if alt.fits(gpu_bytes)]
+    fitting = [text for text, alt in alternatives(model_config, gpu_bytes, **options) if alt.fits(gpu_bytes)]
     return (line + ": does NOT fit, expect an out-of-memory error"
             + (f"; it would fit with {fitting[0]}" if fitting else "")
             + "; `rpo-fast plan-memory --config CONFIG` lists the options")
