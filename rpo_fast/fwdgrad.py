@@ -21,8 +21,9 @@ comes from autograd through the same function that computes the value (`loss.rpo
 `fused_linear_rpo_loss`), so there is one copy of them.
 
 A pair longer than the chunk budget is split into row pieces of at most `chunk_tokens`: the first pass
-keeps only each piece's logsumexp, and the gradient pass recomputes each piece's logits (the recompute
-design, for that pair only, with the same fp32 logits and fp32 dW accumulation). The fallback is per pair,
+keeps each piece's logsumexp and the last piece's logits, and the gradient pass starts with that piece and
+recomputes the others' logits (the recompute design, for that pair only, with the same fp32 logits and
+fp32 dW accumulation; one chunk of logits alive at a time). The fallback is per pair,
 not per call: one long pair in a packed batch must not cost the other pairs a recompute.
 
 On CUDA the per-chunk log-softmax and dlogits passes are fused Triton kernels (`kernels.logit_grad`); the
@@ -53,14 +54,25 @@ def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
 
 # --- per-row passes over one chunk's logits (torch; on CUDA the Triton kernels of kernels/logit_grad.py) ---
 
+# Rows per block of the torch passes: a [rows, V] fp32 block of about 1 MiB stays in the CPU's cache through
+# the passes over it, and no pass allocates a temporary as large as the chunk (torch.logsumexp would).
+BLOCK_ELEMENTS = 2**18
+
+
+def _row_blocks(logits: torch.Tensor) -> list[slice]:
+    rows = max(1, BLOCK_ELEMENTS // max(1, logits.shape[1]))
+    return [slice(a, a + rows) for a in range(0, logits.shape[0], rows)]
+
 
 def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lp [C] fp32, 0.0 at ignored targets; lse [C] fp32) of fp32 logits [C, V] and int64 targets [C].
 
     A row with infinite logits has an undefined log-softmax: its lse is NaN, as in the fused kernels."""
     ignored = targets == ignore_index
-    lse = torch.logsumexp(logits, dim=-1)
-    lse = lse.masked_fill(lse.isinf(), float("nan"))
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for rows in _row_blocks(logits):
+        torch.logsumexp(logits[rows], dim=-1, out=lse[rows])
+    lse.masked_fill_(lse.isinf(), float("nan"))
     lp = logits.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1) - lse
     return lp.masked_fill_(ignored, 0.0), lse
 
@@ -74,14 +86,14 @@ def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, 
     vocab = logits.shape[1]
     counted = (targets >= 0) & (targets < vocab)
     g = g.float().masked_fill(~counted, 0.0)
-    dlogits = logits.sub_(lse[:, None]).exp_().neg_()
-    dlogits.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], torch.ones_like(lse[:, None]))
-    dlogits.mul_(g[:, None])
+    for rows in _row_blocks(logits):  # -g * softmax, block by block while the block is in cache
+        logits[rows].sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
+    logits.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot
     # 0 * NaN is NaN: a row whose logsumexp is undefined but whose gradient weight is 0 must still be 0.
     dead = (g == 0) & ~lse.isfinite()
     if bool(dead.any()):
-        dlogits[dead] = 0.0
-    return dlogits if out_dtype == torch.float32 else dlogits.to(out_dtype)
+        logits[dead] = 0.0
+    return logits if out_dtype == torch.float32 else logits.to(out_dtype)
 
 
 class RowPasses(NamedTuple):
@@ -218,16 +230,17 @@ def fwdgrad_head_loss(
         pair_range = torch.arange(chunk.first, chunk.last, device=hidden.device)
         seqs = torch.cat([pair_range, pair_range + n_seqs // 2])
         lengths = torch.tensor([bounds[j + 1] - bounds[j] for j in seqs.tolist()], device=hidden.device)
-        # One piece when the chunk fits (its logits stay for the gradient pass), row pieces of a long pair else.
+        # One piece when the chunk fits, row pieces of at most chunk_tokens for a longer pair. The last piece's
+        # logits stay for the gradient pass, which starts with it; the others are computed again there.
         pieces = [slice(a, min(a + chunk_tokens, chunk.rows)) for a in range(0, chunk.rows, chunk_tokens)]
-        kept, lp, lse = None, [], []
+        lp, lse = [], []
+        logits = None
         for piece in pieces:
+            logits = None  # the previous piece's logits are freed before the next are made
             logits = logits_of(h[piece])
             piece_lp, piece_lse = passes.row_logprobs(logits, t[piece], ignore_index)
             lp.append(piece_lp)
             lse.append(piece_lse)
-            kept = logits if len(pieces) == 1 else None
-            del logits
         lp, lse = torch.cat(lp), torch.cat(lse)
         s = torch.zeros(len(seqs), dtype=torch.float32, device=hidden.device).index_add_(
             0, torch.repeat_interleave(torch.arange(len(seqs), device=hidden.device), lengths), lp)
@@ -236,11 +249,11 @@ def fwdgrad_head_loss(
             continue
         g = sequence_grads(s, seqs).repeat_interleave(lengths)
         dh_chunk = torch.empty_like(h) if want_dh else None
-        for piece in pieces:
-            logits = kept if kept is not None else logits_of(h[piece])
-            kept = None
+        for piece in pieces[-1:] + pieces[:-1]:
+            if logits is None:
+                logits = logits_of(h[piece])
             dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype)
-            del logits
+            logits = None
             if want_dh:
                 dh_chunk[piece] = dlogits @ w_op
             if want_dw:

@@ -50,7 +50,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import chunked, optim
+from . import checks, chunked, fwdgrad, optim
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MODES = ("full_ft", "lora")
@@ -248,7 +248,7 @@ class MemoryPlan:
         lines = [
             f"model {opts['model']}: {self.n_params / 1e9:.2f}B params, {self.n_trainable / 1e6:.1f}M trainable",
             f"mode {opts['mode']}, {opts['dtype']}, optimizer {opts['optimizer']}, reference {opts['reference']}, "
-            f"loss {opts['loss_impl']}, attention {opts['attention']}, checkpointing "
+            f"loss {opts['loss_impl']} ({opts['head_backward']} backward), attention {opts['attention']}, checkpointing "
             f"{'on' if opts['gradient_checkpointing'] else 'off'}",
             f"micro-batch: {self.tokens} tokens ({self.response_tokens} scored)",
             "",
@@ -289,6 +289,7 @@ def plan_memory(
     optimizer: str = "adamw",
     reference: str = "precomputed",
     loss_impl: str = "fused",
+    head_backward: str = "auto",
     attention: str = "flash",
     device: str = "cuda",
 ) -> MemoryPlan:
@@ -309,6 +310,10 @@ def plan_memory(
             "lora_disabled" (the base model with adapters off), "none" (reference-free).
         loss_impl: "fused" (= "triton" on CUDA, "torch" on CPU), "triton", "torch" (chunked) or
             "dense" (full [N, V] logits, the naive baseline).
+        head_backward: the fused head's backward (`fused_linear_rpo_loss(backward=)`): "auto" (= "fwdgrad", a
+            training step needs the gradient), "fwdgrad" (gradients formed in forward, one chunk of logits at
+            a time), "recompute" (chunked logits recomputed in backward) or "atomic" (the Triton kernel's fp32
+            accumulators). Not used with loss_impl="dense".
         attention: "flash" (FlashAttention varlen / torch varlen_attn: no mask, no kv repeat), "sdpa"
             (transformers' sdpa with packed position_ids: block mask, kv repeated) or "eager".
         device: "cuda" (adds kernel workspace; `fits` adds the context) or "cpu" (the measurement).
@@ -324,6 +329,7 @@ def plan_memory(
     _check_choice("lora_dtype", lora_dtype, DTYPE_BYTES)
     _check_choice("reference", reference, REFERENCES)
     _check_choice("loss_impl", loss_impl, LOSS_IMPLS)
+    _check_choice("head_backward", head_backward, checks.HEAD_BACKWARDS)
     _check_choice("attention", attention, ATTENTIONS)
     _check_choice("device", device, ("cuda", "cpu"))
     opt_base, in_backward = optim.parse_mode(optimizer)
@@ -401,7 +407,9 @@ def plan_memory(
     a_final = ctx.final_norm_saved() + held + response * H * b  # + the head's input rows
     a_layers = L * (a_ckpt if gradient_checkpointing else a_layer)
     transient = ctx.backward_transient()
-    loss = _loss_memory(loss_impl_resolved, response, V, H, b, not lora, device)
+    backward_resolved = "dense" if loss_impl_resolved == "dense" else (
+        "fwdgrad" if head_backward == "auto" else head_backward)
+    loss = _loss_memory(backward_resolved, response, V, H, b, not lora, device)
 
     phases: dict[str, dict[str, int]] = {}
     static = dict(weights=weights, optimizer_state=state, reference=ref_weights)
@@ -463,7 +471,7 @@ def plan_memory(
                    tokens_per_micro_batch=tokens_per_micro_batch, prompt_tokens=prompt_tokens, mode=mode, lora_rank=lora_rank, lora_targets=tuple(lora_targets),
                    lora_dtype=lora_dtype, lora_dropout=lora_dropout, dtype=dtype,
                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, reference=reference,
-                   loss_impl=loss_impl_resolved, attention=attention, device=device)
+                   loss_impl=loss_impl_resolved, head_backward=backward_resolved, attention=attention, device=device)
     return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
                       phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
                       response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable, notes=notes)
@@ -559,21 +567,35 @@ class LossMemory(NamedTuple):
     saved: int  # kept from forward to backward
 
 
-def _loss_memory(impl: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str) -> LossMemory:
-    """The head's gradient (b x V x H) is part of `end` and `returned`; `plan_memory` does not count it
-    again among the gradients."""
+def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str) -> LossMemory:
+    """The head's workspace by how its gradient is made: "dense", "fwdgrad", "recompute" or "atomic".
+
+    The head's gradient (b x V x H) is part of `end` and `returned` (of `saved` for fwdgrad); `plan_memory`
+    does not count it again among the gradients."""
     head_grad = b * V * H if trainable_head else 0
     returned = N * H * b + head_grad
-    if impl == "dense":  # full logits: b-byte matmul output, fp32 log-softmax saved, fp32 grads
+    if backward == "dense":  # full logits: b-byte matmul output, fp32 log-softmax saved, fp32 grads
         fwd = (b * N * V if b != 4 else 0) + 4 * N * V
         bwd = 4 * N * V + 4 * N * V + (b * N * V if b != 4 else 0) + N * H * b
         return LossMemory(fwd, bwd, returned, returned, 4 * N * V)
-    if impl == "triton":  # per-split partial lse / target logits; fp32 dhidden and dweight accumulators
+    if backward == "fwdgrad":
+        # The gradients are made in forward and held until backward hands them back as they are: `saved`, with
+        # nothing more `returned`. Forward, per chunk: its fp32 logits (+ the b-byte dlogits on CUDA), its hidden
+        # rows and dhidden rows in fp32, beside the fp32 dweight accumulator (in fp32 it is the gradient; else
+        # it is cast at the end, both alive) and, on CPU, the weight's fp32 copy for the products.
+        rows = min(N, fwdgrad.default_chunk_tokens(V, torch.device(device)))
+        chunk = rows * V
+        extra_acc = (4 - b) * V * H if trainable_head else 0
+        weight_copy = 4 * V * H if device == "cpu" and b != 4 else 0
+        loop = 4 * chunk + (b * chunk if device == "cuda" and b != 4 else 0) + 2 * 4 * rows * H + weight_copy + 8 * N
+        fwd = max(loop + extra_acc, (4 * V * H if trainable_head and b != 4 else 0))
+        return LossMemory(fwd, 0, 0, 0, returned)
+    if backward == "atomic":  # per-split partial lse / target logits; fp32 dhidden and dweight accumulators
         splits = 8
         fwd = 2 * 4 * splits * N + 8 * N
         bwd = 4 * N * H + b * N * H + (4 * V * H if trainable_head else 0)
         return LossMemory(fwd, bwd, bwd + head_grad, returned, 4 * N)
-    # torch: chunked logits (b-byte matmul output, then fp32); on CUDA logsumexp's own two fp32 temporaries
+    # recompute: chunked logits (b-byte matmul output, then fp32); on CUDA logsumexp's own two fp32 temporaries
     rows = min(N, chunked.chunk_rows(V, device=torch.device(device)))
     chunk = rows * V
     upcast = b * chunk if b != 4 else 0
@@ -723,7 +745,7 @@ def train_config_plan_options(config, device: str = "cuda") -> dict:
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     lora = config.finetune == "lora"
     impl = config.head_impl()
-    return dict(
+    return dict(head_backward=config.head_backward,
         max_length=config.max_length, micro_batch_pairs=None, tokens_per_micro_batch=max(tokens, pair_tokens),
         prompt_tokens=0, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,
         lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
@@ -818,6 +840,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--reference", choices=REFERENCES, default=None,
                         help="default: precomputed (full_ft), lora_disabled (lora)")
     parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default="fused")
+    parser.add_argument("--head-backward", choices=checks.HEAD_BACKWARDS, default="auto")
     parser.add_argument("--attention", choices=ATTENTIONS, default="flash")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--gpu-gb", type=float, default=79.1,
@@ -835,14 +858,14 @@ def options_from_args(args: argparse.Namespace) -> dict:
         prompt_tokens=args.prompt_tokens, mode=args.mode, lora_rank=args.lora_rank,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lora_dtype=args.lora_dtype,
         lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
-        optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, attention=args.attention,
-        device=args.device)
+        optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, head_backward=args.head_backward,
+        attention=args.attention, device=args.device)
 
 
 # Options that --config decides (the rest: --model, --device, --gpu-gb, --json, still apply).
 CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--mode", "--lora-rank",
                   "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing", "--optimizer",
-                  "--reference", "--loss-impl", "--attention")
+                  "--reference", "--loss-impl", "--head-backward", "--attention")
 
 
 def main(argv: list[str] | None = None) -> int:
