@@ -227,9 +227,12 @@ def fwdgrad_head_loss(
     for chunk in plan_chunks(bounds, chunk_tokens):
         h = torch.cat([hidden[chunk.chosen], hidden[chunk.rejected]]).to(op_dtype)
         t = torch.cat([targets[chunk.chosen], targets[chunk.rejected]])
-        pair_range = torch.arange(chunk.first, chunk.last, device=hidden.device)
-        seqs = torch.cat([pair_range, pair_range + n_seqs // 2])
-        lengths = torch.tensor([bounds[j + 1] - bounds[j] for j in seqs.tolist()], device=hidden.device)
+        # Index lists built on the host: no device synchronization per chunk.
+        seq_list = [*range(chunk.first, chunk.last), *range(n_seqs // 2 + chunk.first, n_seqs // 2 + chunk.last)]
+        seqs = torch.tensor(seq_list, device=hidden.device)
+        lengths = torch.tensor([bounds[j + 1] - bounds[j] for j in seq_list], device=hidden.device)
+        token_seq = torch.repeat_interleave(torch.arange(len(seq_list), device=hidden.device), lengths,
+                                            output_size=chunk.rows)
         # One piece when the chunk fits, row pieces of at most chunk_tokens for a longer pair. The last piece's
         # logits stay for the gradient pass, which starts with it; the others are computed again there.
         pieces = [slice(a, min(a + chunk_tokens, chunk.rows)) for a in range(0, chunk.rows, chunk_tokens)]
@@ -242,12 +245,11 @@ def fwdgrad_head_loss(
             lp.append(piece_lp)
             lse.append(piece_lse)
         lp, lse = torch.cat(lp), torch.cat(lse)
-        s = torch.zeros(len(seqs), dtype=torch.float32, device=hidden.device).index_add_(
-            0, torch.repeat_interleave(torch.arange(len(seqs), device=hidden.device), lengths), lp)
+        s = torch.zeros(len(seq_list), dtype=torch.float32, device=hidden.device).index_add_(0, token_seq, lp)
         policy_logps[seqs] = s
         if not (want_dh or want_dw or want_db):
             continue
-        g = sequence_grads(s, seqs).repeat_interleave(lengths)
+        g = sequence_grads(s, seqs)[token_seq]
         dh_chunk = torch.empty_like(h) if want_dh else None
         for piece in pieces[-1:] + pieces[:-1]:
             if logits is None:
