@@ -88,10 +88,28 @@ def num_programs_wanted(device: torch.device) -> int:
     return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def check_runnable(tensor: torch.Tensor) -> None:
+def check_runnable(tensor: torch.Tensor, name: str = "hidden") -> None:
     if tensor.device.type == "cpu" and not interpreting():
         raise ValueError(
-            "impl='triton' needs CUDA tensors or the Triton interpreter: expected hidden on a CUDA device "
+            f"impl='triton' needs CUDA tensors or the Triton interpreter: expected {name} on a CUDA device "
             f"or TRITON_INTERPRET=1, got a tensor on {tensor.device} without the interpreter "
             "(use impl='torch' on CPU)"
         )
+
+
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """The head kernels' operands, checked ([N, H], [V, H], [V] or None, [N]) and made contiguous.
+
+    Contiguous because the kernels keep in-tile offsets int32 (`tiles.py`): a strided view with
+    stride(0) >= 2**31 / BLOCK_N would overflow them; and because the JIT turns a unit inner stride into
+    `constexpr 1`, which is what lets the loads become 16-byte vectors. The copy of a strided view is an
+    O(N*H) pass beside the kernels' O(N*V*H) work.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden and weight: expected [N, H] and [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets: expected shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return tuple(None if t is None else t.contiguous() for t in (hidden, weight, bias, targets))
