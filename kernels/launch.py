@@ -33,6 +33,23 @@ GPU_CONFIGS = {
 INTERPRETER = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=1, num_stages=1)
 
 
+class RowConfig(NamedTuple):
+    """Launch meta-parameters of the row kernels (`logit_grad.py`): one program per row of the logits
+    sweeps the vocabulary in BLOCK_V tiles."""
+
+    block_v: int
+    num_warps: int
+
+
+# 4096 fp32 per tile at 8 warps: 16 per thread, four 16-byte loads in flight per thread.
+GPU_ROW_CONFIG = RowConfig(block_v=4096, num_warps=8)
+INTERPRETER_ROW_CONFIG = RowConfig(block_v=2048, num_warps=1)
+
+
+def default_row_config(logits: torch.Tensor) -> RowConfig:
+    return INTERPRETER_ROW_CONFIG if logits.device.type == "cpu" else GPU_ROW_CONFIG
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
