@@ -25,18 +25,22 @@ import torch
 SEMANTICS = ("acq_rel", "relaxed", "plain")
 
 
-def _median_s(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median wall time of `fn` over `reps` runs after one warm-up, CUDA-synchronized."""
+def _median_s(fn: Callable[[], object], device: torch.device, reps: int, budget_s: float = 0.5) -> tuple[float, int]:
+    """(median wall time of `fn`, runs timed) after one warm-up, CUDA-synchronized: `reps` runs, or more
+    (up to 50) when they fit in `budget_s`, fewer (at least 2) when one run is longer than the budget."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
     fn()
     sync()
+    once = time.perf_counter() - start
+    reps = max(2, min(50, max(reps, int(budget_s / max(once, 1e-9))))) if once < budget_s else 2
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], reps
 
 
 def _atomic_kernel():
@@ -63,9 +67,10 @@ def atomic_rows(device: torch.device) -> list[dict]:
     """Elements/s of fp32 atomic adds per semantics, and whether the buffer's sum is exact."""
     kernel = _atomic_kernel()
     if device.type == "cuda":
-        # 1 GiB of fp32 (well beyond L2, like a head's dW), 4 programs per SM, ~0.14 G adds per launch
+        # 1 GiB of fp32 (well beyond L2, like a head's dW), 4 programs per SM, ~69 M adds per launch: ~50 us
+        # at the fastest rate the roofline guessed for relaxed atomics, ~1.7 s at 1/40 of it for fenced ones
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        n_out, programs, block, iters, reps = 2**28, 4 * sms, 1024, 256, 5
+        n_out, programs, block, iters, reps = 2**28, 4 * sms, 1024, 128, 5
     else:  # the interpreter: toy sizes, a rehearsal only
         n_out, programs, block, iters, reps = 2**12, 4, 64, 2, 1
     out = torch.zeros(n_out, dtype=torch.float32, device=device)
@@ -77,9 +82,9 @@ def atomic_rows(device: torch.device) -> list[dict]:
         def launch():
             kernel[(programs,)](out, n_out, ITERS=iters, BLOCK=block, SEM=sem, num_warps=8)
 
-        seconds = _median_s(launch, device, reps)
+        seconds, runs = _median_s(launch, device, reps)
         total = float(out.double().sum())
-        exact = total == adds * (reps + 1)  # every launch (warm-up included) adds `adds` ones
+        exact = total == adds * (runs + 1)  # every launch (warm-up included) adds `adds` ones
         config = dict(n_out=n_out, programs=programs, block=block, iters=iters, adds=adds, exact=exact)
         rows.append(dict(op="micro", provider=f"atomic_add sem={sem}" if sem != "plain" else "load+add+store",
                          mode="-", metric="elements_per_s", unit="1/s", x_name="check", x_value="atomics",
@@ -112,7 +117,12 @@ def addmm_rows(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> lis
         for x, y in zip(a, b):
             torch.mm(x, y)
 
-    rows = []
+    from rpo_fast.gemm import fp32_out_on_tensor_cores
+
+    probe = fp32_out_on_tensor_cores(a[0])  # whether rpo_fast's head products take this path here
+    rows = [dict(op="micro", provider="rpo_fast.gemm probe", mode="-", metric="uses_out_dtype", unit="",
+                 x_name="check", x_value="addmm", p50=float(probe), p20=math.nan, p80=math.nan,
+                 config=json.dumps(dict(device=str(device), dtype=str(dtype).replace("torch.", ""))))]
     for name, fn in (("addmm out_dtype=fp32", out_dtype_acc), ("fp32 upcast + addmm_", upcast_acc),
                      ("bf16 mm (no accumulation)", plain)):
         config = dict(m=m, k=k, n=n, steps=steps, dtype=str(dtype).replace("torch.", ""))
@@ -125,7 +135,7 @@ def addmm_rows(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> lis
                              x_value="addmm", p50=math.nan, p20=math.nan, p80=math.nan, config=json.dumps(config)))
             continue
         err = float((acc.double() - exact).norm()) / scale if name != "bf16 mm (no accumulation)" else math.nan
-        seconds = _median_s(lambda: fn(torch.zeros(m, n, dtype=torch.float32, device=device)), device, reps)
+        seconds, _ = _median_s(lambda: fn(torch.zeros(m, n, dtype=torch.float32, device=device)), device, reps)
         measured = [("rel_err_vs_fp64", "1", err)] if not math.isnan(err) else []
         measured += [("time", "s", seconds), ("tflops", "TFLOP/s", flop / seconds / 1e12)]
         for metric, unit, value in measured:

@@ -122,3 +122,21 @@ def test_gpu_suite_7b_part_in_a_dry_run(tmp_path):
     log = (out / "log.txt").read_text()
     assert "full_adamw_bf16" in log and "wrote 8 rows" in log  # 4 metrics x 2 modes
     assert sorted(p.name for p in out.iterdir()) == ["gpu_7b.csv", "log.txt", "nvidia-smi.csv", "summary.md"]
+
+
+def test_micro_checks_on_cpu():
+    """The GPU suite's micro-checks rehearse on CPU: the atomics kernel in the Triton interpreter (every add
+    lands), addmm with out_dtype reported unsupported, the upcast fallback exact to fp32 precision."""
+    from bench import micro
+
+    rows, lines = [], []
+    micro.run(CPU, rows.append, lines.append)
+    assert not [r for r in rows if r["metric"] == "failed"], lines
+    atomics = [r for r in rows if r["x_value"] == "atomics"]
+    assert len(atomics) == len(micro.SEMANTICS)
+    assert all(json.loads(r["config"])["exact"] and r["p50"] > 0 for r in atomics)
+    by = {(r["provider"], r["metric"]): r for r in rows if r["x_value"] == "addmm"}
+    assert by[("rpo_fast.gemm probe", "uses_out_dtype")]["p50"] == 0.0
+    assert ("addmm out_dtype=fp32", "unsupported") in by
+    assert by[("fp32 upcast + addmm_", "rel_err_vs_fp64")]["p50"] < 1e-6
+    assert "**Micro-checks**" in "\n".join(report.micro_table(rows))
