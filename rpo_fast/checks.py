@@ -10,6 +10,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 SFT_NORMS = ("sum", "seq_mean", "token_mean")
 IMPLS = ("auto", "triton", "torch", "dense")
+HEAD_BACKWARDS = ("auto", "fwdgrad", "recompute", "atomic")  # fused_linear_rpo_loss(backward=)
+OP_BACKWARDS = ("auto", "recompute", "atomic")  # linear_logprobs(backward=)
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -129,3 +131,14 @@ def check_token_counts(counts: torch.Tensor, n_pairs: int, sft_norm: str, alpha:
     if alpha and sft_norm == "token_mean" and all(empty[:n_pairs]):
         raise ValueError("cu_seqlens/targets: no chosen sequence has response tokens, but "
                          "sft_norm='token_mean' divides by their total count")
+
+
+def check_chunk_tokens(chunk_tokens) -> None:
+    if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool)
+                                         and chunk_tokens > 0):
+        raise ValueError(f"chunk_tokens: expected None or an int > 0, got {chunk_tokens!r}")
+
+
+def check_loss_weight(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")

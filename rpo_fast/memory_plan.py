@@ -573,20 +573,21 @@ def _loss_memory(impl: str, N: int, V: int, H: int, b: int, trainable_head: bool
         fwd = 2 * 4 * splits * N + 8 * N
         bwd = 4 * N * H + b * N * H + (4 * V * H if trainable_head else 0)
         return LossMemory(fwd, bwd, bwd + head_grad, returned, 4 * N)
-    # torch: chunked logits (b-byte matmul output, then fp32); on CUDA logsumexp's own two fp32 temporaries
+    # torch: fp32 logits chunks, from half-precision operands on CUDA (fp32 GEMM output); elsewhere a b-byte
+    # product, then fp32. On CUDA logsumexp's own two fp32 temporaries.
     rows = min(N, chunked.chunk_rows(V, device=torch.device(device)))
     chunk = rows * V
-    upcast = b * chunk if b != 4 else 0
+    half_ops = device == "cuda" and b != 4
+    upcast = b * chunk if b != 4 and not half_ops else 0
     fwd = 4 * chunk + upcast + (8 * chunk if device == "cuda" else 0) + 8 * N
-    # Backward, three moments: a chunk's fp32 logits (and their b-byte copy); the fp32 dlogits with the
-    # chunk's fp32 hidden rows (dweight accumulates in place) and the b-byte dlogits for dhidden; the
-    # fp32 accumulator cast to the gradient (in fp32 the accumulator is the gradient).
+    # Backward peak: the chunk's fp32 softmax, its b-byte dlogits copy (the GEMM operand on CUDA, the dhidden
+    # operand elsewhere) and the rows for the gradient GEMMs (fp32 hidden rows off CUDA, the b-byte dhidden
+    # chunk on CUDA); at the end the fp32 accumulator is cast to the gradient (in fp32 it is the gradient).
     grad_hidden = N * H * b + 8 * N
     acc = 4 * V * H if trainable_head else 0
-    logits = grad_hidden + acc + 4 * chunk + upcast
-    product = grad_hidden + acc + 4 * chunk + upcast + 4 * rows * H
+    bwd = grad_hidden + acc + 4 * chunk + (b * chunk if b != 4 else 0) + (b if half_ops else 4) * rows * H
     end = grad_hidden + head_grad + (acc if b != 4 else 0)
-    return LossMemory(fwd, max(logits, product), end, returned, 4 * N)
+    return LossMemory(fwd, bwd, end, returned, 4 * N)
 
 
 # ---------------------------------------------------------------------------------------------------

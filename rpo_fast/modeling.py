@@ -214,9 +214,10 @@ def head_compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.
 class PackedRPOModel(nn.Module):
     """Policy forward + fused RPO loss in one module, so DDP/FSDP wrappers see the whole step.
 
-    `forward(batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None) -> RPOOutput`:
-    backbone on the packed row, response rows through the fused head and the loss. `loss_options` are
-    the keyword arguments of `fused_linear_rpo_loss` (beta, alpha, sft_norm, ...).
+    `forward(batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, pair_weight=1.0,
+    nll_weight=1.0) -> RPOOutput`: backbone on the packed row, response rows through the fused head and the
+    loss. `loss_options` are the keyword arguments of `fused_linear_rpo_loss` (beta, alpha, sft_norm, ...);
+    the weights are a micro-batch's (`loss = pair_weight * pref_loss + nll_weight * alpha * nll`).
     """
 
     def __init__(self, model: nn.Module, **loss_options):
@@ -224,7 +225,8 @@ class PackedRPOModel(nn.Module):
         self.model = model
         self.loss_options = loss_options
 
-    def forward(self, batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None) -> RPOOutput:
+    def forward(self, batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, pair_weight=1.0,
+                nll_weight=1.0) -> RPOOutput:
         hidden = response_hidden(self.model, batch)
         weight, bias = head(self.model)
         dtype = head_compute_dtype(hidden.device, weight.dtype)
@@ -233,7 +235,7 @@ class PackedRPOModel(nn.Module):
             return fused_linear_rpo_loss(
                 cast(hidden), cast(weight), batch.targets, batch.response_cu_seqlens, bias=cast(bias),
                 ref_hidden=cast(ref_hidden), ref_weight=cast(ref_weight), ref_bias=cast(ref_bias),
-                ref_logps=ref_logps, **self.loss_options)
+                ref_logps=ref_logps, pair_weight=pair_weight, nll_weight=nll_weight, **self.loss_options)
 
 
 @torch.no_grad()

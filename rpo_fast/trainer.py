@@ -31,7 +31,6 @@ from accelerate.utils import DistributedType
 from . import checkpoint, memory_plan, metrics, modeling, oom, optim
 from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
-from .loss import reweighted_loss
 from .packing import batch_by_token_budget, pack_pairs
 from .ref_cache import ReferenceCache, load_or_compute, model_fingerprint
 
@@ -226,10 +225,12 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
         try:
             ref = reference.inputs(batch, "train", accelerator.autocast)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                out = model(batch, **ref)
-                nll_pairs = token_mean_nll_pairs(out, config, step_pairs, step_chosen_tokens)
-                loss = reweighted_loss(out, batch.n_pairs * world / step_pairs,
-                                       (batch.n_pairs if nll_pairs is None else nll_pairs) * world / step_pairs)
+                nll_pairs = token_mean_nll_pairs(sum(len(examples[i].chosen_ids) for i in group), config,
+                                                 step_pairs, step_chosen_tokens)
+                # The micro-batch's weights enter the head: its gradient is formed in forward (fwdgrad).
+                out = model(batch, **ref, pair_weight=batch.n_pairs * world / step_pairs,
+                            nll_weight=(batch.n_pairs if nll_pairs is None else nll_pairs) * world / step_pairs)
+                loss = out.loss
                 if hooks.transform_loss is not None:
                     loss = hooks.transform_loss(step, loss)
                 # An in-backward optimizer updates weights during backward: a non-finite loss must not get there.
@@ -240,18 +241,21 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
             raise oom.TrainingOutOfMemoryError(oom.out_of_memory_message(
                 config, step, batch.n_pairs, batch.num_tokens, batch.num_response_tokens,
                 getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device))) from e
-        sums += metrics.pair_metric_sums(out, batch.n_pairs, nll_pairs)
+        sums += metrics.pair_metric_sums(out._replace(loss=out.pref_loss + config.alpha * out.nll), batch.n_pairs,
+                                         nll_pairs)  # the loss unweighted
         tokens += batch.num_tokens
         response_tokens += batch.num_response_tokens
     return sums, tokens, response_tokens
 
 
-def token_mean_nll_pairs(out, config: TrainConfig, total_pairs: int, total_chosen_tokens: int) -> float | None:
-    """For sft_norm="token_mean": the micro-batch's share of all chosen tokens, in pairs (its NLL's weight
-    in a pair-weighted sum whose total is `total_pairs`); None for the other norms (weight = its pairs)."""
+def token_mean_nll_pairs(chosen_tokens: int, config: TrainConfig, total_pairs: int,
+                         total_chosen_tokens: int) -> float | None:
+    """For sft_norm="token_mean": the micro-batch's share (`chosen_tokens` of its chosen responses) of all
+    chosen tokens, in pairs (its NLL's weight in a pair-weighted sum whose total is `total_pairs`); None for
+    the other norms (weight = its pairs)."""
     if config.sft_norm != "token_mean":
         return None
-    return total_pairs * float(out.chosen_token_counts.sum()) / total_chosen_tokens
+    return total_pairs * chosen_tokens / total_chosen_tokens
 
 
 def apply_update(model, optimizer, accelerator, config: TrainConfig, loss: float) -> tuple[bool, float, int | None]:
@@ -292,8 +296,9 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
         batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
         with accelerator.autocast():
             out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
+        batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
         sums += metrics.pair_metric_sums(out, batch.n_pairs,
-                                         token_mean_nll_pairs(out, config, len(examples), chosen_tokens))
+                                         token_mean_nll_pairs(batch_chosen, config, len(examples), chosen_tokens))
     module.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")
@@ -441,7 +446,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     loss_options = dict(beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm, loss_type=config.loss_type,
                         label_smoothing=config.label_smoothing, average_log_prob=config.average_log_prob,
-                        impl=config.head_impl())
+                        impl=config.head_impl(), backward=config.head_backward, chunk_tokens=config.head_chunk_tokens)
     model = modeling.PackedRPOModel(policy, **loss_options)
     optimizer, scheduler = build_optimizer(model, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step
