@@ -14,7 +14,7 @@ def test_one_process_is_the_plain_plan():
     assert one.components == plain.components and one.phases == plain.phases
 
 
-@pytest.mark.parametrize("model", ["mistral-7b", "llama3-8b"])
+@pytest.mark.parametrize("model", ["mistral-7b", "llama-3-8b", "gemma-7b"])
 def test_sharded_state_divides_by_the_world_size(model):
     one = plan_memory(model, **OPTIONS)
     s = model_shape(model)
