@@ -2,7 +2,6 @@
 marker file) in a state file, the DCP metadata or a DCP value is refused with a message naming the file, and
 the marker never appears; what rpo-fast writes (numpy RNG states included) still loads."""
 import io
-import json
 import pickle
 
 import pytest
@@ -106,7 +105,8 @@ def test_sharded_metadata_with_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
     with open(tmp_path / "sharded" / ".metadata", "wb") as f:
         pickle.dump(CreatesFile(marker), f)
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"\.metadata names io\.open, which is not DCP metadata, so loading it could run code"):
+    with pytest.raises(checkpoint.UnsafeCheckpointError,
+                       match=r"\.metadata names io\.open, which is not DCP metadata, so loading it could run code"):
         checkpoint.load_sharded(*fresh(), tmp_path / "sharded")
     assert not marker.exists()
 
