@@ -248,9 +248,10 @@ def reference_head_inputs(model: nn.Module, batch, dtype: torch.dtype) -> tuple[
 
 
 def save_pretrained(model: nn.Module, tokenizer, path: str | Path, state_dict=None) -> None:
-    """`save_pretrained` (safetensors) of the model (the LoRA adapter for peft models) and the tokenizer."""
+    """`save_pretrained` (safetensors) of the model (the LoRA adapter for peft models) and the tokenizer;
+    `state_dict`: the weights to write instead of the model's own (gathered ones, under FSDP)."""
     if hasattr(model, "get_base_model"):  # LoRA never trains the embeddings: save the adapter alone
-        model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     else:
         model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
