@@ -78,13 +78,12 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int)
 
 
 def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, ignore_index: int = -100) -> torch.Tensor:
     """dlogits [C, V] = g[:, None] * (onehot(targets) - exp(logits - lse[:, None])).
 
-    Rows with ignored targets (any index outside [0, V)) or g == 0 are all zero. In place in `logits`
+    Rows whose target is `ignore_index` or whose g == 0 are all zero (the signature of `kernels.logit_grad_`). In place in `logits`
     (fp32 [C, V]) when `out_dtype` is float32; else the result is cast to `out_dtype` (bf16/fp16)."""
-    vocab = logits.shape[1]
-    counted = (targets >= 0) & (targets < vocab)
+    counted = targets != ignore_index
     g = g.float().masked_fill(~counted, 0.0)
     for rows in _row_blocks(logits):  # -g * softmax, block by block while the block is in cache
         logits[rows].sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
@@ -254,7 +253,8 @@ def fwdgrad_head_loss(
         for piece in pieces[-1:] + pieces[:-1]:
             if logits is None:
                 logits = logits_of(h[piece])
-            dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype)
+            dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype,
+                                          ignore_index=ignore_index)
             logits = None
             if want_dh:
                 dh_chunk[piece] = dlogits @ w_op
