@@ -4,7 +4,7 @@
 
 accelerate selects FSDP only for accelerator devices: with `cpu=True` it runs DDP (MULTI_CPU) whatever
 ACCELERATE_USE_FSDP says. torch's FSDP2 (`fully_shard`) itself runs on CPU tensors over gloo, so this driver
-sets accelerate's distributed type to FSDP (FSDP2, one unit per decoder layer, as configs/accelerate_fsdp2.yaml
+sets accelerate's distributed type to FSDP (FSDP2, one unit per decoder layer, as configs/accelerate/fsdp2.yaml
 does on GPUs) after the Accelerator is built, and the trainer then takes its FSDP paths unchanged: sharding in
 `accelerator.prepare`, sharded checkpoints, gathered export. With KILL_AT_STEP every process SIGKILLs itself at
 the end of that step (after that step's checkpoint, if any, is committed).
