@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rpo_fast
+import rpo_fast.chunked
 from rpo_reference_math import assert_within, logprobs64, naive_logprobs, random_pairs, rpo64
 
 
@@ -91,7 +92,8 @@ def test_loss_types_norms_and_references(impl, loss_type, sft_norm, ref_mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("average_log_prob", [False, True], ids=["sum_logp", "avg_logp"])
-def test_dtypes_bias_and_average_log_prob(impl, dtype, bias, average_log_prob):
+def test_dtypes_bias_and_average_log_prob(impl, dtype, bias, average_log_prob, monkeypatch):
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", 16 * 301)  # torch: chunks of 16 tokens, one ragged
     case = make_case(B=2, max_len=40, H=75, V=301, dtype=dtype, bias=bias, ref_mode="head")
     opts = dict(beta=0.1, alpha=1.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
                 average_log_prob=average_log_prob)
