@@ -121,7 +121,8 @@ MUTATIONS = [
         "the target's one-hot left out of the gradient"),
     # The Triton kernels (run in the interpreter).
     Mutation("triton_ignored_gradient", "kernels/linear_logprobs_bwd.py", ((
-        "g = tl.where(targets == ignore_index, 0.0, g)", "g = g"),), "Triton backward: ignored positions pass gradient"),
+        "g = tl.where(targets == ignore_index, 0.0, g)", "g = g"),),
+        "Triton backward: ignored positions pass gradient"),
 ]
 
 

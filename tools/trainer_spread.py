@@ -13,7 +13,6 @@ largest value seen, with margin.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import rpo_fast  # noqa: E402
 import test_linear_logprobs as head_tests  # noqa: E402
 import test_rpo_loss as loss_tests  # noqa: E402
-from rpo_reference_math import max_abs_err, row_bounds  # noqa: E402
+from rpo_reference_math import max_abs_err, naive_logprobs, row_bounds  # noqa: E402
 
 EARLIER_TOL = {"head": {torch.bfloat16: 1.5e-2, torch.float16: 2e-3},
                "loss": {torch.bfloat16: 2e-2, torch.float16: 2e-3}}
@@ -88,15 +88,10 @@ def loss_cases(dtype):
                 opts = dict(beta=0.1, alpha=1.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
                             average_log_prob=average_log_prob)
                 _, ref = loss_tests.reference64(*case, opts)
-                _, naive = loss_tests.reference64(*case, opts, logprobs=rpo_reference_naive())
+                _, naive = loss_tests.reference64(*case, opts, logprobs=naive_logprobs)
                 _, got = loss_tests.actual(*case, opts, impl)
                 _, dense = loss_tests.actual(*case, opts, "dense")
                 yield f"bias={bias} avg={average_log_prob} {impl}", got[1], ref[1], naive[1], dense[1]
-
-
-def rpo_reference_naive():
-    from rpo_reference_math import naive_logprobs
-    return naive_logprobs
 
 
 def main():
