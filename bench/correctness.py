@@ -1,5 +1,5 @@
 """Correctness of the fast paths at real sizes against the dense reference, judged relative to the
-same-dtype dense error (STYLE.md): `err(impl) <= 2 * err(dense, same dtype) + TOL[dtype]`, with
+same-dtype dense error: `err(impl) <= 2 * err(dense, same dtype) + TOL[dtype]`, with
 `err(x) = ||x - ref|| / ||ref||` and `ref` the dense op in fp32 on the same (upcast) inputs, TF32 off.
 
 Checked per shape: the per-token log-probs, dL/dhidden and dL/dweight for a random upstream gradient

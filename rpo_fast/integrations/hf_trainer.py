@@ -5,7 +5,7 @@ Batch format (what `PreferenceCollator` builds; the usual padded DPO batch): `in
 `labels` HF-style (aligned with input_ids, -100 on prompt and padding, shifted inside). Optional
 `ref_chosen_logps`, `ref_rejected_logps`: [B] precomputed summed reference log-probs.
 
-The loss is `rpo_fast.rpo_loss` (DESIGN.md):
+The loss is `rpo_fast.rpo_loss` (formulas in `rpo_fast.loss`):
 
     loss = mean_i l(z_i) + alpha * NLL,   z_i = beta * ((s_i - s_i^ref) - (s_{B+i} - s_{B+i}^ref))
     sft_norm="token_mean" (default; TRL's "sft", Liger):  NLL = -(sum_i s_i) / (sum_i n_i)
@@ -133,7 +133,7 @@ def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bo
         inputs: input_ids, attention_mask, labels [2B, T] (module docstring).
 
     Returns:
-        (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of DESIGN.md.
+        (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of the formulas in `rpo_fast.loss`.
     """
     _check_batch(inputs)
     if not _is_installed(model):

@@ -1,0 +1,215 @@
+"""Mutation check: does the correctness matrix catch realistic bugs? Not run by CI (a few minutes).
+
+    .venv/bin/python tools/mutation_check.py                  # every mutation, the matrix files
+    .venv/bin/python tools/mutation_check.py -k ipo smoothing  # mutations whose name contains any word
+    .venv/bin/python tools/mutation_check.py --all-files tests/test_numerical_edges.py   # more files, each run
+
+The repository's tracked and untracked (not ignored) files are copied once to a scratch folder, with
+`kernels/` also placed at `rpo_fast/kernels/` there (the editable install maps `rpo_fast.kernels` to the
+worktree's `kernels/`; the copy must import its own). Each mutation replaces exact snippets of one file in
+that copy, runs the test files from the copy's root with this interpreter (`python -m pytest -x`, one
+process, TRITON_INTERPRET=1 OMP_NUM_THREADS=1), then restores the file. Before anything runs, the copy's
+`rpo_fast` and `rpo_fast.kernels` are checked to be the ones imported.
+
+Files run in order and, unless --all-files, stop at the first that fails: the table says which file and
+test caught each mutation, "NOT CAUGHT", or "not applicable" when a snippet is no longer in the code (update
+the list after changing that code). Exit status 1 if any applicable mutation was not caught.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MATRIX = ["tests/test_rpo_loss.py", "tests/test_linear_logprobs.py"]
+ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (exact old snippet, replacement), each old snippet unique in the file
+    description: str
+
+
+LOSS, CHUNKED = "rpo_fast/loss.py", "rpo_fast/chunked.py"
+MUTATIONS = [
+    # The preference term.
+    Mutation("smoothing_dropped", LOSS, ((
+        "return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)",
+        "return -F.logsigmoid(z)"),), "cDPO label smoothing ignored"),
+    Mutation("smoothing_sign", LOSS, ((
+        "- label_smoothing * F.logsigmoid(-z)", "+ label_smoothing * F.logsigmoid(-z)"),),
+        "cDPO's second term added with the wrong sign"),
+    Mutation("smoothing_swapped", LOSS, ((
+        "return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)",
+        "return -label_smoothing * F.logsigmoid(z) - (1 - label_smoothing) * F.logsigmoid(-z)"),),
+        "cDPO's two weights swapped (invisible at label_smoothing 0.5)"),
+    Mutation("ipo_no_inverse_beta", LOSS, ((
+        "return (z / beta - 1 / (2 * beta)) ** 2", "return (z - 1 / 2) ** 2"),), "IPO without its 1/beta"),
+    Mutation("ipo_summed_logps", LOSS, ((
+        'per_token = average_log_prob or loss_type == "ipo"', "per_token = average_log_prob"),),
+        "IPO on summed instead of per-token-averaged log-probs"),
+    Mutation("hinge_margin", LOSS, (("return torch.relu(1 - z)", "return torch.relu(-z)"),),
+             "hinge without its margin of 1"),
+    Mutation("avg_logp_policy_only", LOSS, ((
+        "logratios = (policy - ref) / scale", "logratios = policy / scale - ref"),),
+        "average_log_prob applied to the policy but not the reference"),
+    Mutation("swapped_chosen_rejected", LOSS, ((
+        "z = beta * (logratios[:n_pairs] - logratios[n_pairs:])",
+        "z = beta * (logratios[n_pairs:] - logratios[:n_pairs])"),), "chosen and rejected swapped in z"),
+    Mutation("pairs_summed", LOSS, ((
+        "pref_loss = preference_losses(z, beta, loss_type, label_smoothing).mean()",
+        "pref_loss = preference_losses(z, beta, loss_type, label_smoothing).sum()"),),
+        "preference term summed over pairs instead of averaged"),
+    Mutation("rewards_without_beta", LOSS, ((
+        "rewards = (beta * logratios).detach()", "rewards = logratios.detach()"),), "rewards missing beta"),
+    Mutation("reference_not_detached", LOSS, ((
+        "ref_logps.detach().float()", "ref_logps.float()"),), "gradient flows into given reference log-probs"),
+    # The SFT term.
+    Mutation("seq_mean_wrong_count", LOSS, ((
+        "return -(chosen_logps / chosen_counts).mean()", "return -(chosen_logps / chosen_counts.mean()).mean()"),),
+        "seq_mean divides every sequence by the mean count"),
+    Mutation("token_mean_per_sequence", LOSS, ((
+        "return -chosen_logps.sum() / chosen_counts.sum()", "return -(chosen_logps / chosen_counts).mean()"),),
+        "token_mean computed as a mean of per-sequence means"),
+    Mutation("sum_norm_summed", LOSS, (("return -chosen_logps.mean()", "return -chosen_logps.sum()"),),
+             'sft_norm="sum" summed over pairs instead of averaged'),
+    Mutation("nll_on_rejected", LOSS, ((
+        "nll = sft_nll(policy[:n_pairs], counts[:n_pairs], sft_norm)",
+        "nll = sft_nll(policy[n_pairs:], counts[n_pairs:], sft_norm)"),), "SFT term on the rejected responses"),
+    Mutation("alpha_dropped", LOSS, ((
+        "loss=pref_loss + alpha * nll if alpha else pref_loss", "loss=pref_loss + nll if alpha else pref_loss"),),
+        "alpha not applied to the NLL"),
+    # Counting and summing.
+    Mutation("counts_include_ignored", LOSS, ((
+        "counts = segment_sum((targets != ignore_index).float(), lengths)", "counts = lengths.float()"),),
+        "token counts include ignored tokens"),
+    Mutation("segments_shifted", LOSS, ((
+        "lengths.to(values.device))", "lengths.roll(1).to(values.device))"),),
+        "segment_sum uses the wrong sequence boundaries"),
+    # The chunked head.
+    Mutation("ignored_logprob_kept", CHUNKED, (("return lp.masked_fill_(ignored, 0.0), lse", "return lp, lse"),),
+             "log-probs of ignored targets not zeroed"),
+    Mutation("ignored_tokens_get_gradient", CHUNKED, ((
+        "g = grad_lp.float().masked_fill(ignored, 0.0)", "g = grad_lp.float()"),),
+        "ignored positions pass gradient"),
+    Mutation("lse_off_by_constant", CHUNKED, ((
+        ".sub_(lse[rows, None])", ".sub_(lse[rows, None] - 1e-3)"),),
+        "the backward's recomputed softmax uses lse off by 1e-3"),
+    Mutation("dw_accumulated_in_input_dtype", CHUNKED, (
+        ("grad_weight = torch.zeros(weight.shape, dtype=torch.float32,",
+         "grad_weight = torch.zeros(weight.shape, dtype=weight.dtype,"),
+        ("grad_weight.addmm_(dlogits.T, hidden[rows].float())",
+         "grad_weight.addmm_(dlogits.T.to(weight.dtype), hidden[rows])")),
+        "the weight gradient accumulated across chunks in bf16/fp16"),
+    Mutation("bias_gradient_dropped", CHUNKED, (("grad_bias += dlogits.sum(0)", "grad_bias += 0"),),
+             "bias gradient left at zero"),
+    Mutation("unrequested_dhidden", CHUNKED, ((
+        "want_dh, want_dw, want_db = needs_grad", "want_dh, want_dw, want_db = True, needs_grad[1], needs_grad[2]"),),
+        "dhidden computed though not requested"),
+    Mutation("onehot_missing", CHUNKED, ((
+        "dlogits.scatter_add_(1, safe_targets[rows, None], torch.ones_like(lse[rows, None]))", "pass"),),
+        "the target's one-hot left out of the gradient"),
+    # The Triton kernels (run in the interpreter).
+    Mutation("triton_ignored_gradient", "kernels/linear_logprobs_bwd.py", ((
+        "g = tl.where(targets == ignore_index, 0.0, g)", "g = g"),),
+        "Triton backward: ignored positions pass gradient"),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    shutil.copytree(dest / "kernels", dest / "rpo_fast" / "kernels")
+
+
+def scratch_path(scratch: Path, path: str) -> Path:
+    return scratch / ("rpo_fast/" + path if path.startswith("kernels/") else path)
+
+
+def check_imports(scratch: Path, env: dict) -> None:
+    code = "import rpo_fast, rpo_fast.kernels; print(rpo_fast.__file__); print(rpo_fast.kernels.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=env, check=True, capture_output=True,
+                         text=True).stdout.split()
+    for f in out:
+        if not Path(f).resolve().is_relative_to(scratch.resolve()):
+            raise SystemExit(f"the scratch copy is not what gets imported: {f}")
+
+
+def run_tests(scratch: Path, env: dict, path: str) -> tuple[int, str]:
+    """(pytest's exit code, the first failing test id or the error line)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:xdist", "-p",
+                           "no:cacheprovider", path], cwd=scratch, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+    if failed:
+        return proc.returncode, failed[0].split("::", 1)[-1]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Error" in ln]
+    return proc.returncode, (lines[-1][:60] if lines else f"exit {proc.returncode}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", nargs="*", default=[], help="only mutations whose name contains one of these")
+    parser.add_argument("--all-files", action="store_true", help="run every file, not only up to the first catch")
+    parser.add_argument("files", nargs="*", default=MATRIX, help=f"test files, in order (default {MATRIX})")
+    args = parser.parse_args()
+    mutations = [m for m in MUTATIONS if not args.k or any(k in m.name for k in args.k)]
+    env = {**os.environ, **ENV, "PYTHONPATH": ""}
+    rows, missed = [], 0
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        scratch = Path(tmp)
+        copy_repo(scratch)
+        env["PYTHONPATH"] = str(scratch)
+        check_imports(scratch, env)
+        clean = [run_tests(scratch, env, f) for f in args.files] if args.all_files else []
+        if any(code != 0 for code, _ in clean):
+            raise SystemExit(f"the unmutated tests fail: {clean}")
+        for m in mutations:
+            target = scratch_path(scratch, m.path)
+            original = target.read_text()
+            if any(original.count(old) != 1 for old, _ in m.edits):
+                rows.append((m, "not applicable (snippet not found once)"))
+                continue
+            mutated = original
+            for old, new in m.edits:
+                mutated = mutated.replace(old, new)
+            target.write_text(mutated)
+            try:
+                caught = []
+                for f in args.files:
+                    code, first = run_tests(scratch, env, f)
+                    if code == 1 or code == 2 or code == 3:
+                        caught.append(f"{Path(f).name}::{first}")
+                        if not args.all_files:
+                            break
+                    elif code != 0:
+                        caught.append(f"{Path(f).name}: pytest exit {code} ({first})")
+            finally:
+                target.write_text(original)
+            missed += not caught
+            rows.append((m, "; ".join(caught) or "NOT CAUGHT"))
+            print(f"{m.name}: {rows[-1][1]}", file=sys.stderr, flush=True)
+    width = max(len(m.name) for m, _ in rows)
+    print(f"\n{'mutation':<{width}}  {'caught by (file::first failing test)':<60}  what")
+    for m, result in rows:
+        print(f"{m.name:<{width}}  {result:<60}  {m.path}: {m.description}")
+    print(f"\n{len(rows) - missed} of {len(rows)} caught or not applicable; {missed} NOT CAUGHT")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
