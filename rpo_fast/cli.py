@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("precompute-ref", "cache the reference log-probs of the train/eval sets on disk")):
         sub = commands.add_parser(
             name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description=f"{text}. Any config key below can be given as --key=value; precedence, lowest first: "
-                        "defaults < preset < --config file < --key=value.",
+            description=f"{text}. Any config key below can be given as --key=value (a bare --flag sets a boolean "
+                        "key to true);\nprecedence, lowest first: defaults < preset < --config file < --key=value.",
             epilog="config keys (defaults shown):\n" + describe_keys()
                    + "\n\nexit status: 0 done, 2 bad argument/config/data/model path, 3 too many non-finite steps, "
                      "4 CUDA out of memory")

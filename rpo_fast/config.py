@@ -166,6 +166,8 @@ class TrainConfig:
             _require("max_grad_norm", self.max_grad_norm == 0,
                      f"0 with optimizer={self.optimizer!r}: the global norm is known only after every parameter "
                      "has been stepped, so it cannot clip", self.max_grad_norm)
+        _require("resume", not (self.resume and self.overwrite),
+                 "either resume (continue the run in output_dir) or overwrite (delete it and start again)", "both")
         if self.eta is not None:
             _require("eta", _finite(self.eta) and self.eta >= 0, "None or a finite number >= 0", self.eta)
             _require("alpha", math.isclose(self.alpha, self.eta * self.beta, rel_tol=1e-9, abs_tol=0.0),

@@ -15,6 +15,7 @@ how it reports, but not what a step computes.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def check_writable(output_dir: str | Path) -> None:
         raise ValueError(f"output_dir: expected a folder (or a path to create one), got the file {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".rpo-fast-write-test"
+        probe = path / f".rpo-fast-write-test-{os.getpid()}"  # one per process: ranks check at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -75,12 +76,9 @@ def check(config: TrainConfig) -> Path | None:
 
     Raises:
         ValueError: naming output_dir for an unwritable folder or an earlier run without --resume or
-            --overwrite; naming resume for both flags at once, or for a checkpoint whose config differs
-            outside RESUME_FREE_KEYS (listing each key with its saved and current value).
+            --overwrite; naming resume for a checkpoint whose config differs outside RESUME_FREE_KEYS
+            (listing each key with its saved and current value).
     """
-    if config.resume and config.overwrite:
-        raise ValueError("resume: expected either resume (continue the run in output_dir) or overwrite (delete "
-                         "it and start again), got both")
     check_writable(config.output_dir)
     if config.overwrite:
         return None
