@@ -52,8 +52,8 @@ class TrainConfig:
     ref_model: str | None = None  # for reference=model/cache: default the policy's `model`
     ref_cache_dir: str = "outputs/ref_cache"
     # --- data ---
-    train_file: str = "data/train.jsonl"
-    eval_file: str | None = "data/eval.jsonl"
+    train_file: str = "data/train.jsonl"  # .jsonl, .json, .parquet or a save_to_disk folder (README: your own data)
+    eval_file: str | None = "data/eval.jsonl"  # null = no eval; the embedded set only with the embedded train_file
     max_length: int = 512  # prompt + response tokens per sequence
     max_prompt_length: int = 256
     token_budget: int = 4096  # packed tokens per micro-batch (chosen + rejected of all its pairs)

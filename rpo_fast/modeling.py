@@ -8,6 +8,7 @@ says so and by a numerical check of one tiny forward otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -45,12 +46,23 @@ def resolve_model_source(name: str, gguf_file: str | None = None) -> tuple[str, 
     return name, gguf_file
 
 
+@contextlib.contextmanager
+def _loading(name: str):
+    """transformers' OSError for a source it cannot load (no such hub repo, no network, broken files) as a
+    ValueError naming the model: the start-up checks (rpo_fast.preflight) catch what they can before."""
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"model: could not load {name!r} ({str(e).strip().splitlines()[0]})") from e
+
+
 def load_tokenizer(name: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     path, gguf_file = resolve_model_source(name, gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
-        AutoTokenizer.from_pretrained(path)
+    with _loading(name):
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
+            AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # packing never pads; pad_pairs and generation still want an id
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -73,7 +85,8 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
     attn_implementation = attn_implementation or attention.register()
     path, gguf_file = resolve_model_source(name, gguf_file)
     if gguf_file:
-        loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+        with _loading(name):
+            loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
         config = loaded.config
         for attr in ("quantization_config", "_pre_quantization_dtype"):  # or from_config would quantize again
             if hasattr(config, attr):
@@ -87,7 +100,9 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
         model.tie_weights()
         del loaded
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+        with _loading(name):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         attn_implementation=attn_implementation)
     model = model.to(DTYPES[dtype])
     check_head(model)
     return model

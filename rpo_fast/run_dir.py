@@ -72,7 +72,8 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tu
 
 
 def check(config: TrainConfig) -> Path | None:
-    """The run-folder policy, before anything loads. Returns the checkpoint `--resume` will continue, or None.
+    """The run-folder policy, before anything loads. Returns the checkpoint `--resume` will continue (its
+    files' sizes checked; the trainer checks their hashes), or None.
 
     Raises:
         ValueError: naming output_dir for an unwritable folder or an earlier run without --resume or
@@ -83,7 +84,8 @@ def check(config: TrainConfig) -> Path | None:
     if config.overwrite:
         return None
     if config.resume:
-        latest = checkpoint.latest_checkpoint(config.output_dir)
+        # Sizes only: the trainer verifies the hashes when it loads; hashing a 7B checkpoint twice costs minutes.
+        latest = checkpoint.latest_checkpoint(config.output_dir, verify_hashes=False)
         if latest is not None:
             saved_config = latest / "config.yaml"
             try:
