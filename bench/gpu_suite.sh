@@ -3,10 +3,17 @@
 #
 #     bash bench/gpu_suite.sh OUTDIR [all|loss|7b]          # default: all
 #
-# loss: 1. correctness of impl="triton" against the dense fp32 reference at real sizes (bf16; judged relative
-#       to the same-dtype dense error), 2. the loss microbenchmarks (presets, then sweeps), 3. the training-step
-#       benchmark (Llama-3.2-1B and Mistral-7B configs, random weights, bf16, gradient checkpointing):
-#       `python -m bench.run`, writing results.csv, summary.md, meta.json, log.txt, vs_V.png, vs_N.png.
+# loss: 0. micro-checks (bench/micro.py, ~15 s): fp32 tl.atomic_add throughput with sem="acq_rel" vs "relaxed",
+#       and torch.addmm(acc32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc32) (error vs float64, time vs
+#       the fp32-upcast fallback and a bf16 mm), 1. correctness of impl="triton" against the dense fp32
+#       reference at real sizes (bf16; judged relative to the same-dtype dense error), 2. the loss
+#       microbenchmarks, one provider per head backward choice (ours_fwdgrad, ours_recompute, ours_atomic,
+#       ours_atomic_filter) beside dense, dense+compile, Liger, CCE and the bare GEMMs: the Llama-3-8B preset in
+#       every mode, then Mistral-7B, Gemma-7B and the published CE heads' shape (M=4096, H=4096, V=128256),
+#       then the presets with a reference head, then sweeps, 3. the training-step benchmark (Llama-3.2-1B and
+#       Mistral-7B configs, random weights, bf16, gradient checkpointing): `python -m bench.run`, writing
+#       results.csv (row by row, so a timeout keeps what was measured), summary.md, meta.json, log.txt,
+#       vs_V.png, vs_N.png. log.txt says how long each stage took.
 # 7b:   the 7B memory modes through the trainer's own packed step (bench/gpu_7b.py: random-init Mistral-7B,
 #       full fine-tuning in every optimizer memory mode and LoRA under a 24 GiB cap; peak memory, tokens/s and
 #       the planner's prediction): writes gpu_7b.csv, appends a "## 7B memory modes" section to summary.md and
@@ -19,11 +26,12 @@
 # with SIGTERM at a hard limit, on which both still write what they measured, then SIGKILL 15 s later.
 #   loss alone: BUDGET_S=450, HARD_LIMIT_S=510 (as before 7b joined the suite).
 #   7b alone:   GPU7B_HARD_LIMIT_S=510, GPU7B_BUDGET_S = hard limit - 60.
-#   all:        loss gets BUDGET_S=300, HARD_LIMIT_S=340: correctness and the Llama-3-8B targets (run first)
-#               need ~100 s, bench.run keeps 130 s of its budget for its training steps, and 40 s covers the
-#               point in flight plus the summary and plots. 7b then gets all that is left of TOTAL_LIMIT_S=555
-#               (less the 15 s SIGKILL grace, at most GPU7B_HARD_LIMIT_S when set): ~200 s after a loss part
-#               that used its whole budget, never less than 180 s unless BUDGET_S/HARD_LIMIT_S are raised.
+#   all:        loss gets BUDGET_S=320, HARD_LIMIT_S=360: micro-checks, correctness and the Llama-3-8B targets
+#               (run first) need ~120 s (estimated, not yet measured), the other presets ~60 s, bench.run keeps
+#               130 s of its budget for its training steps (the points after the presets are cut first), and
+#               40 s covers the point in flight plus the summary and plots. 7b then gets all that is left of
+#               TOTAL_LIMIT_S=555 (less the 15 s SIGKILL grace, at most GPU7B_HARD_LIMIT_S when set): 180 s after
+#               a loss part that ran to its hard limit, more when it ends earlier.
 #               Its budget is the hard limit less 60 s: ~25 s of start-up (imports, a random-init 7.24e9-parameter
 #               model, the first Triton compile), then ~5-15 s per mode (4 steps of 4096 tokens), so the first
 #               5-6 modes fit; 60 s is the longest an eager mode started just before the budget runs. The
@@ -81,12 +89,13 @@ rc_loss=0
 rc_7b=0
 
 if [ "$PART" != 7b ]; then
-    if [ "$PART" = all ]; then budget=${BUDGET_S:-300}; hard=${HARD_LIMIT_S:-340}
+    if [ "$PART" = all ]; then budget=${BUDGET_S:-320}; hard=${HARD_LIMIT_S:-360}
     else budget=${BUDGET_S:-450}; hard=${HARD_LIMIT_S:-510}; fi
     echo "gpu_suite: loss benchmarks, budget ${budget} s, hard limit ${hard} s"
     timeout -s TERM -k "$KILL_GRACE_S" "$hard" "$PY" -m bench.run --suite "$SUITE" --out "$OUT" \
         --budget-s "$budget" ${RPO_BENCH_ARGS:-}
     rc_loss=$?
+    echo "gpu_suite: loss part: exit $rc_loss after $(( $(date +%s) - START )) s"
 fi
 
 if [ "$PART" != loss ]; then
@@ -109,6 +118,7 @@ if [ "$PART" != loss ]; then
         timeout -s TERM -k "$KILL_GRACE_S" "$hard" "$PY" bench/gpu_7b.py "$OUT" --budget-s "$budget" \
             --summary "$OUT/summary.md" $DRY ${RPO_GPU7B_ARGS:-} 2>&1 | tee -a "$OUT/log.txt"
         rc_7b=${PIPESTATUS[0]}
+        echo "gpu_suite: 7B part: exit $rc_7b, $(( $(date +%s) - START )) s since the start" | tee -a "$OUT/log.txt"
     fi
 fi
 

@@ -11,11 +11,17 @@ NLL on the chosen sequences: Liger's `compute_nll_loss` and TRL's "sft"), which 
     cce            Cut Cross-Entropy linear_cross_entropy(reduction="none") -> per-token log-probs, then
                    the RPO formula in torch; impl="cce" on GPU (default gradient filtering), on CPU
                    impl="torch_compile" (dense logits under torch.compile: the only CPU path it has)
-    ours_torch     rpo_fast fused_linear_rpo_loss(impl="torch"): chunked PyTorch, recompute in backward
-    ours_triton    rpo_fast fused_linear_rpo_loss(impl="triton"): the fused kernels (GPU only; the CPU
-                   interpreter is a correctness tool, not a performance path); exact gradients
-    ours_triton_filter  the same with RPO_FAST_GRAD_FILTER=auto: the backward skips tiles whose softmax
+  rpo_fast fused_linear_rpo_loss, one provider per backward choice (all exact but the filter):
+    ours_fwdgrad   backward="fwdgrad" (the default where gradients are needed): chunks of whole pairs, each
+                   chunk's gradient formed in the forward from its logits; the backward only scales it
+    ours_recompute backward="recompute": the linear_logprobs op, whose chunked backward recomputes each
+                   chunk's logits from the saved logsumexp (the generic op's default; TRL / HF Trainer)
+    ours_atomic    impl="triton", backward="atomic": the Triton backward kernel scattering into fp32
+                   accumulators with atomics (GPU only; the CPU interpreter is a correctness tool)
+    ours_atomic_filter  the same with RPO_FAST_GRAD_FILTER=auto: the backward skips tiles whose softmax
                    gradient is below bf16 resolution, as Cut Cross-Entropy does by default
+                   Before the `backward=` keyword existed, ours_recompute was impl="torch" and ours_atomic
+                   impl="triton" (the same code); on such a build ours_fwdgrad is skipped.
     gemm           the bare head GEMMs, no softmax: logits = h W^T forward, dh = G W and dW = G^T h
                    backward (plus h_ref W_ref^T with the reference head): the time floor
 """
@@ -33,21 +39,28 @@ from rpo_fast import fused_linear_rpo_loss
 from rpo_fast.loss import preference_losses, sft_nll
 from rpo_fast.reference import dense_linear_logprobs
 
-from .shapes import Shape
+from .shapes import OURS, Shape
 
 BETA, ALPHA, LOSS_TYPE, SFT_NORM = 0.1, 1.0, "sigmoid", "token_mean"
-ALLOW_INTERPRETER = "RPO_BENCH_INTERPRETER"  # set by the gpu-dryrun suite: run ours_triton in the interpreter
-ORDER = ("dense", "dense_compile", "liger", "cce", "ours_torch", "ours_triton", "ours_triton_filter", "gemm")
+ALLOW_INTERPRETER = "RPO_BENCH_INTERPRETER"  # set by the gpu-dryrun suite: run ours_atomic in the interpreter
+ORDER = ("dense", "dense_compile", "liger", "cce", *OURS, "gemm")
 LABELS = {
     "dense": "dense PyTorch (fp32 logits)",
     "dense_compile": "dense + torch.compile",
     "liger": "Liger FusedLinearDPO+NLL",
     "cce": "Cut Cross-Entropy + RPO",
-    "ours_torch": "rpo_fast impl=torch",
-    "ours_triton": "rpo_fast impl=triton",
-    "ours_triton_filter": "rpo_fast impl=triton, grad filter",
+    "ours_fwdgrad": "rpo_fast backward=fwdgrad",
+    "ours_recompute": "rpo_fast backward=recompute",
+    "ours_atomic": "rpo_fast backward=atomic (Triton)",
+    "ours_atomic_filter": "rpo_fast backward=atomic, grad filter",
     "gemm": "bare head GEMMs (floor)",
 }
+# What each of our providers passes to fused_linear_rpo_loss, and the same without the `backward=` keyword.
+OURS_KWARGS = {"ours_fwdgrad": dict(backward="fwdgrad"), "ours_recompute": dict(backward="recompute"),
+               "ours_atomic": dict(impl="triton", backward="atomic"),
+               "ours_atomic_filter": dict(impl="triton", backward="atomic")}
+OURS_KWARGS_BEFORE_BACKWARD = {"ours_recompute": dict(impl="torch"), "ours_atomic": dict(impl="triton"),
+                               "ours_atomic_filter": dict(impl="triton")}
 
 
 @dataclasses.dataclass
@@ -210,9 +223,23 @@ def _configure_dynamo() -> None:
             setattr(torch._dynamo.config, name, 256)
 
 
+def has_backward_keyword() -> bool:
+    """Whether this build's fused_linear_rpo_loss takes `backward=` (the choice of head backward)."""
+    import inspect
+
+    return "backward" in inspect.signature(fused_linear_rpo_loss).parameters
+
+
+def ours_kwargs(name: str) -> dict | None:
+    """fused_linear_rpo_loss keywords of one of our providers; None where this build lacks its backward."""
+    return dict(OURS_KWARGS[name]) if has_backward_keyword() else OURS_KWARGS_BEFORE_BACKWARD.get(name)
+
+
 def unavailable(name: str, device: torch.device) -> str | None:
     """None when the provider can run on `device`; else why not."""
-    if name in ("ours_triton", "ours_triton_filter"):
+    if name in OURS and ours_kwargs(name) is None:
+        return "fused_linear_rpo_loss has no backward= keyword in this build"
+    if name in ("ours_atomic", "ours_atomic_filter"):
         if device.type != "cuda" and not (os.environ.get(ALLOW_INTERPRETER) == "1"
                                           and os.environ.get("TRITON_INTERPRET") == "1"):
             return "GPU only (the CPU interpreter is not a performance path)"
@@ -223,7 +250,7 @@ def unavailable(name: str, device: torch.device) -> str | None:
         return _have("cut_cross_entropy") or (_cpu_compiler() if device.type == "cpu" else None)
     if name == "dense_compile":
         return _cpu_compiler() if device.type == "cpu" else _have("triton")
-    if name in ("dense", "ours_torch", "gemm"):
+    if name in ("dense", "ours_fwdgrad", "ours_recompute", "gemm"):
         return None
     raise ValueError(f"provider: expected one of {list(ORDER)}, got {name!r}")
 
@@ -233,13 +260,14 @@ def build(name: str, inp: Inputs) -> Run:
     dev = inp.hidden.device
     ref = dict(ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight)
     opts = dict(beta=BETA, alpha=ALPHA, sft_norm=SFT_NORM, loss_type=LOSS_TYPE)
-    if name in ("dense", "ours_torch", "ours_triton"):
-        impl = {"dense": "dense", "ours_torch": "torch", "ours_triton": "triton"}[name]
-        return LossRun(lambda: fused_linear_rpo_loss(inp.hidden, inp.weight, inp.targets, inp.cu_seqlens, **ref,
-                                                     **opts, impl=impl).loss)
-    if name == "ours_triton_filter":
-        return EnvRun(lambda: fused_linear_rpo_loss(inp.hidden, inp.weight, inp.targets, inp.cu_seqlens, **ref, **opts,
-                                                    impl="triton").loss, {"RPO_FAST_GRAD_FILTER": "auto"})
+    if name == "dense" or name in OURS:
+        kwargs = dict(impl="dense") if name == "dense" else ours_kwargs(name)
+
+        def loss():
+            return fused_linear_rpo_loss(inp.hidden, inp.weight, inp.targets, inp.cu_seqlens, **ref, **opts,
+                                         **kwargs).loss
+
+        return EnvRun(loss, {"RPO_FAST_GRAD_FILTER": "auto"}) if name == "ours_atomic_filter" else LossRun(loss)
     if name == "gemm":
         return GemmRun(inp)
     if name == "dense_compile":

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from . import correctness, env, providers, report, shapes, train_step
+from . import correctness, env, micro, providers, report, shapes, train_step
 from .loss_bench import LossBench
 from .shapes import Shape
 
@@ -66,6 +66,7 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new work after this many seconds (gpu default 480)")
     ap.add_argument("--no-correctness", action="store_true")
+    ap.add_argument("--no-micro", action="store_true", help="skip the GPU micro-checks (bench/micro.py)")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-trl", action="store_true", help="leave TRL out of the training-step benchmark")
     ap.add_argument("--no-plots", action="store_true")
@@ -148,16 +149,25 @@ def main(argv=None) -> int:
     ok = True
     skipped: dict[str, str] = {}
     try:
+        if suite_name in ("gpu", "gpu-dryrun") and not args.no_micro:
+            log("== micro-checks: fp32 atomics (acq_rel / relaxed), addmm into an fp32 accumulator")
+            t0 = time.monotonic()
+            micro.run(device, results.emit, log)
+            log(f"   micro-checks took {time.monotonic() - t0:.0f} s")
         if not args.no_correctness:
             checks, dtype, impl = _checks(suite_name)
             log(f"== correctness: impl={impl} vs dense fp32, {str(dtype).replace('torch.', '')}")
+            t0 = time.monotonic()
             ok = correctness.run_checks(device, dtype, impl, checks, results.emit, log, deadline)
+            log(f"   correctness took {time.monotonic() - t0:.0f} s")
             if not ok:
                 notes.append(f"**Correctness check FAILED for impl={impl}**: see the correctness table.")
         log("== loss microbenchmarks")
         bench = LossBench(suite, device, results.emit, providers=only,
                           deadline=None if deadline is None else deadline - train_reserve, log=log)
+        t0 = time.monotonic()
         bench.run()
+        log(f"   loss microbenchmarks took {time.monotonic() - t0:.0f} s")
         skipped.update(bench.skipped)
         if not args.no_train:
             log("== training steps")

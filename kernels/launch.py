@@ -20,8 +20,11 @@ class TileConfig(NamedTuple):
 
 
 # Hopper/Ampere choices, keyed by (backward, fp32 inputs). 128x128 logit tiles with BLOCK_H=32 keep
-# wgmma busy and fit in registers: 236 (fwd) and 229 (bwd) per thread at 8 warps on sm_90, 0 spills.
-# Broader tiles or BLOCK_H=64 spill. Checked by ptxas in tests/test_aot_compile.py.
+# wgmma busy and fit in registers. Registers per thread at 8 warps, as launched (contiguous inputs, sizes
+# divisible by 16; `python -m rpo_fast.aot`, Triton 3.7.1), 0 spills everywhere:
+#   sm_90: fwd 169-170 (bf16/fp16), 110 (fp32); bwd 138 (bf16), 204 (bf16 + bias), 241 (fp16 + bias), 124 (fp32)
+#   sm_80: fwd 221, 128 (fp32); bwd 214 (bf16), 255 (bf16/fp16 + bias: at the limit), 128 (fp32)
+# Broader tiles or BLOCK_H=64 spilled when these were chosen. tests/test_aot_compile.py checks the SASS.
 GPU_CONFIGS = {
     (False, False): TileConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
     (True, False): TileConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),
@@ -31,6 +34,23 @@ GPU_CONFIGS = {
 }
 # The interpreter's cost grows with the number of tiles, not their size.
 INTERPRETER = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=1, num_stages=1)
+
+
+class RowConfig(NamedTuple):
+    """Launch meta-parameters of the row kernels (`logit_grad.py`): one program per row of the logits
+    sweeps the vocabulary in BLOCK_V tiles."""
+
+    block_v: int
+    num_warps: int
+
+
+# 4096 fp32 per tile at 8 warps: 16 per thread, four 16-byte loads in flight per thread.
+GPU_ROW_CONFIG = RowConfig(block_v=4096, num_warps=8)
+INTERPRETER_ROW_CONFIG = RowConfig(block_v=2048, num_warps=1)
+
+
+def default_row_config(logits: torch.Tensor) -> RowConfig:
+    return INTERPRETER_ROW_CONFIG if logits.device.type == "cpu" else GPU_ROW_CONFIG
 
 
 def interpreting() -> bool:
@@ -88,10 +108,28 @@ def num_programs_wanted(device: torch.device) -> int:
     return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def check_runnable(tensor: torch.Tensor) -> None:
+def check_runnable(tensor: torch.Tensor, name: str = "hidden") -> None:
     if tensor.device.type == "cpu" and not interpreting():
         raise ValueError(
-            "impl='triton' needs CUDA tensors or the Triton interpreter: expected hidden on a CUDA device "
+            f"impl='triton' needs CUDA tensors or the Triton interpreter: expected {name} on a CUDA device "
             f"or TRITON_INTERPRET=1, got a tensor on {tensor.device} without the interpreter "
             "(use impl='torch' on CPU)"
         )
+
+
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """The head kernels' operands, checked ([N, H], [V, H], [V] or None, [N]) and made contiguous.
+
+    Contiguous because the kernels keep in-tile offsets int32 (`tiles.py`): a strided view with
+    stride(0) >= 2**31 / BLOCK_N would overflow them; and because the JIT turns a unit inner stride into
+    `constexpr 1`, which is what lets the loads become 16-byte vectors. The copy of a strided view is an
+    O(N*H) pass beside the kernels' O(N*V*H) work.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden and weight: expected [N, H] and [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets: expected shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return tuple(None if t is None else t.contiguous() for t in (hidden, weight, bias, targets))

@@ -4,7 +4,13 @@ With `g[n] = dL/dlp[n]`, `dL/dlogits[n, v] = g[n] * (onehot(targets[n])[v] - sof
 program recomputes one [BLOCK_N, BLOCK_V] logit tile from the saved logsumexp, forms that gradient
 tile in registers, and adds its contributions to dhidden (= dlogits @ weight), dweight
 (= dlogits.T @ hidden) and dbias with fp32 atomics, hidden-tile by hidden-tile. Programs are ordered
-in groups of GROUP_N token blocks so that a weight tile is reused from L2.
+in groups of GROUP_N token blocks so that a weight tile is reused from L2. A tile whose rows all have
+g = 0 (ignored tokens, masked rows) contributes nothing and returns before its logit GEMM (exact).
+
+The atomics are relaxed (`sem="relaxed"`): nothing in the kernel reads an accumulator back, so no
+ordering between them is needed, and the kernel boundary orders them before anyone reads the
+gradients. The default (`acq_rel`) puts a GPU-wide fence (`MEMBAR.ALL.GPU`) and an L1 invalidate
+around every vector atomic on sm_90; tests/test_aot_compile.py checks the SASS has none.
 
 With FILTER_GRAD (Cut Cross-Entropy's gradient filtering), a tile whose every |onehot - softmax| is
 below `filter_eps` skips its atomics: at large vocabularies most tiles hold only probabilities far below
@@ -16,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TileConfig, check_runnable, default_config, grad_filter_eps, kernel_flags
+from .launch import TileConfig, check_runnable, default_config, grad_filter_eps, head_operands, kernel_flags
 from .tiles import logit_tile
 
 
@@ -53,6 +59,8 @@ def _linear_logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + n0 + rows, mask=row_in, other=0.0)
     g = tl.load(grad_lp_ptr + n0 + rows, mask=row_in, other=0.0)
     g = tl.where(targets == ignore_index, 0.0, g)
+    if tl.sum((g != 0.0).to(tl.int32)) == 0:  # NaN != 0: a NaN gradient still propagates
+        return
 
     logits = logit_tile(
         hidden_blk, weight_blk, bias_ptr, v0, N - n0, V - v0, H,
@@ -68,7 +76,7 @@ def _linear_logprobs_bwd_kernel(
     dlogits = g[:, None] * dsoftmax  # [BLOCK_N, BLOCK_V] fp32
 
     if COMPUTE_DB:
-        tl.atomic_add(grad_bias_ptr + v0 + cols, tl.sum(dlogits, axis=0), mask=col_in)
+        tl.atomic_add(grad_bias_ptr + v0 + cols, tl.sum(dlogits, axis=0), mask=col_in, sem="relaxed")
 
     if UPCAST:
         dlogits_op = dlogits
@@ -85,7 +93,7 @@ def _linear_logprobs_bwd_kernel(
                 w = w.to(tl.float32)
             dh = tl.dot(dlogits_op, w, input_precision=DOT_PRECISION)
             tl.atomic_add(grad_hidden_ptr + n0.to(tl.int64) * H + rows[:, None] * H + k[None, :], dh,
-                          mask=row_in[:, None] & k_in[None, :])
+                          mask=row_in[:, None] & k_in[None, :], sem="relaxed")
         if COMPUTE_DW:
             # dweight[v, h] += sum_n dlogits[n, v] * hidden[n, h]
             x = tl.load(hidden_blk + rows[:, None] * stride_hn + k[None, :] * stride_hh,
@@ -94,7 +102,7 @@ def _linear_logprobs_bwd_kernel(
                 x = x.to(tl.float32)
             dw = tl.dot(tl.trans(dlogits_op), x, input_precision=DOT_PRECISION)
             tl.atomic_add(grad_weight_ptr + v0.to(tl.int64) * H + cols[:, None] * H + k[None, :], dw,
-                          mask=col_in[:, None] & k_in[None, :])
+                          mask=col_in[:, None] & k_in[None, :], sem="relaxed")
 
 
 def linear_logprobs_bwd(
@@ -123,6 +131,10 @@ def linear_logprobs_bwd(
         fp32; None for those not needed.
     """
     check_runnable(hidden)
+    hidden, weight, bias, targets = head_operands(hidden, weight, bias, targets)
+    if lse.shape != targets.shape or grad_lp.shape != targets.shape:
+        raise ValueError(f"lse and grad_lp: expected shape ({targets.shape[0]},), got {tuple(lse.shape)} and "
+                         f"{tuple(grad_lp.shape)}")
     (N, H), V = hidden.shape, weight.shape[0]
     want_dh, want_dw, want_db = needs_grad
     want_db = want_db and bias is not None
@@ -136,7 +148,7 @@ def linear_logprobs_bwd(
     if N > 0 and (want_dh or want_dw or want_db):
         grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),)
         _linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias, targets, lse, grad_lp.float().contiguous(),
+            hidden, weight, bias, targets, lse.float().contiguous(), grad_lp.float().contiguous(),
             grad_hidden, grad_weight, grad_bias,
             N, V, H, ignore_index, float(filter_eps or 0.0),
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),

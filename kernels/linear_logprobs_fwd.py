@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TileConfig, check_runnable, default_config, kernel_flags, num_programs_wanted
+from .launch import TileConfig, check_runnable, default_config, head_operands, kernel_flags, num_programs_wanted
 from .tiles import logit_tile
 
 
@@ -74,7 +74,7 @@ def linear_logprobs_fwd(
         lp: [N] fp32 (0.0 at ignored tokens) and lse: [N] fp32, the logsumexp the backward needs.
     """
     check_runnable(hidden)
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
+    hidden, weight, bias, targets = head_operands(hidden, weight, bias, targets)
     (N, H), V = hidden.shape, weight.shape[0]
     cfg = config or default_config(hidden, backward=False)
     n_blocks = triton.cdiv(N, cfg.block_n)

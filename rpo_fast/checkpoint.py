@@ -4,7 +4,10 @@ Layout, under `<output_dir>/checkpoints/`:
 
     step-000040/
         model/              save_pretrained (safetensors): the full model, or the LoRA adapter; + tokenizer
-        optimizer.pt        optimizer.state_dict()
+                            (under FSDP gathered on rank 0: for use and inspection, not read by --resume)
+        optimizer.pt        optimizer.state_dict()                       (one process or DDP)
+        sharded/            torch.distributed.checkpoint: every rank's shard of the model and optimizer
+                            state, `.metadata` + `__<rank>_0.distcp`      (FSDP, instead of optimizer.pt)
         scheduler.pt        scheduler.state_dict()
         rng-rank0.pt ...    python / numpy / torch (/ cuda) RNG states of every process
         trainer_state.json  step, data position (epoch, step in epoch), counters, metric history
@@ -16,12 +19,20 @@ Writing: everything goes into a hidden `.tmp-step-000040/` directory, each file 
 (atomic on POSIX) and its parent fsynced. Reading: `latest_checkpoint` takes the highest step whose
 `COMPLETE` manifest is present and matches every file's size and hash, so a torn write, a leftover
 temp dir or a truncated file is skipped in favour of the previous checkpoint.
+
+Loading never runs code named by a file: the `.pt` files are read with `torch.load(weights_only=True)`
+(tensors and plain data, plus the numpy types of an RNG state), and the sharded state's pickled DCP
+metadata and non-tensor values (optimizer hyperparameters) through the same kind of allowlist. A file
+that names anything else is refused with `UnsafeCheckpointError`, whose message says which file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,6 +42,7 @@ import numpy as np
 import torch
 
 MARKER = "COMPLETE"
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory inside a checkpoint written under FSDP
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -179,9 +191,33 @@ def save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file names Python objects beyond tensors and plain data: loading it could run code."""
+
+
+def _numpy_rng_types() -> list:
+    """What a pickled `np.random.get_state()` needs besides plain data (as transformers' Trainer allows for
+    its RNG file): the ndarray reconstructor, ndarray, dtype and the uint32 dtype's class."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / 1
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_torch(path: Path):
-    # Our own files, written by save_torch; they hold numpy RNG arrays, so not weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A file written by `save_torch`, read with `weights_only=True`: tensors, numbers, strings, containers
+    and the numpy RNG types only.
+
+    Raises:
+        UnsafeCheckpointError: when the file names anything else (nothing it names is imported or called).
+    """
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_types()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"resume: {path} holds Python objects other than tensors and plain data, so loading it could run "
+            f"code; refusing it. Checkpoints written by rpo-fast never do: this file was changed or comes from "
+            f"elsewhere. Delete the checkpoint directory (or resume=false) to start over. "
+            f"({str(err).splitlines()[0]})") from None
 
 
 def write_json(obj, path: Path) -> None:
@@ -226,3 +262,120 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
     if missing or unexpected:
         raise ValueError(f"checkpoint {model_dir}: weights do not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+
+
+# --- sharded state (FSDP): torch.distributed.checkpoint ------------------------------------------------
+# (imported on first use: torch.distributed.checkpoint takes seconds to import)
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Writes every rank's shard of the model and optimizer state to `directory` (a collective: call it on
+    every rank, with the same path). Parameters and optimizer states are keyed by parameter name, so
+    `load_sharded` can read them back at another world size (DCP reshards) or into an unsharded model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state},
+             storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Loads what `save_sharded` wrote into `model` and `optimizer` in place, whatever their sharding now
+    (FSDP at any world size, DDP, one process). A collective when a process group is up.
+
+    Raises:
+        UnsafeCheckpointError: when the metadata or a stored value names objects beyond plain data.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    read_sharded_metadata(directory)  # refused here, on every rank alike, before any collective
+    reader, planner = _data_only_dcp()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, storage_reader=reader(directory), planner=planner())
+    except dcp.api.CheckpointException as err:  # DCP gathers every rank's failure into one exception
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def read_sharded_metadata(directory: Path):
+    """The DCP `Metadata` of a sharded state, unpickled with an allowlist of DCP's own metadata classes and
+    torch's sizes, dtypes and layouts (`FileSystemReader` would run any pickle).
+
+    Raises:
+        UnsafeCheckpointError: for a metadata file that names anything else.
+    """
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 - the modules the allowlist resolves
+    import torch.distributed.checkpoint.metadata  # noqa: F401
+
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"resume: {path} {err}, so loading it could run code; refusing it. "
+                                    "Checkpoints written by rpo-fast never do: the file was changed or comes "
+                                    "from elsewhere") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals a DCP metadata file consists of (the `find_class` allowlist of the pickle docs'
+    "Restricting Globals")."""
+
+    ALLOWED = {  # module -> names; "*": any class of the module (DCP's metadata records)
+        "torch.distributed.checkpoint.metadata": "*",
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str):
+        allowed = self.ALLOWED.get(module, set())
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if allowed == "*" or name in allowed or is_dtype:
+            value = super().find_class(module, name)
+            if allowed != "*" or isinstance(value, type):
+                return value
+        raise UnsafeCheckpointError(f"names {module}.{name}, which is not DCP metadata")
+
+
+@functools.cache
+def _data_only_dcp() -> tuple[type, type]:
+    """(a FileSystemReader, a DefaultLoadPlanner) that unpickle nothing but plain data: the reader reads the
+    metadata with `read_sharded_metadata` (tensors it already loads with weights_only=True), the planner the
+    non-tensor values (optimizer hyperparameters, parameter names) with weights_only=True."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class DataOnlyReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_sharded_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class DataOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise UnsafeCheckpointError(
+                    f"resume: the sharded state's value {read_item.dest_index.fqn!r} holds Python objects other "
+                    f"than plain data, so loading it could run code; refusing it "
+                    f"({str(err).splitlines()[0]})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return DataOnlyReader, DataOnlyLoadPlanner

@@ -10,6 +10,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 SFT_NORMS = ("sum", "seq_mean", "token_mean")
 IMPLS = ("auto", "triton", "torch", "dense")
+HEAD_BACKWARDS = ("auto", "fwdgrad", "recompute", "atomic")  # fused_linear_rpo_loss(backward=)
+OP_BACKWARDS = ("auto", "recompute", "atomic")  # linear_logprobs(backward=)
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -167,3 +169,14 @@ def check_op_targets(hidden, weight, targets, ignore_index: int) -> None:
     graph): the kernels would read out of bounds for a target outside [0, V) that is not ignore_index. One
     reduction and one host sync, small next to the [N, V] product the op computes."""
     check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
+
+
+def check_chunk_tokens(chunk_tokens) -> None:
+    if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool)
+                                         and chunk_tokens > 0):
+        raise ValueError(f"chunk_tokens: expected None or an int > 0, got {chunk_tokens!r}")
+
+
+def check_loss_weight(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")

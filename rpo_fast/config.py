@@ -69,6 +69,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     average_log_prob: bool = False
     impl: str = "auto"  # auto | triton | torch | dense
+    head_backward: str = "auto"  # auto | fwdgrad | recompute | atomic (fused_linear_rpo_loss's backward)
+    head_chunk_tokens: int | None = None  # tokens per fwdgrad chunk; None: what fits a logits budget
     # --- optimization ---
     learning_rate: float = 5e-6
     # adamw | adamw_bf16 (bf16 states, Kahan-compensated bf16 weights) | adamw_bf16_sr | adamw8bit (CUDA), each
@@ -122,7 +124,7 @@ class TrainConfig:
         for key, choices in (("finetune", FINETUNE_MODES), ("reference", REFERENCE_MODES),
                              ("mixed_precision", MIXED_PRECISION), ("lr_scheduler", SCHEDULERS),
                              ("dtype", DTYPES), ("sft_norm", checks.SFT_NORMS), ("loss_type", checks.LOSS_TYPES),
-                             ("impl", checks.IMPLS)):
+                             ("impl", checks.IMPLS), ("head_backward", checks.HEAD_BACKWARDS)):
             checks.check_choice(key, getattr(self, key), choices)
         if self.preset is not None:
             checks.check_choice("preset", self.preset, PRESETS)
@@ -155,6 +157,12 @@ class TrainConfig:
         if self.deterministic and self.impl == "triton":
             raise ValueError("impl: expected 'auto' or 'torch' with deterministic=true (the Triton backward "
                              "accumulates with atomics, whose order varies from run to run), got 'triton'")
+        if self.deterministic and self.head_backward == "atomic":
+            raise ValueError("head_backward: expected 'auto', 'fwdgrad' or 'recompute' with deterministic=true (the "
+                             "atomic backward's accumulation order varies from run to run), got 'atomic'")
+        if self.head_chunk_tokens is not None:
+            _require("head_chunk_tokens", self.head_chunk_tokens >= 1, "None or an integer >= 1",
+                     self.head_chunk_tokens)
         base_optimizer, in_backward = optim.parse_mode(self.optimizer)
         _require("optimizer_compile", not self.optimizer_compile or base_optimizer in ("adamw_bf16", "adamw_bf16_sr"),
                  f"false with optimizer={self.optimizer!r} (it compiles the adamw_bf16 modes' update)",

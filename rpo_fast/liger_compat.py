@@ -22,7 +22,9 @@ class RPOLoss(torch.nn.Module):
     The SFT term is `alpha * nll` when `compute_nll_loss` (Liger's default form is `sft_norm="token_mean"`:
     NLL summed over chosen tokens / chosen token count); `sft_norm="sum"` is the paper's main form and
     `"seq_mean"` its appendix / OpenRLHF's. `compiled` and `chunk_size` are accepted for compatibility and
-    have no effect (the kernels neither compile per shape nor chunk by sequences). Unlike Liger 0.8.5,
+    have no effect (the kernels neither compile per shape nor chunk by sequences); `impl`, `backward` and
+    `chunk_tokens` are `fused_linear_rpo_loss`'s (by default the gradient is formed in forward, chunk by
+    chunk of whole pairs: only the returned loss is differentiable, the other outputs are detached metrics). Unlike Liger 0.8.5,
     `label_smoothing` applies to `loss_type="sigmoid"` (cDPO, as in TRL); Liger ignores it there.
 
     Raises:
@@ -43,6 +45,8 @@ class RPOLoss(torch.nn.Module):
         label_smoothing: float = 0.0,
         sft_norm: str = "token_mean",
         impl: str = "auto",
+        backward: str = "auto",
+        chunk_tokens: int | None = None,
     ):
         super().__init__()
         if loss_type in _LIGER_ONLY_LOSS_TYPES:
@@ -50,6 +54,8 @@ class RPOLoss(torch.nn.Module):
                              f"Liger's {loss_type!r}), got {loss_type!r}")
         checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
         checks.check_choice("impl", impl, checks.IMPLS)
+        checks.check_choice("backward", backward, checks.HEAD_BACKWARDS)
+        checks.check_chunk_tokens(chunk_tokens)
         self.ignore_index = ignore_index
         self.beta = beta
         self.alpha = alpha
@@ -62,6 +68,8 @@ class RPOLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
         self.sft_norm = sft_norm
         self.impl = impl
+        self.backward = backward
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
         """
@@ -99,6 +107,7 @@ class RPOLoss(torch.nn.Module):
             beta=self.beta, alpha=self.alpha if self.compute_nll_loss else 0.0, sft_norm=self.sft_norm,
             loss_type=self.loss_type, label_smoothing=self.label_smoothing,
             average_log_prob=self.average_log_prob, ignore_index=self.ignore_index, impl=self.impl,
+            backward=self.backward, chunk_tokens=self.chunk_tokens,
         )
         chosen, rejected = out.chosen_logps, out.rejected_logps
         if self.average_log_prob:

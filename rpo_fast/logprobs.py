@@ -5,6 +5,11 @@ Both memory-lean backends share one contract: `forward(hidden, weight, bias, tar
 ignore_index, needs_grad) -> (dhidden, dweight, dbias)`. The autograd formula saves only the
 inputs and `lse`; the [N, V] logits never exist.
 
+The op's `impl` picks the forward ("triton": the fused kernel, "torch": chunked PyTorch) and its
+`backward` the gradient ("recompute": chunked PyTorch that recomputes each chunk's logits from the saved
+logsumexp, on tensor-core GEMMs on CUDA; "atomic": the Triton kernel that scatters dhidden / dweight with
+fp32 atomics). Any forward pairs with any backward: both recompute from the same saved `lse`.
+
 Both are registered as PyTorch custom ops, `torch.ops.rpo_fast.linear_logprobs_fwd` / `_bwd`, with fake
 (meta) implementations and the autograd formula: `torch.compile` treats the fused head as one opaque op
 (it never traces the Triton launches or the chunk loop), and a compiled graph can hold it whole.
@@ -34,8 +39,9 @@ def _backend(impl: str) -> Backend:
 
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-             ignore_index: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch")."""
+             ignore_index: int, impl: str, backward: str = "recompute") -> tuple[torch.Tensor, torch.Tensor]:
+    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch").
+    `backward` ("recompute" or "atomic") only tells the autograd formula which backward to run."""
     checks.check_op_targets(hidden, weight, targets, ignore_index)  # the op may be called without linear_logprobs
     return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
 
@@ -65,7 +71,7 @@ def python_implementation(op) -> Callable | None:
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, targets, ignore_index, impl):
+def _(hidden, weight, bias, targets, ignore_index, impl, backward="recompute"):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
@@ -78,17 +84,18 @@ def _(hidden, weight, bias, targets, lse, grad_lp, ignore_index, impl, needs_gra
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, impl = inputs
+    hidden, weight, bias, targets, ignore_index, impl, *backward = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1])
-    ctx.ignore_index, ctx.impl = ignore_index, impl
+    ctx.ignore_index = ignore_index
+    ctx.backward_impl = "triton" if backward and backward[0] == "atomic" else "torch"
 
 
 def _backward(ctx, grad_lp, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     grads = linear_logprobs_bwd(hidden, weight, bias, targets, lse, grad_lp.contiguous(), ctx.ignore_index,
-                                ctx.impl, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+                                ctx.backward_impl, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -101,6 +108,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def resolve_op_backward(backward: str) -> str:
+    """"recompute" or "atomic". "auto" is "recompute" everywhere: on a GPU the recompute backward runs three
+    tensor-core GEMMs per chunk (predicted ~1.7x the GEMM floor at Llama-3-8B), while the atomic kernel pays
+    for fp32 atomics into dhidden / dweight (~3.4x even with relaxed atomics); on CPU only recompute is a
+    performance path. It is also deterministic, which the atomic kernel is not."""
+    checks.check_choice("backward", backward, checks.OP_BACKWARDS)
+    return "recompute" if backward == "auto" else backward
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -109,6 +125,7 @@ def linear_logprobs(
     *,
     ignore_index: int = -100,
     impl: str = "auto",
+    backward: str = "auto",
 ) -> torch.Tensor:
     """Per-token log-probs `log_softmax(hidden @ weight.T + bias)[targets]` without the [N, V] logits.
 
@@ -117,7 +134,12 @@ def linear_logprobs(
         weight: [V, H], same dtype (the LM head). bias: [V] or None.
         targets: [N] int64, the next token at each position; `ignore_index` marks unscored positions.
         impl: "triton" (fused kernels), "torch" (chunked PyTorch), "dense" (full logits, reference)
-            or "auto" (triton on CUDA, torch on CPU).
+            or "auto" (triton on CUDA, torch on CPU): the forward.
+        backward: "recompute" (chunked, logits recomputed from the saved logsumexp; GEMMs on tensor cores on
+            CUDA; deterministic), "atomic" (the Triton kernel with fp32 atomics: a GPU, or the CPU under
+            TRITON_INTERPRET=1; not deterministic) or "auto" (= "recompute", see `resolve_op_backward`).
+            Before this keyword, impl="triton" implied the atomic backward; pass backward="atomic" for that.
+            Ignored by impl="dense" (autograd through the full logits).
 
     Returns:
         [N] float32, 0.0 where `targets == ignore_index`. Differentiable in hidden, weight and bias.
@@ -128,8 +150,9 @@ def linear_logprobs(
     checks.check_head("", hidden, weight, bias)
     checks.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
     impl = resolve_impl(impl, hidden.device)
+    backward = resolve_op_backward(backward)
     targets = targets.long().contiguous()
     if impl == "dense":
         return dense_linear_logprobs(hidden, weight, targets, bias, ignore_index)
     bias = None if bias is None else bias.contiguous()
-    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl)[0]
+    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl, backward)[0]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .logprobs import linear_logprobs
+from .fwdgrad import fwdgrad_head_loss
+from .logprobs import linear_logprobs, resolve_impl
 
 
 class RPOOutput(NamedTuple):
@@ -99,9 +100,20 @@ def rpo_loss(
     checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
     checks.check_sequence_logps(policy_logps, ref_logps, token_counts)
     n_pairs = policy_logps.shape[0] // 2
+    per_token = average_log_prob or loss_type == "ipo"
+    checks.check_token_counts(token_counts.to(torch.float32), n_pairs, sft_norm, alpha, per_token)
+    return rpo_terms(policy_logps, ref_logps, token_counts, beta=beta, alpha=alpha, sft_norm=sft_norm,
+                     loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)
+
+
+def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_counts: torch.Tensor, *,
+              beta: float, alpha: float, sft_norm: str, loss_type: str, label_smoothing: float,
+              average_log_prob: bool) -> RPOOutput:
+    """`rpo_loss` without its checks (no host synchronization): the one copy of the loss formulas, which
+    the forward-time-gradient head also differentiates, pair by pair."""
+    n_pairs = policy_logps.shape[0] // 2
     counts = token_counts.to(torch.float32)
     per_token = average_log_prob or loss_type == "ipo"
-    checks.check_token_counts(counts, n_pairs, sft_norm, alpha, per_token)
     policy = policy_logps.float()
     ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().float()
 
@@ -156,6 +168,10 @@ def fused_linear_rpo_loss(
     average_log_prob: bool = False,
     ignore_index: int = -100,
     impl: str = "auto",
+    backward: str = "auto",
+    chunk_tokens: int | None = None,
+    pair_weight: float = 1.0,
+    nll_weight: float = 1.0,
 ) -> RPOOutput:
     """RPO loss straight from packed hidden states: LM head, log-softmax, gather and loss, fused.
 
@@ -169,7 +185,23 @@ def fused_linear_rpo_loss(
             forward-only, nothing saved, no gradient. Or `ref_logps`: [2B] precomputed summed
             reference log-probs. Neither: reference-free.
         beta, alpha, sft_norm, loss_type, label_smoothing, average_log_prob: see the module docstring.
-        impl: "auto" | "triton" | "torch" | "dense" (see `linear_logprobs`).
+        impl: "auto" | "triton" | "torch" | "dense": the head's forward kernels (see `linear_logprobs`);
+            "dense" is the full-logits reference (autograd, `backward` must be "auto").
+        backward: how the gradient is made.
+            "fwdgrad": in forward, chunk by chunk of whole pairs (`rpo_fast.fwdgrad`): three head GEMMs, no
+                recompute; the loss's backward only scales the stored gradients. Only `loss` carries a
+                gradient; every other RPOOutput field is a detached metric.
+            "recompute": the `linear_logprobs` op, whose backward recomputes each chunk's logits (four GEMMs).
+            "atomic": the same op with the Triton backward kernel (fp32 atomics; a GPU, or the CPU under
+                TRITON_INTERPRET=1; not deterministic).
+            "auto": "fwdgrad" when a gradient is needed (grad mode on and hidden, weight or bias requires
+                grad), else "recompute" (whose forward is the fused forward kernel alone, with no gradient
+                buffers). Both are exact and deterministic.
+        chunk_tokens: rows per fwdgrad chunk (whole pairs; a longer pair is recomputed in pieces of this
+            many rows); None: as many as fit a logits budget (`fwdgrad.default_chunk_tokens`).
+        pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
+            micro-batch weights; they must be known in forward, where fwdgrad makes the gradient).
+            `pref_loss` and `nll` are reported unweighted.
 
     Returns:
         RPOOutput.
@@ -180,6 +212,14 @@ def fused_linear_rpo_loss(
             normalization would divide by).
     """
     checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+    checks.check_choice("impl", impl, checks.IMPLS)
+    checks.check_choice("backward", backward, checks.HEAD_BACKWARDS)
+    if impl == "dense" and backward != "auto":
+        raise ValueError(f"backward: expected 'auto' with impl='dense' (autograd through the full logits), "
+                         f"got {backward!r}")
+    checks.check_chunk_tokens(chunk_tokens)
+    checks.check_loss_weight("pair_weight", pair_weight)
+    checks.check_loss_weight("nll_weight", nll_weight)
     checks.check_head("", hidden, weight, bias)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device)
@@ -187,11 +227,32 @@ def fused_linear_rpo_loss(
     checks.check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows, vocab, lengths.numel())
 
     counts = segment_sum((targets != ignore_index).float(), lengths)
-    lp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, impl=impl)
-    policy_logps = segment_sum(lp, lengths)
     if ref_hidden is not None:
         with torch.no_grad():
             ref_lp = linear_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index=ignore_index, impl=impl)
         ref_logps = segment_sum(ref_lp, lengths)
-    return rpo_loss(policy_logps, ref_logps, counts, beta=beta, alpha=alpha, sft_norm=sft_norm,
-                    loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)
+    options = dict(beta=beta, alpha=alpha, sft_norm=sft_norm, loss_type=loss_type, label_smoothing=label_smoothing,
+                   average_log_prob=average_log_prob)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if backward == "auto":
+        backward = "fwdgrad" if needs_grad and impl != "dense" else "recompute"
+    if backward == "fwdgrad":
+        n_pairs = lengths.numel() // 2
+        checks.check_token_counts(counts, n_pairs, sft_norm, alpha, average_log_prob or loss_type == "ipo")
+        ref_logps = None if ref_logps is None else ref_logps.detach().float()
+
+        def sequence_loss(policy_logps):  # the same formulas as rpo_loss, differentiated chunk by chunk
+            out = rpo_terms(policy_logps, ref_logps, counts, **options)
+            return reweighted_loss(out, pair_weight, nll_weight), out
+
+        loss, out = fwdgrad_head_loss(hidden, weight, bias, targets.long(), cu_seqlens.tolist(), sequence_loss,
+                                      ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                                      use_kernels=hidden.is_cuda and resolve_impl(impl, hidden.device) == "triton")
+        return out._replace(loss=loss)
+
+    lp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, impl=impl,
+                         backward="auto" if impl == "dense" else backward)
+    out = rpo_loss(segment_sum(lp, lengths), ref_logps, counts, **options)
+    if pair_weight == 1 and nll_weight == 1:
+        return out
+    return out._replace(loss=reweighted_loss(out, pair_weight, nll_weight))

@@ -250,7 +250,8 @@ class MemoryPlan:
             f"mode {opts['mode']}, {opts['dtype']}, optimizer {opts['optimizer']}, reference {opts['reference']}, "
             f"loss {opts['loss_impl']}, attention {opts['attention']}, checkpointing "
             f"{'on' if opts['gradient_checkpointing'] else 'off'}",
-            f"micro-batch: {self.tokens} tokens ({self.response_tokens} scored)",
+            f"micro-batch: {self.tokens} tokens ({self.response_tokens} scored)"
+            + (f", per process of FSDP x {opts['fsdp_processes']}" if opts.get("fsdp_processes", 1) > 1 else ""),
             "",
             f"{'component':<{width}}{'GiB':>9}",
         ]
@@ -291,6 +292,7 @@ def plan_memory(
     loss_impl: str = "fused",
     attention: str = "flash",
     device: str = "cuda",
+    fsdp_processes: int = 1,
 ) -> MemoryPlan:
     """Predicts the peak memory of one RPO training step.
 
@@ -312,6 +314,12 @@ def plan_memory(
         attention: "flash" (FlashAttention varlen / torch varlen_attn: no mask, no kv repeat), "sdpa"
             (transformers' sdpa with packed position_ids: block mask, kv repeated) or "eager".
         device: "cuda" (adds kernel workspace; `fits` adds the context) or "cpu" (the measurement).
+        fsdp_processes: FSDP world size (full sharding, one unit per decoder layer, as accelerate wraps it):
+            the plan is one process's. Weights, gradients and optimizer state are divided by it; on top
+            come the whole weights of two decoder layers (the one running and the prefetched next) and of
+            the embedding, head and final norm (gathered through forward and backward), and the whole
+            gradients of the head and of the layer last reduce-scattered. A frozen reference model is not
+            sharded (the trainer keeps a whole copy per process).
 
     Returns:
         MemoryPlan.
@@ -327,6 +335,11 @@ def plan_memory(
     _check_choice("attention", attention, ATTENTIONS)
     _check_choice("device", device, ("cuda", "cpu"))
     opt_base, in_backward = optim.parse_mode(optimizer)
+    if not isinstance(fsdp_processes, int) or fsdp_processes < 1:
+        raise ValueError(f"fsdp_processes: expected an integer >= 1, got {fsdp_processes!r}")
+    if fsdp_processes > 1 and in_backward:
+        raise ValueError(f"optimizer: {optimizer!r} steps during backward, before FSDP reduces the gradients: "
+                         f"expected a mode without _in_backward with fsdp_processes={fsdp_processes}")
     if reference == "lora_disabled" and mode != "lora":
         raise ValueError("reference: 'lora_disabled' needs mode='lora', got mode='full_ft'")
     bad_targets = [t for t in lora_targets if t not in LINEARS]
@@ -374,8 +387,10 @@ def plan_memory(
         trainable_numels = list(shape.layer_param_numels) * L + [shape.embedding_params, shape.head_params, H]
         trainable_numels = [n for n in trainable_numels if n]
         grad_bytes = b
-    state = sum(optim.state_bytes(optimizer, n, grad_bytes) for n in trainable_numels)
-    step_ws = optim.step_workspace_bytes(optimizer, max(trainable_numels))
+    W = fsdp_processes
+    shard = lambda n: math.ceil(n / W)  # noqa: E731 - one process's share of a sharded quantity
+    state = sum(optim.state_bytes(optimizer, shard(n), grad_bytes) for n in trainable_numels)
+    step_ws = optim.step_workspace_bytes(optimizer, shard(max(trainable_numels)))
     ref_weights = shape.n_params * b if reference == "model" else 0
     ref_hidden = response * H * b if reference in ("model", "lora_disabled") else 0
 
@@ -389,6 +404,13 @@ def plan_memory(
         g_embed = 0 if shape.tied_embeddings else shape.embedding_params * b
         layer_largest = max(shape.layer_param_numels)
     g_all = L * g_layer + g_head + g_embed
+    # FSDP: the whole weights gathered while forward and backward run (two layers: the running one and the
+    # prefetched next; the embedding, head and final norm, which accelerate keeps gathered), and the whole
+    # gradient of the layer last reduced (the head's stays whole until the end of backward).
+    lora_weights = lora_layer * ctx.lb if lora else 0
+    gathered = (2 * (shape.layer_params * b + lora_weights)
+                + (shape.embedding_params + shape.head_params + H) * b) if W > 1 else 0
+    g_reducing = g_layer if W > 1 else 0
     # A tied embedding's head gradient waits in autograd's buffer until the embedding's arrives at the
     # end of backward; the two are then summed out of place (three [V, H] gradients at once).
     g_tied = shape.embedding_params * b if (shape.tied_embeddings and not lora) else 0
@@ -404,7 +426,7 @@ def plan_memory(
     loss = _loss_memory(loss_impl_resolved, response, V, H, b, not lora, device)
 
     phases: dict[str, dict[str, int]] = {}
-    static = dict(weights=weights, optimizer_state=state, reference=ref_weights)
+    static = dict(weights=shard(weights), optimizer_state=state, reference=ref_weights)
 
     def phase(name, **parts):
         comp = dict.fromkeys(COMPONENTS, 0)
@@ -418,11 +440,14 @@ def plan_memory(
         return optim.step_workspace_bytes(optimizer, numel) if in_backward else 0
 
     if reference in ("model", "lora_disabled"):
-        phase("reference forward", reference=ctx.no_grad_forward_peak() + ref_hidden)
+        phase("reference forward", reference=ctx.no_grad_forward_peak() + ref_hidden, weights=gathered)
     fwd_act = a_layers + a_shared + a_final
-    phase("loss forward", activations=fwd_act, loss_workspace=loss.forward + loss.saved, reference=ref_hidden)
-    phase("loss backward", activations=fwd_act, loss_workspace=loss.backward + loss.saved, reference=ref_hidden)
-    phase("loss backward end", activations=fwd_act, loss_workspace=loss.end + loss.saved, reference=ref_hidden)
+    phase("loss forward", activations=fwd_act, loss_workspace=loss.forward + loss.saved, reference=ref_hidden,
+          weights=gathered)
+    phase("loss backward", activations=fwd_act, loss_workspace=loss.backward + loss.saved, reference=ref_hidden,
+          weights=gathered)
+    phase("loss backward end", activations=fwd_act, loss_workspace=loss.end + loss.saved, reference=ref_hidden,
+          weights=gathered)
     if in_backward and not lora and not g_tied:  # the head's gradient is stepped as soon as it is returned
         phase("head step", activations=fwd_act, loss_workspace=loss.returned + loss.saved, reference=ref_hidden,
               workspace=in_backward_step(shape.head_params))
@@ -433,15 +458,16 @@ def plan_memory(
         if in_backward:  # one layer tensor's gradient at a time (+ the waiting tied head gradient)
             g_now = g_tied + layer_largest * grad_bytes
         else:
-            g_now = g_head + done_layers * g_layer
+            g_now = g_head + shard(done_layers * g_layer) + (g_reducing if done_layers else 0)
         # An in-backward step runs in a gradient hook between the layer's backward ops, so its temporaries and
         # the ops' are not alive together: the phase holds the larger of the two.
         step_now = in_backward_step(layer_largest)
         phase(f"backward, {which} layer", activations=kept + recompute + a_shared + transient + held,
-              gradients=g_now, workspace=step_now - min(step_now, transient))
+              gradients=g_now, workspace=step_now - min(step_now, transient), weights=gathered)
     if not in_backward:
-        phase("backward end", gradients=g_all + 2 * g_tied, activations=held)
-        phase("optimizer step", gradients=g_all, workspace=step_ws)
+        phase("backward end", gradients=g_head + shard(g_all - g_head) + 2 * g_tied, activations=held,
+              weights=gathered)
+        phase("optimizer step", gradients=shard(g_all), workspace=step_ws)
     elif g_tied:  # the out-of-place sum of the two tied gradients, then its step
         phase("backward end", gradients=3 * g_tied, activations=held)
     elif g_embed:
@@ -457,13 +483,17 @@ def plan_memory(
                      "adamw_bf16 (Kahan) or adamw_bf16_sr preserve them")
     if shape.tied_embeddings and not lora:
         notes.append("tied embeddings: the head's gradient waits for the embedding's until the end of backward")
+    if W > 1:
+        notes.append(f"FSDP over {W} processes: one process's memory; weights, gradients and optimizer state "
+                     f"sharded {W} ways, two layers and the embedding/head gathered whole"
+                     + ("; the reference model is a whole copy per process" if reference == "model" else ""))
     options = dict(model=getattr(model_config, "name_or_path", None) or
                    (str(model_config) if isinstance(model_config, (str, os.PathLike)) else shape.name),
                    max_length=max_length, micro_batch_pairs=micro_batch_pairs,
                    tokens_per_micro_batch=tokens_per_micro_batch, prompt_tokens=prompt_tokens, mode=mode, lora_rank=lora_rank, lora_targets=tuple(lora_targets),
                    lora_dtype=lora_dtype, lora_dropout=lora_dropout, dtype=dtype,
                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, reference=reference,
-                   loss_impl=loss_impl_resolved, attention=attention, device=device)
+                   loss_impl=loss_impl_resolved, attention=attention, device=device, fsdp_processes=W)
     return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
                       phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
                       response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable, notes=notes)
@@ -573,20 +603,21 @@ def _loss_memory(impl: str, N: int, V: int, H: int, b: int, trainable_head: bool
         fwd = 2 * 4 * splits * N + 8 * N
         bwd = 4 * N * H + b * N * H + (4 * V * H if trainable_head else 0)
         return LossMemory(fwd, bwd, bwd + head_grad, returned, 4 * N)
-    # torch: chunked logits (b-byte matmul output, then fp32); on CUDA logsumexp's own two fp32 temporaries
+    # torch: fp32 logits chunks, from half-precision operands on CUDA (fp32 GEMM output); elsewhere a b-byte
+    # product, then fp32. On CUDA logsumexp's own two fp32 temporaries.
     rows = min(N, chunked.chunk_rows(V, device=torch.device(device)))
     chunk = rows * V
-    upcast = b * chunk if b != 4 else 0
+    half_ops = device == "cuda" and b != 4
+    upcast = b * chunk if b != 4 and not half_ops else 0
     fwd = 4 * chunk + upcast + (8 * chunk if device == "cuda" else 0) + 8 * N
-    # Backward, three moments: a chunk's fp32 logits (and their b-byte copy); the fp32 dlogits with the
-    # chunk's fp32 hidden rows (dweight accumulates in place) and the b-byte dlogits for dhidden; the
-    # fp32 accumulator cast to the gradient (in fp32 the accumulator is the gradient).
+    # Backward peak: the chunk's fp32 softmax, its b-byte dlogits copy (the GEMM operand on CUDA, the dhidden
+    # operand elsewhere) and the rows for the gradient GEMMs (fp32 hidden rows off CUDA, the b-byte dhidden
+    # chunk on CUDA); at the end the fp32 accumulator is cast to the gradient (in fp32 it is the gradient).
     grad_hidden = N * H * b + 8 * N
     acc = 4 * V * H if trainable_head else 0
-    logits = grad_hidden + acc + 4 * chunk + upcast
-    product = grad_hidden + acc + 4 * chunk + upcast + 4 * rows * H
+    bwd = grad_hidden + acc + 4 * chunk + (b * chunk if b != 4 else 0) + (b if half_ops else 4) * rows * H
     end = grad_hidden + head_grad + (acc if b != 4 else 0)
-    return LossMemory(fwd, max(logits, product), end, returned, 4 * N)
+    return LossMemory(fwd, bwd, end, returned, 4 * N)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -745,8 +776,9 @@ def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, Mem
     if options.get("dtype") == "fp32":
         changes.append(("bf16 weights (dtype: bfloat16)", dict(dtype="bf16")))
     if full:
+        sharded = options.get("fsdp_processes", 1) > 1  # FSDP cannot step in backward
         for opt in ("adamw_bf16_sr", "adamw8bit", "adamw_bf16_in_backward", "adamw_bf16_sr_in_backward"):
-            if opt != options.get("optimizer"):
+            if opt != options.get("optimizer") and not (sharded and opt.endswith("_in_backward")):
                 note = " (max_grad_norm 0, no accumulation)" if opt.endswith("_in_backward") else ""
                 changes.append((f"optimizer {opt}{note}", dict(optimizer=opt)))
         changes.append(("LoRA r16 with the disabled adapter as reference",
@@ -820,6 +852,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default="fused")
     parser.add_argument("--attention", choices=ATTENTIONS, default="flash")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--fsdp", type=int, default=1, metavar="PROCESSES",
+                        help="FSDP world size: plan one process's memory with weights, gradients and optimizer "
+                             "state sharded this many ways (default 1: no FSDP)")
     parser.add_argument("--gpu-gb", type=float, default=79.1,
                         help="GPU memory in GiB for the fits verdict (an '80 GB' H100 has 79.1 GiB)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
@@ -836,10 +871,10 @@ def options_from_args(args: argparse.Namespace) -> dict:
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lora_dtype=args.lora_dtype,
         lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
         optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, attention=args.attention,
-        device=args.device)
+        device=args.device, fsdp_processes=args.fsdp)
 
 
-# Options that --config decides (the rest: --model, --device, --gpu-gb, --json, still apply).
+# Options that --config decides (the rest: --model, --device, --fsdp, --gpu-gb, --json, still apply).
 CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--mode", "--lora-rank",
                   "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing", "--optimizer",
                   "--reference", "--loss-impl", "--attention")
@@ -897,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "as train-style overrides (--max_length=1024, --optimizer=adamw_bf16, ...)")
             train_config = load_config(args.config, parse_overrides(overrides))
             model = args.model if args.model is not None else train_config.model
-            options = train_config_plan_options(train_config, args.device)
+            options = {**train_config_plan_options(train_config, args.device), "fsdp_processes": args.fsdp}
         elif args.model is None:
             raise ValueError("--model: expected a model config (or --config TRAIN_CONFIG), got none")
         else:

@@ -245,9 +245,10 @@ def head_compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.
 class PackedRPOModel(nn.Module):
     """Policy forward + fused RPO loss in one module, so DDP/FSDP wrappers see the whole step.
 
-    `forward(batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None) -> RPOOutput`:
-    backbone on the packed row, response rows through the fused head and the loss. `loss_options` are
-    the keyword arguments of `fused_linear_rpo_loss` (beta, alpha, sft_norm, ...).
+    `forward(batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, pair_weight=1.0,
+    nll_weight=1.0) -> RPOOutput`: backbone on the packed row, response rows through the fused head and the
+    loss. `loss_options` are the keyword arguments of `fused_linear_rpo_loss` (beta, alpha, sft_norm, ...);
+    the weights are a micro-batch's (`loss = pair_weight * pref_loss + nll_weight * alpha * nll`).
     """
 
     def __init__(self, model: nn.Module, **loss_options):
@@ -255,7 +256,8 @@ class PackedRPOModel(nn.Module):
         self.model = model
         self.loss_options = loss_options
 
-    def forward(self, batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None) -> RPOOutput:
+    def forward(self, batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, pair_weight=1.0,
+                nll_weight=1.0) -> RPOOutput:
         hidden = response_hidden(self.model, batch)
         weight, bias = head(self.model)
         dtype = head_compute_dtype(hidden.device, weight.dtype)
@@ -264,7 +266,7 @@ class PackedRPOModel(nn.Module):
             return fused_linear_rpo_loss(
                 cast(hidden), cast(weight), batch.targets, batch.response_cu_seqlens, bias=cast(bias),
                 ref_hidden=cast(ref_hidden), ref_weight=cast(ref_weight), ref_bias=cast(ref_bias),
-                ref_logps=ref_logps, **self.loss_options)
+                ref_logps=ref_logps, pair_weight=pair_weight, nll_weight=nll_weight, **self.loss_options)
 
 
 @torch.no_grad()
@@ -277,9 +279,10 @@ def reference_head_inputs(model: nn.Module, batch, dtype: torch.dtype) -> tuple[
 
 
 def save_pretrained(model: nn.Module, tokenizer, path: str | Path, state_dict=None) -> None:
-    """`save_pretrained` (safetensors) of the model (the LoRA adapter for peft models) and the tokenizer."""
+    """`save_pretrained` (safetensors) of the model (the LoRA adapter for peft models) and the tokenizer;
+    `state_dict`: the weights to write instead of the model's own (gathered ones, under FSDP)."""
     if hasattr(model, "get_base_model"):  # LoRA never trains the embeddings: save the adapter alone
-        model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     else:
         model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:

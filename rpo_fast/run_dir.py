@@ -30,6 +30,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final_metrics.txt",
 RESUME_FREE_KEYS = frozenset({
     "resume", "overwrite", "output_dir",  # how this invocation was asked for
     "max_steps", "num_epochs",  # how long the run goes on
+    "gradient_accumulation_steps",  # with another process count; the trainer checks processes x accumulation
     "progress", "plot", "tensorboard", "log_every", "save_every", "keep_checkpoints",  # reporting, saving
     "eval_file", "eval_every", "gold_eval_samples", "gold_max_new_tokens", "ref_cache_dir",  # evaluation, cache path
 })

@@ -29,9 +29,8 @@ import torch
 from accelerate.utils import DistributedType
 
 from . import checkpoint, memory_plan, metrics, modeling, oom, optim, preflight, run_dir
-from .config import TrainConfig, save_config
+from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
-from .loss import reweighted_loss
 from .packing import batch_by_token_budget, pack_pairs
 from .ref_cache import ReferenceCache, load_or_compute, model_fingerprint
 
@@ -221,10 +220,12 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
         try:
             ref = reference.inputs(batch, "train", accelerator.autocast)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                out = model(batch, **ref)
-                nll_pairs = token_mean_nll_pairs(out, config, step_pairs, step_chosen_tokens)
-                loss = reweighted_loss(out, batch.n_pairs * world / step_pairs,
-                                       (batch.n_pairs if nll_pairs is None else nll_pairs) * world / step_pairs)
+                nll_pairs = token_mean_nll_pairs(sum(len(examples[i].chosen_ids) for i in group), config,
+                                                 step_pairs, step_chosen_tokens)
+                # The micro-batch's weights enter the head: its gradient is formed in forward (fwdgrad).
+                out = model(batch, **ref, pair_weight=batch.n_pairs * world / step_pairs,
+                            nll_weight=(batch.n_pairs if nll_pairs is None else nll_pairs) * world / step_pairs)
+                loss = out.loss
                 if hooks.transform_loss is not None:
                     loss = hooks.transform_loss(step, loss)
                 # An in-backward optimizer updates weights during backward: a non-finite loss must not get there.
@@ -235,18 +236,21 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
             raise oom.TrainingOutOfMemoryError(oom.out_of_memory_message(
                 config, step, batch.n_pairs, batch.num_tokens, batch.num_response_tokens,
                 getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device))) from e
-        sums += metrics.pair_metric_sums(out, batch.n_pairs, nll_pairs)
+        sums += metrics.pair_metric_sums(out._replace(loss=out.pref_loss + config.alpha * out.nll), batch.n_pairs,
+                                         nll_pairs)  # the loss unweighted
         tokens += batch.num_tokens
         response_tokens += batch.num_response_tokens
     return sums, tokens, response_tokens
 
 
-def token_mean_nll_pairs(out, config: TrainConfig, total_pairs: int, total_chosen_tokens: int) -> float | None:
-    """For sft_norm="token_mean": the micro-batch's share of all chosen tokens, in pairs (its NLL's weight
-    in a pair-weighted sum whose total is `total_pairs`); None for the other norms (weight = its pairs)."""
+def token_mean_nll_pairs(chosen_tokens: int, config: TrainConfig, total_pairs: int,
+                         total_chosen_tokens: int) -> float | None:
+    """For sft_norm="token_mean": the micro-batch's share (`chosen_tokens` of its chosen responses) of all
+    chosen tokens, in pairs (its NLL's weight in a pair-weighted sum whose total is `total_pairs`); None for
+    the other norms (weight = its pairs)."""
     if config.sft_norm != "token_mean":
         return None
-    return total_pairs * float(out.chosen_token_counts.sum()) / total_chosen_tokens
+    return total_pairs * chosen_tokens / total_chosen_tokens
 
 
 def apply_update(model, optimizer, accelerator, config: TrainConfig, loss: float) -> tuple[bool, float, int | None]:
@@ -287,8 +291,9 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
         batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
         with accelerator.autocast():
             out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
+        batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
         sums += metrics.pair_metric_sums(out, batch.n_pairs,
-                                         token_mean_nll_pairs(out, config, len(examples), chosen_tokens))
+                                         token_mean_nll_pairs(batch_chosen, config, len(examples), chosen_tokens))
     module.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")
@@ -328,10 +333,23 @@ def gold_question(row: dict) -> str:
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
 
-def optimizer_state_is_whole(accelerator) -> bool:
-    """False under FSDP, where rank 0 holds only its shard of the optimizer state: such checkpoints keep the
-    gathered model weights but no optimizer.pt, and resuming from them is refused (not silently wrong)."""
-    return accelerator.distributed_type != DistributedType.FSDP
+def is_sharded(accelerator) -> bool:
+    """True under FSDP: each rank holds a shard of the weights and optimizer state, so checkpoints write them
+    with torch.distributed.checkpoint (`sharded/`) and the exported model is gathered on rank 0."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gathered_state_dict(accelerator, module: torch.nn.Module) -> dict | None:
+    """Under FSDP the whole weights of `module` (a collective: every rank calls it) as CPU tensors on rank 0, for
+    `save_pretrained` there; None otherwise (`save_pretrained` reads the module itself)."""
+    if not is_sharded(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied head comes back as a copy of the embedding; save_pretrained drops it only when storage is shared.
+    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - {n for n, _ in module.named_parameters()}
+    return {name: tensor for name, tensor in weights.items() if name not in tied}
 
 
 def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: TrainState, config: TrainConfig):
@@ -342,12 +360,12 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: 
     tmp = checkpoint.temp_dir(config.output_dir, state.step)
     checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
     policy = accelerator.unwrap_model(model).model
-    state_dict = None
-    if accelerator.distributed_type == DistributedType.FSDP:  # gather the shards (a collective: every rank)
-        state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}
+    if is_sharded(accelerator):  # every rank writes its shard
+        checkpoint.save_sharded(model, optimizer.optimizer, tmp / checkpoint.SHARDED)
+    weights = gathered_state_dict(accelerator, policy)
     if accelerator.is_main_process:
-        modeling.save_pretrained(policy, tokenizer, tmp / "model", state_dict=state_dict)
-        if optimizer_state_is_whole(accelerator):
+        modeling.save_pretrained(policy, tokenizer, tmp / "model", state_dict=weights)
+        if not is_sharded(accelerator):
             checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         checkpoint.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
         checkpoint.write_json(vars(state), tmp / "trainer_state.json")
@@ -359,13 +377,56 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: 
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> TrainState:
-    if not (directory / "optimizer.pt").exists():
-        raise ValueError(f"resume: {directory} has no optimizer state (written under FSDP, whose sharded optimizer "
-                         "state is not checkpointed yet), so the run cannot continue exactly; start a new run from "
-                         f"its weights with --model={directory / 'model'} --resume=false")
-    checkpoint.load_model_weights(accelerator.unwrap_model(model).model, directory / "model")
-    optimizer.load_state_dict(checkpoint.load_torch(directory / "optimizer.pt"))
+def saved_world_size(directory: Path) -> int:
+    """How many processes wrote the checkpoint in `directory` (one RNG file each)."""
+    return len(list(directory.glob("rng-rank*.pt")))
+
+
+def check_resumable(directory: Path, accelerator, config: TrainConfig) -> None:
+    """Refuses (with what to do) a checkpoint this run cannot continue exactly from.
+
+    A step is `gradient_accumulation_steps x processes` micro-batches of a batch plan that depends on that
+    product alone, so the data position means the same thing when the product is unchanged: the world size may
+    then change (sharded state is resharded on load). A checkpoint of whole optimizer state (one process, DDP)
+    cannot be spread over FSDP's shards; an FSDP checkpoint written before sharded checkpoints existed has no
+    optimizer state at all.
+
+    Raises:
+        ValueError: naming the checkpoint, what it was written with, and how to continue.
+    """
+    from_weights = f"or start a new run from its weights with --model={directory / 'model'} --resume=false"
+    sharded, whole = (directory / checkpoint.SHARDED).is_dir(), (directory / "optimizer.pt").is_file()
+    if not sharded and not whole:
+        raise ValueError(f"resume: {directory} has no optimizer state (written under FSDP before sharded "
+                         f"checkpoints), so the run cannot continue exactly; {from_weights}")
+    if whole and is_sharded(accelerator):
+        raise ValueError(f"resume: {directory} holds whole optimizer state, written without FSDP, which cannot be "
+                         f"split over FSDP's shards; resume it without FSDP (as it was written), {from_weights}")
+    saved_world = saved_world_size(directory)
+    saved_accumulation = load_config(directory / "config.yaml").gradient_accumulation_steps
+    world = accelerator.num_processes
+    if saved_world * saved_accumulation != world * config.gradient_accumulation_steps:
+        per_step = saved_world * saved_accumulation
+        hint = (f"gradient_accumulation_steps={per_step // world}" if per_step % world == 0 else
+                f"a number of processes that divides {per_step}")
+        raise ValueError(f"resume: {directory} was written by {saved_world} process(es) x gradient_accumulation_steps="
+                         f"{saved_accumulation} = {per_step} micro-batches per step, this run has {world} x "
+                         f"{config.gradient_accumulation_steps}: its batches and data position would not match; "
+                         f"resume with {hint}, {from_weights}")
+
+
+def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, config: TrainConfig) -> TrainState:
+    """Restores weights, optimizer, scheduler and this process's RNG state; returns the saved TrainState.
+
+    Sharded state (FSDP) is read into whatever sharding this run has: DCP reshards to another world size.
+    A process without an RNG file of its own (more processes than wrote the checkpoint) takes rank 0's.
+    """
+    check_resumable(directory, accelerator, config)
+    if (directory / checkpoint.SHARDED).is_dir():
+        checkpoint.load_sharded(model, optimizer.optimizer, directory / checkpoint.SHARDED)
+    else:
+        checkpoint.load_model_weights(accelerator.unwrap_model(model).model, directory / "model")
+        optimizer.load_state_dict(checkpoint.load_torch(directory / "optimizer.pt"))
     scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))
     rng = directory / f"rng-rank{accelerator.process_index}.pt"
     checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))
@@ -416,9 +477,6 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "
                          f"across processes: expected one process, got {world}; use "
                          f"{optim.parse_mode(config.optimizer)[0]!r}")
-    if not optimizer_state_is_whole(accelerator) and (config.save_every or config.resume):
-        log("warning: under FSDP, checkpoints hold the gathered model weights but not the sharded optimizer state: "
-            "--resume cannot continue from them")
     steps = total_steps(train_examples, config, world)
     log(f"{len(train_examples)} training pairs, {steps} steps of {config.gradient_accumulation_steps} x {world} "
         f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}")
@@ -440,14 +498,14 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     loss_options = dict(beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm, loss_type=config.loss_type,
                         label_smoothing=config.label_smoothing, average_log_prob=config.average_log_prob,
-                        impl=config.head_impl())
+                        impl=config.head_impl(), backward=config.head_backward, chunk_tokens=config.head_chunk_tokens)
     model = modeling.PackedRPOModel(policy, **loss_options)
     optimizer, scheduler = build_optimizer(model, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step
 
     state, resumed_from = TrainState(), None
     if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:
-        state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler)
+        state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler, config)
         log(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch})")
     elif config.resume:
         log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
@@ -544,10 +602,11 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     policy = accelerator.unwrap_model(model).model
     if config.finetune == "lora":
         policy = policy.merge_and_unload()
+    weights = gathered_state_dict(accelerator, policy)  # under FSDP: a collective, the whole model on rank 0
     records = metrics.read_records(logger.path) if logger else []
     table = ""
     if accelerator.is_main_process:
-        modeling.save_pretrained(policy, tokenizer, output_dir / "model")
+        modeling.save_pretrained(policy, tokenizer, output_dir / "model", state_dict=weights)
         before = state.eval_history[0] if state.eval_history and state.eval_history[0]["step"] == 0 else None
         table = metrics.final_table([r for r in records if "loss" in r], before, after)
         (output_dir / "final_metrics.txt").write_text(table + "\n", encoding="utf-8")

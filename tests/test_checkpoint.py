@@ -116,16 +116,17 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, 
     assert steps == list(range(1, 17))
 
 
-def test_resume_refuses_a_checkpoint_without_optimizer_state(tiny_model_dir, tmp_path, monkeypatch):
-    """Under FSDP rank 0 holds a shard of the optimizer state: the checkpoint leaves it out, and resuming from
-    it is an error that says what to do, not a run that silently continues with a wrong optimizer."""
-    from rpo_fast import trainer
-
-    monkeypatch.setattr(trainer, "optimizer_state_is_whole", lambda accelerator: False)
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tiny_model_dir, tmp_path):
+    """FSDP checkpoints written before sharded ones kept the gathered weights but no optimizer state: resuming
+    from one is an error that says what to do, not a run that silently continues with a fresh optimizer."""
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, save_every=1, eval_file="none"))
     train(config)
     latest = checkpoint.latest_checkpoint(config.output_dir)
-    assert latest is not None and not (latest / "optimizer.pt").exists() and (latest / "model").is_dir()
+    (latest / "optimizer.pt").unlink()
+    (latest / checkpoint.MARKER).unlink()
+    tmp = latest.parent / f".tmp-{latest.name}"
+    latest.rename(tmp)
+    latest = checkpoint.commit(tmp, 2)  # complete, as such checkpoints were
     config.resume = True
     with pytest.raises(ValueError, match="resume: .* has no optimizer state .*--model="):
         train(config)

@@ -1,18 +1,22 @@
-"""The "triton" and "torch" paths never allocate an [N, V]-sized tensor, forward or backward; the dense
-path (the control that proves the recorder works) does."""
+"""The "triton" and "torch" paths, with each backward, never allocate an [N, V]-sized tensor, forward or
+backward; the dense path (the control that proves the recorder works) does."""
 import pytest
 import torch
 
 import rpo_fast
-from rpo_fast import chunked
+from rpo_fast import chunked, fwdgrad
 from conftest import LargestTensorRecorder
 
 
 N, H, V, B = 600, 16, 500, 3
 
 
-def largest_allocation(impl, monkeypatch):
+FWDGRAD_ROWS = 250  # one pair of 2 x 100 rows per chunk
+
+
+def largest_allocation(impl, monkeypatch, backward="auto"):
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64 * V)  # 64-row chunks, so chunking is visible at this N
+    monkeypatch.setattr(fwdgrad, "CHUNK_ELEMENTS", FWDGRAD_ROWS * V)
     hidden = torch.randn(N, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     bias = torch.randn(V, requires_grad=True)
@@ -21,18 +25,19 @@ def largest_allocation(impl, monkeypatch):
     ref_hidden, ref_weight = torch.randn(N, H), torch.randn(V, H)
     with LargestTensorRecorder() as rec:
         out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, bias=bias, ref_hidden=ref_hidden,
-                                             ref_weight=ref_weight, impl=impl)
+                                             ref_weight=ref_weight, impl=impl, backward=backward)
         out.loss.backward()
     assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
     return rec.largest[0]
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_fused_paths_never_allocate_n_by_v(impl, monkeypatch):
-    largest = largest_allocation(impl, monkeypatch)
+@pytest.mark.parametrize("impl,backward", [("triton", "atomic"), ("torch", "recompute"), ("torch", "fwdgrad")])
+def test_fused_paths_never_allocate_n_by_v(impl, backward, monkeypatch):
+    largest = largest_allocation(impl, monkeypatch, backward)
     assert largest < N * V, f"impl={impl} allocated a tensor of {largest} elements (N*V = {N * V})"
     if impl == "torch":  # the interpreter also makes byte-level host copies of its buffers; torch does not
-        assert largest <= max(V * H, 64 * V, N * H), largest  # weight-sized, one chunk, or hidden-sized
+        chunk = FWDGRAD_ROWS if backward == "fwdgrad" else 64
+        assert largest <= max(V * H, chunk * V, N * H), largest  # weight-sized, one chunk, or hidden-sized
 
 
 def test_recorder_sees_dense_logits(monkeypatch):

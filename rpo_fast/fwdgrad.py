@@ -1,0 +1,261 @@
+"""Forward-time gradients for the fused RPO head: chunks of whole pairs, gradients formed while a chunk's
+logits are at hand.
+
+Every term of the RPO loss depends on the logits only through the per-token log-probs, and once a pair's
+two summed log-probs are known (its reference log-probs were computed first) its share of the loss and its
+derivative `ds_j = dLoss/ds_j` are known too: the pair terms need nothing but the pair, and the NLL is linear
+in `s` with batch-global normalizers (B pairs; the batch's chosen-token count for token_mean). So a chunk of
+whole pairs can do all of its work at once:
+
+    logits = h_chunk @ W.T (+ b)                     [C, V] fp32 (fp32 out of bf16 operands on CUDA)
+    lp, lse = log-softmax at the targets             [C]
+    s = per-sequence sums                            [2b]
+    ds = d(pair_weight * pref + nll_weight * alpha * nll) / ds     autograd through the loss's own formulas
+    g = ds of each token's sequence                  [C] (0 at ignored targets)
+    dlogits = g * (onehot - softmax)                 in place in the logits buffer (a bf16 copy on CUDA)
+    dhidden[rows] = dlogits @ W;  dW32 += dlogits.T @ h;  db32 += dlogits.sum(0)
+
+Three head GEMMs per token, none recomputed (the floor), and the loss's backward only scales the stored
+gradients by `grad_output`, as Liger's fused linear cross entropy does. The gradient of the loss formulas
+comes from autograd through the same function that computes the value (`loss.rpo_terms`, handed in by
+`fused_linear_rpo_loss`), so there is one copy of them.
+
+A pair longer than the chunk budget is split into row pieces of at most `chunk_tokens`: the first pass
+keeps only each piece's logsumexp, and the gradient pass recomputes each piece's logits (the recompute
+design, for that pair only, with the same fp32 logits and fp32 dW accumulation). The fallback is per pair,
+not per call: one long pair in a packed batch must not cost the other pairs a recompute.
+
+On CUDA the per-chunk log-softmax and dlogits passes are fused Triton kernels (`kernels.logit_grad`); the
+torch functions here have the same semantics and are their reference. No atomics anywhere: deterministic
+wherever the GEMMs are.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from . import gemm
+
+# Elements of one chunk's fp32 logits when `chunk_tokens` is not given. CUDA: 2**28 (1 GiB, plus a 512 MiB
+# bf16 copy): ~2048 tokens at a 128k vocabulary, enough rows for the GEMMs to run at tensor-core speed.
+# CPU: 2**23 (32 MiB): 262 tokens at a 32000-token vocabulary, which holds a pair of the CPU benchmark's
+# 128-token responses, and rows enough for the fp32 GEMMs' full speed (bench/RESULTS.md).
+CHUNK_ELEMENTS = 2**23
+CUDA_CHUNK_ELEMENTS = 2**28
+
+
+def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk when the caller does not say: as many as fit the device's logits budget."""
+    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, budget // max(1, vocab_size))
+
+
+# --- per-row passes over one chunk's logits (torch; on CUDA the Triton kernels of kernels/logit_grad.py) ---
+
+
+def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lp [C] fp32, 0.0 at ignored targets; lse [C] fp32) of fp32 logits [C, V] and int64 targets [C].
+
+    A row with infinite logits has an undefined log-softmax: its lse is NaN, as in the fused kernels."""
+    ignored = targets == ignore_index
+    lse = torch.logsumexp(logits, dim=-1)
+    lse = lse.masked_fill(lse.isinf(), float("nan"))
+    lp = logits.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1) - lse
+    return lp.masked_fill_(ignored, 0.0), lse
+
+
+def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """dlogits [C, V] = g[:, None] * (onehot(targets) - exp(logits - lse[:, None])).
+
+    Rows with ignored targets (any index outside [0, V)) or g == 0 are all zero. In place in `logits`
+    (fp32 [C, V]) when `out_dtype` is float32; else the result is cast to `out_dtype` (bf16/fp16)."""
+    vocab = logits.shape[1]
+    counted = (targets >= 0) & (targets < vocab)
+    g = g.float().masked_fill(~counted, 0.0)
+    dlogits = logits.sub_(lse[:, None]).exp_().neg_()
+    dlogits.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], torch.ones_like(lse[:, None]))
+    dlogits.mul_(g[:, None])
+    # 0 * NaN is NaN: a row whose logsumexp is undefined but whose gradient weight is 0 must still be 0.
+    dead = (g == 0) & ~lse.isfinite()
+    if bool(dead.any()):
+        dlogits[dead] = 0.0
+    return dlogits if out_dtype == torch.float32 else dlogits.to(out_dtype)
+
+
+class RowPasses(NamedTuple):
+    row_logprobs: Callable
+    logit_grad_: Callable
+
+
+def row_passes(use_kernels: bool) -> RowPasses:
+    if not use_kernels:
+        return RowPasses(row_logprobs, logit_grad_)
+    from .kernels import logit_grad as kernels  # imported lazily: the CPU path needs no Triton
+
+    return RowPasses(kernels.row_logprobs, kernels.logit_grad_)
+
+
+# --- chunks of whole pairs ---
+
+
+class Chunk(NamedTuple):
+    """Pairs `first..last-1`: rows `chosen` then `rejected` of the packed batch (two contiguous slices)."""
+
+    first: int
+    last: int
+    chosen: slice
+    rejected: slice
+
+    @property
+    def rows(self) -> int:
+        return self.chosen.stop - self.chosen.start + self.rejected.stop - self.rejected.start
+
+
+def plan_chunks(bounds: list[int], chunk_tokens: int) -> list[Chunk]:
+    """Greedy runs of consecutive pairs with at most `chunk_tokens` rows; a longer pair is a chunk alone.
+
+    `bounds`: cu_seqlens as a list (2B + 1 ints, chosen sequences first)."""
+    n_pairs = (len(bounds) - 1) // 2
+
+    def chunk(first, last):
+        return Chunk(first, last, slice(bounds[first], bounds[last]),
+                     slice(bounds[n_pairs + first], bounds[n_pairs + last]))
+
+    chunks, first = [], 0
+    for i in range(n_pairs):
+        if i > first and chunk(first, i + 1).rows > chunk_tokens:
+            chunks.append(chunk(first, i))
+            first = i
+    if n_pairs:
+        chunks.append(chunk(first, n_pairs))
+    return chunks
+
+
+class _StoredGradients(torch.autograd.Function):
+    """`value` as a function of `inputs` whose gradients were formed in forward: backward scales them."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *inputs):
+        ctx.save_for_backward(*grads)  # saved, so that autograd frees them after backward
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        unit = bool(grad_output == 1)
+        scaled = (None if g is None else g if unit else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        return None, None, *scaled
+
+
+SequenceLoss = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+
+
+def fwdgrad_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    bounds: list[int],
+    sequence_loss: SequenceLoss,
+    *,
+    ignore_index: int = -100,
+    chunk_tokens: int | None = None,
+    use_kernels: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """A loss of the per-sequence summed log-probs of a packed pair batch, with its gradients formed in forward.
+
+    Args:
+        hidden: [N, H] bf16/fp16/fp32; weight: [V, H] same dtype; bias: [V] or None (inputs checked).
+        targets: [N] int64. bounds: cu_seqlens as a list of 2B + 1 ints (chosen sequences first).
+        sequence_loss: `s [2B] fp32 -> (scalar loss, anything)`, differentiable in s, such that the derivative
+            for the sequences of some pairs does not depend on the other pairs' values (a sum over pairs of
+            terms of the pair's two sequences, plus a linear function of s: the RPO loss is one).
+        chunk_tokens: rows per chunk (None: `default_chunk_tokens`).
+        use_kernels: the per-row passes as the Triton kernels of `kernels.logit_grad` (CUDA), else torch.
+
+    Returns:
+        (loss, what `sequence_loss` returned besides the loss, at the batch's s). The loss (fp32 scalar) carries
+        the gradient of hidden / weight / bias (those that require grad while grad mode is on).
+    """
+    n_seqs, vocab = len(bounds) - 1, weight.shape[0]
+    grad_on = torch.is_grad_enabled()
+    want_dh = grad_on and hidden.requires_grad
+    want_dw = grad_on and weight.requires_grad
+    want_db = grad_on and bias is not None and bias.requires_grad
+    chunk_tokens = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
+    passes = row_passes(use_kernels)
+    inputs = (hidden, weight, bias)
+    hidden, weight = hidden.detach(), weight.detach()
+    bias = None if bias is None else bias.detach()
+
+    # GEMM operands: bf16/fp16 straight into tensor cores with fp32 results where that works; elsewhere (CPU)
+    # upcast once, so that each chunk's products are fp32 ones without a fresh [V, H] copy per chunk.
+    tensor_cores = gemm.fp32_out_on_tensor_cores(hidden)
+    op_dtype = hidden.dtype if tensor_cores else torch.float32
+    w_op = weight.to(op_dtype)
+    b32 = None if bias is None else bias.float()
+    dh = torch.empty_like(hidden) if want_dh else None
+    dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_db else None
+    policy_logps = torch.zeros(n_seqs, dtype=torch.float32, device=hidden.device)
+
+    def logits_of(h):
+        logits = gemm.mm_f32(h, w_op.T)
+        return logits if b32 is None else logits.add_(b32)
+
+    def sequence_grads(s, seqs):
+        """dLoss/ds for the chunk's sequences `seqs` [2b]; the other sequences are held at 0, constants the
+        chunk's derivative does not depend on."""
+        with torch.enable_grad():
+            s = s.detach().requires_grad_()
+            everyone = torch.zeros(n_seqs, dtype=torch.float32, device=s.device).index_copy(0, seqs, s)
+            return torch.autograd.grad(sequence_loss(everyone)[0], s)[0]
+
+    for chunk in plan_chunks(bounds, chunk_tokens):
+        h = torch.cat([hidden[chunk.chosen], hidden[chunk.rejected]]).to(op_dtype)
+        t = torch.cat([targets[chunk.chosen], targets[chunk.rejected]])
+        pair_range = torch.arange(chunk.first, chunk.last, device=hidden.device)
+        seqs = torch.cat([pair_range, pair_range + n_seqs // 2])
+        lengths = torch.tensor([bounds[j + 1] - bounds[j] for j in seqs.tolist()], device=hidden.device)
+        # One piece when the chunk fits (its logits stay for the gradient pass), row pieces of a long pair else.
+        pieces = [slice(a, min(a + chunk_tokens, chunk.rows)) for a in range(0, chunk.rows, chunk_tokens)]
+        kept, lp, lse = None, [], []
+        for piece in pieces:
+            logits = logits_of(h[piece])
+            piece_lp, piece_lse = passes.row_logprobs(logits, t[piece], ignore_index)
+            lp.append(piece_lp)
+            lse.append(piece_lse)
+            kept = logits if len(pieces) == 1 else None
+            del logits
+        lp, lse = torch.cat(lp), torch.cat(lse)
+        s = torch.zeros(len(seqs), dtype=torch.float32, device=hidden.device).index_add_(
+            0, torch.repeat_interleave(torch.arange(len(seqs), device=hidden.device), lengths), lp)
+        policy_logps[seqs] = s
+        if not (want_dh or want_dw or want_db):
+            continue
+        g = sequence_grads(s, seqs).repeat_interleave(lengths)
+        dh_chunk = torch.empty_like(h) if want_dh else None
+        for piece in pieces:
+            logits = kept if kept is not None else logits_of(h[piece])
+            kept = None
+            dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype)
+            del logits
+            if want_dh:
+                dh_chunk[piece] = dlogits @ w_op
+            if want_dw:
+                gemm.addmm_f32_(dw32, dlogits.T, h[piece])
+            if want_db:
+                db32 += dlogits.sum(0, dtype=torch.float32)
+            del dlogits
+        if want_dh:
+            n_chosen = chunk.chosen.stop - chunk.chosen.start
+            dh[chunk.chosen] = dh_chunk[:n_chosen]
+            dh[chunk.rejected] = dh_chunk[n_chosen:]
+
+    with torch.no_grad():
+        value, extra = sequence_loss(policy_logps)
+    if want_dh or want_dw or want_db:
+        grads = (dh, None if dw32 is None else dw32.to(weight.dtype), None if db32 is None else db32.to(weight.dtype))
+        value = _StoredGradients.apply(value, grads, *inputs)
+    return value, extra

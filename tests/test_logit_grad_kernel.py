@@ -1,0 +1,113 @@
+"""The row kernels of the forward-time-gradient path (`row_logprobs`, `logit_grad_`) in the Triton
+interpreter against float64 torch, on irregular shapes (V not a multiple of the vocab tile, several
+tiles per row), ignored targets, g == 0 rows and logits of +-1e4; fp32 (in place) and bf16/fp16 output."""
+import pytest
+import torch
+
+from rpo_fast.kernels import RowConfig, logit_grad_, row_logprobs
+from conftest import max_abs_err
+
+IGNORE = -100
+# (C, V, block_v): several tiles with a ragged last one, one partial tile, a single row / column.
+CASES = [(37, 1000, 256), (37, 1000, None), (5, 4099, 1024), (1, 1, 16)]
+
+
+def make_rows(C, V, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(C, V, generator=gen) * scale
+    targets = torch.randint(0, V, (C,), generator=gen)
+    targets[::4] = IGNORE
+    g = torch.randn(C, generator=gen)
+    g[1::5] = 0.0
+    return logits, targets, g
+
+
+def reference(logits, targets, g):
+    """float64 lp, lse and dlogits = g * (onehot - softmax), zero rows at ignored targets."""
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=1)
+    keep = targets != IGNORE
+    safe = torch.where(keep, targets, 0)
+    lp = torch.where(keep, x.gather(1, safe[:, None])[:, 0] - lse, 0.0)
+    onehot = torch.nn.functional.one_hot(safe, x.shape[1]).double()
+    dlogits = torch.where(keep[:, None], g.double()[:, None] * (onehot - torch.softmax(x, dim=1)), 0.0)
+    return lp, lse, dlogits
+
+
+def config(block_v):
+    return None if block_v is None else RowConfig(block_v=block_v, num_warps=1)
+
+
+@pytest.mark.parametrize("C,V,block_v", CASES, ids=lambda x: str(x))
+def test_row_logprobs_match_float64(C, V, block_v):
+    logits, targets, g = make_rows(C, V)
+    lp, lse = row_logprobs(logits, targets, IGNORE, config=config(block_v))
+    ref_lp, ref_lse, _ = reference(logits, targets, g)
+    assert lp.dtype == lse.dtype == torch.float32 and lp.shape == lse.shape == (C,)
+    assert torch.all(lp[targets == IGNORE] == 0)
+    assert max_abs_err(lse, ref_lse) < 1e-5 * max(1.0, ref_lse.abs().max().item())
+    assert max_abs_err(lp, ref_lp) < 1e-5 * max(1.0, ref_lp.abs().max().item())
+
+
+def test_row_logprobs_with_large_logits():
+    """+-1e4 logits: exp overflows unless the running max is subtracted; most rows are one-hot softmaxes."""
+    logits, targets, g = make_rows(37, 1000, scale=1e4)
+    logits[3, 17] = 1e4 + 1.0
+    lp, lse = row_logprobs(logits, targets, IGNORE, config=RowConfig(block_v=256, num_warps=1))
+    ref_lp, ref_lse, _ = reference(logits, targets, g)
+    assert torch.isfinite(lp).all() and torch.isfinite(lse).all()
+    # fp32 resolution at 1e4 is ~1e-3: the logits themselves carry that error.
+    assert max_abs_err(lse, ref_lse) < 4e-3 and max_abs_err(lp, ref_lp) < 4e-3
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("C,V,block_v", CASES, ids=lambda x: str(x))
+def test_logit_grad_matches_float64(C, V, block_v, out_dtype):
+    logits, targets, g = make_rows(C, V)
+    _, ref_lse, ref = reference(logits, targets, g)
+    lse = ref_lse.float()
+    work = logits.clone()
+    dlogits = logit_grad_(work, targets, lse, g, out_dtype, IGNORE, config=config(block_v))
+
+    assert dlogits.dtype == out_dtype and dlogits.shape == (C, V)
+    assert (dlogits.data_ptr() == work.data_ptr()) == (out_dtype == torch.float32)  # in place only for fp32
+    if out_dtype != torch.float32:
+        assert torch.equal(work, logits)  # the logits are left alone
+    zero_rows = (targets == IGNORE) | (g == 0)
+    assert torch.all(dlogits[zero_rows] == 0)
+    # Elementwise: the fp32 result (a few ulps of |g|: onehot - p cancels) rounded once to out_dtype. One
+    # ulp, not half: the interpreter truncates fp32 -> bf16 where a GPU rounds to nearest.
+    rel = {torch.float32: 0.0, torch.bfloat16: 2**-7, torch.float16: 2**-10}[out_dtype]
+    bound = rel * ref.abs() + 1e-6 * g.abs().max().item()
+    err = (dlogits.double() - ref).abs()
+    assert torch.all(err <= bound), f"max error {err.max().item():.3g}, worst excess {(err - bound).max().item():.3g}"
+
+
+def test_logit_grad_with_large_logits_and_lse_from_row_logprobs():
+    """The two kernels chained, as the forward-time-gradient path runs them, at +-1e4 logits: the gradient
+    is finite and sums to ~0 per row (softmax sums to 1, the one-hot to 1)."""
+    logits, targets, g = make_rows(37, 1000, scale=1e4)
+    cfg = RowConfig(block_v=256, num_warps=1)
+    _, lse = row_logprobs(logits, targets, IGNORE, config=cfg)
+    _, _, ref = reference(logits, targets, g)
+    dlogits = logit_grad_(logits.clone(), targets, lse, g, torch.float32, IGNORE, config=cfg)
+    assert torch.isfinite(dlogits).all()
+    # exp(x - lse) with x, lse ~1e4 in fp32: an absolute error of ~1e-3 in the exponent, relative in the result.
+    assert max_abs_err(dlogits, ref) < 4e-3 * g.abs().max().item()
+    assert dlogits.double().sum(1).abs().max().item() < 1e-2
+
+
+def test_row_kernels_refuse_bad_inputs():
+    logits, targets, g = make_rows(4, 10)
+    lse = torch.zeros(4)
+    with pytest.raises(ValueError, match="logits"):
+        row_logprobs(logits.double(), targets)
+    with pytest.raises(ValueError, match="logits"):
+        row_logprobs(logits.T.contiguous().T, targets)
+    with pytest.raises(ValueError, match="targets"):
+        row_logprobs(logits, targets.int())
+    with pytest.raises(ValueError, match="g"):
+        logit_grad_(logits, targets, lse, g[:3])
+    with pytest.raises(ValueError, match="out_dtype"):
+        logit_grad_(logits, targets, lse, g, torch.float64)
