@@ -15,6 +15,7 @@ how it reports, but not what a step computes.
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -66,10 +67,18 @@ def check_writable(output_dir: str | Path) -> None:
                          f"({e.strerror or type(e).__name__})") from None
 
 
+def _same_file(a, b) -> bool:
+    """Two data paths that name files with the same bytes (a copied or moved dataset is the same dataset)."""
+    return isinstance(a, str) and isinstance(b, str) and Path(a).is_file() and Path(b).is_file() \
+        and filecmp.cmp(a, b, shallow=False)
+
+
 def config_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tuple]:
-    """{key: (saved value, current value)} for every key outside RESUME_FREE_KEYS whose value changed."""
+    """{key: (saved value, current value)} for every key outside RESUME_FREE_KEYS whose value changed
+    (train_file: a path to a file with the same bytes counts as unchanged)."""
     old, new = saved.to_dict(), current.to_dict()
-    return {k: (old.get(k), v) for k, v in new.items() if k not in RESUME_FREE_KEYS and old.get(k) != v}
+    return {k: (old.get(k), v) for k, v in new.items() if k not in RESUME_FREE_KEYS and old.get(k) != v
+            and not (k == "train_file" and _same_file(old.get(k), v))}
 
 
 def check(config: TrainConfig) -> Path | None:

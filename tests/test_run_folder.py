@@ -80,3 +80,16 @@ def test_resume_free_keys_are_config_keys():
 
     assert run_dir.RESUME_FREE_KEYS <= set(TrainConfig.__dataclass_fields__)
     assert not {"beta", "alpha", "learning_rate", "model", "train_file", "seed"} & run_dir.RESUME_FREE_KEYS
+
+
+def test_resume_check_compares_the_train_file_by_content(tmp_path):
+    from rpo_fast.config import TrainConfig
+
+    a, b, c = (tmp_path / name for name in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    a.write_text("same\n")
+    b.write_text("same\n")
+    c.write_text("other\n")
+    saved = TrainConfig(train_file=str(a))
+    assert run_dir.config_differences(saved, TrainConfig(train_file=str(b), max_steps=9)) == {}  # moved/copied
+    assert run_dir.config_differences(saved, TrainConfig(train_file=str(c))) == {"train_file": (str(a), str(c))}
+    assert run_dir.config_differences(saved, TrainConfig(train_file=str(a), beta=0.3)) == {"beta": (0.1, 0.3)}
