@@ -198,9 +198,15 @@ def compile_all(archs: list[int]) -> list[CompileReport]:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rpo_fast.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*", type=int, default=[90, 80], metavar="ARCH",
+                        help="compute capabilities to compile for, e.g. 90 (Hopper) 80 (Ampere); default: 90 80")
+    archs = parser.parse_args(argv).archs
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("rpo_fast.aot must run without TRITON_INTERPRET (see module docstring)")
-    for r in compile_all([int(a) for a in (argv or ["90", "80"])]):
+    for r in compile_all(archs):
         print(json.dumps(dataclasses.asdict(r)))
     return 0
 

@@ -116,21 +116,59 @@ def check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing) -> Non
                          f"smooths labels), got {label_smoothing}")
 
 
+# Where a zero token count comes from: rpo_loss takes the counts; fused_linear_rpo_loss counts the targets
+# other than ignore_index in each cu_seqlens span.
+_EMPTY = "token_counts (from cu_seqlens/targets: all of its targets are ignore_index)"
+
+
 def check_token_counts(counts: torch.Tensor, n_pairs: int, sft_norm: str, alpha: float,
                        per_token_pref: bool) -> None:
-    """Refuses divisions by a zero token count; names the first sequence (0..B-1 chosen) that has none."""
+    """Refuses divisions by a zero token count, naming the first sequence (0..B-1 chosen) that has none, and a
+    batch without any response token (its loss would come from the reference alone, with no gradient)."""
     empty = (counts == 0).tolist()
+    if all(empty):
+        raise ValueError(f"{_EMPTY}: expected response tokens in some sequence, got none in all {len(empty)}: the "
+                         "loss would be a number made of the reference log-probs alone, with zero gradient")
     if per_token_pref and any(empty):
         i = empty.index(True)
-        raise ValueError(f"cu_seqlens/targets: sequence {i} ({'chosen' if i < n_pairs else 'rejected'}) has no "
+        raise ValueError(f"{_EMPTY}: sequence {i} ({'chosen' if i < n_pairs else 'rejected'}) has no "
                          "response tokens, but average_log_prob / loss_type='ipo' divides by its count")
     if alpha and sft_norm == "seq_mean" and any(empty[:n_pairs]):
         i = empty.index(True)
-        raise ValueError(f"cu_seqlens/targets: chosen sequence {i} has no response tokens, but "
+        raise ValueError(f"{_EMPTY}: chosen sequence {i} has no response tokens, but "
                          "sft_norm='seq_mean' divides by its count")
     if alpha and sft_norm == "token_mean" and all(empty[:n_pairs]):
-        raise ValueError("cu_seqlens/targets: no chosen sequence has response tokens, but "
+        raise ValueError(f"{_EMPTY}: no chosen sequence has response tokens, but "
                          "sft_norm='token_mean' divides by their total count")
+
+
+def check_sequence_logps(policy_logps, ref_logps, token_counts) -> None:
+    """`rpo_loss`'s inputs: policy_logps [2B] float (B >= 1); ref_logps None or [2B] float and token_counts
+    [2B] (integer or float, >= 0), both on policy_logps' device. Nothing broadcasts."""
+    if (not isinstance(policy_logps, torch.Tensor) or policy_logps.dim() != 1 or not policy_logps.is_floating_point()
+            or policy_logps.numel() < 2 or policy_logps.numel() % 2):
+        got = _shape(policy_logps) if isinstance(policy_logps, torch.Tensor) else type(policy_logps).__name__
+        raise ValueError(f"policy_logps: expected a 1-D float tensor of even length 2B >= 2 (chosen 0..B-1, then "
+                         f"rejected), got {got}")
+    n, device = policy_logps.numel(), policy_logps.device
+    for name, t, floating in (("ref_logps", ref_logps, True), ("token_counts", token_counts, False)):
+        if name == "ref_logps" and t is None:
+            continue
+        if (not isinstance(t, torch.Tensor) or t.shape != (n,) or t.device != device
+                or (floating and not t.is_floating_point()) or t.dtype == torch.bool or t.is_complex()):
+            got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            kind = "float" if floating else "integer or float"
+            raise ValueError(f"{name}: expected a {kind} tensor of shape ({n},) on {device} like policy_logps, "
+                             f"got {got}")
+    if bool((token_counts < 0).any()):
+        raise ValueError(f"token_counts: expected counts >= 0, got {token_counts.tolist()}")
+
+
+def check_op_targets(hidden, weight, targets, ignore_index: int) -> None:
+    """The fused head op's own check (torch.ops.rpo_fast.linear_logprobs_fwd, called directly or from a compiled
+    graph): the kernels would read out of bounds for a target outside [0, V) that is not ignore_index. One
+    reduction and one host sync, small next to the [N, V] product the op computes."""
+    check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
 
 
 def check_chunk_tokens(chunk_tokens) -> None:

@@ -1,10 +1,14 @@
 """Command line: `rpo-fast train` and `rpo-fast precompute-ref` (also `python -m rpo_fast.cli ...`).
 
-    rpo-fast train --config configs/demo.yaml [--key=value ...] [--resume]
+    rpo-fast train --config configs/demo.yaml [--key=value ...] [--resume | --overwrite]
     rpo-fast precompute-ref --config configs/demo.yaml [--key=value ...]
     rpo-fast plan-memory --model mistral-7b --max-length 1024 --micro-batch 2 [--gpu-gb 80 ...]
+    rpo-fast plan-memory --config configs/demo.yaml [--key=value ...]
 
-Keys are the fields of `rpo_fast.config.TrainConfig`; a bare `--flag` sets a boolean key to true.
+Keys are the fields of `rpo_fast.config.TrainConfig` (`rpo-fast train --help` lists them with their
+defaults); a bare `--flag` sets a boolean key to true. Exit status: 0 done, 2 a bad argument, config, data
+file or model path (one line naming the key, no traceback), 3 too many non-finite steps, 4 CUDA out of
+memory; plan-memory: 0 fits, 1 does not fit, 2 bad arguments.
 Multi-process: on GPUs `accelerate launch --multi_gpu --num_processes N -m rpo_fast.cli train ...` (FSDP
 through an accelerate config file); on the CPU `torchrun --nproc_per_node N -m rpo_fast.cli train ...`
 (gloo; `accelerate launch --cpu` starts one process unless given an MPI hostfile).
@@ -21,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from .config import load_config, parse_overrides  # noqa: E402
+from .config import describe_keys, load_config, parse_overrides  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(options: rpo-fast plan-memory --help)", add_help=False)
     for name, text in (("train", "RPO-train a model"),
                        ("precompute-ref", "cache the reference log-probs of the train/eval sets on disk")):
-        sub = commands.add_parser(name, help=text, description=text + ". Extra --key=value arguments override "
-                                  "the config file (keys: rpo_fast/config.py TrainConfig).")
+        sub = commands.add_parser(
+            name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=f"{text}. Any config key below can be given as --key=value (a bare --flag sets a boolean "
+                        "key to true);\nprecedence, lowest first: defaults < preset < --config file < --key=value.",
+            epilog="config keys (defaults shown):\n" + describe_keys()
+                   + "\n\nexit status: 0 done, 2 bad argument/config/data/model path, 3 too many non-finite steps, "
+                     "4 CUDA out of memory")
         sub.add_argument("--config", help="YAML config file (optional: defaults and overrides alone also work)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, parse_overrides(extra))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         parser.exit(2, f"rpo-fast {args.command}: error: {e}\n")
     if args.print_config:
         import yaml

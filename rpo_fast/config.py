@@ -52,8 +52,8 @@ class TrainConfig:
     ref_model: str | None = None  # for reference=model/cache: default the policy's `model`
     ref_cache_dir: str = "outputs/ref_cache"
     # --- data ---
-    train_file: str = "data/train.jsonl"
-    eval_file: str | None = "data/eval.jsonl"
+    train_file: str = "data/train.jsonl"  # .jsonl, .json, .parquet or a save_to_disk folder (README: your own data)
+    eval_file: str | None = "data/eval.jsonl"  # null = no eval; the embedded set only with the embedded train_file
     max_length: int = 512  # prompt + response tokens per sequence
     max_prompt_length: int = 256
     token_budget: int = 4096  # packed tokens per micro-batch (chosen + rejected of all its pairs)
@@ -103,6 +103,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
+    overwrite: bool = False  # delete an earlier run's files in output_dir first (without: such a folder is refused)
     preset: str | None = None
 
     def to_dict(self) -> dict:
@@ -147,6 +148,12 @@ class TrainConfig:
         _require("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)", self.adam_beta1)
         _require("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)", self.adam_beta2)
         _require("adam_eps", self.adam_eps > 0, "a number > 0", self.adam_eps)
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            self.lora_target_modules = [self.lora_target_modules]  # one module name (peft would read a regex)
+        if isinstance(self.lora_target_modules, list):
+            _require("lora_target_modules", bool(self.lora_target_modules) and all(
+                all(part.isidentifier() for part in name.split(".")) for name in self.lora_target_modules),
+                "'all-linear' or module names like q_proj,v_proj", self.lora_target_modules)
         if self.deterministic and self.impl == "triton":
             raise ValueError("impl: expected 'auto' or 'torch' with deterministic=true (the Triton backward "
                              "accumulates with atomics, whose order varies from run to run), got 'triton'")
@@ -167,6 +174,8 @@ class TrainConfig:
             _require("max_grad_norm", self.max_grad_norm == 0,
                      f"0 with optimizer={self.optimizer!r}: the global norm is known only after every parameter "
                      "has been stepped, so it cannot clip", self.max_grad_norm)
+        _require("resume", not (self.resume and self.overwrite),
+                 "either resume (continue the run in output_dir) or overwrite (delete it and start again)", "both")
         if self.eta is not None:
             _require("eta", _finite(self.eta) and self.eta >= 0, "None or a finite number >= 0", self.eta)
             _require("alpha", math.isclose(self.alpha, self.eta * self.beta, rel_tol=1e-9, abs_tol=0.0),
@@ -207,7 +216,7 @@ def coerce(key: str, value):
 
         close = difflib.get_close_matches(key, _FIELDS, n=3)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"{key}: unknown config key{hint} (known keys: see rpo_fast/config.py TrainConfig)")
+        raise ValueError(f"{key}: unknown config key{hint} (known keys: rpo-fast train --help)")
     return _coerce_to(key, _TYPES[key], value)
 
 
@@ -272,6 +281,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     """
     file_values: dict = {}
     if path is not None:
+        if Path(path).is_dir():
+            raise ValueError(f"config: expected a YAML file, got the folder {path}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config: {path} does not exist")
         text = Path(path).read_text(encoding="utf-8")
         try:
             file_values = yaml.safe_load(text) or {}
@@ -298,3 +311,40 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_keys() -> str:
+    """Every config key with its type, default and the comment beside it in `TrainConfig`, grouped by the
+    dataclass's section comments: the `rpo-fast train --help` listing, generated so it cannot go stale."""
+    import inspect
+    import re
+    import textwrap
+
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # no source (a frozen install): names and defaults only
+        source = ""
+    comments, sections = {}, {}
+    section, above = None, []  # comment lines above a field describe it when it has none beside it
+    for line in source.splitlines():
+        if heading := re.match(r"\s*# --- (.+?) ---", line):
+            section, above = heading.group(1), []
+        elif comment := re.match(r"\s{4}#\s*(.*)", line):
+            above.append(comment.group(1))
+        elif field_line := re.match(r"\s{4}(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line):
+            comments[field_line.group(1)] = field_line.group(2) or " ".join(above)
+            sections[field_line.group(1)] = section
+            above = []
+        else:
+            above = []
+    defaults = TrainConfig().to_dict()
+    lines, current = [], object()
+    for name in _FIELDS:
+        if sections.get(name) != current:
+            current = sections.get(name)
+            lines.append(f"{current or 'other'}:")
+        entry = f"  --{name}={yaml.safe_dump(defaults[name], default_flow_style=True).strip().removesuffix(chr(10) + '...')}"
+        comment = textwrap.wrap(comments.get(name, ""), 120 - 43)
+        lines.append(f"{entry:<42} {comment[0]}" if comment and len(entry) < 42 else entry)
+        lines.extend(" " * 43 + part for part in comment[1 if comment and len(entry) < 42 else 0:])
+    return "\n".join(lines)

@@ -12,7 +12,9 @@ pyarrow) or a folder written by `datasets.Dataset.save_to_disk` (needs datasets)
 
 Tokenization follows TRL's DPO preprocessing: conversational rows go through the tokenizer's chat
 template, the prompt is left-truncated to `max_prompt_length`, then the responses are cut so that
-prompt + response fits `max_length`; pairs left with an empty response are dropped and counted.
+prompt + response fits `max_length`; pairs left with no response token are dropped and counted. A blank
+response in a row ("" or whitespace) still has a token, as in TRL: EOS (plain rows) or the template's
+empty assistant turn; such pairs are trained on and counted in the report, so that they are seen.
 
 The embedded default dataset lives in the repository's `data/` folder (`default_dataset_path`); its
 correctness rule is `rpo_fast.gold.gold_reward`.
@@ -78,6 +80,7 @@ class TokenizeStats:
     n_prompt_truncated: int = 0  # kept pairs whose prompt lost its beginning
     n_response_truncated: int = 0  # kept pairs with the chosen or the rejected response cut
     n_conversational: int = 0  # rows rendered with the chat template
+    n_blank_response: int = 0  # kept pairs with a blank chosen or rejected text: that response is EOS / end of turn
     prompt_tokens: int = 0  # sums over kept pairs (prompt counted once per pair)
     response_tokens: int = 0  # chosen + rejected
     max_prompt_tokens: int = 0
@@ -94,7 +97,10 @@ class TokenizeStats:
         return (
             f"{self.source}: {self.n_rows} rows ({self.n_conversational} conversational), kept {self.n_kept}, "
             f"dropped {self.n_dropped} ({self.n_dropped_empty} empty response after truncation, "
-            f"{self.n_dropped_empty_prompt} empty prompt); truncated {self.n_truncated} "
+            f"{self.n_dropped_empty_prompt} empty prompt)"
+            + (f", {self.n_blank_response} with a blank response in the row (trained as EOS / end of turn alone)"
+               if self.n_blank_response else "")
+            + f"; truncated {self.n_truncated} "
             f"(prompt {self.n_prompt_truncated}, response {self.n_response_truncated}) at "
             f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}; tokens per pair: "
             f"prompt mean {self.prompt_tokens / kept:.1f} max {self.max_prompt_tokens}, response mean "
@@ -339,6 +345,13 @@ def _tokenize_plain(tokenizer, row: dict) -> tuple[list[int], list[int], list[in
             _encode(tokenizer, row["rejected"]) + tail)
 
 
+def _is_blank(response: str | list[dict]) -> bool:
+    """A response without text: "" or whitespace, or messages whose contents all are."""
+    if isinstance(response, str):
+        return not response.strip()
+    return all(not message["content"].strip() for message in response)
+
+
 def _check_length(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
@@ -363,7 +376,9 @@ def tokenize_pairs(
 
     Truncation: the prompt keeps its last `max_prompt_length` tokens; then each response keeps its first
     `max_length - len(prompt)` tokens. A pair with an empty chosen or rejected response after that is
-    dropped and counted in `TokenizeStats.n_dropped_empty`.
+    dropped and counted in `TokenizeStats.n_dropped_empty`. A blank response text ("" or whitespace) is
+    not empty once tokenized (EOS, or the template's end of turn): such kept pairs are counted in
+    `TokenizeStats.n_blank_response`.
 
     Args:
         rows: dicts with "prompt", "chosen", "rejected" (see `validate_row`); row i gets index i.
@@ -413,6 +428,7 @@ def tokenize_pairs(
                                     index=index)
         examples.append(example)
         stats.n_kept += 1
+        stats.n_blank_response += _is_blank(row["chosen"]) or _is_blank(row["rejected"])
         stats.n_prompt_truncated += prompt_cut
         stats.n_response_truncated += response_cut
         stats.n_truncated += prompt_cut or response_cut

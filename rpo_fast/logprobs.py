@@ -40,8 +40,9 @@ def _backend(impl: str) -> Backend:
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int, impl: str, backward: str = "recompute") -> tuple[torch.Tensor, torch.Tensor]:
-    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch"); inputs already checked.
+    """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch").
     `backward` ("recompute" or "atomic") only tells the autograd formula which backward to run."""
+    checks.check_op_targets(hidden, weight, targets, ignore_index)  # the op may be called without linear_logprobs
     return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
 
 

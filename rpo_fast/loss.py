@@ -94,9 +94,11 @@ def rpo_loss(
         token_counts: [2B] response tokens per sequence.
 
     Raises:
-        ValueError: on bad options, or when a normalization would divide by a zero token count.
+        ValueError: on bad options, shapes, dtypes or devices (nothing broadcasts), when a normalization would
+            divide by a zero token count, or when no sequence has a response token.
     """
     checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+    checks.check_sequence_logps(policy_logps, ref_logps, token_counts)
     n_pairs = policy_logps.shape[0] // 2
     per_token = average_log_prob or loss_type == "ipo"
     checks.check_token_counts(token_counts.to(torch.float32), n_pairs, sft_norm, alpha, per_token)

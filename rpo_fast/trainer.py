@@ -28,16 +28,11 @@ from typing import Callable, Sequence
 import torch
 from accelerate.utils import DistributedType
 
-from . import checkpoint, memory_plan, metrics, modeling, oom, optim
+from . import checkpoint, memory_plan, metrics, modeling, oom, optim, preflight, run_dir
 from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
 from .packing import batch_by_token_budget, pack_pairs
 from .ref_cache import ReferenceCache, load_or_compute, model_fingerprint
-
-
-# Keys that may change between an interrupted run and its resumption without changing the result.
-RESUME_FREE_KEYS = {"resume", "progress", "plot", "tensorboard", "log_every", "save_every", "keep_checkpoints",
-                    "ref_cache_dir", "eval_every", "gold_eval_samples", "gold_max_new_tokens"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -458,9 +453,13 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     hooks = hooks or TrainHooks()
     config.validate()
+    preflight.check_run(config)  # model paths, data files, device, run folder: before anything slow loads
     run_start = time.perf_counter()
     accelerator = make_accelerator(config)
     log = accelerator.print
+    if config.overwrite and accelerator.is_main_process and (cleared := run_dir.clear(config.output_dir)):
+        log(f"overwrite: deleted the earlier run's {', '.join(cleared)} in {config.output_dir}")
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -508,11 +507,6 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:
         state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler, config)
         log(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch})")
-        saved = load_config(resumed_from / "config.yaml")
-        changed = [k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k not in RESUME_FREE_KEYS]
-        if changed:
-            log(f"warning: the config differs from the checkpoint's in {changed}; the run will not match an "
-                "uninterrupted one")
     elif config.resume:
         log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
     if accelerator.is_main_process:
@@ -559,7 +553,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         reduced = accelerator.reduce(torch.cat([sums, counts]).to(accelerator.device), "sum").cpu()
         sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
         step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
-        record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs)}
+        record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),
+                  "lr": scheduler.get_last_lr()[0]}  # the lr this step runs at (the scheduler moves on below)
         finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
         if finite:
             scheduler.step()
@@ -572,7 +567,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         state.step += 1
         state.step_in_epoch += 1
         elapsed = time.perf_counter() - start
-        record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "pairs": step_pairs,
+        record.update({"grad_norm": grad_norm, "pairs": step_pairs,
                        "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
                        "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
                        "skipped": not finite, "skipped_steps": state.skipped_steps})
@@ -631,6 +626,7 @@ def precompute_reference(config: TrainConfig) -> dict[str, Path]:
     The reference is `ref_model`, or else the initial `model`; the files land in `ref_cache_dir`, under
     the key that `train` with `reference: cache` looks up. Returns {split: cache file}.
     """
+    preflight.check_sources(config)
     accelerator = make_accelerator(config)
     tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
     splits = {"train": load_examples(config.train_file, tokenizer, config, accelerator.print)[1]}

@@ -133,3 +133,53 @@ def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():
         loss(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="ref_input"):
         rpo_fast.RPOLoss()(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 2, dtype=torch.int64))
+
+
+def sequence_logps(n=4):
+    return dict(policy_logps=torch.randn(n, requires_grad=True), ref_logps=torch.randn(n),
+                token_counts=torch.tensor([3, 4, 2, 5][:n] + [1] * max(0, n - 4)))
+
+
+@pytest.mark.parametrize("overrides,argument", [
+    (dict(ref_logps=torch.randn(1)), "ref_logps"),  # would broadcast
+    (dict(token_counts=torch.tensor([3])), "token_counts"),  # would broadcast
+    (dict(policy_logps=torch.randn(3)), "policy_logps"),  # odd: no pairs
+    (dict(policy_logps=torch.randn(2, 2)), "policy_logps"),
+    (dict(policy_logps=torch.arange(4)), "policy_logps"),  # integer
+    (dict(ref_logps=torch.randn(4, device="meta")), "ref_logps"),  # another device
+    (dict(token_counts=torch.ones(4, dtype=torch.bool)), "token_counts"),
+    (dict(token_counts=torch.tensor([3, -1, 2, 5])), "token_counts"),
+], ids=["ref_1", "counts_1", "odd", "2d", "int", "device", "bool_counts", "negative_counts"])
+def test_rpo_loss_checks_its_inputs(overrides, argument):
+    kw = {**sequence_logps(), **overrides}
+    with pytest.raises(ValueError, match=rf"^{argument}: .*expected"):
+        rpo_fast.rpo_loss(kw.pop("policy_logps"), kw.pop("ref_logps"), kw.pop("token_counts"))
+    rpo_fast.rpo_loss(**sequence_logps())  # the well-formed call works
+
+
+def test_rpo_loss_names_token_counts_for_an_empty_sequence():
+    kw = sequence_logps()
+    kw["token_counts"][1] = 0
+    with pytest.raises(ValueError, match=r"^token_counts .*chosen sequence 1 has no response tokens"):
+        rpo_fast.rpo_loss(kw["policy_logps"], kw["ref_logps"], kw["token_counts"], sft_norm="seq_mean")
+
+
+@pytest.mark.parametrize("sft_norm", ["sum", "seq_mean", "token_mean"])
+def test_no_response_token_at_all_is_an_error_not_a_reference_only_loss(sft_norm):
+    # Before: with sft_norm="sum" the loss was l(-beta * (ref_c - ref_r)), finite, with zero gradient.
+    with pytest.raises(ValueError, match="expected response tokens in some sequence, got none in all 4"):
+        call(targets=torch.full((N,), -100), ref_logps=torch.randn(4), sft_norm=sft_norm, alpha=0.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [V, V + 7, -1])
+def test_the_custom_op_validates_targets(impl, bad):
+    """torch.ops.rpo_fast.linear_logprobs_fwd is public (torch.compile): called directly, it checks its targets
+    rather than reading outside the weight (the Triton kernel returned garbage for them)."""
+    targets = torch.randint(0, V, (N,))
+    targets[5] = bad
+    with pytest.raises(ValueError, match=rf"targets: expected values in \[0, {V}\) .*got {bad} at position 5"):
+        torch.ops.rpo_fast.linear_logprobs_fwd(torch.randn(N, H), torch.randn(V, H), None, targets, -100, impl)
+    targets[5] = -100  # ignore_index is fine
+    lp, _ = torch.ops.rpo_fast.linear_logprobs_fwd(torch.randn(N, H), torch.randn(V, H), None, targets, -100, impl)
+    assert lp[5] == 0 and torch.isfinite(lp).all()

@@ -88,3 +88,118 @@ def test_plan_memory_subcommand(capsys):
                      "--optimizer", "adamw_bf16", "--gpu-gb", "80"]) == 0
     assert "optimizer_state" in capsys.readouterr().out
     assert cli.main(["plan-memory", "--model", "mistral-7b", "--gpu-gb", "8"]) == 1  # does not fit
+
+
+# --- bad inputs: exit 2, one line naming the key, before any model loads -------------------------------------
+
+def bad_input_cases(tmp: "Path") -> list[tuple[str, list[str], str]]:
+    """(case id, command line, the key its one-line error must name)."""
+    (tmp / "empty_model").mkdir(exist_ok=True)
+    (tmp / "a_file").write_text("not a folder")
+    own = tmp / "own.jsonl"
+    own.write_text('{"prompt": "Name a colour.", "chosen": " Blue.", "rejected": " Seven."}\n')
+    train = ["train", f"--output_dir={tmp / 'run'}"]
+    return [
+        ("model_missing", [*train, f"--model={tmp / 'no_such_model'}"], "model"),
+        ("model_hub_id_offline", [*train, "--model=rpo-fast-test-org/no-such-model"], "model"),
+        ("model_empty_folder", [*train, f"--model={tmp / 'empty_model'}"], "model"),
+        ("model_plain_file", [*train, f"--model={tmp / 'a_file'}"], "model"),
+        ("ref_model_empty_folder", [*train, "--reference=model", f"--ref_model={tmp / 'empty_model'}"], "ref_model"),
+        ("output_dir_is_a_file", ["train", f"--output_dir={tmp / 'a_file'}"], "output_dir"),
+        ("output_dir_unwritable", ["train", "--output_dir=/proc/rpo-fast-test-run"], "output_dir"),
+        ("config_is_a_folder", ["train", "--config", str(tmp)], "config"),
+        ("impl_triton_without_gpu", [*train, "--impl=triton"], "impl"),
+        ("lora_target_not_a_name", [*train, "--lora_target_modules=q_proj,"], "lora_target_modules"),
+        ("train_file_missing", [*train, f"--train_file={tmp / 'missing.jsonl'}"], "train_file"),
+        ("embedded_eval_for_own_data", [*train, f"--train_file={own}"], "eval_file"),
+        ("gold_rule_on_own_eval", [*train, f"--train_file={own}", f"--eval_file={own}", "--gold_eval_samples=1"],
+         "gold_eval_samples"),
+        ("resume_and_overwrite", [*train, "--resume", "--overwrite"], "resume"),
+        ("precompute_model_missing", ["precompute-ref", f"--model={tmp / 'no_such_model'}"], "model"),
+        ("plan_config_missing", ["plan-memory", "--config", str(tmp / "missing.yaml")], "config"),
+        ("plan_gpu_gb_nan", ["plan-memory", "--model", "mistral-7b", "--gpu-gb", "nan"], "--gpu-gb"),
+        ("plan_gpu_gb_zero", ["plan-memory", "--model", "mistral-7b", "--gpu-gb", "0"], "--gpu-gb"),
+        ("plan_gpu_gb_negative", ["plan-memory", "--model", "mistral-7b", "--gpu-gb=-1"], "--gpu-gb"),
+        ("plan_bad_override", ["plan-memory", "--config", "configs/demo.yaml", "--token_budget=0"], "token_budget"),
+    ]
+
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails any attempt to load a model or tokenizer: the errors under test must come before that."""
+    from rpo_fast import modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the bad input was reported")
+
+    for name in ("load_causal_lm", "load_tokenizer"):
+        monkeypatch.setattr(modeling, name, refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub-like name must never reach the network
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU machine: impl=triton cannot run
+    monkeypatch.chdir(REPO)
+
+
+CASE_IDS = ["model_missing", "model_hub_id_offline", "model_empty_folder", "model_plain_file",
+            "ref_model_empty_folder", "output_dir_is_a_file", "output_dir_unwritable", "config_is_a_folder",
+            "impl_triton_without_gpu", "lora_target_not_a_name", "train_file_missing", "embedded_eval_for_own_data",
+            "gold_rule_on_own_eval", "resume_and_overwrite", "precompute_model_missing", "plan_config_missing",
+            "plan_gpu_gb_nan", "plan_gpu_gb_zero", "plan_gpu_gb_negative", "plan_bad_override"]
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_bad_input_exits_2_with_one_line_naming_the_key(case, tmp_path, capsys, no_model_loading):
+    from rpo_fast import cli
+
+    cases = {name: (argv, key) for name, argv, key in bad_input_cases(tmp_path)}
+    assert set(cases) == set(CASE_IDS)
+    argv, key = cases[case]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse-style exits
+        code = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit {code}: {err[-2000:]}"
+    assert len(lines) == 1 and f"error: {key}" in lines[0], err[-2000:]
+
+
+def test_aot_has_help():
+    proc = subprocess.run([sys.executable, "-m", "rpo_fast.aot", "--help"], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "ARCH" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    import dataclasses
+
+    from rpo_fast import cli
+    from rpo_fast.config import TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(TrainConfig):
+        assert f"  --{field.name}=" in out, field.name
+    assert "--token_budget=4096" in out and "--eval_file=data/eval.jsonl" in out and "--print-config" in out
+    assert "packed tokens per micro-batch" in out  # the comment beside the field
+    assert "exit status" in out
+
+
+def test_plan_memory_plans_the_demo_config_with_train_overrides(capsys):
+    import json
+
+    from rpo_fast import cli
+
+    plans = {}
+    for budget in (1024, 2048):
+        assert cli.main(["plan-memory", "--config", "configs/demo.yaml", f"--token_budget={budget}",
+                         "--max_pairs_per_micro_batch=null", "--json"]) == 0
+        plans[budget] = json.loads(capsys.readouterr().out)
+    assert plans[1024]["options"]["model"] == "smollm2-135m-instruct"
+    assert [plans[b]["options"]["tokens_per_micro_batch"] for b in (1024, 2048)] == [1024, 2048]
+    assert plans[1024]["peak_bytes"] < plans[2048]["peak_bytes"]  # the override reached the plan
+    # train-style overrides alone plan the train command's defaults with them
+    assert cli.main(["plan-memory", "--model=mistral-7b", "--finetune=full", "--reference=cache",
+                     "--dtype=bfloat16", "--gradient_checkpointing", "--optimizer=adamw_bf16", "--gpu-gb", "80"]) == 0

@@ -88,7 +88,8 @@ def test_coerce_rejects_bool_for_int():
         coerce("lora_r", True)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")
+                                        if not p.name.startswith("accelerate")),  # accelerate's own config files
                          ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     config = load_config(path)
@@ -121,3 +122,32 @@ def test_deterministic_runs_use_the_torch_head():
     assert load_config(None, {"deterministic": True, "impl": "dense"}).head_impl() == "dense"
     with pytest.raises(ValueError, match="impl: expected 'auto' or 'torch' with deterministic=true"):
         load_config(None, {"deterministic": True, "impl": "triton"})
+
+
+def test_every_lora_target_must_name_a_module():
+    """peft trains the names that match and says nothing about the others: a typo would train a fraction of the
+    intended adapter (q_proj alone instead of q_proj and v_proj)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rpo_fast import modeling
+
+    def tiny():
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+
+    targets = load_config(None, {"lora_target_modules": "q_proj,bogus_proj"}).lora_target_modules
+    with pytest.raises(ValueError, match=r"lora_target_modules: .*got \['bogus_proj'\], which match none"):
+        modeling.add_lora(tiny(), r=2, alpha=4, dropout=0.0, target_modules=targets)
+    model = modeling.add_lora(tiny(), r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "self_attn.v_proj"])
+    assert sum("lora_A" in name for name, _ in model.named_parameters()) == 2
+    # a single name is a name, not a regex over full module paths
+    assert load_config(None, {"lora_target_modules": "q_proj"}).lora_target_modules == ["q_proj"]
+    with pytest.raises(ValueError, match="lora_target_modules: expected 'all-linear' or module names"):
+        load_config(None, {"lora_target_modules": "q_proj,"})
+
+
+def test_config_file_that_is_a_folder_or_missing(tmp_path):
+    with pytest.raises(ValueError, match="config: expected a YAML file, got the folder"):
+        load_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config: .*missing.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")

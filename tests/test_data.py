@@ -489,3 +489,19 @@ def test_data_readme_and_default_paths():
     with pytest.raises(ValueError, match="split: expected 'train' or 'eval', got 'test'"):
         default_dataset_path("test")
     assert isinstance(PreferenceExample([1], [2], [3], 0).num_tokens, int)
+
+
+def test_blank_responses_are_trained_as_eos_and_counted():
+    """A blank response is EOS alone (TRL's rule; the end-of-turn tokens for conversational rows): kept, and
+    counted in the start-up report so it is seen; a response with no token at all is dropped."""
+    tok = CharTokenizer()
+    rows = [{"prompt": "q", "chosen": "", "rejected": "no"},
+            {"prompt": "q", "chosen": "yes", "rejected": "  "},
+            {"prompt": "q", "chosen": "yes", "rejected": "no"}]
+    examples, stats = tokenize_pairs(rows, tok, max_length=16, max_prompt_length=8)
+    assert [ex.index for ex in examples] == [0, 1, 2] and examples[0].chosen_ids == [tok.eos_token_id]
+    assert stats.n_blank_response == 2 and "2 with a blank response in the row" in str(stats)
+    _, no_eos = tokenize_pairs(rows, CharTokenizer(eos=False), max_length=16, max_prompt_length=8)
+    assert (no_eos.n_dropped_empty, no_eos.n_kept) == (1, 2)  # "" has no token; "  " has two
+    _, clean = tokenize_pairs(rows[2:], tok, max_length=16, max_prompt_length=8)
+    assert "blank" not in str(clean)

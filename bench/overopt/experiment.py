@@ -92,7 +92,7 @@ def train_config(setup: Setup, variant: Variant, seed: int, work: Path, train_fi
         beta=setup.beta, alpha=variant.alpha, sft_norm=variant.sft_norm, loss_type="sigmoid",
         learning_rate=setup.learning_rate, lr_scheduler=setup.lr_scheduler, warmup_steps=setup.warmup_steps,
         num_epochs=setup.num_epochs, max_steps=setup.max_steps, seed=seed, max_grad_norm=1.0,
-        output_dir=str(work / f"{variant.name}-seed{seed}"), save_every=0, keep_checkpoints=1,
+        output_dir=str(work / f"{variant.name}-seed{seed}"), overwrite=True, save_every=0, keep_checkpoints=1,
         progress=False, plot=False, tensorboard=False, log_every=1000000,
         gold_max_new_tokens=setup.gold_max_new_tokens,
     )

@@ -1,0 +1,133 @@
+"""The run folder (`output_dir`): one run per folder, and `--resume` only into the run that wrote it.
+
+A fresh run into a folder that holds an earlier run's files is refused: its checkpoints would outrank the
+new run's (pruning keeps the highest step numbers, so the new run's checkpoints would be the ones
+deleted), a later `--resume` would continue the old run, and `metrics.jsonl` would mix the two. The user
+says what they mean: `--resume` continues the earlier run, `--overwrite` deletes its files first (only
+the files a run writes, never anything else in the folder), or another `output_dir` keeps both.
+
+A run folder is reused rather than a new one made per run (a timestamped subfolder) because the paths a
+run prints and the README shows (`outputs/demo/model`) must stay where scripts and people look for them.
+
+`--resume` continues only a run with the same config: the checkpoint's `config.yaml` must match the
+current config except in `RESUME_FREE_KEYS`, keys that change how long the run goes on, where it logs or
+how it reports, but not what a step computes.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+from pathlib import Path
+
+from . import checkpoint
+from .config import TrainConfig, load_config
+
+# What a training run writes into output_dir (rpo_fast/trainer.py, metrics.py, checkpoint.py).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final_metrics.txt", "metrics.png", "model", "tensorboard")
+
+# Keys that may differ between a checkpoint's config and the run resuming from it. Steps already taken are
+# not redone: a longer max_steps / num_epochs continues on the new schedule's curve from the saved step.
+RESUME_FREE_KEYS = frozenset({
+    "resume", "overwrite", "output_dir",  # how this invocation was asked for
+    "max_steps", "num_epochs",  # how long the run goes on
+    "gradient_accumulation_steps",  # with another process count; the trainer checks processes x accumulation
+    "progress", "plot", "tensorboard", "log_every", "save_every", "keep_checkpoints",  # reporting, saving
+    "eval_file", "eval_every", "gold_eval_samples", "gold_max_new_tokens", "ref_cache_dir",  # evaluation, cache path
+})
+
+
+def earlier_run_files(output_dir: str | Path) -> list[str]:
+    """Names of the files and folders of an earlier run in `output_dir` (empty folders do not count)."""
+    root = Path(output_dir)
+    found = []
+    for name in RUN_FILES:
+        path = root / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Creates `output_dir` if needed and writes a probe file into it.
+
+    Raises:
+        ValueError: naming output_dir when it is a file, sits under a file, or cannot be written.
+    """
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir: expected a folder (or a path to create one), got the file {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".rpo-fast-write-test-{os.getpid()}"  # one per process: ranks check at once
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output_dir: expected a folder this process can write, got {str(path)!r} "
+                         f"({e.strerror or type(e).__name__})") from None
+
+
+def _same_file(a, b) -> bool:
+    """Two data paths that name files with the same bytes (a copied or moved dataset is the same dataset)."""
+    return isinstance(a, str) and isinstance(b, str) and Path(a).is_file() and Path(b).is_file() \
+        and filecmp.cmp(a, b, shallow=False)
+
+
+def config_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for every key outside RESUME_FREE_KEYS whose value changed
+    (train_file: a path to a file with the same bytes counts as unchanged)."""
+    old, new = saved.to_dict(), current.to_dict()
+    return {k: (old.get(k), v) for k, v in new.items() if k not in RESUME_FREE_KEYS and old.get(k) != v
+            and not (k == "train_file" and _same_file(old.get(k), v))}
+
+
+def check(config: TrainConfig) -> Path | None:
+    """The run-folder policy, before anything loads. Returns the checkpoint `--resume` will continue (its
+    files' sizes checked; the trainer checks their hashes), or None.
+
+    Raises:
+        ValueError: naming output_dir for an unwritable folder or an earlier run without --resume or
+            --overwrite; naming resume for a checkpoint whose config differs outside RESUME_FREE_KEYS
+            (listing each key with its saved and current value).
+    """
+    check_writable(config.output_dir)
+    if config.overwrite:
+        return None
+    if config.resume:
+        # Sizes only: the trainer verifies the hashes when it loads; hashing a 7B checkpoint twice costs minutes.
+        latest = checkpoint.latest_checkpoint(config.output_dir, verify_hashes=False)
+        if latest is not None:
+            saved_config = latest / "config.yaml"
+            try:
+                saved = load_config(saved_config)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"resume: cannot read the config of {latest} ({e}); start a new run with "
+                                 "--overwrite or another output_dir") from None
+            changed = config_differences(saved, config)
+            if changed:
+                listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise ValueError(
+                    f"resume: the checkpoint {latest} was written with another config ({listed}); "
+                    f"expected the same config except {sorted(RESUME_FREE_KEYS)}. Resume with the checkpoint's "
+                    "settings, or start a new run with --overwrite or another output_dir")
+        return latest
+    found = earlier_run_files(config.output_dir)
+    if found:
+        raise ValueError(f"output_dir: {config.output_dir} holds an earlier run ({', '.join(found)}); expected "
+                         "--resume to continue it, --overwrite to delete it and start again, or another output_dir")
+    return None
+
+
+def clear(output_dir: str | Path) -> list[str]:
+    """Deletes the earlier run's files in `output_dir` (RUN_FILES only; anything else stays). Returns their names."""
+    found = []
+    for name in RUN_FILES:
+        path = Path(output_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        found.append(name)
+    return found

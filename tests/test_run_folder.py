@@ -1,0 +1,95 @@
+"""One run per output folder: an earlier run's checkpoints never outrank a new run's, and --resume continues
+only the run that wrote the folder, with the same config. Run through the CLI's main, in process."""
+import pytest
+import yaml
+
+from tiny_lm import build_tiny_model_dir, load_json_lines, tiny_overrides
+
+from rpo_fast import checkpoint, cli, run_dir
+from rpo_fast.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def train(config_file, *args, capsys):
+    code = cli.main(["train", "--config", str(config_file), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def loss_steps(run):
+    return [r["step"] for r in load_json_lines(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_stale_checkpoints_never_win(tiny_model_dir, tmp_path, capsys):
+    """The sequence of the README's old walkthrough: a 3-step run, then a fresh 2-step run in the same folder
+    (keeping one checkpoint), then --resume to step 3. Before, the old run's step-3 checkpoint survived the
+    pruning and the "resumed" run continued it; now the fresh run is refused until asked to overwrite."""
+    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, beta=0.2, max_steps=3)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    run = tmp_path / "run"
+
+    code, _, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2, 3] and loss_steps(run) == [1, 2, 3]
+
+    # A fresh run into the same folder: refused before any model loads, the earlier run untouched.
+    code, _, err = train(config_file, "--max_steps=2", "--keep_checkpoints=1", capsys=capsys)
+    assert code == 2 and "error: output_dir:" in err and "--resume" in err and "--overwrite" in err, err
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2, 3] and loss_steps(run) == [1, 2, 3]
+
+    # --overwrite: the earlier run's files go, the new run's checkpoint is the one kept.
+    (run / "notes.txt").write_text("mine")  # not a run file: stays
+    code, out, err = train(config_file, "--max_steps=2", "--keep_checkpoints=1", "--beta=0.3", "--overwrite",
+                           capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert "overwrite: deleted the earlier run's checkpoints, metrics.jsonl" in out
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2] and loss_steps(run) == [1, 2]
+    assert (run / "notes.txt").read_text() == "mine"
+    saved = load_config(checkpoint.latest_checkpoint(run) / "config.yaml")
+    assert (saved.beta, saved.max_steps) == (0.3, 2)
+
+    # --resume with another loss setting: refused, naming the key and both values.
+    code, _, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)  # beta 0.2 in the file
+    assert code == 2 and "error: resume:" in err and "beta: 0.3 -> 0.2" in err, err
+    # --resume with the same config, longer (max_steps may change): continues the new run.
+    code, out, err = train(config_file, "--max_steps=3", "--beta=0.3", "--resume", "--keep_checkpoints=1",
+                           capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2" in out
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [3] and loss_steps(run) == [1, 2, 3]
+
+
+def test_logged_lr_is_the_lr_the_step_ran_at(tiny_model_dir, tmp_path, capsys):
+    # warmup_steps=1 (tiny_overrides): step 1 runs at lr 0, step 2 at the full rate (cosine starts at 1)
+    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, max_steps=3, lr_scheduler="constant")
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    code, _, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+    lrs = [r["lr"] for r in load_json_lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert lrs == [0.0, values["learning_rate"], values["learning_rate"]]
+
+
+def test_resume_free_keys_are_config_keys():
+    from rpo_fast.config import TrainConfig
+
+    assert run_dir.RESUME_FREE_KEYS <= set(TrainConfig.__dataclass_fields__)
+    assert not {"beta", "alpha", "learning_rate", "model", "train_file", "seed"} & run_dir.RESUME_FREE_KEYS
+
+
+def test_resume_check_compares_the_train_file_by_content(tmp_path):
+    from rpo_fast.config import TrainConfig
+
+    a, b, c = (tmp_path / name for name in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    a.write_text("same\n")
+    b.write_text("same\n")
+    c.write_text("other\n")
+    saved = TrainConfig(train_file=str(a))
+    assert run_dir.config_differences(saved, TrainConfig(train_file=str(b), max_steps=9)) == {}  # moved/copied
+    assert run_dir.config_differences(saved, TrainConfig(train_file=str(c))) == {"train_file": (str(a), str(c))}
+    assert run_dir.config_differences(saved, TrainConfig(train_file=str(a), beta=0.3)) == {"beta": (0.1, 0.3)}
