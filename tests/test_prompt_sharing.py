@@ -200,3 +200,16 @@ def test_cuda_backends_align_causality_bottom_right(backend, monkeypatch):
         monkeypatch.undo()
         assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2, name=f"{backend} window={window}")
         assert not math.isnan(got.float().sum().item())
+
+
+def test_trainer_falls_back_with_a_notice():
+    from rpo_fast.config import TrainConfig
+    from rpo_fast.trainer import resolve_share_prompt
+
+    model, lines = _tiny("llama"), []
+    config = TrainConfig()
+    assert resolve_share_prompt(config, model, lines.append) is config and lines == []
+    model.set_attn_implementation("sdpa")
+    fallback = resolve_share_prompt(config, model, lines.append)
+    assert fallback.share_prompt is False and config.share_prompt is True
+    assert len(lines) == 1 and lines[0].startswith("notice: share_prompt is off: attention is 'sdpa'")
