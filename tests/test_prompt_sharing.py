@@ -213,3 +213,19 @@ def test_trainer_falls_back_with_a_notice():
     fallback = resolve_share_prompt(config, model, lines.append)
     assert fallback.share_prompt is False and config.share_prompt is True
     assert len(lines) == 1 and lines[0].startswith("notice: share_prompt is off: attention is 'sdpa'")
+
+
+def test_memory_plan_knows_the_layout():
+    """Shared prompts: the row (every per-token activation) loses one prompt per pair, the key/value rows
+    attention keeps gain one, the head's rows stay; without prompt tokens nothing changes."""
+    from rpo_fast.memory_plan import plan_memory
+
+    options = dict(max_length=1024, micro_batch_pairs=4, prompt_tokens=512, mode="lora")
+    plain, shared = (plan_memory("mistral-7b", share_prompt=s, **options) for s in (False, True))
+    assert (plain.tokens, shared.tokens) == (8192, 8192 - 4 * 512)
+    assert plain.response_tokens == shared.response_tokens == 8192 - 8 * 512
+    assert shared.peak_bytes < plain.peak_bytes
+    assert plan_memory("mistral-7b", share_prompt=True, **{**options, "prompt_tokens": 0}).peak_bytes == \
+        plan_memory("mistral-7b", **{**options, "prompt_tokens": 0}).peak_bytes
+    with pytest.raises(ValueError, match="share_prompt: needs attention='flash'"):
+        plan_memory("mistral-7b", share_prompt=True, attention="sdpa", **options)
