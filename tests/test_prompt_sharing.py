@@ -229,3 +229,36 @@ def test_memory_plan_knows_the_layout():
         plan_memory("mistral-7b", **{**options, "prompt_tokens": 0}).peak_bytes
     with pytest.raises(ValueError, match="share_prompt: needs attention='flash'"):
         plan_memory("mistral-7b", share_prompt=True, attention="sdpa", **options)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_mixin_packed_path_shares_the_prompt(kind):
+    """rpo_fast.integrations.hf_trainer on a padded batch: shared-prompt packing gives the unshared packed
+    path's log-probs and gradients; a model on another attention packs unshared, with a warning."""
+    from rpo_fast.integrations.hf_trainer import sequence_logps
+    from rpo_fast.integrations.padded import pairs_from_padded
+    from rpo_fast.packing import pad_pairs
+
+    model = _tiny(kind).train()
+    inputs = pad_pairs(EDGE, pad_id=0)
+    assert [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in pairs_from_padded(
+        inputs["input_ids"], inputs["attention_mask"], inputs["labels"])] == \
+        [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in EDGE]
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        logps, counts = sequence_logps(model, inputs, packed=True, share_prompt=share, impl="torch")
+        (logps * torch.arange(1, 9)).sum().backward()
+        results.append((logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert_close(results[0][0], results[1][0], atol=2e-5, rtol=1e-5, name="sequence log-probs")
+    assert torch.equal(results[0][1], results[1][1])
+    for name, grad in results[1][2].items():
+        assert_close(results[0][2][name], grad, atol=1e-6, rtol=1e-4, name=f"grad {name}")
+
+    other = dict(inputs, input_ids=inputs["input_ids"].clone())
+    other["input_ids"][len(EDGE), 0] += 1  # pair 0's rejected row has another prompt: no shared layout
+    assert pairs_from_padded(other["input_ids"], other["attention_mask"], other["labels"]) is None
+    model.set_attn_implementation("sdpa")
+    with pytest.warns(UserWarning, match="share_prompt: packing unshared: attention is 'sdpa'"):
+        logps, _ = sequence_logps(model, inputs, packed=True, share_prompt=True, impl="torch")
+    assert_close(logps.detach(), results[1][0], atol=2e-5, rtol=1e-5, name="sdpa fallback log-probs")
