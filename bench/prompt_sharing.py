@@ -80,6 +80,8 @@ def measure(case: str, steps: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
+            print(f"  {case} step {k} ({'warm-up' if k == 0 else 'timed'}), {'shared' if share else 'unshared'}: "
+                  f"{n_tokens} tokens in {elapsed:.2f} s", flush=True)
             if k > 0:  # step 0 warms up both layouts
                 times[share].append(elapsed)
                 tokens[share].append(n_tokens)
@@ -101,7 +103,7 @@ def measure(case: str, steps: int) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per layout and case (after 1 warm-up)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a busy machine)")
     parser.add_argument("--cases", default="demo,ultrafeedback")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
