@@ -59,25 +59,40 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def _sdpa_per_sequence(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa):
+def _sdpa_per_sequence(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa,
+                       key_index: torch.Tensor | None = None, key_bounds: list[int] | None = None):
     """query [1, H, L, D], key/value [1, Hkv, L, D] -> [1, H, L, D], causal attention inside each
-    [bounds[i], bounds[i+1]). Inputs stay 4-D: sdpa's fused (flash) kernels take only 4-D tensors, and 3-D ones
-    fall back to the math path, which saves each sequence's full [H, L, L] attention (in fp32 for bf16 inputs)."""
+    [bounds[i], bounds[i+1]), or with `key_index` from segment i's queries to the keys at
+    key_index[key_bounds[i]:key_bounds[i+1]], causal aligned bottom-right. Inputs stay 4-D: sdpa's fused (flash)
+    kernels take only 4-D tensors, and 3-D ones fall back to the math path, which saves each sequence's full
+    [H, L, L] attention (in fp32 for bf16 inputs). A mask is built only for a non-square segment or a window
+    shorter than the segment, [q, k] booleans for that segment alone."""
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        q = query[:, :, start:end]
+        if key_index is None:
+            k, v = key[:, :, start:end], value[:, :, start:end]
+        else:
+            rows = key_index[key_bounds[s]:key_bounds[s + 1]]
+            k, v = key[:, :, rows], value[:, :, rows]
+        n_q, n_k = q.shape[2], k.shape[2]
         mask, causal = None, True
-        if sliding_window is not None and end - start > sliding_window:
-            i = torch.arange(end - start, device=query.device)
-            distance = i[:, None] - i[None, :]
-            mask, causal = (distance >= 0) & (distance < sliding_window), False
+        if n_q != n_k or (sliding_window is not None and n_k > sliding_window):
+            # query i sits at key position i + n_k - n_q: the distance to key j is that minus j
+            distance = (torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
+                        - torch.arange(n_k, device=query.device)[None, :])
+            mask = distance >= 0
+            if sliding_window is not None:
+                mask &= distance < sliding_window
+            causal = False
         outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                       scale=scale, enable_gqa=enable_gqa))
     return torch.cat(outputs, dim=2)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, sliding_window):
-    """q [L, H, D], k/v [L, Hkv, D] on CUDA -> [L, H, D] via torch.nn.attention.varlen (signature varies by version)."""
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, sliding_window):
+    """q [L, H, D], k/v [K, Hkv, D] on CUDA -> [L, H, D] via torch.nn.attention.varlen (signature varies by
+    version; its causal mask is aligned bottom-right when a segment has more keys than queries)."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
@@ -94,7 +109,7 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, sliding_window):
         else:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def varlen_attention_forward(
@@ -110,6 +125,9 @@ def varlen_attention_forward(
     cu_seq_lens_q: torch.Tensor | None = None,
     max_length_q: int | None = None,
     position_ids: torch.Tensor | None = None,
+    rpo_key_index: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention restricted to each packed sequence (the `AttentionInterface` signature).
@@ -119,6 +137,8 @@ def varlen_attention_forward(
         attention_mask: must be None (packing replaces padding masks).
         cu_seq_lens_q: [S+1] int32 boundaries, or None to derive them from `position_ids` [1, L].
         max_length_q: longest sequence (a Python int), used by the CUDA kernels.
+        rpo_key_index: None, or [K] int64 row positions of each segment's keys (a shared-prompt row), with
+            cu_seq_lens_k [S+1] int32 their boundaries and max_length_k the longest (module docstring).
 
     Returns:
         ([1, L, H, D] attention output, None).
@@ -148,33 +168,42 @@ def varlen_attention_forward(
                                              enable_gqa=key.shape[1] != n_heads)
         return out.transpose(1, 2).contiguous(), None
 
+    if rpo_key_index is not None and (cu_seq_lens_q is None or cu_seq_lens_k is None):
+        raise ValueError("rpo_key_index: a shared-prompt row needs cu_seq_lens_q and cu_seq_lens_k too, got None")
     if cu_seq_lens_q is None:
         cu_seq_lens_q = (cu_seqlens_from_position_ids(position_ids) if position_ids is not None
                          else torch.tensor([0, length], dtype=torch.int32, device=query.device))
         max_length_q = None
+    if rpo_key_index is None:  # each segment attends to itself
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     backend = select_backend(query.device)
     if backend == "sdpa":
-        bounds = cu_seq_lens_q.tolist()
-        out = _sdpa_per_sequence(query, key, value, bounds, scale=scaling, dropout=dropout,
-                                 sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads)
+        out = _sdpa_per_sequence(query, key, value, cu_seq_lens_q.tolist(), scale=scaling, dropout=dropout,
+                                 sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads,
+                                 key_index=None if rpo_key_index is None else rpo_key_index.to(query.device),
+                                 key_bounds=None if rpo_key_index is None else cu_seq_lens_k.tolist())
         return out.transpose(1, 2).contiguous(), None
 
     # CUDA kernels take [total_tokens, heads, dim] (last dim contiguous) and int32 boundaries on the device.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    cu_seqlens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
-    if max_length_q is None:
-        max_length_q = int(cu_seqlens.diff().max())
-    max_seqlen = int(max_length_q)
+    if rpo_key_index is not None:  # the gathered key row: each segment's keys, prompt first
+        rows = rpo_key_index.to(query.device)
+        k, v = k[rows], v[rows]
+    cu_q = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
+    cu_k = cu_seq_lens_k.to(device=query.device, dtype=torch.int32)
+    max_q = int(cu_q.diff().max()) if max_length_q is None else int(max_length_q)
+    max_k = int(cu_k.diff().max()) if max_length_k is None else int(max_length_k)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
+        # causal=True is aligned bottom-right when a segment has more keys than queries (flash-attn >= 2.1)
         window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout,
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout,
                                      softmax_scale=scaling, causal=True, window_size=window)
     else:
         if dropout:
             raise ValueError(f"dropout: torch varlen_attn has no attention dropout, got {dropout}")
-        out = _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scaling, sliding_window=sliding_window)
+        out = _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, sliding_window=sliding_window)
     return out.unsqueeze(0), None
 
 

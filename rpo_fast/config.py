@@ -57,6 +57,7 @@ class TrainConfig:
     max_length: int = 512  # prompt + response tokens per sequence
     max_prompt_length: int = 256
     token_budget: int = 4096  # packed tokens per micro-batch (chosen + rejected of all its pairs)
+    share_prompt: bool = True  # pack a pair as [prompt][chosen][rejected], its prompt encoded once (same numbers)
     max_pairs_per_micro_batch: int | None = None
     gradient_accumulation_steps: int = 1  # micro-batches per process per optimizer step
     shuffle: bool = True

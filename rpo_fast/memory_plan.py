@@ -280,6 +280,7 @@ def plan_memory(
     micro_batch_pairs: int | None = 2,
     tokens_per_micro_batch: int | None = None,
     prompt_tokens: int = 0,
+    share_prompt: bool = False,
     mode: str = "full_ft",
     lora_rank: int = 16,
     lora_targets: tuple[str, ...] = LINEARS,
@@ -304,6 +305,9 @@ def plan_memory(
             sequences into one row of T = 2 * micro_batch_pairs * max_length tokens (worst case).
         tokens_per_micro_batch: the packer's token budget T instead of micro_batch_pairs.
         prompt_tokens: prompt tokens per sequence, not scored by the head (0: worst case, N = T).
+        share_prompt: pack each pair as [prompt][chosen][rejected] (`rpo_fast.packing`): the row is one
+            prompt per pair shorter, and each layer's attention keeps its keys/values gathered per segment,
+            one prompt per pair more than the unshared row. Needs attention="flash" (the packed attention).
         mode: "full_ft" or "lora" (frozen base, adapters of `lora_rank` on `lora_targets`, stored in
             `lora_dtype`, peft's default fp32; dropout > 0 keeps a mask and a copy per target).
         dtype: parameter and activation dtype, "bf16" | "fp16" | "fp32".
@@ -366,6 +370,13 @@ def plan_memory(
     if not 0 <= prompt_tokens < max_length:
         raise ValueError(f"prompt_tokens: expected 0 <= prompt_tokens < max_length={max_length}, got {prompt_tokens}")
     response = max(1, tokens - n_seq * prompt_tokens)
+    kv_tokens = tokens
+    if share_prompt:
+        if attention != "flash":
+            raise ValueError(f"share_prompt: needs attention='flash' (the packed attention), "
+                             f"got attention={attention!r}")
+        prompts = (n_seq // 2) * prompt_tokens  # one prompt copy per pair leaves the row, one joins the key rows
+        tokens, kv_tokens = tokens - prompts, tokens + prompts
     if loss_impl == "fused":
         loss_impl_resolved = "triton" if device == "cuda" else "torch"
     else:
@@ -375,7 +386,7 @@ def plan_memory(
     b = DTYPE_BYTES[dtype]
     lora = mode == "lora"
     ctx = _Context(shape, tokens, response, b, lora, lora_rank, set(lora_targets), DTYPE_BYTES[lora_dtype],
-                   lora_dropout, attention, device)
+                   lora_dropout, attention, device, kv_tokens)
 
     # Static: weights, optimizer state, reference weights.
     H, V, L = shape.hidden_size, shape.vocab_size, shape.num_layers
@@ -498,7 +509,8 @@ def plan_memory(
     options = dict(model=getattr(model_config, "name_or_path", None) or
                    (str(model_config) if isinstance(model_config, (str, os.PathLike)) else shape.name),
                    max_length=max_length, micro_batch_pairs=micro_batch_pairs,
-                   tokens_per_micro_batch=tokens_per_micro_batch, prompt_tokens=prompt_tokens, mode=mode, lora_rank=lora_rank, lora_targets=tuple(lora_targets),
+                   tokens_per_micro_batch=tokens_per_micro_batch, prompt_tokens=prompt_tokens,
+                   share_prompt=share_prompt, mode=mode, lora_rank=lora_rank, lora_targets=tuple(lora_targets),
                    lora_dtype=lora_dtype, lora_dropout=lora_dropout, dtype=dtype,
                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, reference=reference,
                    loss_impl=loss_impl_resolved, head_backward=backward_resolved, attention=attention, device=device,
@@ -523,6 +535,7 @@ class _Context:
     dropout: float
     attention: str
     device: str
+    kv_tokens: int = 0  # keys/values attention keeps (T, or more for shared-prompt key rows); 0: T
 
     def _lora_branch(self, name: str) -> int:
         """Per-token bytes a LoRA branch on `name` saves: cast input, dropout, rank-r activation."""
@@ -559,14 +572,14 @@ class _Context:
         kv = 2 * b * (Q if repeat else K)
         if self.attention == "eager":
             probs = 4 * a * self.T + (b * a * self.T if b != 4 else 0)  # fp32 softmax, its b-byte copy
-            per_token += b * Q + kv + probs + b * Q * self._input_kept(("o_proj",))
+            per_token += b * Q + probs + b * Q * self._input_kept(("o_proj",))
         else:
-            per_token += b * Q + kv + b * Q + 4 * a  # q, k, v, output (o_proj's input), logsumexp
+            per_token += b * Q + b * Q + 4 * a  # q, output (o_proj's input), logsumexp; k, v below
             if self.attention == "sdpa":
                 per_token += b * self.T  # the block mask converted to an additive b-byte bias, per call
         per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))
         per_token += sum(self._lora_branch(n) for n in LINEARS)
-        return self.T * per_token
+        return self.T * per_token + (self.kv_tokens or self.T) * kv
 
     def shared_saved(self) -> int:
         """Saved once per forward: RoPE cos/sin, ids, positions, the packed boolean mask."""
@@ -749,7 +762,8 @@ def plan_for_train_config(config, model=None, device: str = "cuda") -> MemoryPla
     The packer fills micro-batches up to `token_budget` tokens and `max_pairs_per_micro_batch` pairs, and
     gives a pair longer than the budget a micro-batch of its own, so the worst case is
     max(2 max_length, min(token_budget, 2 max_length x max_pairs)) tokens, all of them scored (no prompt
-    tokens: response tokens cost the loss more). Attention is varlen ("flash"), as the trainer runs it
+    tokens: response tokens cost the loss more; so shared-prompt packing, which only drops prompt copies, is
+    planned but saves nothing in this worst case). Attention is varlen ("flash"), as the trainer runs it
     on CUDA. `mixed_precision: bf16` over fp32 weights is planned as fp32 throughout (an overestimate
     of the autocast activations).
 
@@ -779,7 +793,7 @@ def train_config_plan_options(config, device: str = "cuda") -> dict:
     impl = config.head_impl()
     return dict(head_backward=config.head_backward,
         max_length=config.max_length, micro_batch_pairs=None, tokens_per_micro_batch=max(tokens, pair_tokens),
-        prompt_tokens=0, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,
+        prompt_tokens=0, share_prompt=config.share_prompt, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,
         lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
         dtype=TRAINER_DTYPES[config.dtype], gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer, reference=TRAINER_REFERENCES[config.reference],
@@ -862,6 +876,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     size.add_argument("--micro-batch", type=int, default=None, help="preference pairs per micro-batch (default 2)")
     size.add_argument("--tokens", type=int, default=None, help="token budget per packed micro-batch instead")
     parser.add_argument("--prompt-tokens", type=int, default=0, help="unscored prompt tokens per sequence")
+    parser.add_argument("--share-prompt", action="store_true",
+                        help="shared-prompt packing: each pair's prompt in the row once (the trainer's default)")
     parser.add_argument("--mode", choices=MODES, default="full_ft")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-targets", default=",".join(LINEARS), help="comma-separated projection names")
@@ -891,7 +907,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
     pairs = None if args.tokens else (2 if args.micro_batch is None else args.micro_batch)
     return dict(
         max_length=args.max_length, micro_batch_pairs=pairs, tokens_per_micro_batch=args.tokens,
-        prompt_tokens=args.prompt_tokens, mode=args.mode, lora_rank=args.lora_rank,
+        prompt_tokens=args.prompt_tokens, share_prompt=args.share_prompt, mode=args.mode, lora_rank=args.lora_rank,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lora_dtype=args.lora_dtype,
         lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
         optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, head_backward=args.head_backward,
@@ -899,9 +915,9 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 
 # Options that --config decides (the rest: --model, --device, --fsdp, --gpu-gb, --json, still apply).
-CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--mode", "--lora-rank",
-                  "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing", "--optimizer",
-                  "--reference", "--loss-impl", "--head-backward", "--attention")
+CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--share-prompt", "--mode",
+                  "--lora-rank", "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing",
+                  "--optimizer", "--reference", "--loss-impl", "--head-backward", "--attention")
 
 
 def _train_key(arg: str) -> str | None:

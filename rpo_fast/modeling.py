@@ -223,15 +223,42 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+# Decoder layer kinds that mix tokens only through attention (config.layer_types); anything else (linear
+# attention, state-space or convolution layers) would read the shared-prompt row as one sequence.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def shared_prompt_unsupported(model: nn.Module) -> str | None:
+    """Why `model` cannot run shared-prompt rows (`pack_pairs(..., share_prompt=True)`), or None if it can.
+
+    It can when every layer mixes tokens through attention alone and that attention is the packed one
+    (`rpo_fast.attention`), which reads the row's key segments; the other attention implementations would
+    let a rejected response see the chosen one.
+    """
+    config = base_model(model).config
+    if config._attn_implementation != attention.ATTN_IMPLEMENTATION:
+        return (f"attention is {config._attn_implementation!r}, not {attention.ATTN_IMPLEMENTATION!r}, the only one "
+                "that reads the shared-prompt layout")
+    other = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if other:
+        return f"{config.model_type} has {sorted(other)} layers, which mix tokens outside attention"
+    return None
+
+
 def response_hidden(model: nn.Module, batch) -> torch.Tensor:
     """Last hidden states at the response rows of a packed batch: [N, H] (N = batch.targets.numel()).
 
-    `batch` is a `rpo_fast.packing.PackedBatch` (input_ids/position_ids [1, L], cu_seqlens [2B+1]
-    int32, max_seqlen, response_index [N]).
+    `batch` is a `rpo_fast.packing.PackedBatch` of either layout (input_ids/position_ids [1, L], its
+    attention segments, response_index [N]).
+
+    Raises:
+        ValueError: for a shared-prompt batch on a model that cannot run it (`shared_prompt_unsupported`).
     """
+    if batch.shares_prompt and (reason := shared_prompt_unsupported(model)) is not None:
+        raise ValueError(f"batch: a shared-prompt batch needs packed attention, but {reason}; pack it with "
+                         "share_prompt=False")
     hidden = backbone(model)(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-                             max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
+                             **batch.attention_kwargs()).last_hidden_state
     return hidden[0, batch.response_index]
 
 

@@ -1,7 +1,10 @@
 """Padding-free packing of preference pairs, the padded equivalent, and token-budget batching.
 
-A micro-batch of B pairs becomes one row of 2B sequences (prompt + response each), chosen 0..B-1 first,
-then rejected B..2B-1, so pair i is (i, B+i) as in `fused_linear_rpo_loss`. Attention sees the
+Two layouts of a micro-batch of B pairs in one row: unshared (below), or shared-prompt (further down),
+which encodes each prompt once. Either way the head sees 2B sequences of response rows, chosen 0..B-1
+first, then rejected B..2B-1, so pair i is (i, B+i) as in `fused_linear_rpo_loss`.
+
+Unshared: one row of 2B sequences (prompt + response each), chosen first. Attention sees the
 sequence boundaries through `cu_seqlens` (FlashAttention varlen) or restarting `position_ids`
 (transformers' packed path with `attention_mask=None`). Only the positions whose next token is a
 response token go through the LM head: `response_index` selects them from the backbone's hidden states
@@ -17,6 +20,22 @@ rejected [s s s]:
     position_ids        0 1 2 3 4 | 0 1 2 | 0 1 2 3 | 0 1 2 3 4
     cu_seqlens          [0, 5, 8, 12, 17]
     response_index      [2, 3, 6, 10, 13, 14, 15]        (targets: c c d r s s s)
+    response_cu_seqlens [0, 2, 3, 4, 7]
+
+Shared prompt (`share_prompt=True`): pair by pair, `[prompt][chosen][rejected]`. The row is cut into 3B
+query segments; each attends causally to its own keys, which the attention function gathers from the row
+through `key_index`: the prompt to itself, the chosen response to the prompt then itself, the rejected
+response to the prompt then itself (never to the chosen one). Causality is aligned bottom-right (the last
+query sees all its keys), and a segment's key k sits at position k, so positions, RoPE and sliding windows
+are those of the unshared layout, and so are the numbers. The first token of both responses is predicted
+from the prompt's last position (twice in `response_index`). The same example:
+
+    input_ids           p p p c c r | q q d s s s
+    position_ids        0 1 2 3 4 3 | 0 1 2 2 3 4
+    cu_seqlens          [0, 3, 5, 6, 8, 9, 12]           (query segments: prompt, chosen, rejected per pair)
+    key_index           [0 1 2, 0 1 2 3 4, 0 1 2 5, 6 7, 6 7 8, 6 7 9 10 11]
+    cu_seqlens_k        [0, 3, 8, 12, 14, 17, 22]
+    response_index      [2, 3, 7, 2, 7, 9, 10]           (targets: c c d r s s s, chosen first)
     response_cu_seqlens [0, 2, 3, 4, 7]
 """
 from __future__ import annotations
@@ -37,21 +56,42 @@ __all__ = ["PackedBatch", "pack_pairs", "pad_pairs", "batch_by_token_budget", "I
 
 @dataclass
 class PackedBatch:
-    """B preference pairs packed into one row of 2B sequences without padding (see the module docstring)."""
+    """B preference pairs packed into one row without padding, unshared or shared-prompt (module docstring).
 
-    input_ids: torch.Tensor  # [1, L] int64: chosen sequences (prompt + response) then rejected ones
-    position_ids: torch.Tensor  # [1, L] int64, restarting at 0 for each sequence
-    cu_seqlens: torch.Tensor  # [2B+1] int32 boundaries of the 2B sequences in the row, 0 .. L
-    max_seqlen: int  # longest of the 2B sequences
-    response_index: torch.Tensor  # [N] int64 positions p whose next token p+1 (same sequence) is a response token
-    targets: torch.Tensor  # [N] int64: input_ids[0, response_index + 1]
+    Attention: S query segments `cu_seqlens`; with `key_index` None each attends causally to itself (the
+    unshared layout, S = 2B), else to the gathered keys `key_index[cu_seqlens_k[s]:cu_seqlens_k[s+1]]`
+    with bottom-right aligned causality (shared prompt, S = 3B).
+    """
+
+    input_ids: torch.Tensor  # [1, L] int64
+    position_ids: torch.Tensor  # [1, L] int64, each sequence's positions from 0 (shared: responses go on from P)
+    cu_seqlens: torch.Tensor  # [S+1] int32 boundaries of the query segments in the row, 0 .. L
+    max_seqlen: int  # longest query segment
+    response_index: torch.Tensor  # [N] int64 row positions whose hidden state predicts `targets`, chosen first
+    targets: torch.Tensor  # [N] int64 response tokens, chosen of pairs 0..B-1, then rejected
     response_cu_seqlens: torch.Tensor  # [2B+1] int32 boundaries of each sequence's rows in response_index, 0 .. N
     n_pairs: int  # B
     example_index: torch.Tensor  # [B] int64 PreferenceExample.index of each pair
+    sequence_tokens: int = 0  # tokens of the 2B full sequences (sum of num_tokens), whatever the layout
+    key_index: torch.Tensor | None = None  # [K] int64 row positions of the gathered keys (shared prompt only)
+    cu_seqlens_k: torch.Tensor | None = None  # [S+1] int32 boundaries in key_index, 0 .. K (shared prompt only)
+    max_seqlen_k: int | None = None  # longest key segment (shared prompt only)
+
+    @property
+    def shares_prompt(self) -> bool:
+        return self.key_index is not None
+
+    def attention_kwargs(self) -> dict:
+        """The segment description for `rpo_fast.attention.varlen_attention_forward`, as backbone kwargs."""
+        shared = self.shares_prompt
+        return {"cu_seq_lens_q": self.cu_seqlens, "max_length_q": self.max_seqlen,
+                "cu_seq_lens_k": self.cu_seqlens_k if shared else self.cu_seqlens,
+                "max_length_k": self.max_seqlen_k if shared else self.max_seqlen,
+                "rpo_key_index": self.key_index}
 
     @property
     def num_tokens(self) -> int:
-        """L, the packed length (every token the backbone processes)."""
+        """L, the packed length (every token the backbone processes; < sequence_tokens with a shared prompt)."""
         return self.input_ids.shape[1]
 
     @property
@@ -90,8 +130,9 @@ def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def pack_pairs(examples: Sequence[PreferenceExample]) -> PackedBatch:
-    """Packs B pairs into one padding-free row of 2B sequences, chosen first (pair i = sequences i, B+i).
+def pack_pairs(examples: Sequence[PreferenceExample], *, share_prompt: bool = False) -> PackedBatch:
+    """Packs B pairs into one padding-free row: 2B sequences, chosen first (pair i = sequences i, B+i), or
+    with `share_prompt` `[prompt][chosen][rejected]` per pair (see the module docstring).
 
     Every response token is a target, predicted from the position before it (the last prompt token for
     the first one), so sequence j contributes len(response_j) head rows.
@@ -103,6 +144,8 @@ def pack_pairs(examples: Sequence[PreferenceExample]) -> PackedBatch:
         ValueError: for no examples, or an example with an empty prompt or response.
     """
     _check_examples(examples)
+    if share_prompt:
+        return _pack_shared_prompt(examples)
     seqs, prompt_lens = _sequences(examples)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
     prompt_lengths = torch.tensor(prompt_lens, dtype=torch.int64)
@@ -128,6 +171,50 @@ def pack_pairs(examples: Sequence[PreferenceExample]) -> PackedBatch:
         response_cu_seqlens=response_cu_seqlens,
         n_pairs=len(examples),
         example_index=torch.tensor([ex.index for ex in examples], dtype=torch.int64),
+        sequence_tokens=total,
+    )
+
+
+def _pack_shared_prompt(examples: Sequence[PreferenceExample]) -> PackedBatch:
+    """`pack_pairs(examples, share_prompt=True)`: pair by pair [prompt][chosen][rejected] (module docstring)."""
+    tokens, positions, q_bounds, keys, k_bounds = [], [], [0], [], [0]
+    rows = {"chosen": [], "rejected": []}  # head rows of each response, then their targets
+    targets = {"chosen": [], "rejected": []}
+    for ex in examples:
+        start, n_prompt = len(tokens), len(ex.prompt_ids)
+        prompt = list(range(start, start + n_prompt))
+        tokens += ex.prompt_ids
+        positions += range(n_prompt)
+        q_bounds.append(len(tokens))
+        keys += prompt
+        k_bounds.append(len(keys))
+        for kind, response in (("chosen", ex.chosen_ids), ("rejected", ex.rejected_ids)):
+            first = len(tokens)
+            own = list(range(first, first + len(response)))
+            tokens += response
+            positions += range(n_prompt, n_prompt + len(response))
+            q_bounds.append(len(tokens))
+            keys += prompt + own
+            k_bounds.append(len(keys))
+            rows[kind].append([prompt[-1]] + own[:-1])  # token t is predicted from the position before it
+            targets[kind].append(response)
+    head_rows = rows["chosen"] + rows["rejected"]
+    cu_seqlens = torch.tensor(q_bounds, dtype=torch.int32)
+    cu_seqlens_k = torch.tensor(k_bounds, dtype=torch.int32)
+    return PackedBatch(
+        input_ids=torch.tensor(tokens, dtype=torch.int64).unsqueeze(0),
+        position_ids=torch.tensor(positions, dtype=torch.int64).unsqueeze(0),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(cu_seqlens.diff().max()),
+        response_index=torch.tensor([r for seq in head_rows for r in seq], dtype=torch.int64),
+        targets=torch.tensor([t for seq in targets["chosen"] + targets["rejected"] for t in seq], dtype=torch.int64),
+        response_cu_seqlens=_cumulative(torch.tensor([len(seq) for seq in head_rows], dtype=torch.int64)),
+        n_pairs=len(examples),
+        example_index=torch.tensor([ex.index for ex in examples], dtype=torch.int64),
+        sequence_tokens=sum(ex.num_tokens for ex in examples),
+        key_index=torch.tensor(keys, dtype=torch.int64),
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_k=int(cu_seqlens_k.diff().max()),
     )
 
 

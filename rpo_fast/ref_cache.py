@@ -57,9 +57,10 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 @torch.no_grad()
 def compute_reference_logps(model: torch.nn.Module, examples: Sequence[PreferenceExample], *, token_budget: int,
-                            impl: str = "auto", progress: bool = False) -> torch.Tensor:
+                            impl: str = "auto", progress: bool = False, share_prompt: bool = False) -> torch.Tensor:
     """Summed response log-probs of every example under `model`: [len(examples), 2] float32 (chosen, rejected),
-    row k for examples[k]. Runs packed micro-batches of at most `token_budget` tokens, in order."""
+    row k for examples[k]. Runs packed micro-batches of at most `token_budget` tokens (counted unshared), in
+    order, in the shared-prompt layout when `share_prompt` (the same numbers, each prompt encoded once)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -69,7 +70,7 @@ def compute_reference_logps(model: torch.nn.Module, examples: Sequence[Preferenc
     out = torch.empty(len(examples), 2, dtype=torch.float32)
     groups = batch_by_token_budget(examples, token_budget, shuffle=False, seed=0, epoch=0)
     for group in tqdm(groups, desc="reference log-probs", disable=not progress, unit="batch"):
-        batch = pack_pairs([examples[i] for i in group]).to(device)
+        batch = pack_pairs([examples[i] for i in group], share_prompt=share_prompt).to(device)
         hidden = response_hidden(model, batch)
         lp = linear_logprobs(hidden, weight, batch.targets, bias, impl=impl)
         sums = segment_sum(lp, batch.response_cu_seqlens.diff()).cpu()
@@ -129,9 +130,10 @@ class ReferenceCache:
 
 def load_or_compute(model: torch.nn.Module, examples: Sequence[PreferenceExample], cache_dir: str | Path, *,
                     token_budget: int, impl: str = "auto", model_fp: str | None = None, write: bool = True,
-                    progress: bool = False) -> ReferenceCache:
+                    progress: bool = False, share_prompt: bool = False) -> ReferenceCache:
     """The cache of (`model`, `examples`): read from `cache_dir` when present and valid, else computed
-    (and written when `write`). Pass `model_fp` to reuse one fingerprint for several datasets."""
+    (and written when `write`; `share_prompt` picks the packing layout, which does not change the values).
+    Pass `model_fp` to reuse one fingerprint for several datasets."""
     key = cache_key(model_fp or model_fingerprint(model), data_fingerprint(examples))
     path = cache_path(cache_dir, key)
     if path.is_file():
@@ -139,7 +141,8 @@ def load_or_compute(model: torch.nn.Module, examples: Sequence[PreferenceExample
             return ReferenceCache.load(path, key)
         except ValueError:
             pass  # unreadable: recompute and overwrite
-    logps = compute_reference_logps(model, examples, token_budget=token_budget, impl=impl, progress=progress)
+    logps = compute_reference_logps(model, examples, token_budget=token_budget, impl=impl, progress=progress,
+                                    share_prompt=share_prompt)
     cache = ReferenceCache(key=key, example_index=torch.tensor([ex.index for ex in examples], dtype=torch.int64),
                            logps=logps, path=path)
     if write:

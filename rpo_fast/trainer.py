@@ -174,8 +174,17 @@ class Reference:
         return {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
 
 
+def resolve_share_prompt(config: TrainConfig, model, log) -> TrainConfig:
+    """`config`, with share_prompt off (and a one-line notice) when `model` cannot run shared-prompt rows."""
+    if config.share_prompt and (reason := modeling.shared_prompt_unsupported(model)) is not None:
+        log(f"notice: share_prompt is off: {reason}; each pair is packed as two full sequences")
+        return dataclasses.replace(config, share_prompt=False)
+    return config
+
+
 def build_reference(config: TrainConfig, policy, datasets: dict[str, list], accelerator, log) -> Reference:
-    """Called before LoRA is added: `policy` is still the initial model, the default reference."""
+    """Called before LoRA is added: `policy` is still the initial model, the default reference. Runs the
+    reference in `config.share_prompt`'s layout, which a separate `ref_model` must support too."""
     if config.reference in ("none", "adapter"):
         return Reference(config.reference)
     if config.ref_model:
@@ -183,6 +192,9 @@ def build_reference(config: TrainConfig, policy, datasets: dict[str, list], acce
         if config.liger_kernels:
             modeling.enable_liger_kernels(source)
         source = modeling.freeze(source)
+        if config.share_prompt and (reason := modeling.shared_prompt_unsupported(source)) is not None:
+            raise ValueError(f"ref_model: share_prompt=true, but for the reference model {reason}; "
+                             "set share_prompt=false")
     else:
         source = policy if config.reference == "cache" else modeling.freeze(copy.deepcopy(policy))
     if config.reference == "model":
@@ -191,10 +203,12 @@ def build_reference(config: TrainConfig, policy, datasets: dict[str, list], acce
     for split, examples in datasets.items():
         if accelerator.is_main_process:  # one process computes and writes; the others read the file
             load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
-                            impl=config.head_impl(), model_fp=fingerprint, progress=config.progress)
+                            impl=config.head_impl(), model_fp=fingerprint, progress=config.progress,
+                            share_prompt=config.share_prompt)
         accelerator.wait_for_everyone()
         caches[split] = load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
-                                        impl=config.head_impl(), model_fp=fingerprint, write=False)
+                                        impl=config.head_impl(), model_fp=fingerprint, write=False,
+                                        share_prompt=config.share_prompt)
         log(f"reference log-probs ({split}): {caches[split].path}")
     return Reference("cache", caches=caches)
 
@@ -215,7 +229,7 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
     tokens = response_tokens = 0
     for k, group in enumerate(mine):
-        batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
+        batch = pack_pairs([examples[i] for i in group], share_prompt=config.share_prompt).to(accelerator.device)
         sync = k == len(mine) - 1  # DDP all-reduces gradients on the last micro-batch only
         try:
             ref = reference.inputs(batch, "train", accelerator.autocast)
@@ -238,7 +252,7 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
                 getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device))) from e
         sums += metrics.pair_metric_sums(out._replace(loss=out.pref_loss + config.alpha * out.nll), batch.n_pairs,
                                          nll_pairs)  # the loss unweighted
-        tokens += batch.num_tokens
+        tokens += batch.sequence_tokens  # counted unshared, so tokens/s compares across layouts
         response_tokens += batch.num_response_tokens
     return sums, tokens, response_tokens
 
@@ -288,7 +302,7 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
     chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)
     for group in groups[accelerator.process_index::accelerator.num_processes]:
-        batch = pack_pairs([examples[i] for i in group]).to(accelerator.device)
+        batch = pack_pairs([examples[i] for i in group], share_prompt=config.share_prompt).to(accelerator.device)
         with accelerator.autocast():
             out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
         batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
@@ -484,6 +498,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     # Models: the policy, the reference (before LoRA: the initial policy is the default reference).
     start = time.perf_counter()
     policy = build_policy(config, accelerator.device)
+    config = resolve_share_prompt(config, policy, log)
     if accelerator.device.type == "cuda":
         log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device)))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
@@ -633,6 +648,8 @@ def precompute_reference(config: TrainConfig) -> dict[str, Path]:
     if config.eval_file:
         splits["eval"] = load_examples(config.eval_file, tokenizer, config, accelerator.print)[1]
     source = None if config.ref_model else build_policy(config, accelerator.device)
+    if source is not None:
+        config = resolve_share_prompt(config, source, accelerator.print)
     reference = build_reference(dataclasses.replace(config, reference="cache"), source, splits, accelerator,
                                 accelerator.print)
     return {split: cache.path for split, cache in reference.caches.items()}

@@ -45,10 +45,10 @@ def unpacked_sequence_logps(model, ex, response):
     return logp[start:].gather(1, ids[0, start + 1:, None]).sum()
 
 
-@pytest.mark.parametrize("head_bias", [False, True])
-def test_packed_step_equals_unpacked_dense(tiny_model_dir, examples, head_bias):
-    """PackedRPOModel (packing, varlen attention, response rows only, fused head) vs per-sequence forwards
-    with full logits, and the RPO formula written out: same loss, log-probs and gradients."""
+@pytest.mark.parametrize("head_bias,share_prompt", [(False, False), (True, False), (False, True)])
+def test_packed_step_equals_unpacked_dense(tiny_model_dir, examples, head_bias, share_prompt):
+    """PackedRPOModel (packing, either layout, varlen attention, response rows only, fused head) vs per-sequence
+    forwards with full logits, and the RPO formula written out: same loss, log-probs and gradients."""
     model = modeling.load_causal_lm(str(tiny_model_dir))
     if head_bias:  # an untied head with a bias
         weight = model.lm_head.weight.detach().clone()
@@ -59,7 +59,7 @@ def test_packed_step_equals_unpacked_dense(tiny_model_dir, examples, head_bias):
     ref_logps = torch.randn(2 * 4) * 3
     beta, alpha = 0.7, 0.3
     packed = modeling.PackedRPOModel(model, beta=beta, alpha=alpha, sft_norm="sum")
-    batch = pack_pairs(examples[:4])
+    batch = pack_pairs(examples[:4], share_prompt=share_prompt)
     out = packed(batch, ref_logps=ref_logps)
     out.loss.backward()
     got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -112,6 +112,25 @@ def test_reference_modes_agree(tiny_model_dir, tmp_path):
                 assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-4), (a, b, ra["step"], key)
     assert any(abs(r["rewards/margins"]) > 1e-3 for r in runs["model"][1:])  # the reference mattered
     assert len(list((tmp_path / "cache" / "ref_cache").glob("ref-logps-*.pt"))) == 2  # train and eval
+
+
+def test_shared_prompt_run_equals_unshared(tiny_model_dir, tmp_path):
+    """The trainer's default layout (shared prompt) and the unshared one log the same metrics step by step, with
+    the same token counts (both count the unshared tokens), LoRA with the adapter-off reference, eval included."""
+    runs = {}
+    for share in (True, False):
+        (tmp_path / str(share)).mkdir()
+        overrides = tiny_overrides(tiny_model_dir, tmp_path / str(share), max_steps=3, finetune="lora", lora_r=4,
+                                   reference="adapter", share_prompt=share, gradient_checkpointing=True)
+        runs[share] = train(load_config(None, overrides))
+    for ra, rb in zip(records_of(runs[True]), records_of(runs[False]), strict=True):
+        assert ra["tokens"] == rb["tokens"] and ra["response_tokens"] == rb["response_tokens"]
+        for key in PAIR_METRICS + ("grad_norm",):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-5), (ra["step"], key, ra[key], rb[key])
+    evals = [[r for r in run.records if "eval/loss" in r] for run in runs.values()]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for ea, eb in zip(*evals):
+        assert math.isclose(ea["eval/loss"], eb["eval/loss"], rel_tol=1e-5, abs_tol=1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted(tiny_model_dir, tmp_path):

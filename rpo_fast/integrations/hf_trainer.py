@@ -17,7 +17,10 @@ run inside the model's forward (so a DDP wrapper sees the LM head used in its fo
 never exist. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
 one row, position_ids restarting per sequence, no attention mask. transformers reads the sequence boundaries
 from those position_ids (tested: eager and sdpa, transformers 5.24; flash_attention_2 does the same by
-design); a model whose attention ignores them must stay padded.
+design); a model whose attention ignores them must stay padded. With `share_prompt` (default) and a model on
+rpo_fast's packed attention (`attn_implementation=rpo_fast.attention.register()`), a pair whose two rows
+hold the same prompt before their labels is packed `[prompt][chosen][rejected]` (`rpo_fast.packing`): the
+prompt runs once, same numbers; otherwise the batch packs unshared (with a one-line warning for the model).
 
     class MyTrainer(RPOTrainerMixin, transformers.Trainer):
         pass
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,7 +43,7 @@ import torch
 from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice
 from ..loss import RPOOutput, reweighted_loss, rpo_loss, segment_sum
 from ._model import head_logprobs, head_of, logit_scale_of, prepare_head_inputs
-from .padded import pack_padded_pairs
+from .padded import pack_padded_pairs, pairs_from_padded
 
 
 @dataclass
@@ -53,6 +57,7 @@ class RPOArguments:
     label_smoothing: float = 0.0
     average_log_prob: bool = False
     packed: bool = False  # drop the padding before the backbone
+    share_prompt: bool = True  # packed: each pair's prompt once, where the model's attention can (docstring)
     reference_free: bool = False  # allow running with no reference at all (s^ref = 0)
     impl: str = "auto"  # rpo_fast.linear_logprobs backend
 
@@ -81,8 +86,10 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
 
     `sl` [R, T] int64 holds at position t the token to score from position t (already shifted), -100
     elsewhere; the call returns [N] float32 log-probs of the scored positions in row-major order, differentiable
-    and computed inside forward. Without the keyword the model's previous forward runs. Installs on the
-    unwrapped causal LM (the base model under PEFT); installing again only updates `impl`.
+    and computed inside forward. `rpo_fast_rows=(index [N], targets [N])` instead scores row 0's positions
+    `index` (which may repeat, as in a shared-prompt row) against `targets`, in that order. Without either
+    keyword the model's previous forward runs. Installs on the unwrapped causal LM (the base model under
+    PEFT); installing again only updates `impl`.
     """
     check_choice("impl", impl, IMPLS)
     target = _causal_lm(model)
@@ -90,16 +97,21 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
     previous = getattr(target.forward, "_rpo_fast_previous", target.forward)
 
     @functools.wraps(type(target).forward)  # generate() validates its kwargs against the original signature
-    def _rpo_fast_forward(self, *args, rpo_fast_shift_labels=None, **kwargs):
-        if rpo_fast_shift_labels is None:
+    def _rpo_fast_forward(self, *args, rpo_fast_shift_labels=None, rpo_fast_rows=None, **kwargs):
+        if rpo_fast_shift_labels is None and rpo_fast_rows is None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False  # with the cache on, transformers ignores packed position_ids
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         weight, bias, scale = head_of(self)
-        labels = rpo_fast_shift_labels.to(weight.device)
-        scored = labels != -100
-        rows, weight, bias = prepare_head_inputs(hidden.to(weight.device)[scored], weight, bias, scale=scale)
-        return head_logprobs(rows, weight, bias, labels[scored], impl=impl)
+        if rpo_fast_rows is not None:  # (row index [N], targets [N]) of a one-row batch; rows may repeat
+            index, targets = (t.to(weight.device) for t in rpo_fast_rows)
+            picked = hidden.to(weight.device)[0, index]
+        else:
+            labels = rpo_fast_shift_labels.to(weight.device)
+            scored = labels != -100
+            picked, targets = hidden.to(weight.device)[scored], labels[scored]
+        rows, weight, bias = prepare_head_inputs(picked, weight, bias, scale=scale)
+        return head_logprobs(rows, weight, bias, targets, impl=impl)
 
     _rpo_fast_forward._rpo_fast_previous = previous
     target.forward = types.MethodType(_rpo_fast_forward, target)
@@ -123,14 +135,28 @@ def _check_batch(inputs: dict[str, Any]) -> tuple[int, int]:
     return shape
 
 
+def _shared_prompt_batch(model: torch.nn.Module, input_ids, attention_mask, labels):
+    """The shared-prompt PackedBatch of a padded batch, or None (unshared) when the model or the batch cannot."""
+    from ..modeling import shared_prompt_unsupported
+    from ..packing import pack_pairs
+
+    reason = shared_prompt_unsupported(_causal_lm(model))
+    if reason is not None:
+        warnings.warn(f"share_prompt: packing unshared: {reason}", stacklevel=4)
+        return None
+    examples = pairs_from_padded(input_ids, attention_mask, labels)
+    return None if examples is None else pack_pairs(examples, share_prompt=True).to(input_ids.device)
+
+
 def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool = False,
-                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   impl: str = "auto", share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every row of a padded preference batch, through the fused head.
 
     Args:
         model: a causal LM (possibly PEFT-, DDP- or compile-wrapped); the head forward is installed on
             first use. Runs with the model's current grad mode and adapters.
         inputs: input_ids, attention_mask, labels [2B, T] (module docstring).
+        packed, share_prompt: drop the padding; then pack each pair's prompt once where possible (module docstring).
 
     Returns:
         (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of the formulas in `rpo_fast.loss`.
@@ -139,7 +165,12 @@ def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bo
     if not _is_installed(model):
         install_head_forward(model, impl)
     input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-    if packed:
+    shared = _shared_prompt_batch(model, input_ids, attention_mask, labels) if packed and share_prompt else None
+    if shared is not None:
+        lp = model(input_ids=shared.input_ids, position_ids=shared.position_ids,
+                   rpo_fast_rows=(shared.response_index, shared.targets), **shared.attention_kwargs())
+        lengths = shared.response_cu_seqlens.diff().long()
+    elif packed:
         p = pack_padded_pairs(input_ids, attention_mask, labels)
         shift_labels = torch.full_like(p.input_ids, -100)
         shift_labels[0, p.response_index] = p.targets
@@ -169,6 +200,7 @@ def rpo_compute_loss(
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     packed: bool = False,
+    share_prompt: bool = False,
     reference_free: bool = False,
     impl: str = "auto",
 ) -> RPOOutput:
@@ -184,7 +216,7 @@ def rpo_compute_loss(
         ValueError: on a malformed batch, bad options, or no reference without `reference_free=True`.
     """
     n_seqs = _check_batch(inputs)[0]
-    policy_logps, counts = sequence_logps(model, inputs, packed=packed, impl=impl)
+    policy_logps, counts = sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)
     if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
         ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
         if ref_logps.shape != (n_seqs,):
@@ -194,10 +226,10 @@ def rpo_compute_loss(
         ref_logps = ref_logps.to(policy_logps.device)
     elif ref_model is not None:
         with torch.no_grad():
-            ref_logps = sequence_logps(ref_model, inputs, packed=packed, impl=impl)[0]
+            ref_logps = sequence_logps(ref_model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)[0]
     elif hasattr(_unwrap(model), "disable_adapter"):
         with torch.no_grad(), _unwrap(model).disable_adapter():
-            ref_logps = sequence_logps(model, inputs, packed=packed, impl=impl)[0]
+            ref_logps = sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)[0]
     elif reference_free:
         ref_logps = None
     else:

@@ -33,6 +33,28 @@ class PackedPairs(NamedTuple):
     response_cu_seqlens: torch.Tensor  # [2B+1] int32, per-sequence boundaries in response_index / targets
 
 
+def pairs_from_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int = -100) -> list | None:
+    """The B `PreferenceExample`s of a padded [2B, L] batch (chosen rows first; labels HF-style, as in
+    `pack_padded_pairs`), for `rpo_fast.packing.pack_pairs(..., share_prompt=True)`; None when some pair does
+    not split as one prompt shared by both rows followed by labelled responses (labels on every token from the
+    first labelled one to the row's end, equal to the tokens, after at least one unlabelled token)."""
+    from ..data import PreferenceExample
+
+    n_pairs = input_ids.shape[0] // 2
+    parts = []
+    for j in range(2 * n_pairs):
+        attended = attention_mask[j].bool()
+        tokens, lab = input_ids[j][attended].tolist(), labels[j][attended].tolist()
+        first = next((t for t, x in enumerate(lab) if x != ignore_index), None)
+        if first is None or first == 0 or lab[first:] != tokens[first:]:
+            return None
+        parts.append((tokens[:first], tokens[first:]))
+    if any(parts[i][0] != parts[n_pairs + i][0] for i in range(n_pairs)):
+        return None
+    return [PreferenceExample(parts[i][0], parts[i][1], parts[n_pairs + i][1], i) for i in range(n_pairs)]
+
+
 def _shape(t) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
 
