@@ -33,6 +33,11 @@ def make_case(B, max_len, H, V, dtype, bias, ref_mode, ignore_frac=0.25, min_len
     return cu, hidden, weight, b, targets, ref
 
 
+# The upstream gradient every check backpropagates (a power of two: scaling by it rounds nothing), so a path
+# that forms its gradients before backward must still scale them by it.
+UPSTREAM = 0.5
+
+
 def reference64(cu, hidden, weight, b, targets, ref, opts, logprobs=logprobs64):
     """The float64 formulas on log-probs from `logprobs` (logprobs64: exact; naive_logprobs: the same-dtype
     logits), with gradients with respect to hidden, weight, bias."""
@@ -46,7 +51,7 @@ def reference64(cu, hidden, weight, b, targets, ref, opts, logprobs=logprobs64):
     elif "ref_logps" in ref:
         ref_seq = ref["ref_logps"].double()
     out = rpo64(lp, ref_seq, targets, cu, **opts)
-    out["loss"].backward()
+    (out["loss"] * UPSTREAM).backward()
     return out, [t.grad if t is not None else None for t in leaves]
 
 
@@ -55,7 +60,7 @@ def actual(cu, hidden, weight, b, targets, ref, opts, impl):
     ref = {k: (v.detach().clone().requires_grad_() if v is not None and v.is_floating_point() else v)
            for k, v in ref.items()}
     out = rpo_fast.fused_linear_rpo_loss(leaves[0], leaves[1], targets, cu, bias=leaves[2], impl=impl, **ref, **opts)
-    out.loss.backward()
+    out.loss.backward(torch.tensor(UPSTREAM))  # a loss inside a larger graph: its gradients scale
     for k, v in ref.items():  # the reference is a constant: no gradient may flow into it
         assert v is None or v.grad is None, f"gradient flowed into {k}"
     return out, [t.grad if t is not None else None for t in leaves]

@@ -40,7 +40,7 @@ class Mutation:
     description: str
 
 
-LOSS, CHUNKED = "rpo_fast/loss.py", "rpo_fast/chunked.py"
+LOSS, CHUNKED, FWDGRAD = "rpo_fast/loss.py", "rpo_fast/chunked.py", "rpo_fast/fwdgrad.py"
 MUTATIONS = [
     # The preference term.
     Mutation("smoothing_dropped", LOSS, ((
@@ -56,7 +56,8 @@ MUTATIONS = [
     Mutation("ipo_no_inverse_beta", LOSS, ((
         "return (z / beta - 1 / (2 * beta)) ** 2", "return (z - 1 / 2) ** 2"),), "IPO without its 1/beta"),
     Mutation("ipo_summed_logps", LOSS, ((
-        'per_token = average_log_prob or loss_type == "ipo"', "per_token = average_log_prob"),),
+        'per_token = average_log_prob or loss_type == "ipo"\n    policy = policy_logps.float()',
+        'per_token = average_log_prob\n    policy = policy_logps.float()'),),
         "IPO on summed instead of per-token-averaged log-probs"),
     Mutation("hinge_margin", LOSS, (("return torch.relu(1 - z)", "return torch.relu(-z)"),),
              "hinge without its margin of 1"),
@@ -73,7 +74,9 @@ MUTATIONS = [
     Mutation("rewards_without_beta", LOSS, ((
         "rewards = (beta * logratios).detach()", "rewards = logratios.detach()"),), "rewards missing beta"),
     Mutation("reference_not_detached", LOSS, ((
-        "ref_logps.detach().float()", "ref_logps.float()"),), "gradient flows into given reference log-probs"),
+        "ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().float()",
+        "ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.float()"),),
+        "gradient flows into given reference log-probs"),
     # The SFT term.
     Mutation("seq_mean_wrong_count", LOSS, ((
         "return -(chosen_logps / chosen_counts).mean()", "return -(chosen_logps / chosen_counts.mean()).mean()"),),
@@ -106,19 +109,34 @@ MUTATIONS = [
         ".sub_(lse[rows, None])", ".sub_(lse[rows, None] - 1e-3)"),),
         "the backward's recomputed softmax uses lse off by 1e-3"),
     Mutation("dw_accumulated_in_input_dtype", CHUNKED, (
-        ("grad_weight = torch.zeros(weight.shape, dtype=torch.float32,",
-         "grad_weight = torch.zeros(weight.shape, dtype=weight.dtype,"),
-        ("grad_weight.addmm_(dlogits.T, hidden[rows].float())",
+        ("grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None",
+         "grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if want_dw else None"),
+        ("addmm_f32_(grad_weight, dlogits.T, hidden[rows].to(d_dtype))",
          "grad_weight.addmm_(dlogits.T.to(weight.dtype), hidden[rows])")),
         "the weight gradient accumulated across chunks in bf16/fp16"),
-    Mutation("bias_gradient_dropped", CHUNKED, (("grad_bias += dlogits.sum(0)", "grad_bias += 0"),),
+    Mutation("bias_gradient_dropped", CHUNKED, (("grad_bias.addmv_(probs.T, neg_g)", "grad_bias.add_(0)"),),
              "bias gradient left at zero"),
     Mutation("unrequested_dhidden", CHUNKED, ((
         "want_dh, want_dw, want_db = needs_grad", "want_dh, want_dw, want_db = True, needs_grad[1], needs_grad[2]"),),
         "dhidden computed though not requested"),
     Mutation("onehot_missing", CHUNKED, ((
-        "dlogits.scatter_add_(1, safe_targets[rows, None], torch.ones_like(lse[rows, None]))", "pass"),),
+        "probs.scatter_add_(1, cols[:, None], minus_one)", "pass"),),
         "the target's one-hot left out of the gradient"),
+    # The forward-time-gradient head (fused_linear_rpo_loss's default wherever a gradient is needed).
+    Mutation("fwdgrad_onehot_missing", FWDGRAD, ((
+        "logits.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot", "pass"),),
+        "fwdgrad: the target's one-hot left out of the gradient"),
+    Mutation("fwdgrad_ignored_tokens_get_gradient", FWDGRAD, ((
+        "g = g.float().masked_fill(~counted, 0.0)", "g = g.float()"),),
+        "fwdgrad: tokens with ignored targets get their sequence's gradient"),
+    Mutation("fwdgrad_bias_gradient_dropped", FWDGRAD, ((
+        "db32 += dlogits.sum(0, dtype=torch.float32)", "db32 += 0"),), "fwdgrad: bias gradient left at zero"),
+    Mutation("fwdgrad_lse_off_by_constant", FWDGRAD, ((
+        "logits[rows].sub_(lse[rows, None]).exp_()", "logits[rows].sub_(lse[rows, None] - 0.01).exp_()"),),
+        "fwdgrad: softmax from a logsumexp off by 0.01"),
+    Mutation("fwdgrad_grad_output_ignored", FWDGRAD, ((
+        "unit = bool(grad_output == 1)", "unit = True"),),
+        "fwdgrad: the stored gradients are not scaled by the loss's upstream gradient"),
     # The Triton kernels (run in the interpreter).
     Mutation("triton_ignored_gradient", "kernels/linear_logprobs_bwd.py", ((
         "g = tl.where(targets == ignore_index, 0.0, g)", "g = g"),),
