@@ -23,8 +23,9 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
+# The demo starts over each time: --overwrite removes only the earlier demo run's own files in outputs/demo.
 demo: $(STAMP)
-	$(PY) -m rpo_fast.cli train --config configs/demo.yaml
+	$(PY) -m rpo_fast.cli train --config configs/demo.yaml --overwrite
 
 bench: $(STAMP)
 	$(PY) -m bench.run --quick
