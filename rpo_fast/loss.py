@@ -52,6 +52,11 @@ def reweighted_loss(out: RPOOutput, pair_weight, nll_weight) -> torch.Tensor:
     return out.pref_loss * pair_weight + (out.loss - out.pref_loss) * nll_weight
 
 
+def uses_per_token_logps(average_log_prob: bool, loss_type: str) -> bool:
+    """Whether the preference term sees per-token-averaged log-probs (average_log_prob, and always for IPO)."""
+    return average_log_prob or loss_type == "ipo"
+
+
 def preference_losses(z: torch.Tensor, beta: float, loss_type: str, label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-pair preference term l(z) for `z = beta * (chosen log-ratio - rejected log-ratio)`."""
     if loss_type == "sigmoid":
@@ -100,7 +105,7 @@ def rpo_loss(
     checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
     checks.check_sequence_logps(policy_logps, ref_logps, token_counts)
     n_pairs = policy_logps.shape[0] // 2
-    per_token = average_log_prob or loss_type == "ipo"
+    per_token = uses_per_token_logps(average_log_prob, loss_type)
     checks.check_token_counts(token_counts.to(torch.float32), n_pairs, sft_norm, alpha, per_token)
     return rpo_terms(policy_logps, ref_logps, token_counts, beta=beta, alpha=alpha, sft_norm=sft_norm,
                      loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)
@@ -113,7 +118,7 @@ def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_
     the forward-time-gradient head also differentiates, pair by pair."""
     n_pairs = policy_logps.shape[0] // 2
     counts = token_counts.to(torch.float32)
-    per_token = average_log_prob or loss_type == "ipo"
+    per_token = uses_per_token_logps(average_log_prob, loss_type)
     policy = policy_logps.float()
     ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().float()
 
@@ -238,7 +243,8 @@ def fused_linear_rpo_loss(
         backward = "fwdgrad" if needs_grad and impl != "dense" else "recompute"
     if backward == "fwdgrad":
         n_pairs = lengths.numel() // 2
-        checks.check_token_counts(counts, n_pairs, sft_norm, alpha, average_log_prob or loss_type == "ipo")
+        per_token = uses_per_token_logps(average_log_prob, loss_type)
+        checks.check_token_counts(counts, n_pairs, sft_norm, alpha, per_token)
         ref_logps = None if ref_logps is None else ref_logps.detach().float()
 
         def sequence_loss(policy_logps):  # the same formulas as rpo_loss, differentiated chunk by chunk

@@ -56,8 +56,7 @@ MUTATIONS = [
     Mutation("ipo_no_inverse_beta", LOSS, ((
         "return (z / beta - 1 / (2 * beta)) ** 2", "return (z - 1 / 2) ** 2"),), "IPO without its 1/beta"),
     Mutation("ipo_summed_logps", LOSS, ((
-        'per_token = average_log_prob or loss_type == "ipo"\n    policy = policy_logps.float()',
-        'per_token = average_log_prob\n    policy = policy_logps.float()'),),
+        'return average_log_prob or loss_type == "ipo"', "return average_log_prob"),),
         "IPO on summed instead of per-token-averaged log-probs"),
     Mutation("hinge_margin", LOSS, (("return torch.relu(1 - z)", "return torch.relu(-z)"),),
              "hinge without its margin of 1"),
