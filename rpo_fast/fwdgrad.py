@@ -27,7 +27,8 @@ fp32 dW accumulation; one chunk of logits alive at a time). The fallback is per 
 not per call: one long pair in a packed batch must not cost the other pairs a recompute.
 
 On CUDA the per-chunk log-softmax and dlogits passes are fused Triton kernels (`kernels.logit_grad`); the
-torch functions here have the same semantics and are their reference. No atomics anywhere: deterministic
+torch functions here compute the same values (they keep the probabilities in the buffer between the two
+passes, where the kernels keep the logits: `RowPasses`). No atomics anywhere: deterministic
 wherever the GEMMs are.
 """
 from __future__ import annotations
@@ -67,35 +68,49 @@ def _row_blocks(logits: torch.Tensor) -> list[slice]:
 def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lp [C] fp32, 0.0 at ignored targets; lse [C] fp32) of fp32 logits [C, V] and int64 targets [C].
 
-    A row with infinite logits has an undefined log-softmax: its lse is NaN, as in the fused kernels."""
+    Overwrites `logits` with the softmax probabilities `exp(logits - lse)`, which is what `logit_grad_` reads:
+    each element is exponentiated once for both passes (the exp is most of their cost on a CPU). A row with
+    infinite logits has an undefined log-softmax: its lse is NaN, as in the fused kernels."""
     ignored = targets == ignore_index
-    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for rows in _row_blocks(logits):
-        torch.logsumexp(logits[rows], dim=-1, out=lse[rows])
+    target_logit = logits.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1)
+    row_max = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    row_sum = torch.empty_like(row_max)
+    for rows in _row_blocks(logits):  # max, exp and sum while the block is in cache
+        block = logits[rows]
+        torch.amax(block, dim=1, out=row_max[rows])
+        block.sub_(row_max[rows, None]).exp_()
+        torch.sum(block, dim=1, out=row_sum[rows])
+        block.div_(row_sum[rows, None])
+    lse = row_max + row_sum.log()
     lse.masked_fill_(lse.isinf(), float("nan"))
-    lp = logits.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1) - lse
-    return lp.masked_fill_(ignored, 0.0), lse
+    return (target_logit - lse).masked_fill_(ignored, 0.0), lse
 
 
-def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+def logit_grad_(probs: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
                 out_dtype: torch.dtype, ignore_index: int = -100) -> torch.Tensor:
-    """dlogits [C, V] = g[:, None] * (onehot(targets) - exp(logits - lse[:, None])).
+    """dlogits [C, V] = g[:, None] * (onehot(targets) - probs), from the fp32 probabilities [C, V] that
+    `row_logprobs` left in the logits buffer (`lse` [C]: its logsumexps, NaN where undefined).
 
-    Rows whose target is `ignore_index` or whose g == 0 are all zero (the signature of `kernels.logit_grad_`). In place in `logits`
-    (fp32 [C, V]) when `out_dtype` is float32; else the result is cast to `out_dtype` (bf16/fp16)."""
+    Rows whose target is `ignore_index` or whose g == 0 are all zero (the contract of `kernels.logit_grad_`,
+    which reads the logits themselves). In place when `out_dtype` is float32; else cast to `out_dtype`."""
     counted = targets != ignore_index
     g = g.float().masked_fill(~counted, 0.0)
-    for rows in _row_blocks(logits):  # -g * softmax, block by block while the block is in cache
-        logits[rows].sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
-    logits.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot
+    for rows in _row_blocks(probs):
+        probs[rows].mul_(-g[rows, None])
+    probs.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot
     # 0 * NaN is NaN: a row whose logsumexp is undefined but whose gradient weight is 0 must still be 0.
     dead = (g == 0) & ~lse.isfinite()
     if bool(dead.any()):
-        logits[dead] = 0.0
-    return logits if out_dtype == torch.float32 else logits.to(out_dtype)
+        probs[dead] = 0.0
+    return probs if out_dtype == torch.float32 else probs.to(out_dtype)
 
 
 class RowPasses(NamedTuple):
+    """The two passes over a chunk's logits buffer, used as a pair: `row_logprobs(buffer, ...)` then
+    `logit_grad_(buffer, ...)`. What the buffer holds between them is theirs: the torch passes keep the
+    probabilities there (one exp per element), the Triton kernels keep the logits (memory-bound: a second exp
+    is free, a second write is not)."""
+
     row_logprobs: Callable
     logit_grad_: Callable
 
@@ -251,8 +266,9 @@ def fwdgrad_head_loss(
         g = sequence_grads(s, seqs)[token_seq]
         dh_chunk = torch.empty_like(h) if want_dh else None
         for piece in pieces[-1:] + pieces[:-1]:
-            if logits is None:
+            if logits is None:  # a recomputed piece goes through both passes again, as the pair requires
                 logits = logits_of(h[piece])
+                passes.row_logprobs(logits, t[piece], ignore_index)
             dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype,
                                           ignore_index=ignore_index)
             logits = None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MATRIX = ["tests/test_rpo_loss.py", "tests/test_linear_logprobs.py"]
+MATRIX = ["tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test_head_backward.py"]
 ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
@@ -123,7 +123,7 @@ MUTATIONS = [
         "the target's one-hot left out of the gradient"),
     # The forward-time-gradient head (fused_linear_rpo_loss's default wherever a gradient is needed).
     Mutation("fwdgrad_onehot_missing", FWDGRAD, ((
-        "logits.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot", "pass"),),
+        "probs.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot", "pass"),),
         "fwdgrad: the target's one-hot left out of the gradient"),
     Mutation("fwdgrad_ignored_tokens_get_gradient", FWDGRAD, ((
         "g = g.float().masked_fill(~counted, 0.0)", "g = g.float()"),),
@@ -131,8 +131,14 @@ MUTATIONS = [
     Mutation("fwdgrad_bias_gradient_dropped", FWDGRAD, ((
         "db32 += dlogits.sum(0, dtype=torch.float32)", "db32 += 0"),), "fwdgrad: bias gradient left at zero"),
     Mutation("fwdgrad_lse_off_by_constant", FWDGRAD, ((
-        "logits[rows].sub_(lse[rows, None]).exp_()", "logits[rows].sub_(lse[rows, None] - 0.01).exp_()"),),
-        "fwdgrad: softmax from a logsumexp off by 0.01"),
+        "lse = row_max + row_sum.log()", "lse = row_max + row_sum.log() - 0.01"),),
+        "fwdgrad: log-probs from a logsumexp off by 0.01"),
+    Mutation("fwdgrad_softmax_unnormalized", FWDGRAD, ((
+        "block.div_(row_sum[rows, None])", "pass"),),
+        "fwdgrad: the gradient from exp(logits - max), not normalized to the softmax"),
+    Mutation("fwdgrad_recomputed_piece_raw_logits", FWDGRAD, ((
+        "                passes.row_logprobs(logits, t[piece], ignore_index)\n", ""),),
+        "fwdgrad: a recomputed piece of a long pair handed to the gradient pass as raw logits"),
     Mutation("fwdgrad_grad_output_ignored", FWDGRAD, ((
         "unit = bool(grad_output == 1)", "unit = True"),),
         "fwdgrad: the stored gradients are not scaled by the loss's upstream gradient"),
