@@ -90,7 +90,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides num_epochs
     mixed_precision: str = "no"  # no | bf16 (autocast; the fused head then runs in bf16)
     seed: int = 0
-    deterministic: bool = False  # torch.use_deterministic_algorithms + the torch head (exact CPU resume needs neither)
+    deterministic: bool = False  # torch.use_deterministic_algorithms, no atomic head backward (exact CPU resume needs neither)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/Inf loss or gradient
     # --- output ---
     output_dir: str = "outputs/run"
@@ -116,9 +116,10 @@ class TrainConfig:
         return optim.parse_mode(self.optimizer)[1]
 
     def head_impl(self) -> str:
-        """The fused head's `impl`: "auto" means "torch" under `deterministic` (the Triton backward accumulates
-        with atomics, whose order varies from run to run)."""
-        return "torch" if self.deterministic and self.impl == "auto" else self.impl
+        """The fused head's `impl` (its forward). Deterministic in every choice: the Triton forward combines
+        its vocabulary splits in a fixed order; only `head_backward: atomic` is not (refused under
+        `deterministic`)."""
+        return self.impl
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError naming the key, the expected values and the value given."""
@@ -155,9 +156,6 @@ class TrainConfig:
             _require("lora_target_modules", bool(self.lora_target_modules) and all(
                 all(part.isidentifier() for part in name.split(".")) for name in self.lora_target_modules),
                 "'all-linear' or module names like q_proj,v_proj", self.lora_target_modules)
-        if self.deterministic and self.impl == "triton":
-            raise ValueError("impl: expected 'auto' or 'torch' with deterministic=true (the Triton backward "
-                             "accumulates with atomics, whose order varies from run to run), got 'triton'")
         if self.deterministic and self.head_backward == "atomic":
             raise ValueError("head_backward: expected 'auto', 'fwdgrad' or 'recompute' with deterministic=true (the "
                              "atomic backward's accumulation order varies from run to run), got 'atomic'")

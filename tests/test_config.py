@@ -114,14 +114,16 @@ def test_optimizer_modes_of_the_trainer():
         load_config(None, {"optimizer_compile": True})
 
 
-def test_deterministic_runs_use_the_torch_head():
+def test_deterministic_runs_refuse_only_the_atomic_head_backward():
     from rpo_fast.config import load_config
 
-    assert load_config(None, {"deterministic": True}).head_impl() == "torch"
-    assert load_config(None, {"deterministic": False}).head_impl() == "auto"
-    assert load_config(None, {"deterministic": True, "impl": "dense"}).head_impl() == "dense"
-    with pytest.raises(ValueError, match="impl: expected 'auto' or 'torch' with deterministic=true"):
-        load_config(None, {"deterministic": True, "impl": "triton"})
+    # The forward (any impl) and the fwdgrad / recompute backwards are deterministic: nothing is overridden.
+    for impl in ("auto", "triton", "torch", "dense"):
+        assert load_config(None, {"deterministic": True, "impl": impl}).head_impl() == impl
+    for backward in ("auto", "fwdgrad", "recompute"):
+        assert load_config(None, {"deterministic": True, "head_backward": backward}).head_backward == backward
+    with pytest.raises(ValueError, match="head_backward: expected 'auto', 'fwdgrad' or 'recompute' with deterministic"):
+        load_config(None, {"deterministic": True, "head_backward": "atomic"})
 
 
 def test_every_lora_target_must_name_a_module():
