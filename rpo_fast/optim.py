@@ -261,10 +261,13 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                        bias_correction2_sqrt=math.sqrt(1 - beta2 ** state["step"]),
                        weight_update=self.weight_update, stochastic_states=self.state_rounding == "stochastic",
                        generator=self._generator(p.device))
+        # FSDP2 parameters, their gradients and the states made like them are DTensors: the update is
+        # elementwise, so each rank updates its own shard (torch ops would refuse DTensors mixed with the
+        # rounding noise, a plain tensor).
+        p, grad = _local_shard(p), _local_shard(p.grad).reshape(-1)
         work = p.view(-1) if p.is_contiguous() else p.detach().clone(memory_format=torch.contiguous_format).view(-1)
-        grad = p.grad.reshape(-1)
-        m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        comp = state["compensation"].view(-1) if compensated else None
+        m, v = _local_shard(state["exp_avg"]).view(-1), _local_shard(state["exp_avg_sq"]).view(-1)
+        comp = _local_shard(state["compensation"]).view(-1) if compensated else None
         for start in range(0, work.numel(), self.chunk_elements):
             rows = slice(start, start + self.chunk_elements)
             w_new, comp_new, m_new, v_new = self._update(
@@ -275,6 +278,11 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             del w_new, comp_new, m_new, v_new
         if not p.is_contiguous():
             p.copy_(work.view_as(p))
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (shares its storage); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @functools.lru_cache(maxsize=1)
