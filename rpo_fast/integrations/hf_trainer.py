@@ -272,7 +272,7 @@ def rpo_compute_loss(
 
     Reference, first that applies: `inputs["ref_chosen_logps"]` / `["ref_rejected_logps"]` (precomputed,
     [B] each); `ref_model` (no grad); a PEFT `model` with its adapter disabled; none if `reference_free`.
-    It runs first: `rpo_fast.fused_linear_rpo_loss`, inside the policy's forward, takes its log-probs as an input.
+    The reference runs first: its log-probs are an input of the policy's `rpo_fast.fused_linear_rpo_loss`.
 
     Args:
         head_backward: `fused_linear_rpo_loss`'s `backward`. "auto" (with grad mode on) forms the gradient in
