@@ -4,7 +4,7 @@ The forward processes tokens in chunks so that at most a [rows, V] block of fp32
 keeps only the per-token logsumexp; the backward recomputes each block's logits from it and forms
 `dlogits = g * (onehot - softmax)` in place. Same contract as `rpo_fast.kernels.linear_logprobs_fwd` /
 `linear_logprobs_bwd`. The default on CPU, the fallback where Triton is unavailable, and on CUDA the exact
-backward for callers whose upstream gradient arrives only in backward (TRL, HF Trainer).
+backward for callers whose upstream gradient arrives only in backward (TRL).
 
 Products (`rpo_fast.gemm`): on CUDA every head GEMM is a bf16/fp16 tensor-core GEMM with fp32
 accumulation (no fp32 x fp32 SGEMM): logits come out in fp32, so the log-softmax never sees logits rounded

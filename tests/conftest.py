@@ -51,3 +51,22 @@ class LargestTensorRecorder(OutputRecorder):
             if (isinstance(t, torch.Tensor) and (self.dim_size is None or self.dim_size in t.shape)
                     and t.numel() > self.largest[0]):
                 self.largest = (t.numel(), tuple(t.shape), str(func))
+
+
+class HeadMatmulCounter(LargestTensorRecorder):
+    """Records every matrix product one of whose operands has a dimension of size `vocab` (the LM head's
+    products), by output shape, plus the largest tensor created."""
+
+    PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.addmm_.default", "aten.bmm.default",
+                "aten.matmul.default", "aten.mm.dtype", "aten.addmm.dtype", "aten.mm.out", "aten.addmm.out"}
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.products = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if str(func) in self.PRODUCTS and any(isinstance(a, torch.Tensor) and self.vocab in a.shape for a in args):
+            self.products.append(tuple(out.shape))
+        return out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rpo_fast
-from conftest import LargestTensorRecorder
+from conftest import HeadMatmulCounter, LargestTensorRecorder
 from rpo_fast import chunked, fwdgrad
 from rpo_fast.memory_plan import OutputRecorder
 from rpo_reference_math import logprobs64, random_pairs, rpo64
@@ -218,25 +218,6 @@ def test_linear_logprobs_backward_keyword():
 # --- the forward-time-gradient path's cost ---
 
 
-class HeadMatmulCounter(LargestTensorRecorder):
-    """Records every matrix product one of whose operands has a vocabulary-sized dimension, by output shape,
-    plus the largest tensor created."""
-
-    PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.addmm_.default", "aten.bmm.default",
-                "aten.matmul.default", "aten.mm.dtype", "aten.addmm.dtype", "aten.mm.out", "aten.addmm.out"}
-
-    def __init__(self):
-        super().__init__()
-        self.products = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in self.PRODUCTS and any(isinstance(a, torch.Tensor) and V in a.shape for a in args):
-            out = super().__torch_dispatch__(func, types, args, kwargs)
-            self.products.append(tuple(out.shape))
-            return out
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
 @pytest.mark.parametrize("backward", ["fwdgrad", "recompute"])
 def test_head_matmuls_per_chunk(backward, monkeypatch):
     """fwdgrad: per chunk of pairs, one logits product [C, V], one dhidden [C, H], one dweight [V, H], all in
@@ -250,10 +231,10 @@ def test_head_matmuls_per_chunk(backward, monkeypatch):
     chunks = fwdgrad.plan_chunks(cu.tolist(), rows)
     assert len(chunks) >= 2 and all(c.rows <= rows for c in chunks)
     row_chunks = [(min(rows, n - a), V) for a in range(0, n, rows)]  # the op's chunks of rows
-    with HeadMatmulCounter() as forward:
+    with HeadMatmulCounter(V) as forward:
         out = rpo_fast.fused_linear_rpo_loss(*leaves[:2], targets, cu, bias=leaves[2], **ref, backward=backward,
                                              chunk_tokens=rows)
-    with HeadMatmulCounter() as backward_pass:
+    with HeadMatmulCounter(V) as backward_pass:
         out.loss.backward()
     if backward == "fwdgrad":
         policy = [(c.rows, V) for c in chunks] + [(c.rows, H) for c in chunks] + [(V, H)] * len(chunks)

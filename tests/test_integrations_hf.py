@@ -1,16 +1,21 @@
 """RPOTrainerMixin on transformers.Trainer: a few steps match a dense full-logits Trainer computing the same
 RPO loss, for each reference source and SFT normalization, and the fused path never builds [tokens, V] logits."""
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
+import rpo_fast.attention  # noqa: E402
 import rpo_fast.chunked  # noqa: E402
+from rpo_fast import RPOOutput, rpo_loss  # noqa: E402
 from rpo_fast.integrations.hf_trainer import (  # noqa: E402
-    PreferenceCollator, RPOArguments, RPOTrainerMixin, rpo_compute_loss, sequence_logps)
-from conftest import LargestTensorRecorder  # noqa: E402
+    PreferenceCollator, RPOArguments, RPOTrainerMixin, chosen_token_count, head_layout, rpo_compute_loss,
+    sequence_logps)
+from rpo_fast.loss import reweighted_loss  # noqa: E402
+from conftest import HeadMatmulCounter, LargestTensorRecorder, assert_close  # noqa: E402
 
 VOCAB, HIDDEN, PAD = 211, 32, 0
 # Tolerances from measured run-to-run spread (tools/trainer_spread.py), not from one machine. Plain SGD: Adam's
@@ -202,17 +207,117 @@ def test_missing_reference_is_an_error():
         rpo_compute_loss(model, {k: v[:3] for k, v in batch.items()}, reference_free=True)
 
 
+@pytest.mark.parametrize("kwargs, name", [(dict(head_backward="fast"), "head_backward"),
+                                         (dict(impl="dense", head_backward="fwdgrad"), "head_backward"),
+                                         (dict(head_chunk_tokens=0), "head_chunk_tokens")])
+def test_bad_head_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        RPOArguments(**kwargs)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_fused_path_never_builds_full_logits(packed, monkeypatch):
     chunk = 8
-    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", chunk * VOCAB)  # 8-token tiles
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", chunk * VOCAB)  # 8-token tiles for the reference
     model, ref_model = _tiny_llama(), _tiny_llama().eval()
     batch = PreferenceCollator(pad_token_id=PAD)(_examples(6, torch.Generator().manual_seed(5)))
     n_resp = int((batch["labels"][:, 1:] != -100).sum())
     assert n_resp > HIDDEN  # so [N_resp, V] logits would outsize the [V, H] head itself
     with LargestTensorRecorder(dim_size=VOCAB) as rec:
-        rpo_compute_loss(model, batch, ref_model=ref_model, packed=packed).loss.backward()
+        rpo_compute_loss(model, batch, ref_model=ref_model, packed=packed, head_chunk_tokens=chunk).loss.backward()
     assert rec.largest[0] <= VOCAB * HIDDEN, rec.largest  # nothing larger than the head weight / its grad
     with LargestTensorRecorder(dim_size=VOCAB) as dense:
         _dense_rpo_loss(model, ref_model, batch, RPOArguments()).backward()
     assert dense.largest[0] >= n_resp * VOCAB  # the recorder does see full logits when they exist
+
+
+# --- the policy's loss through fused_linear_rpo_loss (forward-time gradients) against the old path ---
+
+
+def _old_rpo_compute_loss(model, batch, ref_model, nll_weight, args: RPOArguments):
+    """rpo_compute_loss as it was before the fused loss: the policy's per-token log-probs through
+    `linear_logprobs` (recompute backward), the reference after them, then `rpo_loss`, then the weighting."""
+    layout = dict(packed=args.packed, share_prompt=args.share_prompt)
+    logps, counts = sequence_logps(model, batch, **layout)
+    with torch.no_grad():
+        if ref_model is None:  # PEFT: the adapter disabled is the reference
+            with model.disable_adapter():
+                ref = sequence_logps(model, batch, **layout)[0]
+        else:
+            ref = sequence_logps(ref_model, batch, **layout)[0]
+    out = rpo_loss(logps, ref, counts, beta=args.beta, alpha=args.alpha, sft_norm=args.sft_norm)
+    return out._replace(loss=reweighted_loss(out, 1.0, nll_weight))
+
+
+def _layout_model(layout, reference):
+    """A tiny Llama with an LM-head bias, on the attention the layout needs, and its reference (None: PEFT)."""
+    model = _tiny_llama()
+    if layout == "shared":
+        model.set_attn_implementation(rpo_fast.attention.register())
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 0.5)
+    if reference == "peft":
+        return _peft_model(model), None
+    ref_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # a reference unlike the policy
+    return model, ref_model
+
+
+@pytest.mark.parametrize("reference", ["ref_model", "peft"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_fused_loss_equals_the_old_path(layout, reference):
+    """Two micro-batches of one token-mean step (each NLL weighted by its share of the step's chosen tokens, as
+    RPOTrainerMixin.compute_loss does): the default head (forward-time gradients inside the model's forward) gives
+    the old path's per-pair log-probs, loss terms and every parameter gradient, fp32."""
+    model, ref_model = _layout_model(layout, reference)
+    old_model = copy.deepcopy(model)
+    old_ref = None if ref_model is None else copy.deepcopy(ref_model)
+    args = RPOArguments(beta=0.2, alpha=0.7, packed=layout != "padded", share_prompt=layout == "shared")
+    collate = PreferenceCollator(pad_token_id=PAD, padding_side="left" if layout == "padded" else "right")
+    batches = [collate(_examples(n, torch.Generator().manual_seed(11 + n))) for n in (3, 2)]
+    if layout == "shared":  # the batches really run as shared-prompt rows
+        shapes = [head_layout(model, b, packed=True, share_prompt=True)[0]["input_ids"].shape[1] for b in batches]
+        assert shapes < [int(b["attention_mask"].sum()) for b in batches]
+    step_tokens = sum(int(chosen_token_count(b)) for b in batches)
+    for batch in batches:
+        nll_weight = float(chosen_token_count(batch)) * len(batches) / step_tokens
+        new = rpo_compute_loss(model, batch, ref_model=ref_model, nll_weight=nll_weight, **asdict(args))
+        old = _old_rpo_compute_loss(old_model, batch, old_ref, nll_weight, args)
+        for name in RPOOutput._fields:
+            assert_close(getattr(new, name), getattr(old, name), atol=1e-6, rtol=1e-5, name=name)
+        (new.loss / len(batches)).backward()
+        (old.loss / len(batches)).backward()
+    grads = [(name, p.grad) for name, p in old_model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for _, g in grads)
+    for (name, expected), p in zip(grads, (p for p in model.parameters() if p.requires_grad)):
+        assert_close(p.grad, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("head_backward, products", [("auto", 3), ("recompute", 4)])
+def test_mixin_step_head_matmuls(head_backward, products, tmp_path):
+    """One RPOTrainerMixin step (compute_loss, then backward) runs the policy's LM head as three matrix products,
+    all in forward (logits, dhidden, dweight), where the linear_logprobs path ran four (its backward recomputes
+    the logits). Precomputed reference columns: the count is the policy's alone."""
+    model = _tiny_llama()
+    examples = _examples(3, torch.Generator().manual_seed(5))
+    for ex in examples:
+        ex["ref_chosen_logps"], ex["ref_rejected_logps"] = -30.0, -31.0
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          remove_unused_columns=False, **TRAIN_KW)
+    trainer = RPOTrainer(model=model, args=args, rpo_args=RPOArguments(packed=True, head_backward=head_backward),
+                         data_collator=PreferenceCollator(pad_token_id=PAD))
+    batch = trainer.data_collator(examples)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets before its first step
+    with HeadMatmulCounter(VOCAB) as forward:
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=chosen_token_count(batch))
+    with HeadMatmulCounter(VOCAB) as backward:
+        loss.backward()
+    n_resp = int(batch["labels"][:, 1:].ne(-100).sum())
+    assert len(forward.products) + len(backward.products) == products, (forward.products, backward.products)
+    assert (VOCAB, HIDDEN) in forward.products + backward.products and model.lm_head.weight.grad is not None
+    if head_backward == "auto":
+        assert sorted(forward.products) == sorted([(n_resp, VOCAB), (n_resp, HIDDEN), (VOCAB, HIDDEN)])
+        assert backward.products == []

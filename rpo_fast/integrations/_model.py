@@ -1,14 +1,16 @@
-"""Model plumbing shared by the integrations: the LM head's parameters and logit scale, the fused head on
-gathered response rows, and a chunked no-grad pass for the logging statistics.
+"""Model plumbing shared by the integrations: the LM head's parameters and logit scale, the fused head (log-probs,
+or the whole RPO loss) on gathered response rows, and a chunked no-grad pass for the logging statistics.
 
-None of these functions build the [tokens, V] logits: the head runs through `rpo_fast.linear_logprobs`
-(tiles of at most [chunk, V]), and the statistics pass walks the rows in chunks of `metrics_chunk_rows`.
+None of these functions build the [tokens, V] logits: the head runs through `rpo_fast.linear_logprobs` or
+`rpo_fast.fused_linear_rpo_loss` (chunks of at most [chunk, V]), and the statistics pass walks the rows in
+chunks of `metrics_chunk_rows`.
 """
 from __future__ import annotations
 
 import torch
 
 from ..logprobs import linear_logprobs
+from ..loss import RPOOutput, fused_linear_rpo_loss
 
 try:
     from torch.distributed.tensor import DTensor
@@ -98,6 +100,19 @@ def head_logprobs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     with torch.autocast(rows.device.type, enabled=False):  # the op picks its own accumulation dtypes
         return linear_logprobs(rows, weight, targets, bias, impl=impl)
+
+
+def head_rpo_loss(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                  cu_seqlens: torch.Tensor, **loss_options) -> RPOOutput:
+    """`rpo_fast.fused_linear_rpo_loss` on gathered rows: the RPO loss of 2B sequences, the head fused in.
+
+    Args:
+        rows: [N, H], weight: [V, H], bias: [V] or None, one dtype (`prepare_head_inputs`).
+        targets: [N] int64, all scored. cu_seqlens: [2B+1] int32 sequence boundaries in rows (chosen first).
+        loss_options: the op's keywords (beta, alpha, ..., ref_logps, impl, backward, pair_weight, nll_weight).
+    """
+    with torch.autocast(rows.device.type, enabled=False):  # the op picks its own accumulation dtypes
+        return fused_linear_rpo_loss(rows, weight, targets, cu_seqlens, bias=bias, **loss_options)
 
 
 @torch.no_grad()

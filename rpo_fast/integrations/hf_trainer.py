@@ -5,16 +5,20 @@ Batch format (what `PreferenceCollator` builds; the usual padded DPO batch): `in
 `labels` HF-style (aligned with input_ids, -100 on prompt and padding, shifted inside). Optional
 `ref_chosen_logps`, `ref_rejected_logps`: [B] precomputed summed reference log-probs.
 
-The loss is `rpo_fast.rpo_loss` (formulas in `rpo_fast.loss`):
+The loss is RPO (formulas in `rpo_fast.loss`):
 
     loss = mean_i l(z_i) + alpha * NLL,   z_i = beta * ((s_i - s_i^ref) - (s_{B+i} - s_{B+i}^ref))
     sft_norm="token_mean" (default; TRL's "sft", Liger):  NLL = -(sum_i s_i) / (sum_i n_i)
     sft_norm="sum"        (the paper's main form, alpha = eta * beta):  NLL = mean_i(-s_i)
     sft_norm="seq_mean"   (the paper's appendix, OpenRLHF nll_loss_coef):  NLL = mean_i(-s_i / n_i)
 
-Log-probs come from the model's backbone plus `rpo_fast.linear_logprobs` on the response positions only,
-run inside the model's forward (so a DDP wrapper sees the LM head used in its forward); the [tokens, V] logits
-never exist. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
+The policy's loss is `rpo_fast.fused_linear_rpo_loss` on the response positions only, run inside the model's
+forward (so a DDP/FSDP wrapper sees the LM head used in its forward); the [tokens, V] logits never exist. Its
+default `head_backward="auto"` forms the gradient in that forward (`rpo_fast.fwdgrad`: three head GEMMs per
+token, no recompute; `loss.backward()` only scales the stored gradients), which needs the reference log-probs
+and the micro-batch's loss weights before the policy runs: the reference goes first (forward only, through
+`rpo_fast.linear_logprobs`), and the gradient-accumulation weights enter the op as `pair_weight` /
+`nll_weight`. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
 one row, position_ids restarting per sequence, no attention mask. transformers reads the sequence boundaries
 from those position_ids (tested: eager and sdpa, transformers 5.24; flash_attention_2 does the same by
 design); a model whose attention ignores them must stay padded. With `share_prompt` (default) and a model on
@@ -36,13 +40,13 @@ import types
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice
-from ..loss import RPOOutput, reweighted_loss, rpo_loss, segment_sum
-from ._model import head_logprobs, head_of, logit_scale_of, prepare_head_inputs
+from ..checks import HEAD_BACKWARDS, IMPLS, LOSS_TYPES, SFT_NORMS, check_choice
+from ..loss import RPOOutput, segment_sum
+from ._model import head_logprobs, head_of, head_rpo_loss, logit_scale_of, prepare_head_inputs
 from .padded import pack_padded_pairs, pairs_from_padded
 
 
@@ -59,12 +63,21 @@ class RPOArguments:
     packed: bool = False  # drop the padding before the backbone
     share_prompt: bool = True  # packed: each pair's prompt once, where the model's attention can (docstring)
     reference_free: bool = False  # allow running with no reference at all (s^ref = 0)
-    impl: str = "auto"  # rpo_fast.linear_logprobs backend
+    impl: str = "auto"  # the head's forward kernels (rpo_fast.fused_linear_rpo_loss's impl)
+    head_backward: str = "auto"  # fused_linear_rpo_loss's backward: "auto" forms the gradient in forward
+    head_chunk_tokens: int | None = None  # its chunk_tokens: rows per fwdgrad chunk; None: what fits a logits budget
 
     def __post_init__(self):
         check_choice("sft_norm", self.sft_norm, SFT_NORMS)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("impl", self.impl, IMPLS)
+        check_choice("head_backward", self.head_backward, HEAD_BACKWARDS)
+        if self.impl == "dense" and self.head_backward != "auto":
+            raise ValueError(f"head_backward: expected 'auto' with impl='dense' (autograd through the full logits), "
+                             f"got {self.head_backward!r}")
+        chunk = self.head_chunk_tokens
+        if chunk is not None and (type(chunk) is not int or chunk < 1):
+            raise ValueError(f"head_chunk_tokens: expected None or an int >= 1, got {self.head_chunk_tokens!r}")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -81,15 +94,29 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the patched module
 
 
-def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
-    """Makes `model(..., rpo_fast_shift_labels=sl)` return the fused head's log-probs instead of logits.
+class HeadRequest(NamedTuple):
+    """What the installed head forward computes from the backbone's last hidden states `hidden` [R, T, H].
 
-    `sl` [R, T] int64 holds at position t the token to score from position t (already shifted), -100
-    elsewhere; the call returns [N] float32 log-probs of the scored positions in row-major order, differentiable
-    and computed inside forward. `rpo_fast_rows=(index [N], targets [N])` instead scores row 0's positions
-    `index` (which may repeat, as in a shared-prompt row) against `targets`, in that order. Without either
-    keyword the model's previous forward runs. Installs on the unwrapped causal LM (the base model under
-    PEFT); installing again only updates `impl`.
+    The head's rows are `hidden.flatten(0, 1)[index]`, sequence after sequence (the 2B sequences of B pairs,
+    chosen first); a position may repeat (in a shared-prompt row the prompt's last token scores both responses).
+    """
+
+    index: torch.Tensor  # [N] int64 positions in the flattened [R * T] hidden states
+    targets: torch.Tensor  # [N] int64 the token scored at each row
+    cu_seqlens: torch.Tensor  # [2B+1] int32: sequence j's rows are index[cu_seqlens[j]:cu_seqlens[j+1]]
+    loss: dict[str, Any] | None = None  # fused_linear_rpo_loss's keywords; None: per-token log-probs only
+
+
+def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
+    """Makes `model(..., rpo_fast_head=HeadRequest(...))` run the fused head instead of returning logits.
+
+    The backbone runs on the other keywords; then the head reads the request's rows of its last hidden states.
+    With `request.loss` (the keywords of `rpo_fast.fused_linear_rpo_loss`: beta, ..., ref_logps, backward,
+    pair_weight, nll_weight) the call returns that op's `RPOOutput`; without, the rows' log-probs [N] float32
+    (`rpo_fast.linear_logprobs`). Differentiable either way, and computed inside forward: a DDP/FSDP wrapper
+    sees the LM head used in the forward it wraps, which its gradient hooks and parameter gathering rely on.
+    Without the keyword the model's previous forward runs. Installs on the unwrapped causal LM (the base model
+    under PEFT); installing again only updates `impl` (the head's forward kernels).
     """
     check_choice("impl", impl, IMPLS)
     target = _causal_lm(model)
@@ -97,24 +124,29 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
     previous = getattr(target.forward, "_rpo_fast_previous", target.forward)
 
     @functools.wraps(type(target).forward)  # generate() validates its kwargs against the original signature
-    def _rpo_fast_forward(self, *args, rpo_fast_shift_labels=None, rpo_fast_rows=None, **kwargs):
-        if rpo_fast_shift_labels is None and rpo_fast_rows is None:
+    def _rpo_fast_forward(self, *args, rpo_fast_head: HeadRequest | None = None, **kwargs):
+        if rpo_fast_head is None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False  # with the cache on, transformers ignores packed position_ids
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         weight, bias, scale = head_of(self)
-        if rpo_fast_rows is not None:  # (row index [N], targets [N]) of a one-row batch; rows may repeat
-            index, targets = (t.to(weight.device) for t in rpo_fast_rows)
-            picked = hidden.to(weight.device)[0, index]
-        else:
-            labels = rpo_fast_shift_labels.to(weight.device)
-            scored = labels != -100
-            picked, targets = hidden.to(weight.device)[scored], labels[scored]
-        rows, weight, bias = prepare_head_inputs(picked, weight, bias, scale=scale)
-        return head_logprobs(rows, weight, bias, targets, impl=impl)
+        request = _on_device(rpo_fast_head, weight.device)
+        rows = hidden.to(weight.device).flatten(0, 1)[request.index]
+        rows, weight, bias = prepare_head_inputs(rows, weight, bias, scale=scale)
+        if request.loss is None:
+            return head_logprobs(rows, weight, bias, request.targets, impl=impl)
+        return head_rpo_loss(rows, weight, bias, request.targets, request.cu_seqlens, impl=impl, **request.loss)
 
     _rpo_fast_forward._rpo_fast_previous = previous
     target.forward = types.MethodType(_rpo_fast_forward, target)
+
+
+def _on_device(request: HeadRequest, device: torch.device) -> HeadRequest:
+    def move(value):
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    loss = None if request.loss is None else {k: move(v) for k, v in request.loss.items()}
+    return HeadRequest(*(move(t) for t in request[:3]), loss=loss)
 
 
 def _is_installed(model: torch.nn.Module) -> bool:
@@ -135,6 +167,21 @@ def _check_batch(inputs: dict[str, Any]) -> tuple[int, int]:
     return shape
 
 
+def _next_token_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[R, T]: at position t the label that position t predicts (labels[:, t + 1]), -100 where t scores nothing
+    (the predicting position must be a real token)."""
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted.masked_fill(~attention_mask.bool(), -100)
+
+
+def chosen_token_count(inputs: dict[str, Any]) -> torch.Tensor:
+    """The scored tokens of a padded batch's chosen rows (int64 scalar): `sum(RPOOutput.chosen_token_counts)`
+    of every layout, computed without running the model."""
+    n_pairs = inputs["labels"].shape[0] // 2
+    return (_next_token_labels(inputs["labels"], inputs["attention_mask"])[:n_pairs] != -100).sum()
+
+
 def _shared_prompt_batch(model: torch.nn.Module, input_ids, attention_mask, labels):
     """The shared-prompt PackedBatch of a padded batch, or None (unshared) when the model or the batch cannot."""
     from ..modeling import shared_prompt_unsupported
@@ -142,15 +189,50 @@ def _shared_prompt_batch(model: torch.nn.Module, input_ids, attention_mask, labe
 
     reason = shared_prompt_unsupported(_causal_lm(model))
     if reason is not None:
-        warnings.warn(f"share_prompt: packing unshared: {reason}", stacklevel=4)
+        warnings.warn(f"share_prompt: packing unshared: {reason}", stacklevel=5)
         return None
     examples = pairs_from_padded(input_ids, attention_mask, labels)
     return None if examples is None else pack_pairs(examples, share_prompt=True).to(input_ids.device)
 
 
+def head_layout(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool = False,
+                share_prompt: bool = False) -> tuple[dict[str, Any], HeadRequest]:
+    """(the backbone's keyword arguments, the head's rows) of a padded preference batch (`sequence_logps`'s
+    arguments): padded rows, one packed row, or one shared-prompt row where `model` and the batch allow it."""
+    input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    shared = _shared_prompt_batch(model, input_ids, attention_mask, labels) if packed and share_prompt else None
+    if shared is not None:
+        return ({"input_ids": shared.input_ids, "position_ids": shared.position_ids, **shared.attention_kwargs()},
+                HeadRequest(shared.response_index, shared.targets, shared.response_cu_seqlens))
+    if packed:
+        p = pack_padded_pairs(input_ids, attention_mask, labels)
+        return ({"input_ids": p.input_ids, "position_ids": p.position_ids},
+                HeadRequest(p.response_index, p.targets, p.response_cu_seqlens))
+    next_labels = _next_token_labels(labels, attention_mask)
+    scored = next_labels != -100
+    cu_seqlens = torch.zeros(labels.shape[0] + 1, dtype=torch.int32, device=labels.device)
+    cu_seqlens[1:] = scored.sum(1).cumsum(0)
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # right or left padding
+    return ({"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids},
+            HeadRequest(scored.flatten().nonzero().squeeze(1), next_labels[scored], cu_seqlens))
+
+
+def _run_head(model: torch.nn.Module, inputs: dict[str, Any], loss: dict[str, Any] | None, *, packed: bool,
+              impl: str, share_prompt: bool):
+    """(the installed forward's result, its HeadRequest) on a padded batch; installs the forward on first use."""
+    _check_batch(inputs)
+    if not _is_installed(model):
+        install_head_forward(model, impl)
+    model_inputs, request = head_layout(model, inputs, packed=packed, share_prompt=share_prompt)
+    return model(**model_inputs, rpo_fast_head=request._replace(loss=loss)), request
+
+
 def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool = False,
                    impl: str = "auto", share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every row of a padded preference batch, through the fused head.
+
+    For the reference, evaluation and precomputed columns: differentiable (`rpo_fast.linear_logprobs`,
+    recompute backward), but `rpo_compute_loss` trains through the fused loss instead.
 
     Args:
         model: a causal LM (possibly PEFT-, DDP- or compile-wrapped); the head forward is installed on
@@ -161,30 +243,8 @@ def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bo
     Returns:
         (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of the formulas in `rpo_fast.loss`.
     """
-    _check_batch(inputs)
-    if not _is_installed(model):
-        install_head_forward(model, impl)
-    input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-    shared = _shared_prompt_batch(model, input_ids, attention_mask, labels) if packed and share_prompt else None
-    if shared is not None:
-        lp = model(input_ids=shared.input_ids, position_ids=shared.position_ids,
-                   rpo_fast_rows=(shared.response_index, shared.targets), **shared.attention_kwargs())
-        lengths = shared.response_cu_seqlens.diff().long()
-    elif packed:
-        p = pack_padded_pairs(input_ids, attention_mask, labels)
-        shift_labels = torch.full_like(p.input_ids, -100)
-        shift_labels[0, p.response_index] = p.targets
-        lp = model(input_ids=p.input_ids, position_ids=p.position_ids, rpo_fast_shift_labels=shift_labels)
-        lengths = p.response_cu_seqlens.diff().long()
-    else:
-        attended = attention_mask.bool()
-        shift_labels = torch.full_like(labels, -100)
-        shift_labels[:, :-1] = labels[:, 1:]
-        shift_labels = shift_labels.masked_fill(~attended, -100)  # the predicting position must be a real token
-        position_ids = (attended.long().cumsum(1) - 1).clamp(min=0)  # right or left padding
-        lp = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   rpo_fast_shift_labels=shift_labels)
-        lengths = (shift_labels != -100).sum(1)
+    lp, request = _run_head(model, inputs, None, packed=packed, impl=impl, share_prompt=share_prompt)
+    lengths = request.cu_seqlens.diff().long()
     return segment_sum(lp, lengths), lengths.float().to(lp.device)
 
 
@@ -203,11 +263,24 @@ def rpo_compute_loss(
     share_prompt: bool = False,
     reference_free: bool = False,
     impl: str = "auto",
+    head_backward: str = "auto",
+    head_chunk_tokens: int | None = None,
+    pair_weight: float = 1.0,
+    nll_weight: float = 1.0,
 ) -> RPOOutput:
     """The RPO loss of one padded preference batch; a `compute_loss` body for any HF-style trainer.
 
     Reference, first that applies: `inputs["ref_chosen_logps"]` / `["ref_rejected_logps"]` (precomputed,
     [B] each); `ref_model` (no grad); a PEFT `model` with its adapter disabled; none if `reference_free`.
+    The reference runs first: its log-probs are an input of the policy's `rpo_fast.fused_linear_rpo_loss`.
+
+    Args:
+        head_backward: `fused_linear_rpo_loss`'s `backward`. "auto" (with grad mode on) forms the gradient in
+            the forward, and then only `loss` is differentiable (the other fields are metrics); "recompute"
+            keeps every field differentiable, at one more head GEMM per token.
+        head_chunk_tokens: its `chunk_tokens` (rows per forward-time-gradient chunk; None: a logits budget).
+        pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
+            micro-batch weights, which must be known in forward); `pref_loss` and `nll` are unweighted.
 
     Returns:
         `rpo_fast.RPOOutput` (loss, pref_loss, nll, per-pair logps, rewards, token counts).
@@ -216,27 +289,28 @@ def rpo_compute_loss(
         ValueError: on a malformed batch, bad options, or no reference without `reference_free=True`.
     """
     n_seqs = _check_batch(inputs)[0]
-    policy_logps, counts = sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)
+    layout = dict(packed=packed, impl=impl, share_prompt=share_prompt)
     if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
         ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
         if ref_logps.shape != (n_seqs,):
             raise ValueError(f"ref_chosen_logps/ref_rejected_logps: expected [B]=[{n_seqs // 2}] each, got "
                              f"{tuple(inputs['ref_chosen_logps'].shape)} and "
                              f"{tuple(inputs['ref_rejected_logps'].shape)}")
-        ref_logps = ref_logps.to(policy_logps.device)
     elif ref_model is not None:
         with torch.no_grad():
-            ref_logps = sequence_logps(ref_model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)[0]
+            ref_logps = sequence_logps(ref_model, inputs, **layout)[0]
     elif hasattr(_unwrap(model), "disable_adapter"):
         with torch.no_grad(), _unwrap(model).disable_adapter():
-            ref_logps = sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)[0]
+            ref_logps = sequence_logps(model, inputs, **layout)[0]
     elif reference_free:
         ref_logps = None
     else:
         raise ValueError("reference: expected ref_chosen_logps/ref_rejected_logps in the batch, a ref_model, a PEFT "
                          "model (adapter disabled = reference) or reference_free=True, got none of them")
-    return rpo_loss(policy_logps, ref_logps, counts, beta=beta, alpha=alpha, sft_norm=sft_norm,
-                    loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)
+    loss = dict(ref_logps=ref_logps, beta=beta, alpha=alpha, sft_norm=sft_norm, loss_type=loss_type,
+                label_smoothing=label_smoothing, average_log_prob=average_log_prob, backward=head_backward,
+                chunk_tokens=head_chunk_tokens, pair_weight=pair_weight, nll_weight=nll_weight)
+    return _run_head(model, inputs, loss, **layout)[0]
 
 
 @dataclass
@@ -278,9 +352,9 @@ class RPOTrainerMixin:
     Extra constructor keywords: `ref_model` (frozen reference; optional with PEFT or precomputed
     `ref_*_logps` columns) and `rpo_args: RPOArguments` (beta, alpha, sft_norm, ...). `compute_loss`
     returns `rpo_compute_loss(...).loss`, a per-micro-batch mean (the Trainer divides it by the gradient
-    accumulation steps); with `sft_norm="token_mean"` the NLL part is reweighted so that the step optimizes
-    the token mean over all its chosen tokens, across micro-batches and processes (TRL and Liger average
-    per micro-batch). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
+    accumulation steps); with `sft_norm="token_mean"` the NLL part is weighted (`nll_weight`) so that the step
+    optimizes the token mean over all its chosen tokens, across micro-batches and processes (TRL and Liger
+    average per micro-batch). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
     rewards/margins, logps/chosen, logps/rejected, plus nll and pref_loss. Formula: the module docstring;
     with the default `sft_norm="token_mean"` it is TRL's `loss_type=["sigmoid", "sft"]`,
     `loss_weights=[1, alpha]`.
@@ -311,22 +385,23 @@ class RPOTrainerMixin:
         own count, every label token, would include the rejected responses.)"""
         if self.rpo_args.sft_norm != "token_mean":
             return super()._get_num_items_in_batch(batch_samples, device)
-        count = sum((b["labels"][: b["labels"].shape[0] // 2, 1:] != -100).sum() for b in batch_samples)
+        count = sum(chosen_token_count(b) for b in batch_samples)
         count = torch.as_tensor(count, device=device).reshape(1)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count)
         return count.sum()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = rpo_compute_loss(model, inputs, ref_model=self.ref_model, **asdict(self.rpo_args))
-        loss = out.loss
+        nll_weight = 1.0
         if self.rpo_args.sft_norm == "token_mean" and num_items_in_batch is not None and model.training:
             # The Trainer divides by the accumulation steps and DDP averages over processes: weighting alpha * nll
             # by this micro-batch's share of the window's chosen tokens makes the step's NLL their token mean,
-            # not a mean of per-micro-batch means.
-            share = (out.chosen_token_counts.sum() * self.current_gradient_accumulation_steps
-                     * self.accelerator.num_processes / num_items_in_batch)
-            loss = reweighted_loss(out, 1.0, share)
+            # not a mean of per-micro-batch means. The weight enters the fused loss, whose gradient is formed in
+            # forward.
+            nll_weight = float(chosen_token_count(inputs) * self.current_gradient_accumulation_steps
+                               * self.accelerator.num_processes / num_items_in_batch)
+        out = rpo_compute_loss(model, inputs, ref_model=self.ref_model, nll_weight=nll_weight,
+                               **asdict(self.rpo_args))
         metrics = self._rpo_metrics["train" if self.model.training else "eval"]
         gather = self.accelerator.gather_for_metrics
         margins = out.chosen_rewards - out.rejected_rewards
@@ -336,7 +411,7 @@ class RPOTrainerMixin:
                             ("logps/rejected", out.rejected_logps.detach()),
                             ("nll", out.nll.detach()[None]), ("pref_loss", out.pref_loss.detach()[None])):
             metrics[name].append(gather(value).mean().item())
-        return (loss, out) if return_outputs else loss
+        return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Preference batches have labels but no logits to return: always the loss only.
