@@ -314,8 +314,13 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
 
 
 @torch.no_grad()
-def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device) -> tuple[float, list[str]]:
+def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device, *,
+                  synced: bool = False) -> tuple[float, list[str]]:
     """Greedy answers to the first `gold_eval_samples` eval prompts, scored by the dataset's gold rule.
+
+    `synced`: every process runs this call on the same prompts (a sharded model's forward is a collective), and
+    generation runs all `gold_max_new_tokens` steps on every process (`synced_gpus`), so none waits for a
+    forward another has stopped making.
 
     Returns (fraction correct, the generated answers)."""
     from .attention import generation_attention
@@ -332,7 +337,7 @@ def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device)
                         device=device)
     with generation_attention(lm):
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.gold_max_new_tokens,
-                             do_sample=False, pad_token_id=pad, use_cache=True)
+                             do_sample=False, pad_token_id=pad, use_cache=True, synced_gpus=synced)
     model.train(was_training)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return sum(gold_reward(rows[ex.index], text) for ex, text in zip(chosen, texts)) / len(chosen), texts
@@ -534,9 +539,10 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         start = time.perf_counter()
         record = {"step": step, **evaluate(model, reference, eval_examples, accelerator, config)}
         if config.gold_eval_samples and eval_rows is not None:
-            if accelerator.is_main_process:
+            sharded = is_sharded(accelerator)  # FSDP: every process must take part in each forward
+            if sharded or accelerator.is_main_process:
                 accuracy, answers = gold_accuracy(accelerator.unwrap_model(model).model, tokenizer, eval_rows,
-                                                  eval_examples, config, accelerator.device)
+                                                  eval_examples, config, accelerator.device, synced=sharded)
                 record["eval/gold_accuracy"] = accuracy
                 for ex, answer in list(zip(eval_examples, answers))[:3]:
                     log(f"  step {step}: {gold_question(eval_rows[ex.index])!r} -> {answer.strip()!r}")

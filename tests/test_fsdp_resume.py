@@ -33,13 +33,13 @@ def common(model_dir, tmp, **extra):
                           eval_file="none", sft_norm="sum", save_every=2, keep_checkpoints=STEPS, **extra)
 
 
-def launch_fsdp(overrides: dict, tmp: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+def launch_fsdp(overrides: dict, tmp: Path, kill_at: int = 0, timeout: float = 600) -> subprocess.CompletedProcess:
     (tmp / "overrides.json").write_text(json.dumps(overrides))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(DRIVER), str(tmp / "overrides.json"), str(kill_at)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
