@@ -276,6 +276,10 @@ class PackedRPOModel(nn.Module):
     nll_weight=1.0) -> RPOOutput`: backbone on the packed row, response rows through the fused head and the
     loss. `loss_options` are the keyword arguments of `fused_linear_rpo_loss` (beta, alpha, sft_norm, ...);
     the weights are a micro-batch's (`loss = pair_weight * pref_loss + nll_weight * alpha * nll`).
+
+    `forward(batch, head_inputs_only=True)` -> `reference_head_inputs(model, batch, dtype)` instead: the LoRA
+    policy with its adapter disabled is the reference, and it must run through the wrapped module's forward
+    too (FSDP2 gathers the root's parameters, the embeddings and the head, in that forward's hook).
     """
 
     def __init__(self, model: nn.Module, **loss_options):
@@ -284,7 +288,10 @@ class PackedRPOModel(nn.Module):
         self.loss_options = loss_options
 
     def forward(self, batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, pair_weight=1.0,
-                nll_weight=1.0) -> RPOOutput:
+                nll_weight=1.0, head_inputs_only=False):
+        if head_inputs_only:  # the adapter-off reference: through this forward, so that a wrapper sees the call
+            return reference_head_inputs(self.model, batch, head_compute_dtype(batch.input_ids.device,
+                                                                               head(self.model)[0].dtype))
         hidden = response_hidden(self.model, batch)
         weight, bias = head(self.model)
         dtype = head_compute_dtype(hidden.device, weight.dtype)

@@ -152,10 +152,16 @@ def build_optimizer(model, config: TrainConfig, steps: int):
 
 
 class Reference:
-    """The reference policy in one of four modes; `inputs(batch)` -> keyword arguments for PackedRPOModel."""
+    """The reference policy in one of four modes; `inputs(batch)` -> keyword arguments for PackedRPOModel.
 
-    def __init__(self, mode: str, *, frozen=None, policy=None, caches: dict[str, ReferenceCache] | None = None):
+    "adapter": `policy` is the LoRA policy, run with its adapter disabled; `wrapped`, once set, is the
+    PackedRPOModel around it as accelerate prepared it, through whose forward the reference then runs (under
+    FSDP only that forward gathers the embeddings and the head)."""
+
+    def __init__(self, mode: str, *, frozen=None, policy=None, caches: dict[str, ReferenceCache] | None = None,
+                 wrapped=None):
         self.mode, self.frozen, self.policy, self.caches = mode, frozen, policy, caches or {}
+        self.wrapped = wrapped
 
     def inputs(self, batch, split: str, autocast) -> dict:
         if self.mode == "none":
@@ -167,9 +173,12 @@ class Reference:
         was_training = model.training
         model.eval()  # the reference never sees dropout
         with adapter_off, autocast(), torch.no_grad():
-            weight = modeling.head(model)[0]
-            dtype = modeling.head_compute_dtype(weight.device, weight.dtype)
-            ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(model, batch, dtype)
+            if self.mode == "adapter" and self.wrapped is not None:
+                ref_hidden, ref_weight, ref_bias = self.wrapped(batch, head_inputs_only=True)
+            else:
+                weight = modeling.head(model)[0]
+                dtype = modeling.head_compute_dtype(weight.device, weight.dtype)
+                ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(model, batch, dtype)
         model.train(was_training)
         return {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
 
@@ -522,6 +531,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     model = modeling.PackedRPOModel(policy, **loss_options)
     optimizer, scheduler = build_optimizer(model, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step
+    if reference.mode == "adapter":
+        reference.wrapped = model
 
     state, resumed_from = TrainState(), None
     if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:

@@ -1,0 +1,48 @@
+"""Training modes under FSDP2 beyond full fine-tuning (2 CPU processes, torchrun, gloo; ~20 s per launch).
+
+A sharded model's forward is a collective: each FSDP unit gathers its weights from every rank in its forward
+hook, the root unit (embeddings, final norm, head) in the wrapped model's. So every process must take part in
+each forward (the gold-rule generations), and the adapter-off reference must run through the wrapped model.
+"""
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from rpo_fast import trainer
+from rpo_fast.config import load_config
+from test_fsdp_resume import launch_fsdp, weights
+from tiny_lm import build_tiny_model_dir, load_json_lines, tiny_overrides
+
+
+def test_eval_and_gold_generations_under_fsdp(tmp_path):
+    model_dir = build_tiny_model_dir(tmp_path / "tiny")
+    (tmp_path / "run").mkdir()
+    overrides = tiny_overrides(model_dir, tmp_path / "run", sft_norm="sum", eval_every=2, gold_eval_samples=2,
+                               gold_max_new_tokens=4)
+    run = launch_fsdp(overrides, tmp_path / "run", timeout=240)  # a hang fails here, not after 10 minutes
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "distributed type DistributedType.FSDP" in run.stdout
+    evals = [r for r in load_json_lines(tmp_path / "run" / "run" / "metrics.jsonl") if "eval/gold_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4], json.dumps(evals)[:2000]
+
+
+def test_lora_with_the_adapter_reference_under_fsdp_equals_one_process(tmp_path):
+    """2 FSDP processes x 1 micro-batch = 1 process x 2 accumulated micro-batches; the merged LoRA weights."""
+    model_dir = build_tiny_model_dir(tmp_path / "tiny")
+    options = dict(finetune="lora", reference="adapter", save_every=0)
+    (tmp_path / "fsdp").mkdir()
+    run = launch_fsdp(tiny_overrides(model_dir, tmp_path / "fsdp", eval_file="none", sft_norm="sum", **options),
+                      tmp_path / "fsdp", timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "distributed type DistributedType.FSDP" in run.stdout
+
+    (tmp_path / "one").mkdir()
+    trainer.train(load_config(None, tiny_overrides(model_dir, tmp_path / "one", eval_file="none", sft_norm="sum",
+                                                   gradient_accumulation_steps=2, **options)))
+    sharded, one = weights(tmp_path / "fsdp" / "run"), weights(tmp_path / "one" / "run")
+    initial = load_file(model_dir / "model.safetensors")
+    assert sharded.keys() == one.keys()
+    assert any(not torch.equal(one[k], t) for k, t in initial.items() if k in one)  # the merged LoRA moved them
+    for name, tensor in one.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
