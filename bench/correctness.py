@@ -1,11 +1,15 @@
-"""Correctness of the fast paths at real sizes against the dense reference, judged relative to the
-same-dtype dense error: `err(impl) <= 2 * err(dense, same dtype) + TOL[dtype]`, with
-`err(x) = ||x - ref|| / ||ref||` and `ref` the dense op in fp32 on the same (upcast) inputs, TF32 off.
+"""Correctness of the fast paths at real sizes, judged relative to the same-dtype dense error:
+`err(path) <= 2 * err(dense, same dtype) + TOL[dtype]`, with `err(x) = ||x - ref|| / ||ref||` and `ref` the
+dense op on the same (upcast) inputs in a higher precision than the one under test (float64 for fp32 inputs,
+fp32 for bf16/fp16), TF32 off.
 
-Checked per shape: the per-token log-probs, dL/dhidden and dL/dweight for a random upstream gradient
-(5% of the targets ignored), and the RPO loss through `fused_linear_rpo_loss` with a reference head.
-On a GPU the path under test is impl="triton"; `python -m bench.run --suite tiny` checks impl="torch" on
-CPU the same way (the tests run the Triton interpreter elsewhere).
+Checked per shape (5% of the targets ignored):
+- `linear_logprobs` (the generic op, impl under test): the per-token log-probs, dL/dhidden and dL/dweight
+  for a random upstream gradient;
+- `fused_linear_rpo_loss` with a reference head, once per head backward ("fwdgrad", the default where a
+  gradient is needed; "recompute"; "atomic" with the Triton kernels): the loss, dL/dhidden and dL/dweight.
+On a GPU the impl under test is "triton"; `python -m bench.run --suite tiny` checks impl="torch" on CPU the
+same way (the tests run the Triton interpreter elsewhere).
 """
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ from typing import Callable
 
 import torch
 
-from rpo_fast import dense_linear_logprobs, fused_linear_rpo_loss, linear_logprobs
+from rpo_fast import dense_linear_logprobs, fused_linear_rpo_loss, linear_logprobs, rpo_loss
 
 from .shapes import PRESETS, Shape
 
 TOL = {torch.bfloat16: 5e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+LOSS_OPTIONS = dict(beta=0.1, alpha=1.0, sft_norm="token_mean")
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -29,17 +34,20 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor, upstream: torch.Tensor):
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
+def _grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype):
+    """(log-probs, dL/dhidden, dL/dweight) of `fn(h, w)` on leaves in `dtype` (the reference's gradients are
+    not rounded to the inputs' dtype)."""
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
     lp = fn(h, w)
-    (lp.float() * upstream).sum().backward()
-    return lp.detach().float(), h.grad.float(), w.grad.float()
+    (lp.to(upstream.dtype) * upstream).sum().backward()
+    return lp.detach(), h.grad, w.grad
 
 
 def check_shape(label: str, shape: Shape, dtype: torch.dtype, device: torch.device, impl: str, *,
                 bias: bool = False, seed: int = 0) -> list[dict]:
-    """Returns rows: rel_err of impl and of same-dtype dense per quantity, and pass (1/0) per quantity."""
+    """Rows of `_judged` for `linear_logprobs` (provider `ours_<impl>`) and for the loss through each head
+    backward (provider `ours_<backward>`)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     n, h, v, pairs = shape
     randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
@@ -50,10 +58,12 @@ def check_shape(label: str, shape: Shape, dtype: torch.dtype, device: torch.devi
     targets[torch.rand(n, generator=gen, device=device) < 0.05] = -100
     upstream = randn(n)
 
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+
     def op(kind):
         def fn(hh, ww):
             if kind == "ref":
-                return dense_linear_logprobs(hh.float(), ww.float(), targets, None if b is None else b.float())
+                return dense_linear_logprobs(hh, ww, targets, None if b is None else b.to(ref_dtype))
             if kind == "dense":
                 return dense_linear_logprobs(hh, ww, targets, b)
             return linear_logprobs(hh, ww, targets, b, impl=impl)
@@ -62,45 +72,83 @@ def check_shape(label: str, shape: Shape, dtype: torch.dtype, device: torch.devi
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        ref = _grads(op("ref"), hidden, weight, upstream)
+        ref = _grads(op("ref"), hidden, weight, upstream.to(ref_dtype), ref_dtype)
         gc.collect()
-        dense = _grads(op("dense"), hidden, weight, upstream)
+        dense = _grads(op("dense"), hidden, weight, upstream, dtype)
         gc.collect()
-        ours = _grads(op("ours"), hidden, weight, upstream)
+        ours = _grads(op("ours"), hidden, weight, upstream, dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    rows = []
-    config = dict(N=n, H=h, V=v, dtype=str(dtype).replace("torch.", ""), bias=bias, label=label, impl=impl,
-                  tol=TOL[dtype])
-    for i, qty in enumerate(("logprobs", "dhidden", "dweight")):
-        e_ours, e_dense = rel_err(ours[i], ref[i]), rel_err(dense[i], ref[i])
-        ok = e_ours <= 2 * e_dense + TOL[dtype]
-        rows += [_row(f"ours_{impl}", f"rel_err_{qty}", e_ours, label, config),
-                 _row("dense", f"rel_err_{qty}", e_dense, label, config),
-                 _row(f"ours_{impl}", f"pass_{qty}", float(ok), label, config)]
+    config = dict(N=n, H=h, V=v, dtype=str(dtype).replace("torch.", ""), ref_dtype=str(ref_dtype)[6:], bias=bias,
+                  label=label, impl=impl, tol=TOL[dtype])
+    rows = _judged(f"ours_{impl}", ("logprobs", "dhidden", "dweight"), ours, dense, ref, dtype, label, config)
     del ref, dense, ours
     gc.collect()
 
-    # The whole loss with a reference head: ours vs dense fp32 on the same inputs.
+    # The whole loss with a reference head, through each head backward: value and gradients.
     lengths = torch.full((2 * pairs,), n // (2 * pairs))
     lengths[-1] += n - int(lengths.sum())
     cu = torch.zeros(2 * pairs + 1, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
     cu = cu.to(device)
     ref_hidden = hidden.roll(1, 0)
-    kw = dict(beta=0.1, alpha=1.0, sft_norm="token_mean")
+
+    def loss_grads(compute_dtype, **options):
+        """(loss, dL/dhidden, dL/dweight): fused_linear_rpo_loss with `options`, or without any the reference."""
+        cast = lambda t: None if t is None else t.detach().to(compute_dtype)  # noqa: E731
+        hh, ww = cast(hidden).requires_grad_(), cast(weight).requires_grad_()
+        args = (hh, ww, targets, cu)
+        ref_head = dict(bias=cast(b), ref_hidden=cast(ref_hidden), ref_weight=cast(weight), ref_bias=cast(b))
+        loss = (fused_linear_rpo_loss(*args, **ref_head, **LOSS_OPTIONS, **options).loss if options
+                else reference_loss(*args, **ref_head))
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = loss_grads(ref_dtype)
+        gc.collect()
+        dense = loss_grads(dtype, impl="dense")
+        gc.collect()
+        for backward in loss_backwards(impl):
+            ours = loss_grads(dtype, impl=impl, backward=backward)
+            rows += _judged(f"ours_{backward}", ("loss", "loss_dhidden", "loss_dweight"), ours, dense, ref, dtype,
+                            label, dict(config, backward=backward))
+            del ours
+            gc.collect()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return rows
+
+
+def reference_loss(hidden, weight, targets, cu_seqlens, *, bias, ref_hidden, ref_weight, ref_bias) -> torch.Tensor:
+    """The RPO loss (`LOSS_OPTIONS`) through the dense head, in the inputs' dtype (float64 too): per-token
+    log-probs, per-sequence sums, then `rpo_loss`'s formulas."""
+    seq = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=targets.device),
+                                  cu_seqlens.diff().long())
+
+    def sums(x):
+        return torch.zeros(cu_seqlens.numel() - 1, dtype=x.dtype, device=x.device).index_add(0, seq, x)
+
+    policy = sums(dense_linear_logprobs(hidden, weight, targets, bias))
     with torch.no_grad():
-        loss_ref = fused_linear_rpo_loss(hidden.float(), weight.float(), targets, cu, bias=None if b is None else b.float(),
-                                         ref_hidden=ref_hidden.float(), ref_weight=weight.float(),
-                                         ref_bias=None if b is None else b.float(), impl="dense", **kw).loss
-        loss_ours = fused_linear_rpo_loss(hidden, weight, targets, cu, bias=b, ref_hidden=ref_hidden, ref_weight=weight,
-                                          ref_bias=b, impl=impl, **kw).loss
-        loss_dense = fused_linear_rpo_loss(hidden, weight, targets, cu, bias=b, ref_hidden=ref_hidden,
-                                           ref_weight=weight, ref_bias=b, impl="dense", **kw).loss
-    e_ours, e_dense = rel_err(loss_ours, loss_ref), rel_err(loss_dense, loss_ref)
-    rows += [_row(f"ours_{impl}", "rel_err_loss", e_ours, label, config),
-             _row("dense", "rel_err_loss", e_dense, label, config),
-             _row(f"ours_{impl}", "pass_loss", float(e_ours <= 2 * e_dense + TOL[dtype]), label, config)]
+        reference = sums(dense_linear_logprobs(ref_hidden, ref_weight, targets, ref_bias))
+    return rpo_loss(policy, reference, sums((targets != -100).to(hidden.dtype)), **LOSS_OPTIONS).loss
+
+
+def loss_backwards(impl: str) -> tuple[str, ...]:
+    """The head backwards checked through the loss: the atomic kernel only where the Triton kernels run."""
+    return ("fwdgrad", "recompute", "atomic") if impl == "triton" else ("fwdgrad", "recompute")
+
+
+def _judged(provider, quantities, ours, dense, ref, dtype, label, config) -> list[dict]:
+    """Rows: rel_err of `provider` and of same-dtype dense per quantity, and pass (1/0) per quantity."""
+    rows = []
+    for q, x, d, r in zip(quantities, ours, dense, ref):
+        e_ours, e_dense = rel_err(x, r), rel_err(d, r)
+        rows += [_row(provider, f"rel_err_{q}", e_ours, label, config),
+                 _row("dense", f"rel_err_{q}", e_dense, label, config),
+                 _row(provider, f"pass_{q}", float(e_ours <= 2 * e_dense + TOL[dtype]), label, config)]
     return rows
 
 
@@ -145,10 +193,11 @@ def run_checks(device: torch.device, dtype: torch.dtype, impl: str, checks, emit
                 torch.cuda.empty_cache()
         for r in rows:
             emit(r)
-        errs = {r["metric"][8:]: r["p50"] for r in rows if r["provider"] != "dense" and r["metric"].startswith("rel_err")}
         dense = {r["metric"][8:]: r["p50"] for r in rows if r["provider"] == "dense"}
         ok = all(r["p50"] == 1.0 for r in rows if r["metric"].startswith("pass"))
         all_ok &= ok
-        log(f"  {'PASS' if ok else 'FAIL'} {label} N={shape.n} H={shape.h} V={shape.v}: " + "  ".join(
-            f"{k} {errs[k]:.1e} (dense {dense[k]:.1e})" for k in errs))
+        log(f"  {'PASS' if ok else 'FAIL'} {label} N={shape.n} H={shape.h} V={shape.v}:")
+        for provider in dict.fromkeys(r["provider"] for r in rows if r["provider"] != "dense"):
+            errs = {r["metric"][8:]: r["p50"] for r in rows if r["provider"] == provider and r["metric"].startswith("rel_err")}
+            log(f"    {provider}: " + "  ".join(f"{k} {e:.1e} (dense {dense[k]:.1e})" for k, e in errs.items()))
     return all_ok

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             log(f"   micro-checks took {time.monotonic() - t0:.0f} s")
         if not args.no_correctness:
             checks, dtype, impl = _checks(suite_name)
-            log(f"== correctness: impl={impl} vs dense fp32, {str(dtype).replace('torch.', '')}")
+            log(f"== correctness: impl={impl} and the loss through each head backward vs dense in higher precision, {str(dtype).replace('torch.', '')}")
             t0 = time.monotonic()
             ok = correctness.run_checks(device, dtype, impl, checks, results.emit, log, deadline)
             log(f"   correctness took {time.monotonic() - t0:.0f} s")
