@@ -94,6 +94,13 @@ def _blocks(bounds: list[int], key_index: torch.Tensor | None, key_bounds: list[
     return blocks
 
 
+# A block's responses share one sdpa call when that call scores at most this many query-key pairs that its
+# mask then drops (each response against the others): about what one more call and its key gather cost
+# (forward and backward) on CPU. Short responses (the demo's ~11 tokens: 242 dropped) take one call; long
+# ones (UltraFeedback's ~300 and ~250: 150k) take one call each, or the dropped scores would cost 1.5x.
+MAX_DROPPED_SCORES = 1024
+
+
 def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa,
                     key_index: torch.Tensor | None = None, key_bounds: list[int] | None = None):
     """query [1, H, L, D], key/value [1, Hkv, L, D] -> [1, H, L, D]: causal attention inside each segment
@@ -102,14 +109,13 @@ def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sli
 
     The row is split into blocks that attend only among themselves (`_blocks`: a sequence, or a prompt
     with its responses); `split` gives views whose backward is one cat (slicing the row would write a
-    full-size zero gradient per block). Per block at most two sdpa calls: its first segment (a sequence,
-    a prompt) causally on its own rows, no mask; then all its other segments' queries (the responses)
-    against the whole block's keys, with one [queries, keys] boolean mask that lets each response see
-    exactly its keys in `key_index`, no gather. The two responses share one call rather than one each:
-    fewer, larger calls, which matters most with several threads. A window shorter than a segment's
-    keys narrows the masks. Inputs stay 4-D: sdpa's fused (flash) kernels take only 4-D tensors, and 3-D
-    ones fall back to the math path, which saves each call's full [H, q, k] attention (in fp32 for bf16
-    inputs)."""
+    full-size zero gradient per block). A block's first segment (a sequence, a prompt) is one causal call
+    on its own rows, no mask. Its other segments (the responses) attend to their keys in `key_index`
+    through a [queries, keys] boolean mask: all in one call against the whole block when that drops few
+    scores (`MAX_DROPPED_SCORES`), else one call each on its keys gathered from the block. A window
+    shorter than a segment's keys narrows the masks. Inputs stay 4-D: sdpa's fused (flash) kernels take
+    only 4-D tensors, and 3-D ones fall back to the math path, which saves each call's full [H, q, k]
+    attention (in fp32 for bf16 inputs)."""
     blocks = _blocks(bounds, key_index, key_bounds)
     lengths = [bounds[segments[-1] + 1] - bounds[segments[0]] for segments in blocks]
     device, outputs = query.device, []
@@ -120,7 +126,7 @@ def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sli
 
     for q, k, v, segments in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
                                  blocks):
-        start, first_end = bounds[segments[0]], bounds[segments[0] + 1]
+        start, first_end, n = bounds[segments[0]], bounds[segments[0] + 1], q.shape[2]
         n_first = first_end - start
         window_mask = (_causal_mask(n_first, n_first, sliding_window, device)
                        if sliding_window is not None and n_first > sliding_window else None)
@@ -128,12 +134,18 @@ def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sli
             attend(q, k, v, window_mask)
             continue
         attend(q[:, :, :n_first], k[:, :, :n_first], v[:, :, :n_first], window_mask)
-        mask = torch.zeros(q.shape[2] - n_first, q.shape[2], dtype=torch.bool, device=device)
-        for s in segments[1:]:
-            keys = key_index[key_bounds[s]:key_bounds[s + 1]] - start
-            mask[bounds[s] - first_end:bounds[s + 1] - first_end, keys] = _causal_mask(
-                bounds[s + 1] - bounds[s], keys.numel(), sliding_window, device)
-        attend(q[:, :, n_first:], k, v, mask)
+        responses = [(s, key_index[key_bounds[s]:key_bounds[s + 1]] - start) for s in segments[1:]]
+        needed = sum((bounds[s + 1] - bounds[s]) * (key_bounds[s + 1] - key_bounds[s]) for s in segments[1:])
+        if (n - n_first) * n - needed <= MAX_DROPPED_SCORES:
+            mask = torch.zeros(n - n_first, n, dtype=torch.bool, device=device)
+            for s, keys in responses:
+                mask[bounds[s] - first_end:bounds[s + 1] - first_end, keys] = _causal_mask(
+                    bounds[s + 1] - bounds[s], keys.numel(), sliding_window, device)
+            attend(q[:, :, n_first:], k, v, mask)
+        else:
+            for s, keys in responses:
+                attend(q[:, :, bounds[s] - start:bounds[s + 1] - start], k[:, :, keys], v[:, :, keys],
+                       _causal_mask(bounds[s + 1] - bounds[s], keys.numel(), sliding_window, device))
     return torch.cat(outputs, dim=2)
 
 

@@ -112,6 +112,17 @@ def test_shared_step_equals_unshared(kind, data):
     """Per-token log-probs (policy and reference), the loss and every parameter gradient of one step: shared
     prompt == unshared layout, in fp32. Several pairs per row, prompts longer than both responses, 1-token
     responses and prompts, and (mistral, qwen2) sliding windows shorter than the sequences."""
+    _assert_shared_step_equals_unshared(kind, data)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_shared_step_equals_unshared_one_call_per_response(kind, monkeypatch):
+    """The same with each response in its own CPU attention call (long responses), not both in one."""
+    monkeypatch.setattr(attention, "MAX_DROPPED_SCORES", -1)
+    _assert_shared_step_equals_unshared(kind, "random")
+
+
+def _assert_shared_step_equals_unshared(kind, data):
     examples = EDGE if data == "edge" else random_examples(6, seed=3, vocab=VOCAB, max_part=14)
     model = _tiny(kind)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -166,10 +177,13 @@ def _unshared_rows(batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("data", ["edge", "random"])
 @pytest.mark.parametrize("window", [None, 5, 2])
-def test_cpu_attention_equals_unshared_in_float64(data, window):
+@pytest.mark.parametrize("responses", ["one call", "a call each"])
+def test_cpu_attention_equals_unshared_in_float64(data, window, responses, monkeypatch):
     """The CPU attention on a shared-prompt row is the unshared layout's, to float64 rounding: every output
-    and the gradient of every query, key and value (grouped-query heads, windows shorter than the prompts).
-    In float64 any key a query wrongly sees or misses shows as an error of ~1e-3, rounding as ~1e-15."""
+    and the gradient of every query, key and value (grouped-query heads, windows shorter than the prompts),
+    with a pair's responses in one sdpa call or in one each. In float64 any key a query wrongly sees or
+    misses shows as an error of ~1e-3, rounding as ~1e-15."""
+    monkeypatch.setattr(attention, "MAX_DROPPED_SCORES", 10 ** 9 if responses == "one call" else -1)
     examples = EDGE if data == "edge" else random_examples(6, seed=3, vocab=VOCAB, max_part=14)
     shared, plain = pack_pairs(examples, share_prompt=True), pack_pairs(examples)
     rows = _unshared_rows(shared)
