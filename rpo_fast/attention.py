@@ -6,7 +6,8 @@ sequence. `varlen_attention_forward` is registered under `ATTN_IMPLEMENTATION` (
 
 - `flash_attn_varlen_func` (flash-attn) on CUDA when installed;
 - `torch.nn.attention.varlen.varlen_attn` (PyTorch's own flash kernel) on CUDA otherwise;
-- `scaled_dot_product_attention`, causal, once per sequence, everywhere else (CPU). Exact: the same
+- `scaled_dot_product_attention` everywhere else (CPU): once per sequence, causal; for a shared-prompt
+  pair twice, the prompt causal, then both responses with one mask (`_sdpa_per_block`). Exact: the same
   math as unpacked sdpa, with no [L, L] mask.
 
 transformers builds no attention mask for a registered name it does not know (masking_utils returns
@@ -59,34 +60,92 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def _sdpa_per_sequence(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa,
-                       key_index: torch.Tensor | None = None, key_bounds: list[int] | None = None):
-    """query [1, H, L, D], key/value [1, Hkv, L, D] -> [1, H, L, D], causal attention inside each
-    [bounds[i], bounds[i+1]), or with `key_index` from segment i's queries to the keys at
-    key_index[key_bounds[i]:key_bounds[i+1]], causal aligned bottom-right. Inputs stay 4-D: sdpa's fused (flash)
-    kernels take only 4-D tensors, and 3-D ones fall back to the math path, which saves each sequence's full
-    [H, L, L] attention (in fp32 for bf16 inputs). A mask is built only for a non-square segment or a window
-    shorter than the segment, [q, k] booleans for that segment alone."""
-    outputs = []
-    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        q = query[:, :, start:end]
-        if key_index is None:
-            k, v = key[:, :, start:end], value[:, :, start:end]
+def _causal_mask(n_q: int, n_k: int, sliding_window: int | None, device) -> torch.Tensor:
+    """[n_q, n_k] bool: query i sees key j, causal aligned bottom-right (query i sits at key position
+    i + n_k - n_q) and, with a window, fewer than `sliding_window` positions back."""
+    distance = torch.arange(n_q, device=device)[:, None] + (n_k - n_q) - torch.arange(n_k, device=device)[None, :]
+    mask = distance >= 0
+    if sliding_window is not None:
+        mask &= distance < sliding_window
+    return mask
+
+
+def _blocks(bounds: list[int], key_index: torch.Tensor | None, key_bounds: list[int] | None) -> list[list[int]]:
+    """The query segments grouped into blocks of rows that attend only among themselves: [[segment, ...], ...].
+
+    Without `key_index` each segment is a block. With it, a segment whose keys start at its own first row
+    (a prompt: keys ascending, as `pack_pairs` lays them out) opens a block, and the segments after it
+    whose keys start inside the block (its responses) join it.
+
+    Raises:
+        ValueError: for a segment with a key before the block it belongs to.
+    """
+    if key_index is None:
+        return [[s] for s in range(len(bounds) - 1)]
+    blocks: list[list[int]] = []
+    for s, first in enumerate(key_index[key_bounds[:-1]].tolist()):
+        if first >= bounds[s]:
+            blocks.append([s])
+        elif blocks and first >= bounds[blocks[-1][0]]:
+            blocks[-1].append(s)
         else:
-            rows = key_index[key_bounds[s]:key_bounds[s + 1]]
-            k, v = key[:, :, rows], value[:, :, rows]
-        n_q, n_k = q.shape[2], k.shape[2]
-        mask, causal = None, True
-        if n_q != n_k or (sliding_window is not None and n_k > sliding_window):
-            # query i sits at key position i + n_k - n_q: the distance to key j is that minus j
-            distance = (torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
-                        - torch.arange(n_k, device=query.device)[None, :])
-            mask = distance >= 0
-            if sliding_window is not None:
-                mask &= distance < sliding_window
-            causal = False
-        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                                      scale=scale, enable_gqa=enable_gqa))
+            raise ValueError(f"rpo_key_index: segment {s} (rows {bounds[s]}..{bounds[s + 1] - 1}) has a key at row "
+                             f"{first}, before the block it belongs to; expected a row laid out by pack_pairs")
+    return blocks
+
+
+# A block's responses share one sdpa call when that call scores at most this many query-key pairs that its
+# mask then drops (each response against the others): about what one more call and its key gather cost
+# (forward and backward) on CPU. Short responses (the demo's ~11 tokens: 242 dropped) take one call; long
+# ones (UltraFeedback's ~300 and ~250: 150k) take one call each, or the dropped scores would cost 1.5x.
+MAX_DROPPED_SCORES = 1024
+
+
+def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa,
+                    key_index: torch.Tensor | None = None, key_bounds: list[int] | None = None):
+    """query [1, H, L, D], key/value [1, Hkv, L, D] -> [1, H, L, D]: causal attention inside each segment
+    [bounds[i], bounds[i+1]), or with `key_index` from segment i's queries to the keys at
+    key_index[key_bounds[i]:key_bounds[i+1]], causal aligned bottom-right.
+
+    The row is split into blocks that attend only among themselves (`_blocks`: a sequence, or a prompt
+    with its responses); `split` gives views whose backward is one cat (slicing the row would write a
+    full-size zero gradient per block). A block's first segment (a sequence, a prompt) is one causal call
+    on its own rows, no mask. Its other segments (the responses) attend to their keys in `key_index`
+    through a [queries, keys] boolean mask: all in one call against the whole block when that drops few
+    scores (`MAX_DROPPED_SCORES`), else one call each on its keys gathered from the block. A window
+    shorter than a segment's keys narrows the masks. Inputs stay 4-D: sdpa's fused (flash) kernels take
+    only 4-D tensors, and 3-D ones fall back to the math path, which saves each call's full [H, q, k]
+    attention (in fp32 for bf16 inputs)."""
+    blocks = _blocks(bounds, key_index, key_bounds)
+    lengths = [bounds[segments[-1] + 1] - bounds[segments[0]] for segments in blocks]
+    device, outputs = query.device, []
+
+    def attend(q, k, v, mask):
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                      is_causal=mask is None, scale=scale, enable_gqa=enable_gqa))
+
+    for q, k, v, segments in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
+                                 blocks):
+        start, first_end, n = bounds[segments[0]], bounds[segments[0] + 1], q.shape[2]
+        n_first = first_end - start
+        window_mask = (_causal_mask(n_first, n_first, sliding_window, device)
+                       if sliding_window is not None and n_first > sliding_window else None)
+        if len(segments) == 1:
+            attend(q, k, v, window_mask)
+            continue
+        attend(q[:, :, :n_first], k[:, :, :n_first], v[:, :, :n_first], window_mask)
+        responses = [(s, key_index[key_bounds[s]:key_bounds[s + 1]] - start) for s in segments[1:]]
+        needed = sum((bounds[s + 1] - bounds[s]) * (key_bounds[s + 1] - key_bounds[s]) for s in segments[1:])
+        if (n - n_first) * n - needed <= MAX_DROPPED_SCORES:
+            mask = torch.zeros(n - n_first, n, dtype=torch.bool, device=device)
+            for s, keys in responses:
+                mask[bounds[s] - first_end:bounds[s + 1] - first_end, keys] = _causal_mask(
+                    bounds[s + 1] - bounds[s], keys.numel(), sliding_window, device)
+            attend(q[:, :, n_first:], k, v, mask)
+        else:
+            for s, keys in responses:
+                attend(q[:, :, bounds[s] - start:bounds[s + 1] - start], k[:, :, keys], v[:, :, keys],
+                       _causal_mask(bounds[s + 1] - bounds[s], keys.numel(), sliding_window, device))
     return torch.cat(outputs, dim=2)
 
 
@@ -178,7 +237,7 @@ def varlen_attention_forward(
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     backend = select_backend(query.device)
     if backend == "sdpa":
-        out = _sdpa_per_sequence(query, key, value, cu_seq_lens_q.tolist(), scale=scaling, dropout=dropout,
+        out = _sdpa_per_block(query, key, value, cu_seq_lens_q.tolist(), scale=scaling, dropout=dropout,
                                  sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads,
                                  key_index=None if rpo_key_index is None else rpo_key_index.to(query.device),
                                  key_bounds=None if rpo_key_index is None else cu_seq_lens_k.tolist())

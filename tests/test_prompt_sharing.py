@@ -112,6 +112,17 @@ def test_shared_step_equals_unshared(kind, data):
     """Per-token log-probs (policy and reference), the loss and every parameter gradient of one step: shared
     prompt == unshared layout, in fp32. Several pairs per row, prompts longer than both responses, 1-token
     responses and prompts, and (mistral, qwen2) sliding windows shorter than the sequences."""
+    _assert_shared_step_equals_unshared(kind, data)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_shared_step_equals_unshared_one_call_per_response(kind, monkeypatch):
+    """The same with each response in its own CPU attention call (long responses), not both in one."""
+    monkeypatch.setattr(attention, "MAX_DROPPED_SCORES", -1)
+    _assert_shared_step_equals_unshared(kind, "random")
+
+
+def _assert_shared_step_equals_unshared(kind, data):
     examples = EDGE if data == "edge" else random_examples(6, seed=3, vocab=VOCAB, max_part=14)
     model = _tiny(kind)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -157,6 +168,52 @@ def test_sharing_is_not_a_no_op():
     assert (right[n_chosen:] - wrong[n_chosen:]).abs().max() > 1e-3
 
 
+def _unshared_rows(batch) -> torch.Tensor:
+    """Rows of a shared-prompt row that make up the unshared row (each response's keys: its full sequence)."""
+    keys, bounds = batch.key_index, batch.cu_seqlens_k.tolist()
+    sequences = [keys[bounds[3 * i + part]:bounds[3 * i + part + 1]] for part in (1, 2) for i in range(batch.n_pairs)]
+    return torch.cat(sequences)
+
+
+@pytest.mark.parametrize("data", ["edge", "random"])
+@pytest.mark.parametrize("window", [None, 5, 2])
+@pytest.mark.parametrize("responses", ["one call", "a call each"])
+def test_cpu_attention_equals_unshared_in_float64(data, window, responses, monkeypatch):
+    """The CPU attention on a shared-prompt row is the unshared layout's, to float64 rounding: every output
+    and the gradient of every query, key and value (grouped-query heads, windows shorter than the prompts),
+    with a pair's responses in one sdpa call or in one each. In float64 any key a query wrongly sees or
+    misses shows as an error of ~1e-3, rounding as ~1e-15."""
+    monkeypatch.setattr(attention, "MAX_DROPPED_SCORES", 10 ** 9 if responses == "one call" else -1)
+    examples = EDGE if data == "edge" else random_examples(6, seed=3, vocab=VOCAB, max_part=14)
+    shared, plain = pack_pairs(examples, share_prompt=True), pack_pairs(examples)
+    rows = _unshared_rows(shared)
+    torch.manual_seed(0)
+    L, H, Hkv, D = shared.num_tokens, 4, 2, 16
+    q, k, v = (torch.randn(1, heads, L, D, dtype=torch.float64, requires_grad=True) for heads in (H, Hkv, Hkv))
+    grad_out = torch.randn(1, rows.numel(), H, D, dtype=torch.float64)
+    module = torch.nn.Module().train()
+    kwargs = dict(scaling=D ** -0.5, sliding_window=window)
+    got = attention.varlen_attention_forward(module, q, k, v, None, **kwargs, **shared.attention_kwargs())[0][:, rows]
+    got_grads = torch.autograd.grad((got * grad_out).sum(), (q, k, v))
+    want = attention.varlen_attention_forward(module, *(t[:, :, rows] for t in (q, k, v)), None, **kwargs,
+                                              **plain.attention_kwargs())[0]
+    want_grads = torch.autograd.grad((want * grad_out).sum(), (q, k, v))
+    assert_close(got, want, atol=1e-12, rtol=1e-12, name="attention output")
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        assert_close(g, w, atol=1e-12, rtol=1e-12, name=f"grad {name}")
+
+
+def test_cpu_attention_refuses_keys_outside_their_block():
+    """A response whose keys reach into another pair's rows is refused (the CPU path computes each pair
+    on its own rows), not silently mis-attended."""
+    batch = pack_pairs(EDGE, share_prompt=True)
+    batch.key_index = batch.key_index.clone()
+    batch.key_index[batch.cu_seqlens_k[4]] = 0  # pair 1's chosen response: a key in pair 0's prompt
+    q = torch.randn(1, 2, batch.num_tokens, 8)
+    with pytest.raises(ValueError, match="rpo_key_index: segment 4 .* before the block it belongs to"):
+        attention.varlen_attention_forward(torch.nn.Module(), q, q, q, None, **batch.attention_kwargs())
+
+
 def test_reference_cache_values_do_not_depend_on_the_layout():
     model = _tiny("mistral").eval()
     examples = EDGE + random_examples(5, seed=4, vocab=VOCAB)
@@ -181,7 +238,7 @@ def test_unsupported_models_are_named():
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_cuda_backends_align_causality_bottom_right(backend, monkeypatch):
     """On a GPU: each varlen kernel on a shared-prompt row (key segments longer than query segments, and a
-    sliding window) equals the CPU per-segment sdpa path, whose bottom-right alignment the tests above check."""
+    sliding window) equals the CPU sdpa path, whose bottom-right alignment the tests above check."""
     if backend == "flash_attn" and not attention.flash_attn_available():
         pytest.skip("flash-attn is not installed")
     if backend == "torch_varlen" and not attention.torch_varlen_available():
