@@ -277,7 +277,7 @@ class PackedRPOModel(nn.Module):
     loss. `loss_options` are the keyword arguments of `fused_linear_rpo_loss` (beta, alpha, sft_norm, ...);
     the weights are a micro-batch's (`loss = pair_weight * pref_loss + nll_weight * alpha * nll`).
 
-    `forward(batch, head_inputs_only=True)` -> `reference_head_inputs(model, batch, dtype)` instead: the LoRA
+    `forward(batch, head_inputs_only=True)` -> `reference_head_inputs(model, batch)` instead: the LoRA
     policy with its adapter disabled is the reference, and it must run through the wrapped module's forward
     too (FSDP2 gathers the root's parameters, the embeddings and the head, in that forward's hook).
     """
@@ -290,8 +290,7 @@ class PackedRPOModel(nn.Module):
     def forward(self, batch, ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None, pair_weight=1.0,
                 nll_weight=1.0, head_inputs_only=False):
         if head_inputs_only:  # the adapter-off reference: through this forward, so that a wrapper sees the call
-            return reference_head_inputs(self.model, batch, head_compute_dtype(batch.input_ids.device,
-                                                                               head(self.model)[0].dtype))
+            return reference_head_inputs(self.model, batch)
         hidden = response_hidden(self.model, batch)
         weight, bias = head(self.model)
         dtype = head_compute_dtype(hidden.device, weight.dtype)
@@ -304,11 +303,13 @@ class PackedRPOModel(nn.Module):
 
 
 @torch.no_grad()
-def reference_head_inputs(model: nn.Module, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor | None]:
-    """(ref_hidden [N, H], ref_weight [V, H], ref_bias [V] | None) of a frozen reference on a packed batch."""
+def reference_head_inputs(model: nn.Module, batch, dtype: torch.dtype | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(ref_hidden [N, H], ref_weight [V, H], ref_bias [V] | None) of a frozen reference on a packed batch, in
+    `dtype` (default: the dtype its head computes in, `head_compute_dtype`)."""
     hidden = response_hidden(model, batch)
     weight, bias = head(model)
+    dtype = dtype or head_compute_dtype(weight.device, weight.dtype)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 

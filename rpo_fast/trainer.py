@@ -176,9 +176,7 @@ class Reference:
             if self.mode == "adapter" and self.wrapped is not None:
                 ref_hidden, ref_weight, ref_bias = self.wrapped(batch, head_inputs_only=True)
             else:
-                weight = modeling.head(model)[0]
-                dtype = modeling.head_compute_dtype(weight.device, weight.dtype)
-                ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(model, batch, dtype)
+                ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(model, batch)
         model.train(was_training)
         return {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
 
