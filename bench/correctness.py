@@ -13,6 +13,7 @@ same way (the tests run the Triton interpreter elsewhere).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from typing import Callable
@@ -34,9 +35,19 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+@contextlib.contextmanager
+def _tf32_off():
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def _grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor, upstream: torch.Tensor, dtype: torch.dtype):
-    """(log-probs, dL/dhidden, dL/dweight) of `fn(h, w)` on leaves in `dtype` (the reference's gradients are
-    not rounded to the inputs' dtype)."""
+    """(value, dL/dhidden, dL/dweight) of `L = sum(fn(h, w) * upstream)` on leaves in `dtype` (the reference's
+    gradients are not rounded to the inputs' dtype)."""
     h = hidden.detach().to(dtype).requires_grad_()
     w = weight.detach().to(dtype).requires_grad_()
     lp = fn(h, w)
@@ -69,16 +80,12 @@ def check_shape(label: str, shape: Shape, dtype: torch.dtype, device: torch.devi
             return linear_logprobs(hh, ww, targets, b, impl=impl)
         return fn
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with _tf32_off():
         ref = _grads(op("ref"), hidden, weight, upstream.to(ref_dtype), ref_dtype)
         gc.collect()
         dense = _grads(op("dense"), hidden, weight, upstream, dtype)
         gc.collect()
         ours = _grads(op("ours"), hidden, weight, upstream, dtype)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     config = dict(N=n, H=h, V=v, dtype=str(dtype).replace("torch.", ""), ref_dtype=str(ref_dtype)[6:], bias=bias,
                   label=label, impl=impl, tol=TOL[dtype])
     rows = _judged(f"ours_{impl}", ("logprobs", "dhidden", "dweight"), ours, dense, ref, dtype, label, config)
@@ -93,31 +100,26 @@ def check_shape(label: str, shape: Shape, dtype: torch.dtype, device: torch.devi
     cu = cu.to(device)
     ref_hidden = hidden.roll(1, 0)
 
-    def loss_grads(compute_dtype, **options):
-        """(loss, dL/dhidden, dL/dweight): fused_linear_rpo_loss with `options`, or without any the reference."""
-        cast = lambda t: None if t is None else t.detach().to(compute_dtype)  # noqa: E731
-        hh, ww = cast(hidden).requires_grad_(), cast(weight).requires_grad_()
-        args = (hh, ww, targets, cu)
+    def loss(compute_dtype, **options):
+        """fn(h, w) -> the loss: fused_linear_rpo_loss with `options`, or without any the reference."""
+        cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731
         ref_head = dict(bias=cast(b), ref_hidden=cast(ref_hidden), ref_weight=cast(weight), ref_bias=cast(b))
-        loss = (fused_linear_rpo_loss(*args, **ref_head, **LOSS_OPTIONS, **options).loss if options
-                else reference_loss(*args, **ref_head))
-        loss.backward()
-        return loss.detach(), hh.grad, ww.grad
+        if not options:
+            return lambda hh, ww: reference_loss(hh, ww, targets, cu, **ref_head)
+        return lambda hh, ww: fused_linear_rpo_loss(hh, ww, targets, cu, **ref_head, **LOSS_OPTIONS, **options).loss
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        ref = loss_grads(ref_dtype)
+    one = torch.ones((), device=device)
+    with _tf32_off():
+        ref = _grads(loss(ref_dtype), hidden, weight, one.to(ref_dtype), ref_dtype)
         gc.collect()
-        dense = loss_grads(dtype, impl="dense")
+        dense = _grads(loss(dtype, impl="dense"), hidden, weight, one, dtype)
         gc.collect()
         for backward in loss_backwards(impl):
-            ours = loss_grads(dtype, impl=impl, backward=backward)
+            ours = _grads(loss(dtype, impl=impl, backward=backward), hidden, weight, one, dtype)
             rows += _judged(f"ours_{backward}", ("loss", "loss_dhidden", "loss_dweight"), ours, dense, ref, dtype,
                             label, dict(config, backward=backward))
             del ours
             gc.collect()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
 
 
