@@ -9,9 +9,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from rpo_fast import trainer
-from rpo_fast.config import load_config
-from test_fsdp_resume import launch_fsdp, weights
+from test_fsdp_resume import fsdp_and_one_process, launch_fsdp
 from tiny_lm import build_tiny_model_dir, load_json_lines, tiny_overrides
 
 
@@ -30,17 +28,9 @@ def test_eval_and_gold_generations_under_fsdp(tmp_path):
 def test_lora_with_the_adapter_reference_under_fsdp_equals_one_process(tmp_path):
     """2 FSDP processes x 1 micro-batch = 1 process x 2 accumulated micro-batches; the merged LoRA weights."""
     model_dir = build_tiny_model_dir(tmp_path / "tiny")
-    options = dict(finetune="lora", reference="adapter", save_every=0)
-    (tmp_path / "fsdp").mkdir()
-    run = launch_fsdp(tiny_overrides(model_dir, tmp_path / "fsdp", eval_file="none", sft_norm="sum", **options),
-                      tmp_path / "fsdp", timeout=240)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "distributed type DistributedType.FSDP" in run.stdout
-
-    (tmp_path / "one").mkdir()
-    trainer.train(load_config(None, tiny_overrides(model_dir, tmp_path / "one", eval_file="none", sft_norm="sum",
-                                                   gradient_accumulation_steps=2, **options)))
-    sharded, one = weights(tmp_path / "fsdp" / "run"), weights(tmp_path / "one" / "run")
+    sharded, one = fsdp_and_one_process(
+        lambda folder, **extra: tiny_overrides(model_dir, folder, eval_file="none", sft_norm="sum", finetune="lora",
+                                               reference="adapter", save_every=0, **extra), tmp_path, timeout=240)
     initial = load_file(model_dir / "model.safetensors")
     assert sharded.keys() == one.keys()
     assert any(not torch.equal(one[k], t) for k, t in initial.items() if k in one)  # the merged LoRA moved them

@@ -7,9 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rpo_fast import trainer
-from rpo_fast.config import load_config
-from test_fsdp_resume import common, launch_fsdp, weights
+from test_fsdp_resume import common, fsdp_and_one_process
 from tiny_lm import build_tiny_model_dir
 
 
@@ -22,15 +20,8 @@ BOUND = {"float32": 0.02, "bfloat16": 0.05}
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_low_precision_adamw_under_fsdp_matches_one_process(tmp_path, dtype):
     model_dir = build_tiny_model_dir(tmp_path / "tiny")
-    options = dict(optimizer="adamw_bf16", dtype=dtype)
-    (tmp_path / "fsdp").mkdir()
-    run = launch_fsdp(common(model_dir, tmp_path / "fsdp", **options), tmp_path / "fsdp")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "distributed type DistributedType.FSDP" in run.stdout
-
-    (tmp_path / "one").mkdir()
-    trainer.train(load_config(None, common(model_dir, tmp_path / "one", gradient_accumulation_steps=2, **options)))
-    sharded, one = weights(tmp_path / "fsdp" / "run"), weights(tmp_path / "one" / "run")
+    sharded, one = fsdp_and_one_process(
+        lambda folder, **extra: common(model_dir, folder, optimizer="adamw_bf16", dtype=dtype, **extra), tmp_path)
     initial = load_file(model_dir / "model.safetensors")
     assert sharded.keys() == one.keys() and set(initial) <= set(one)
     for name, expected in one.items():

@@ -42,6 +42,18 @@ def launch_fsdp(overrides: dict, tmp: Path, kill_at: int = 0, timeout: float = 6
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def fsdp_and_one_process(overrides, tmp: Path, timeout: float = 600) -> tuple[dict, dict]:
+    """The exported weights of a 2-process FSDP run and of one process accumulating the same micro-batches
+    (gradient_accumulation_steps 2). `overrides(folder, **extra)` -> the config values of a run in `folder`."""
+    (tmp / "fsdp").mkdir()
+    run = launch_fsdp(overrides(tmp / "fsdp"), tmp / "fsdp", timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "distributed type DistributedType.FSDP" in run.stdout
+    (tmp / "one").mkdir()
+    trainer.train(load_config(None, overrides(tmp / "one", gradient_accumulation_steps=2)))
+    return weights(tmp / "fsdp" / "run"), weights(tmp / "one" / "run")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The tiny model, an uninterrupted FSDP run, and one killed at the end of step 3 (its step-2 checkpoint
