@@ -21,7 +21,7 @@ comes from autograd through the same function that computes the value (`loss.rpo
 `fused_linear_rpo_loss`), so there is one copy of them.
 
 A pair longer than the chunk budget is split into row pieces of at most `chunk_tokens`: the first pass
-keeps each piece's logsumexp and the last piece's logits, and the gradient pass starts with that piece and
+keeps each piece's logsumexp and the last (a full) piece's logits, and the gradient pass starts with that piece and
 recomputes the others' logits (the recompute design, for that pair only, with the same fp32 logits and
 fp32 dW accumulation; one chunk of logits alive at a time). The fallback is per pair,
 not per call: one long pair in a packed batch must not cost the other pairs a recompute.
@@ -159,6 +159,15 @@ def plan_chunks(bounds: list[int], chunk_tokens: int) -> list[Chunk]:
     return chunks
 
 
+def row_pieces(rows: int, chunk_tokens: int) -> list[slice]:
+    """A chunk's rows in pieces of at most `chunk_tokens`: one piece when it fits (a chunk of whole pairs), else
+    (a pair longer than the budget) full pieces after a shorter first one. The last piece is the one whose
+    logits outlive the first pass, so a full last piece keeps the most rows and recomputes the fewest:
+    rows - chunk_tokens of them (a pair of 256 rows in pieces of 112: 144 recomputed, where 112, 112, 32 would
+    recompute 224)."""
+    return [slice(max(0, stop - chunk_tokens), stop) for stop in reversed(range(rows, 0, -chunk_tokens))]
+
+
 class _StoredGradients(torch.autograd.Function):
     """`value` as a function of `inputs` whose gradients were formed in forward: backward scales them."""
 
@@ -247,9 +256,8 @@ def fwdgrad_head_loss(
         lengths = torch.tensor([bounds[j + 1] - bounds[j] for j in seq_list], device=hidden.device)
         token_seq = torch.repeat_interleave(torch.arange(len(seq_list), device=hidden.device), lengths,
                                             output_size=chunk.rows)
-        # One piece when the chunk fits, row pieces of at most chunk_tokens for a longer pair. The last piece's
-        # logits stay for the gradient pass, which starts with it; the others are computed again there.
-        pieces = [slice(a, min(a + chunk_tokens, chunk.rows)) for a in range(0, chunk.rows, chunk_tokens)]
+        # The last piece's logits stay for the gradient pass, which starts with it; the others are computed again.
+        pieces = row_pieces(chunk.rows, chunk_tokens)
         lp, lse = [], []
         logits = None
         for piece in pieces:

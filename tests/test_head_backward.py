@@ -270,6 +270,30 @@ def test_plan_chunks_holds_whole_pairs():
     assert [(c.first, c.last) for c in fwdgrad.plan_chunks(bounds, 5)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
+def test_row_pieces_keep_a_full_last_piece():
+    assert fwdgrad.row_pieces(9, 10) == [slice(0, 9)]
+    assert fwdgrad.row_pieces(20, 10) == [slice(0, 10), slice(10, 20)]
+    assert fwdgrad.row_pieces(23, 10) == [slice(0, 3), slice(3, 13), slice(13, 23)]
+
+
+def test_a_pair_longer_than_the_chunk_recomputes_only_what_does_not_fit():
+    """One pair of 2 x 13 rows in chunks of 10: the first pass makes the logits of pieces of 6, 10 and 10 rows;
+    the gradient pass keeps the last 10 and computes the other 16 rows again (not 20, as pieces of 10, 10, 6
+    keeping the short one would), and each piece's dhidden and dW products are made once."""
+    gen = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 13, 26], dtype=torch.int32)
+    hidden = torch.randn(26, H, generator=gen, requires_grad=True)
+    weight = torch.randn(V, H, generator=gen, requires_grad=True)
+    targets = torch.randint(0, V, (26,), generator=gen)
+    with HeadMatmulCounter(V) as rec:
+        rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, ref_logps=torch.full((2,), -40.0),
+                                       backward="fwdgrad", chunk_tokens=10)
+    logits = [p for p in rec.products if p[1] == V]
+    assert sorted(logits) == sorted([(6, V), (10, V), (10, V), (6, V), (10, V)])
+    assert sorted(p for p in rec.products if p[1] == H and p[0] != V) == [(6, H), (10, H), (10, H)]
+    assert [p for p in rec.products if p == (V, H)] == [(V, H)] * 3
+
+
 # --- the trainer ---
 
 
