@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -319,3 +320,6 @@ def test_hf_mixin_packed_path_shares_the_prompt(kind):
     with pytest.warns(UserWarning, match="share_prompt: packing unshared: attention is 'sdpa'"):
         logps, _ = sequence_logps(model, inputs, packed=True, share_prompt=True, impl="torch")
     assert_close(logps.detach(), results[1][0], atol=2e-5, rtol=1e-5, name="sdpa fallback log-probs")
+    with warnings.catch_warnings():  # the same model again (a PEFT reference, the next step): no repeat
+        warnings.simplefilter("error")
+        sequence_logps(model, inputs, packed=True, share_prompt=True, impl="torch")

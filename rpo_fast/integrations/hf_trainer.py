@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -182,14 +183,22 @@ def chosen_token_count(inputs: dict[str, Any]) -> torch.Tensor:
     return (_next_token_labels(inputs["labels"], inputs["attention_mask"])[:n_pairs] != -100).sum()
 
 
+_UNSHARED_WARNINGS: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+
+
 def _shared_prompt_batch(model: torch.nn.Module, input_ids, attention_mask, labels):
     """The shared-prompt PackedBatch of a padded batch, or None (unshared) when the model or the batch cannot."""
     from ..modeling import shared_prompt_unsupported
     from ..packing import pack_pairs
 
-    reason = shared_prompt_unsupported(_causal_lm(model))
+    causal_lm = _causal_lm(model)
+    reason = shared_prompt_unsupported(causal_lm)
     if reason is not None:
-        warnings.warn(f"share_prompt: packing unshared: {reason}", stacklevel=5)
+        # Once per model and reason: a PEFT model's reference and policy forwards both come here every step.
+        warned = _UNSHARED_WARNINGS.setdefault(causal_lm, set())
+        if reason not in warned:
+            warned.add(reason)
+            warnings.warn(f"share_prompt: packing unshared: {reason}", stacklevel=5)
         return None
     examples = pairs_from_padded(input_ids, attention_mask, labels)
     return None if examples is None else pack_pairs(examples, share_prompt=True).to(input_ids.device)
