@@ -224,7 +224,8 @@ class PackedRunner:
         its adapters disabled, in eval mode, without a graph."""
         if not self.lora:
             return {"ref_logps": self.ref_logps}
-        return Reference("adapter", policy=self.policy).inputs(self.batch, "train", contextlib.nullcontext)
+        reference = Reference("adapter", policy=self.policy, wrapped=self.model)  # the trainer's path
+        return reference.inputs(self.batch, "train", contextlib.nullcontext)
 
     def step(self, optimizer) -> None:
         ref = self.reference()  # alive until the step ends, as in run_step

@@ -67,6 +67,7 @@ def measure(case: str, steps: int) -> dict:
                                     loss_type=config.loss_type, impl=config.head_impl())
     optimizer, _ = build_optimizer(model, config, steps + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
+    reference.wrapped = model  # the reference runs through the prepared model, as in the trainer
     configs = {share: load_config("configs/demo.yaml", {"share_prompt": share}) for share in (True, False)}
 
     times: dict[bool, list[float]] = {True: [], False: []}
