@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import report
@@ -140,3 +141,22 @@ def test_micro_checks_on_cpu():
     assert ("addmm out_dtype=fp32", "unsupported") in by
     assert by[("fp32 upcast + addmm_", "rel_err_vs_fp64")]["p50"] < 1e-6
     assert "**Micro-checks**" in "\n".join(report.micro_table(rows))
+
+
+def test_chunk_sweep_writes_the_frontier(tmp_path):
+    """`python -m bench.chunk_sweep` at a tiny shape: its three files, the plan's GEMM work, and smaller chunks
+    holding less memory (one chunk of logits alive), the measured fact the sweep exists to show."""
+    from bench import chunk_sweep
+
+    rows = chunk_sweep.main(["--n", "64", "--h", "16", "--v", "512", "--pairs", "2", "--chunks", "auto,16,8",
+                             "--reps", "1", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frontier.png", "results.json", "summary.md"]
+    by_chunk = {r["chunk_tokens"]: r for r in rows if r["name"].startswith("fwdgrad")}
+    # Pairs of 32 rows: chunks of 16 keep 16 of each pair's rows and compute the other 16 again; of 8, 24.
+    assert [by_chunk[c]["gemm_work"] for c in (16, 8)] == [(192 + 32) / 192, (192 + 48) / 192]
+    auto = max(by_chunk)
+    assert by_chunk[auto]["gemm_work"] == 1.0
+    assert by_chunk[8]["peak"] < by_chunk[16]["peak"] < by_chunk[auto]["peak"]
+    assert "| fwdgrad chunk=8 | 8 | 1.250 |" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="--chunks"):
+        chunk_sweep.parse_chunks("auto,0")
