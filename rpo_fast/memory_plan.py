@@ -292,6 +292,7 @@ def plan_memory(
     reference: str = "precomputed",
     loss_impl: str = "fused",
     head_backward: str = "auto",
+    head_chunk_tokens: int | None = None,
     attention: str = "flash",
     device: str = "cuda",
     fsdp_processes: int = 1,
@@ -320,6 +321,8 @@ def plan_memory(
             training step needs the gradient), "fwdgrad" (gradients formed in forward, one chunk of logits at
             a time), "recompute" (chunked logits recomputed in backward) or "atomic" (the Triton kernel's fp32
             accumulators). Not used with loss_impl="dense".
+        head_chunk_tokens: fwdgrad's `chunk_tokens` (logit rows alive at a time; None: the device's default
+            budget, `rpo_fast.fwdgrad.default_chunk_tokens`).
         attention: "flash" (FlashAttention varlen / torch varlen_attn: no mask, no kv repeat), "sdpa"
             (transformers' sdpa with packed position_ids: block mask, kv repeated) or "eager".
         device: "cuda" (adds kernel workspace; `fits` adds the context) or "cpu" (the measurement).
@@ -347,6 +350,8 @@ def plan_memory(
     opt_base, in_backward = optim.parse_mode(optimizer)
     if not isinstance(fsdp_processes, int) or fsdp_processes < 1:
         raise ValueError(f"fsdp_processes: expected an integer >= 1, got {fsdp_processes!r}")
+    if head_chunk_tokens is not None and (not isinstance(head_chunk_tokens, int) or head_chunk_tokens < 1):
+        raise ValueError(f"head_chunk_tokens: expected None or an integer >= 1, got {head_chunk_tokens!r}")
     if fsdp_processes > 1 and in_backward:
         raise ValueError(f"optimizer: {optimizer!r} steps during backward, before FSDP reduces the gradients: "
                          f"expected a mode without _in_backward with fsdp_processes={fsdp_processes}")
@@ -442,7 +447,7 @@ def plan_memory(
     transient = ctx.backward_transient()
     backward_resolved = "dense" if loss_impl_resolved == "dense" else (
         "fwdgrad" if head_backward == "auto" else head_backward)
-    loss = _loss_memory(backward_resolved, response, V, H, b, not lora, device)
+    loss = _loss_memory(backward_resolved, response, V, H, b, not lora, device, head_chunk_tokens)
 
     phases: dict[str, dict[str, int]] = {}
     static = dict(weights=shard(weights), optimizer_state=state, reference=ref_weights)
@@ -513,7 +518,8 @@ def plan_memory(
                    share_prompt=share_prompt, mode=mode, lora_rank=lora_rank, lora_targets=tuple(lora_targets),
                    lora_dtype=lora_dtype, lora_dropout=lora_dropout, dtype=dtype,
                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, reference=reference,
-                   loss_impl=loss_impl_resolved, head_backward=backward_resolved, attention=attention, device=device,
+                   loss_impl=loss_impl_resolved, head_backward=backward_resolved, head_chunk_tokens=head_chunk_tokens,
+                   attention=attention, device=device,
                    fsdp_processes=W)
     return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
                       phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
@@ -611,7 +617,8 @@ class LossMemory(NamedTuple):
     saved: int  # kept from forward to backward
 
 
-def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str) -> LossMemory:
+def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str,
+                 chunk_tokens: int | None = None) -> LossMemory:
     """The head's workspace by how its gradient is made: "dense", "fwdgrad", "recompute" or "atomic".
 
     The head's gradient (b x V x H) is part of `end` and `returned` (of `saved` for fwdgrad); `plan_memory`
@@ -626,8 +633,9 @@ def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: 
         # The gradients are made in forward and held until backward hands them back as they are: `saved`, with
         # nothing more `returned`. Forward, per chunk: its fp32 logits (+ the b-byte dlogits on CUDA), its hidden
         # rows and dhidden rows in fp32, beside the fp32 dweight accumulator (in fp32 it is the gradient; else
-        # it is cast at the end, both alive) and, on CPU, the weight's fp32 copy for the products.
-        rows = min(N, fwdgrad.default_chunk_tokens(V, torch.device(device)))
+        # it is cast at the end, both alive) and, on CPU, the weight's fp32 copy for the products. A chunk of
+        # whole pairs or a piece of a longer pair: at most chunk_tokens rows.
+        rows = min(N, chunk_tokens or fwdgrad.default_chunk_tokens(V, torch.device(device)))
         chunk = rows * V
         extra_acc = (4 - b) * V * H if trainable_head else 0
         weight_copy = 4 * V * H if device == "cpu" and b != 4 else 0
@@ -791,7 +799,7 @@ def train_config_plan_options(config, device: str = "cuda") -> dict:
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     lora = config.finetune == "lora"
     impl = config.head_impl()
-    return dict(head_backward=config.head_backward,
+    return dict(head_backward=config.head_backward, head_chunk_tokens=config.head_chunk_tokens,
         max_length=config.max_length, micro_batch_pairs=None, tokens_per_micro_batch=max(tokens, pair_tokens),
         prompt_tokens=0, share_prompt=config.share_prompt, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,
         lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
@@ -890,6 +898,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="default: precomputed (full_ft), lora_disabled (lora)")
     parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default="fused")
     parser.add_argument("--head-backward", choices=checks.HEAD_BACKWARDS, default="auto")
+    parser.add_argument("--head-chunk-tokens", type=int, default=None,
+                        help="logit rows per fwdgrad chunk (the trainer's head_chunk_tokens; default: what fits the "
+                             "device's logits budget)")
     parser.add_argument("--attention", choices=ATTENTIONS, default="flash")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--fsdp", type=int, default=1, metavar="PROCESSES",
@@ -911,13 +922,15 @@ def options_from_args(args: argparse.Namespace) -> dict:
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t), lora_dtype=args.lora_dtype,
         lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
         optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, head_backward=args.head_backward,
+        head_chunk_tokens=args.head_chunk_tokens,
         attention=args.attention, device=args.device, fsdp_processes=args.fsdp)
 
 
 # Options that --config decides (the rest: --model, --device, --fsdp, --gpu-gb, --json, still apply).
 CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--share-prompt", "--mode",
                   "--lora-rank", "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing",
-                  "--optimizer", "--reference", "--loss-impl", "--head-backward", "--attention")
+                  "--optimizer", "--reference", "--loss-impl", "--head-backward", "--head-chunk-tokens",
+                  "--attention")
 
 
 def _train_key(arg: str) -> str | None:

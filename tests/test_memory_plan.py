@@ -64,7 +64,7 @@ def packed_batch(vocab, pairs, max_length, prompt, gen):
 @functools.lru_cache(maxsize=None)
 def measured_peak(config_json: str, pairs=2, max_length=128, prompt=1, mode="full_ft", checkpointing=False,
                   optimizer="adamw", dtype="fp32", reference="precomputed", attention="sdpa", lora_rank=8,
-                  lora_dropout=0.0, head_backward="auto") -> int:
+                  lora_dropout=0.0, head_backward="auto", head_chunk_tokens=None) -> int:
     """Peak live tensor bytes of the second of two RPO training steps."""
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +104,8 @@ def measured_peak(config_json: str, pairs=2, max_length=128, prompt=1, mode="ful
                     ref["ref_hidden"] = ref_hidden.last_hidden_state[0][rows]
                     del ref_hidden
             hidden = base.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
-            out = fused_linear_rpo_loss(hidden[rows], head, targets, cu, impl="torch", backward=head_backward, **ref)
+            out = fused_linear_rpo_loss(hidden[rows], head, targets, cu, impl="torch", backward=head_backward,
+                                        chunk_tokens=head_chunk_tokens, **ref)
             out.loss.backward()
             optim.step()
             optim.zero_grad(set_to_none=True)
@@ -114,11 +115,12 @@ def measured_peak(config_json: str, pairs=2, max_length=128, prompt=1, mode="ful
 
 def predicted(config, pairs=2, max_length=128, prompt=1, mode="full_ft", checkpointing=False, optimizer="adamw",
               dtype="fp32", reference="precomputed", attention="sdpa", lora_rank=8, lora_dropout=0.0,
-              head_backward="auto"):
+              head_backward="auto", head_chunk_tokens=None):
     return plan_memory(config, max_length=max_length, micro_batch_pairs=pairs, prompt_tokens=prompt, mode=mode,
                        lora_rank=lora_rank, lora_dropout=lora_dropout, dtype=dtype,
                        gradient_checkpointing=checkpointing, optimizer=optimizer, reference=reference,
-                       loss_impl="torch", head_backward=head_backward, attention=attention, device="cpu")
+                       loss_impl="torch", head_backward=head_backward, head_chunk_tokens=head_chunk_tokens,
+                       attention=attention, device="cpu")
 
 
 def measure(config, **options) -> int:
@@ -132,6 +134,7 @@ CASES = [
     (HEAD_HEAVY, dict(attention="eager", max_length=96, prompt=32), "loss forward"),
     (HEAD_HEAVY, dict(reference="model"), "loss forward"),
     (HEAD_HEAVY, dict(head_backward="recompute"), "loss backward"),
+    (HEAD_HEAVY, dict(head_chunk_tokens=128), "loss forward"),  # pairs of 254 rows in pieces of 126 and 128
     (MLP_HEAVY, dict(), "backward, last layer"),
     (MLP_HEAVY, dict(checkpointing=True), "backward, first layer"),
     # bf16 on CPU: fwdgrad upcasts the head weight once, so its forward (58.2 MiB) edges past the last layer's
@@ -177,6 +180,7 @@ def test_plan_matches_measured_peak(config, options, phase):
                                                                     checkpointing=True)),
     (WEIGHT_HEAVY, dict(max_length=16), dict(max_length=16, optimizer="adamw_in_backward")),
     (MLP_HEAVY, dict(mode="lora"), dict(mode="lora", checkpointing=True)),
+    (small_config(vocab=16384, layers=2), dict(), dict(head_chunk_tokens=128)),  # one chunk of 508 rows vs <= 128
 ])
 def test_plan_predicts_savings(config, base, variant):
     """What an option saves, measured, vs predicted: isolates the activation and gradient terms from
