@@ -22,6 +22,7 @@ Decoding with a KV cache is not packed: switch the model to "sdpa" for generatio
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 
@@ -32,8 +33,17 @@ ATTN_IMPLEMENTATION = "rpo_varlen"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether flash-attn imports. Installed is not enough: a wheel built for another torch fails to load its
+    CUDA extension ("undefined symbol"), and torch's own varlen kernel must then be used instead."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def torch_varlen_available() -> bool:

@@ -268,3 +268,19 @@ def test_real_torch_varlen_op_accepts_the_cuda_branch_call():
         assert out.shape == (1, L, 4, 64) and out.dtype == torch.bfloat16
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_a_flash_attn_that_fails_to_load_is_not_used(tmp_path, monkeypatch):
+    """A flash-attn wheel built for another torch is found but fails to import its CUDA extension: CUDA then
+    takes torch's own varlen kernel instead of failing in the first forward."""
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise ImportError("flash_attn_2_cuda: undefined symbol: _ZN3c10")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    attention.flash_attn_available.cache_clear()
+    try:
+        assert not attention.flash_attn_available()
+        expected = "torch_varlen" if attention.torch_varlen_available() else "sdpa"
+        assert attention.select_backend(torch.device("cuda")) == expected
+    finally:
+        attention.flash_attn_available.cache_clear()
