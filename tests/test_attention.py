@@ -284,3 +284,32 @@ def test_a_flash_attn_that_fails_to_load_is_not_used(tmp_path, monkeypatch):
         assert attention.select_backend(torch.device("cuda")) == expected
     finally:
         attention.flash_attn_available.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
+def test_mixed_precision_step_through_the_cuda_branch(backend, monkeypatch):
+    """A tiny Mistral (GQA, sliding window, fp32 weights) under bf16 autocast, as mixed_precision="bf16" runs
+    it, on a shared-prompt row: through transformers' own attention call, the CUDA branch (stand-in kernels)
+    gives the CPU path's hidden states and parameter gradients under the same autocast."""
+    from rpo_fast import modeling
+    from rpo_fast.packing import pack_pairs
+    from test_prompt_sharing import EDGE, _tiny
+
+    model, batch = _tiny("mistral").train(), pack_pairs(EDGE, share_prompt=True)
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = modeling.response_hidden(model, batch)
+        hidden.float().pow(2).mean().backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = step()
+    calls = use_cuda_backend(monkeypatch, backend)
+    got, got_grads = step()
+    assert calls == [(torch.bfloat16,) * 3] * model.config.num_hidden_layers
+    assert_close(got, want, atol=3e-2, rtol=3e-2, name="hidden states")
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        err = float((got_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12))
+        assert err < 3e-2, f"grad {name}: relative error {err:.3g}"
