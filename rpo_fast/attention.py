@@ -6,9 +6,13 @@ sequence. `varlen_attention_forward` is registered under `ATTN_IMPLEMENTATION` (
 
 - `flash_attn_varlen_func` (flash-attn) on CUDA when installed;
 - `torch.nn.attention.varlen.varlen_attn` (PyTorch's own flash kernel) on CUDA otherwise;
-- `scaled_dot_product_attention` everywhere else (CPU): once per sequence, causal; for a shared-prompt
-  pair twice, the prompt causal, then both responses with one mask (`_sdpa_per_block`). Exact: the same
-  math as unpacked sdpa, with no [L, L] mask.
+- `scaled_dot_product_attention` everywhere else (CPU, and fp32 on CUDA outside autocast): once per
+  sequence, causal; for a shared-prompt pair twice, the prompt causal, then both responses with one mask
+  (`_sdpa_per_block`). Exact: the same math as unpacked sdpa, with no [L, L] mask.
+
+The CUDA varlen kernels take fp16/bf16 only, all three of q, k, v in one dtype. Under autocast with fp32
+weights (mixed_precision="bf16") q and k leave the rotary embedding in fp32 while v is bf16: they are cast
+to the autocast dtype (`kernel_dtype`), as transformers' own flash-attention integration does.
 
 transformers builds no attention mask for a registered name it does not know (masking_utils returns
 None), so the boundaries come from the `cu_seq_lens_q` / `max_length_q` keyword arguments (the
@@ -18,6 +22,7 @@ Decoding with a KV cache is not packed: switch the model to "sdpa" for generatio
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 
@@ -25,10 +30,20 @@ import torch
 import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "rpo_varlen"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether flash-attn imports. Installed is not enough: a wheel built for another torch fails to load its
+    CUDA extension ("undefined symbol"), and torch's own varlen kernel must then be used instead."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def torch_varlen_available() -> bool:
@@ -47,6 +62,17 @@ def select_backend(device: torch.device) -> str:
         if torch_varlen_available():
             return "torch_varlen"
     return "sdpa"
+
+
+def kernel_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
+    """The dtype the CUDA varlen kernels (fp16/bf16 only) run q, k, v in: autocast's when it is on for their
+    device, else theirs when all three share one half-precision dtype; None otherwise (fp32: sdpa instead)."""
+    device_type = query.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype if dtype in HALF_DTYPES else None
+    same = query.dtype == key.dtype == value.dtype
+    return query.dtype if same and query.dtype in HALF_DTYPES else None
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -200,7 +226,8 @@ def varlen_attention_forward(
             cu_seq_lens_k [S+1] int32 their boundaries and max_length_k the longest (module docstring).
 
     Returns:
-        ([1, L, H, D] attention output, None).
+        ([1, L, H, D] attention output, None); from the CUDA kernels in `kernel_dtype` (bf16 under bf16
+        autocast), else in the inputs' dtype.
 
     Raises:
         ValueError: for a padding mask, a KV cache (query and key lengths differ), batch > 1 with
@@ -236,6 +263,9 @@ def varlen_attention_forward(
     if rpo_key_index is None:  # each segment attends to itself
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     backend = select_backend(query.device)
+    dtype = None if backend == "sdpa" else kernel_dtype(query, key, value)
+    if dtype is None:  # the CPU, or fp32 outside autocast (the varlen kernels refuse fp32)
+        backend = "sdpa"
     if backend == "sdpa":
         out = _sdpa_per_block(query, key, value, cu_seq_lens_q.tolist(), scale=scaling, dropout=dropout,
                                  sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads,
@@ -244,7 +274,7 @@ def varlen_attention_forward(
         return out.transpose(1, 2).contiguous(), None
 
     # CUDA kernels take [total_tokens, heads, dim] (last dim contiguous) and int32 boundaries on the device.
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    q, k, v = (t[0].transpose(0, 1).to(dtype, memory_format=torch.contiguous_format) for t in (query, key, value))
     if rpo_key_index is not None:  # the gathered key row: each segment's keys, prompt first
         rows = rpo_key_index.to(query.device)
         k, v = k[rows], v[rows]

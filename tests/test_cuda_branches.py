@@ -1,0 +1,93 @@
+"""The fused head's CUDA-only branches, run on the CPU as far as the CPU can run them.
+
+On a GPU the head takes bf16/fp16 operands straight into `torch.mm(..., out_dtype=torch.float32)` /
+`torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` (`rpo_fast.gemm`), forms bf16 dlogits for the
+gradient GEMMs, and runs the per-row passes as Triton kernels. The CPU has no kernel for the out_dtype
+products, so `cuda_products` stands in for them with the same checks and results (fp32 products of the
+half-precision operands, as an fp32-accumulating tensor-core GEMM computes them) while the rest of the
+branch runs as written; the Triton kernels run in the interpreter. On the meta device the real ATen ops
+check the calls' schemas, shapes and dtypes.
+"""
+import pytest
+import torch
+
+from rpo_fast import chunked, fwdgrad, gemm
+from rpo_fast import loss as loss_module
+from test_head_backward import CASES, check_against_float64
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture
+def cuda_products(monkeypatch):
+    """gemm's tensor-core branch for bf16/fp16 operands on the CPU. The out_dtype overloads of torch.mm and
+    torch.addmm (CUDA-only kernels) get a CPU stand-in that checks what the CUDA kernels check (operands of
+    one half dtype, fp32 out_dtype, an `out` of that dtype) and returns fp32 products of the operands."""
+    real_mm, real_addmm = torch.mm, torch.addmm
+    calls = []
+
+    def check(a, b, out_dtype):
+        assert a.dtype == b.dtype and a.dtype in HALF and out_dtype == torch.float32, (a.dtype, b.dtype, out_dtype)
+        calls.append(tuple(a.shape) + tuple(b.shape[1:]))
+
+    def mm(a, b, *args, out_dtype=None, **kwargs):
+        if out_dtype is None:
+            return real_mm(a, b, *args, **kwargs)
+        check(a, b, out_dtype)
+        return real_mm(a.float(), b.float())
+
+    def addmm(acc, a, b, *args, out_dtype=None, **kwargs):
+        if out_dtype is None:
+            return real_addmm(acc, a, b, *args, **kwargs)
+        check(a, b, out_dtype)
+        out = kwargs.pop("out", None)
+        assert not args and not kwargs and acc.dtype == torch.float32 and (out is None or out.dtype == out_dtype)
+        return real_addmm(acc, a.float(), b.float(), out=out) if out is not None else real_addmm(acc, a.float(),
+                                                                                                   b.float())
+
+    on_tensor_cores = lambda t: t.dtype in HALF  # noqa: E731 - what a CUDA device with a working probe says
+    monkeypatch.setattr(gemm, "fp32_out_on_tensor_cores", on_tensor_cores)
+    monkeypatch.setattr(chunked, "fp32_out_on_tensor_cores", on_tensor_cores)
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    return calls
+
+
+@pytest.fixture
+def row_kernels(monkeypatch):
+    """The forward-time-gradient head with the Triton row kernels (interpreted), as `fused_linear_rpo_loss`
+    picks them for CUDA tensors."""
+    pytest.importorskip("triton")
+    real = fwdgrad.fwdgrad_head_loss
+    monkeypatch.setattr(loss_module, "fwdgrad_head_loss", lambda *a, **k: real(*a, **{**k, "use_kernels": True}))
+
+
+@pytest.mark.parametrize("case", ["pairs-longer-than-the-chunk", "average_log_prob-several-chunks"])
+def test_fwdgrad_head_in_its_cuda_configuration_against_float64(case, cuda_products, row_kernels):
+    """bf16 GEMM operands with fp32 products, half-precision dlogits from the row kernels, fp32 dweight
+    accumulation: loss and gradients within the bounds the CPU path meets (several chunks, pairs longer
+    than a chunk, a reference head through the chunked recompute forward)."""
+    check_against_float64(CASES[case]._replace(reference="head"), torch.bfloat16, "fwdgrad")
+    assert cuda_products, "the tensor-core branch was not taken"
+
+
+@pytest.mark.parametrize("layout", ["tokens", "vocab"])
+def test_recompute_head_in_its_cuda_configuration_against_float64(layout, cuda_products, monkeypatch):
+    """The recompute backward (chunked.py) with the same products, both layouts."""
+    monkeypatch.setattr(chunked, "choose_layout", lambda *args: layout)
+    check_against_float64(CASES["sigmoid-smoothed-weighted"], torch.bfloat16, "recompute")
+    assert cuda_products
+
+
+def test_out_dtype_products_on_meta(monkeypatch):
+    """torch's real mm/addmm out_dtype overloads take gemm's calls with the head's operand layouts (a
+    transposed dlogits block, the transposed weight) and give fp32 results, the accumulator in place."""
+    monkeypatch.setattr(gemm, "fp32_out_on_tensor_cores", lambda t: t.dtype in HALF)
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    h, w, dlogits = torch.empty(48, 32, **meta), torch.empty(96, 32, **meta), torch.empty(48, 96, **meta)
+    logits = gemm.mm_f32(h, w.T)
+    assert logits.shape == (48, 96) and logits.dtype == torch.float32
+    acc = torch.empty(96, 32, device="meta")
+    assert gemm.addmm_f32_(acc, dlogits.T, h) is acc
+    with pytest.raises(RuntimeError):  # the meta kernels check shapes: a transposed operand left out fails
+        gemm.mm_f32(h, w)
