@@ -105,22 +105,36 @@ def logit_grad_(probs: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g
     return probs if out_dtype == torch.float32 else probs.to(out_dtype)
 
 
+def softmax_from_lse_(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Overwrites fp32 logits [C, V] with `exp(logits - lse)`, the probabilities `row_logprobs` leaves, from
+    logsumexps [C] it already computed (a recomputed piece of a long pair): one exp, no max or sum."""
+    for rows in _row_blocks(logits):
+        logits[rows].sub_(lse[rows, None]).exp_()
+    return logits
+
+
+def _logits_stay(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
 class RowPasses(NamedTuple):
-    """The two passes over a chunk's logits buffer, used as a pair: `row_logprobs(buffer, ...)` then
-    `logit_grad_(buffer, ...)`. What the buffer holds between them is theirs: the torch passes keep the
-    probabilities there (one exp per element), the Triton kernels keep the logits (memory-bound: a second exp
-    is free, a second write is not)."""
+    """The passes over a chunk's logits buffer: `row_logprobs(buffer, ...)` then `logit_grad_(buffer, ...)`, or,
+    for logits computed again once their logsumexps are known, `reload_(buffer, lse)` then `logit_grad_`. What
+    the buffer holds before `logit_grad_` is theirs: the torch passes keep the probabilities there (one exp per
+    element), the Triton kernels keep the logits (memory-bound: a second exp is free, a second write is not;
+    so their `reload_` does nothing)."""
 
     row_logprobs: Callable
     logit_grad_: Callable
+    reload_: Callable
 
 
 def row_passes(use_kernels: bool) -> RowPasses:
     if not use_kernels:
-        return RowPasses(row_logprobs, logit_grad_)
+        return RowPasses(row_logprobs, logit_grad_, softmax_from_lse_)
     from .kernels import logit_grad as kernels  # imported lazily: the CPU path needs no Triton
 
-    return RowPasses(kernels.row_logprobs, kernels.logit_grad_)
+    return RowPasses(kernels.row_logprobs, kernels.logit_grad_, _logits_stay)
 
 
 # --- chunks of whole pairs ---
@@ -247,13 +261,17 @@ def fwdgrad_head_loss(
             everyone = torch.zeros(n_seqs, dtype=torch.float32, device=s.device).index_copy(0, seqs, s)
             return torch.autograd.grad(sequence_loss(everyone)[0], s)[0]
 
-    for chunk in plan_chunks(bounds, chunk_tokens):
+    chunks = plan_chunks(bounds, chunk_tokens)
+    # Each chunk's sequences (chosen, then rejected) and their lengths, built on the host and copied to the device
+    # at once: a copy from pageable memory waits for the device, so once per call rather than twice per chunk.
+    seq_lists = [[*range(c.first, c.last), *range(n_seqs // 2 + c.first, n_seqs // 2 + c.last)] for c in chunks]
+    flat = [j for seq_list in seq_lists for j in seq_list]
+    index = torch.tensor(flat + [bounds[j + 1] - bounds[j] for j in flat]).to(hidden.device)
+    sizes = [len(seq_list) for seq_list in seq_lists]
+    for chunk, seq_list, seqs, lengths in zip(chunks, seq_lists, index[:len(flat)].split(sizes),
+                                              index[len(flat):].split(sizes)):
         h = torch.cat([hidden[chunk.chosen], hidden[chunk.rejected]]).to(op_dtype)
         t = torch.cat([targets[chunk.chosen], targets[chunk.rejected]])
-        # Index lists built on the host: no device synchronization per chunk.
-        seq_list = [*range(chunk.first, chunk.last), *range(n_seqs // 2 + chunk.first, n_seqs // 2 + chunk.last)]
-        seqs = torch.tensor(seq_list, device=hidden.device)
-        lengths = torch.tensor([bounds[j + 1] - bounds[j] for j in seq_list], device=hidden.device)
         token_seq = torch.repeat_interleave(torch.arange(len(seq_list), device=hidden.device), lengths,
                                             output_size=chunk.rows)
         # The last piece's logits stay for the gradient pass, which starts with it; the others are computed again.
@@ -274,9 +292,8 @@ def fwdgrad_head_loss(
         g = sequence_grads(s, seqs)[token_seq]
         dh_chunk = torch.empty_like(h) if want_dh else None
         for piece in pieces[-1:] + pieces[:-1]:
-            if logits is None:  # a recomputed piece goes through both passes again, as the pair requires
-                logits = logits_of(h[piece])
-                passes.row_logprobs(logits, t[piece], ignore_index)
+            if logits is None:  # a recomputed piece: its logsumexps are known from the first pass
+                logits = passes.reload_(logits_of(h[piece]), lse[piece])
             dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype,
                                           ignore_index=ignore_index)
             logits = None

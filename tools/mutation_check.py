@@ -137,8 +137,17 @@ MUTATIONS = [
         "block.div_(row_sum[rows, None])", "pass"),),
         "fwdgrad: the gradient from exp(logits - max), not normalized to the softmax"),
     Mutation("fwdgrad_recomputed_piece_raw_logits", FWDGRAD, ((
-        "                passes.row_logprobs(logits, t[piece], ignore_index)\n", ""),),
-        "fwdgrad: a recomputed piece of a long pair handed to the gradient pass as raw logits"),
+        "return RowPasses(row_logprobs, logit_grad_, softmax_from_lse_)",
+        "return RowPasses(row_logprobs, logit_grad_, _logits_stay)"),),
+        "fwdgrad: a recomputed piece of a long pair handed to the torch gradient pass as raw logits"),
+    Mutation("fwdgrad_recomputed_piece_probabilities_to_kernel", FWDGRAD, ((
+        "return RowPasses(kernels.row_logprobs, kernels.logit_grad_, _logits_stay)",
+        "return RowPasses(kernels.row_logprobs, kernels.logit_grad_, softmax_from_lse_)"),),
+        "fwdgrad: a recomputed piece handed to the Triton gradient kernel (which reads logits) as probabilities"),
+    Mutation("fwdgrad_recomputed_piece_lse_of_another_piece", FWDGRAD, ((
+        "logits = passes.reload_(logits_of(h[piece]), lse[piece])",
+        "logits = passes.reload_(logits_of(h[piece]), lse[:piece.stop - piece.start])"),),
+        "fwdgrad: a recomputed piece normalized with the first piece's logsumexps"),
     Mutation("fwdgrad_grad_output_ignored", FWDGRAD, ((
         "unit = bool(grad_output == 1)", "unit = True"),),
         "fwdgrad: the stored gradients are not scaled by the loss's upstream gradient"),
