@@ -12,7 +12,7 @@ GEMMs per token, from the chunk plan alone; `x GEMMs` is the time measured again
 as in `bench.run`). Timings are interleaved (every candidate once per round); peak memory is measured apart.
 
 Writes DIR/results.json, DIR/summary.md and DIR/frontier.png (time against memory, one point per chunk size);
-DIR defaults to bench/results/chunk-sweep-<device>-<date>-<commit>.
+DIR defaults to bench/results/chunk-sweep-N<n>-<device>-<date>-<commit>.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     rows = sweep(shape, getattr(torch, args.dtype), device, chunks, args.reps)
     default = env.default_out_dir(device)  # bench/results/<device>-<date>-<commit>
-    out = args.out or os.path.join(os.path.dirname(default), "chunk-sweep-" + os.path.basename(default))
+    out = args.out or os.path.join(os.path.dirname(default), f"chunk-sweep-N{args.n}-{os.path.basename(default)}")
     os.makedirs(out, exist_ok=True)
     meta = dict(device=env.device_name(device), date=env.timestamp(), commit=env.git_sha(), versions=env.versions(),
                 command="python -m bench.chunk_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
