@@ -117,12 +117,15 @@ def addmm_rows(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> lis
         for x, y in zip(a, b):
             torch.mm(x, y)
 
-    from rpo_fast.gemm import fp32_out_on_tensor_cores
+    from rpo_fast.gemm import accumulates_in_place, fp32_out_on_tensor_cores
 
-    probe = fp32_out_on_tensor_cores(a[0])  # whether rpo_fast's head products take this path here
-    rows = [dict(op="micro", provider="rpo_fast.gemm probe", mode="-", metric="uses_out_dtype", unit="",
-                 x_name="check", x_value="addmm", p50=float(probe), p20=math.nan, p80=math.nan,
-                 config=json.dumps(dict(device=str(device), dtype=str(dtype).replace("torch.", ""))))]
+    # Which path rpo_fast's head products take here: out_dtype products at all, and accumulation in place
+    # (else a tensor-core product into a temporary, added slice by slice).
+    probe_config = json.dumps(dict(device=str(device), dtype=str(dtype).replace("torch.", "")))
+    rows = [dict(op="micro", provider="rpo_fast.gemm probe", mode="-", metric=metric, unit="", x_name="check",
+                 x_value="addmm", p50=float(value), p20=math.nan, p80=math.nan, config=probe_config)
+            for metric, value in (("uses_out_dtype", fp32_out_on_tensor_cores(a[0])),
+                                  ("accumulates_in_place", accumulates_in_place(a[0])))]
     for name, fn in (("addmm out_dtype=fp32", out_dtype_acc), ("fp32 upcast + addmm_", upcast_acc),
                      ("bf16 mm (no accumulation)", plain)):
         config = dict(m=m, k=k, n=n, steps=steps, dtype=str(dtype).replace("torch.", ""))

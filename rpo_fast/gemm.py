@@ -4,41 +4,63 @@ The head's products take bf16/fp16 operands (hidden [N, H], weight [V, H], logit
 give float32 results: logits in fp32 (so the log-softmax never sees bf16-rounded logits) and a weight
 gradient accumulated in fp32 over many token chunks. On CUDA, `torch.mm(..., out_dtype=torch.float32)` and
 `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` do that on tensor cores with fp32 accumulation
-and no bf16 round trip. Older torch builds lack `out_dtype`, and some accumulate wrongly into `out` with
-beta=1, so the first call on each CUDA device probes both on small tensors and falls back to upcast
-products when the probe fails. On CPU (where `out_dtype` is not implemented for half operands) the
-operands are upcast: fp32 products, the same values a GPU's fp32-accumulating GEMM approximates.
+and no bf16 round trip. Older torch builds lack `out_dtype`, and some refuse or mis-accumulate an fp32 `out`
+with half operands, so the first call on each CUDA device probes both on small tensors. Where only the
+in-place accumulation fails, the product still runs on tensor cores (`mm` with out_dtype) into a temporary of
+at most `ACCUMULATE_ELEMENTS` fp32 elements, added to the accumulator slice by slice; only where `mm` with
+out_dtype fails too are the operands upcast (fp32 products on CUDA cores: correct, many times slower). On
+CPU (where `out_dtype` is not implemented for half operands) the operands are upcast: fp32 products, the
+same values a GPU's fp32-accumulating GEMM approximates.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# The fallback accumulation's temporary: 2**26 fp32 elements (256 MiB), e.g. 16384 rows of a 4096-wide weight
+# gradient, rows enough for the product to run at tensor-core speed.
+ACCUMULATE_ELEMENTS = 2**26
+
+
+class _Probe(NamedTuple):
+    mm: bool  # torch.mm(a, b, out_dtype=float32) runs and is right
+    addmm_into_out: bool  # torch.addmm(acc, a, b, out_dtype=float32, out=acc) accumulates in place, right
+
+
 @functools.lru_cache(maxsize=None)
-def _cuda_out_dtype_works(device: str, dtype: torch.dtype) -> bool:
-    """Whether mm/addmm with out_dtype=float32 run and accumulate correctly on this CUDA device."""
+def _probe_cuda(device: str, dtype: torch.dtype) -> _Probe:
+    """What of mm/addmm with out_dtype=float32 runs and computes correctly on this CUDA device."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(64, 48, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(48, 32, generator=gen).to(device=device, dtype=dtype)
+    exact = a.double() @ b.double()
     try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        a = torch.randn(64, 48, generator=gen).to(device=device, dtype=dtype)
-        b = torch.randn(48, 32, generator=gen).to(device=device, dtype=dtype)
-        exact = a.double() @ b.double()
         prod = torch.mm(a, b, out_dtype=torch.float32)
+        ok_mm = prod.dtype == torch.float32 and torch.allclose(prod.double(), exact, atol=1e-3, rtol=1e-3)
+    except (RuntimeError, TypeError, NotImplementedError):
+        ok_mm = False
+    try:
         acc = torch.ones(64, 32, device=device, dtype=torch.float32)
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        ok_mm = prod.dtype == torch.float32 and torch.allclose(prod.double(), exact, atol=1e-3, rtol=1e-3)
         ok_addmm = torch.allclose(acc.double(), exact + 1, atol=1e-3, rtol=1e-3)
-        return bool(ok_mm and ok_addmm)
     except (RuntimeError, TypeError, NotImplementedError):
-        return False
+        ok_addmm = False
+    return _Probe(bool(ok_mm), bool(ok_mm and ok_addmm))
 
 
 def fp32_out_on_tensor_cores(a: torch.Tensor) -> bool:
     """True when products of `a`'s dtype on its device can give fp32 results directly (CUDA, bf16/fp16)."""
-    return a.device.type == "cuda" and a.dtype in HALF_DTYPES and _cuda_out_dtype_works(str(a.device), a.dtype)
+    return a.device.type == "cuda" and a.dtype in HALF_DTYPES and _probe_cuda(str(a.device), a.dtype).mm
+
+
+def accumulates_in_place(a: torch.Tensor) -> bool:
+    """True when `addmm_f32_` with operands like `a` is one tensor-core addmm into the accumulator."""
+    return fp32_out_on_tensor_cores(a) and _probe_cuda(str(a.device), a.dtype).addmm_into_out
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,8 +74,13 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`acc += a @ b` in place, accumulated in fp32: acc [M, N] fp32, a [M, K], b [K, N] of one float dtype."""
-    if fp32_out_on_tensor_cores(a):
+    if accumulates_in_place(a):
         return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if fp32_out_on_tensor_cores(a):  # tensor-core products, added slice by slice (module docstring)
+        rows = max(1, ACCUMULATE_ELEMENTS // max(1, acc.shape[1]))
+        for start in range(0, acc.shape[0], rows):
+            acc[start:start + rows].add_(torch.mm(a[start:start + rows], b, out_dtype=torch.float32))
+        return acc
     if a.dtype != torch.float32:
         a, b = a.float(), b.float()
     return acc.addmm_(a, b)

@@ -138,6 +138,7 @@ def test_micro_checks_on_cpu():
     assert all(json.loads(r["config"])["exact"] and r["p50"] > 0 for r in atomics)
     by = {(r["provider"], r["metric"]): r for r in rows if r["x_value"] == "addmm"}
     assert by[("rpo_fast.gemm probe", "uses_out_dtype")]["p50"] == 0.0
+    assert by[("rpo_fast.gemm probe", "accumulates_in_place")]["p50"] == 0.0
     assert ("addmm out_dtype=fp32", "unsupported") in by
     assert by[("fp32 upcast + addmm_", "rel_err_vs_fp64")]["p50"] < 1e-6
     assert "**Micro-checks**" in "\n".join(report.micro_table(rows))

@@ -47,6 +47,7 @@ def cuda_products(monkeypatch):
 
     on_tensor_cores = lambda t: t.dtype in HALF  # noqa: E731 - what a CUDA device with a working probe says
     monkeypatch.setattr(gemm, "fp32_out_on_tensor_cores", on_tensor_cores)
+    monkeypatch.setattr(gemm, "accumulates_in_place", on_tensor_cores)
     monkeypatch.setattr(chunked, "fp32_out_on_tensor_cores", on_tensor_cores)
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
@@ -79,10 +80,23 @@ def test_recompute_head_in_its_cuda_configuration_against_float64(layout, cuda_p
     assert cuda_products
 
 
+def test_accumulation_without_addmm_into_out_stays_on_tensor_core_products(cuda_products, monkeypatch):
+    """Where the probe finds mm with out_dtype working but not addmm into an fp32 `out`, the weight gradient
+    is still accumulated from out_dtype products (slices of at most ACCUMULATE_ELEMENTS), not upcast ones."""
+    monkeypatch.setattr(gemm, "accumulates_in_place", lambda t: False)
+    monkeypatch.setattr(gemm, "ACCUMULATE_ELEMENTS", 40 * 29)
+    a, b = torch.randn(97, 53).bfloat16(), torch.randn(53, 29).bfloat16()
+    acc = torch.full((97, 29), 0.5)
+    assert gemm.addmm_f32_(acc, a, b) is acc
+    torch.testing.assert_close(acc.double(), a.double() @ b.double() + 0.5, atol=1e-4, rtol=1e-5)
+    assert cuda_products == [(40, 53, 29), (40, 53, 29), (17, 53, 29)]  # three out_dtype products
+
+
 def test_out_dtype_products_on_meta(monkeypatch):
     """torch's real mm/addmm out_dtype overloads take gemm's calls with the head's operand layouts (a
     transposed dlogits block, the transposed weight) and give fp32 results, the accumulator in place."""
     monkeypatch.setattr(gemm, "fp32_out_on_tensor_cores", lambda t: t.dtype in HALF)
+    monkeypatch.setattr(gemm, "accumulates_in_place", lambda t: t.dtype in HALF)
     meta = dict(device="meta", dtype=torch.bfloat16)
     h, w, dlogits = torch.empty(48, 32, **meta), torch.empty(96, 32, **meta), torch.empty(48, 96, **meta)
     logits = gemm.mm_f32(h, w.T)
