@@ -6,7 +6,9 @@
 # loss: 0. micro-checks (bench/micro.py, ~15 s): fp32 tl.atomic_add throughput with sem="acq_rel" vs "relaxed",
 #       and torch.addmm(acc32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc32) (error vs float64, time vs
 #       the fp32-upcast fallback and a bf16 mm), 1. correctness of impl="triton" against the dense fp32
-#       reference at real sizes (bf16; judged relative to the same-dtype dense error), 2. the loss
+#       reference at real sizes (bf16; judged relative to the same-dtype dense error), and of the packed
+#       attention's CUDA kernels (flash-attn / torch varlen, forward and backward, plain and shared-prompt rows)
+#       against the CPU sdpa path in float64 (bench/attention_correctness.py, a few seconds), 2. the loss
 #       microbenchmarks, one provider per head backward choice (ours_fwdgrad, ours_recompute, ours_atomic,
 #       ours_atomic_filter) beside dense, dense+compile, Liger, CCE and the bare GEMMs: the Llama-3-8B preset in
 #       every mode, then Mistral-7B, Gemma-7B and the published CE heads' shape (M=4096, H=4096, V=128256),

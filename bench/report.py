@@ -212,6 +212,31 @@ def correctness_table(rows) -> list[str]:
     return out
 
 
+def attention_correctness_table(rows) -> list[str]:
+    """The packed attention's kernels against the CPU sdpa path in float64 (`bench.attention_correctness`)."""
+    ar = [r for r in rows if r["op"] == "attention_correctness"]
+    if not ar:
+        return []
+    out = ["**Attention correctness** (packed rows of random pairs, bf16, 8 query / 2 key-value heads; rel. error "
+           "vs the CPU sdpa path in float64; pass: err <= 2 x that path's own bf16 err + 0.01)\n",
+           "| layout | backend | out | dq | dk | dv | pass |", "|---|---|---|---|---|---|---|"]
+    by = defaultdict(dict)
+    for r in ar:
+        by[r["x_value"]][(r["provider"], r["metric"])] = r["p50"]
+    for label, m in by.items():
+        for backend in dict.fromkeys(p for p, _ in m if p != "cpu sdpa bf16"):
+            cells = []
+            for q in ("out", "dq", "dk", "dv"):
+                e, c = m.get((backend, f"rel_err_{q}")), m.get(("cpu sdpa bf16", f"rel_err_{q}"))
+                cells.append("—" if e is None else f"{e:.1e} (cpu {c:.1e})")
+            passes = [v for (p, k), v in m.items() if p == backend and k.startswith("pass")]
+            ok = "yes" if passes and all(v == 1 for v in passes) else "NO"
+            out.append(f"| {label.replace('attention ' + backend + ' ', '')} | {backend} | " + " | ".join(cells)
+                       + f" | {ok} |")
+    out.append("")
+    return out
+
+
 # --------------------------------------------------------------------------------------------- targets
 
 FUSED = "ours_fwdgrad"  # the fused RPO loss as users get it (backward="auto" where gradients are needed)
@@ -386,7 +411,7 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
               "logits under torch.compile; its Triton kernel needs a GPU). `gemm` is a time floor, not a loss.", ""]
     lines += ["## Loss through the LM head", ""] + headline_tables(rows) + sweep_tables(rows)
     lines += published_ce_table(rows) + micro_table(rows)
-    lines += train_table(rows) + correctness_table(rows)
+    lines += train_table(rows) + correctness_table(rows) + attention_correctness_table(rows)
     return "\n".join(lines) + "\n"
 
 

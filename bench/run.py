@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from . import correctness, env, micro, providers, report, shapes, train_step
+from . import attention_correctness, correctness, env, micro, providers, report, shapes, train_step
 from .loss_bench import LossBench
 from .shapes import Shape
 
@@ -162,6 +162,13 @@ def main(argv=None) -> int:
             log(f"   correctness took {time.monotonic() - t0:.0f} s")
             if not ok:
                 notes.append(f"**Correctness check FAILED for impl={impl}**: see the correctness table.")
+            if suite_name in ("gpu", "gpu-dryrun"):
+                log("== attention correctness: the packed attention's kernels vs the CPU sdpa path in float64")
+                t0 = time.monotonic()
+                if not attention_correctness.run(device, results.emit, log):
+                    ok = False
+                    notes.append("**Attention correctness FAILED**: see the attention correctness table.")
+                log(f"   attention correctness took {time.monotonic() - t0:.0f} s")
         log("== loss microbenchmarks")
         bench = LossBench(suite, device, results.emit, providers=only,
                           deadline=None if deadline is None else deadline - train_reserve, log=log)

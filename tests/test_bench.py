@@ -2,6 +2,7 @@
 well-formed long-format CSV, the summary and the plots. Seconds in all; the numbers themselves are not judged
 here (they are benchmark results, not test results)."""
 import csv
+import inspect
 import json
 import math
 import os
@@ -161,3 +162,28 @@ def test_chunk_sweep_writes_the_frontier(tmp_path):
     assert "| fwdgrad chunk=8 | 8 | 1.250 |" in (tmp_path / "summary.md").read_text()
     with pytest.raises(ValueError, match="--chunks"):
         chunk_sweep.parse_chunks("auto,0")
+
+
+def test_attention_correctness_catches_a_kernel_that_drops_the_window(monkeypatch):
+    """The GPU suite's attention check, run through the CUDA branch on the CPU with a stand-in of torch's varlen
+    kernel (tests/test_attention.py): it passes the documented kernel, and fails one that ignores the window."""
+    from torch.nn.attention import varlen
+
+    from bench import attention_correctness
+    from test_attention import use_cuda_backend
+
+    calls = use_cuda_backend(monkeypatch, "torch_varlen")
+    errors = attention_correctness.check_layout(CPU, "torch_varlen", shared=True, window=24)
+    assert calls and all(err <= 2 * cpu + attention_correctness.TOL for err, cpu in errors.values()), errors
+    documented = varlen.varlen_attn
+    signature = inspect.signature(documented)
+
+    def windowless(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["window_size"] = (-1, 0)  # causal, the window dropped
+        return documented(*bound.args, **bound.kwargs)
+
+    windowless.__signature__ = signature
+    monkeypatch.setattr(varlen, "varlen_attn", windowless)
+    errors = attention_correctness.check_layout(CPU, "torch_varlen", shared=True, window=24)
+    assert errors["out"][0] > 2 * errors["out"][1] + attention_correctness.TOL, errors

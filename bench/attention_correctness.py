@@ -1,0 +1,115 @@
+"""Correctness of the packed attention's kernels (`rpo_fast.attention`) on the device they run on.
+
+The trainer's packed rows go through `varlen_attention_forward`: on CUDA flash-attn's varlen kernel when it
+loads, else PyTorch's own varlen kernel, both in bf16; on the CPU sdpa per block. Each backend the device has
+is run forward and backward on packed rows of random preference pairs, plain (two full sequences per pair)
+and shared-prompt (each pair's prompt once, both responses attending to it), with and without a sliding
+window, grouped-query heads, and judged against the CPU sdpa path in float64: output and q/k/v gradients,
+relative error (Frobenius) within twice the CPU sdpa path's own bf16 error plus 1e-2.
+
+The GPU suite runs this beside the head's correctness (`bench.run`), since the unit tests that exercise the
+real CUDA kernels are skipped on CPU-only machines.
+"""
+from __future__ import annotations
+
+import json
+import random
+from typing import Callable
+
+import torch
+
+from rpo_fast import attention
+from rpo_fast.data import PreferenceExample
+from rpo_fast.packing import pack_pairs
+
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
+WINDOWS = (None, 24)
+TOL = 1e-2
+
+
+def random_pairs(n: int, seed: int = 0) -> list[PreferenceExample]:
+    rng = random.Random(seed)
+
+    def ids(low, high):
+        return [rng.randrange(10, 1000) for _ in range(rng.randint(low, high))]
+
+    return [PreferenceExample(ids(5, 60), ids(3, 50), ids(3, 50), k) for k in range(n)]
+
+
+def backends(device: torch.device) -> list[str]:
+    """The attention backends `device` runs: the CUDA kernels that load here, else sdpa."""
+    if device.type != "cuda":
+        return ["sdpa"]
+    found = [name for name, available in (("flash_attn", attention.flash_attn_available()),
+                                          ("torch_varlen", attention.torch_varlen_available())) if available]
+    return found or ["sdpa"]
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _attend(q, k, v, upstream, kwargs, backend: str):
+    """(output, dq, dk, dv) of varlen_attention_forward through `backend` on leaves q, k, v [1, heads, L, D]."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    module = torch.nn.Module().eval()
+    saved = attention.select_backend
+    attention.select_backend = lambda device: backend
+    try:
+        out = attention.varlen_attention_forward(module, q, k, v, None, **kwargs)[0]
+    finally:
+        attention.select_backend = saved
+    out.backward(upstream.to(out.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_layout(device: torch.device, backend: str, shared: bool, window: int | None, seed: int = 0) -> dict:
+    """Relative errors of one backend on one packed layout: {quantity: (backend's, cpu sdpa bf16's)}."""
+    batch = pack_pairs(random_pairs(6, seed), share_prompt=shared)
+    gen = torch.Generator().manual_seed(seed)
+    length = batch.num_tokens
+    q = torch.randn(1, HEADS, length, HEAD_DIM, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(1, length, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+    kwargs = dict(scaling=HEAD_DIM ** -0.5, sliding_window=window, **batch.attention_kwargs())
+    exact = _attend(q, k, v, upstream, kwargs, "sdpa")  # on the CPU, float64
+    cpu_bf16 = _attend(*(t.bfloat16() for t in (q, k, v)), upstream, kwargs, "sdpa")
+    on_device = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+    got = _attend(*(t.to(device, torch.bfloat16) for t in (q, k, v)), upstream.to(device), on_device, backend)
+    names = ("out", "dq", "dk", "dv")
+    return {name: (_rel_err(g, e), _rel_err(c, e)) for name, g, c, e in zip(names, got, cpu_bf16, exact)}
+
+
+def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str], None] = print) -> bool:
+    """Every backend of `device` x {plain, shared prompt} x windows; emits correctness rows; True when all pass."""
+    all_ok = True
+    for backend in backends(device):
+        for shared in (False, True):
+            for window in WINDOWS:
+                label = f"attention {backend} {'shared-prompt' if shared else 'plain'} window={window}"
+                config = dict(backend=backend, shared_prompt=shared, window=window, heads=HEADS, kv_heads=KV_HEADS,
+                              head_dim=HEAD_DIM, dtype="bfloat16", judge="cpu sdpa float64")
+                try:
+                    errors = check_layout(device, backend, shared, window)
+                except Exception as exc:
+                    log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
+                    emit(_row(backend, "pass_run", 0.0, label, dict(config, error=str(exc)[:200])))
+                    all_ok = False
+                    continue
+                ok = True
+                for quantity, (err, cpu_err) in errors.items():
+                    passed = err <= 2 * cpu_err + TOL
+                    ok &= passed
+                    emit(_row(backend, f"rel_err_{quantity}", err, label, config))
+                    emit(_row("cpu sdpa bf16", f"rel_err_{quantity}", cpu_err, label, config))
+                    emit(_row(backend, f"pass_{quantity}", float(passed), label, config))
+                all_ok &= ok
+                log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
+                    f"{q} {e:.1e} (cpu bf16 {c:.1e})" for q, (e, c) in errors.items()))
+    return all_ok
+
+
+def _row(provider, metric, value, label, config) -> dict:
+    return dict(op="attention_correctness", provider=provider, mode="full", metric=metric, unit="1", x_name="shape",
+                x_value=label, p50=value, p20=value, p80=value, config=json.dumps(config))
