@@ -186,27 +186,38 @@ def train_table(rows) -> list[str]:
     return out
 
 
+def _by_label(rows, op: str) -> dict[str, dict[tuple[str, str], float]]:
+    """{x_value: {(provider, metric): p50}} of the rows of one correctness `op`."""
+    by = defaultdict(dict)
+    for r in rows:
+        if r["op"] == op:
+            by[r["x_value"]][(r["provider"], r["metric"])] = r["p50"]
+    return by
+
+
+def _judged_cells(m: dict, provider: str, baseline: str, quantities, tag: str) -> tuple[list[str], str]:
+    """Table cells 'err (tag baseline-err)' per quantity, and 'yes' when every pass_* row of `provider` is 1."""
+    cells = []
+    for q in quantities:
+        e, b = m.get((provider, f"rel_err_{q}")), m.get((baseline, f"rel_err_{q}"))
+        cells.append("—" if e is None else f"{e:.1e} ({tag} {b:.1e})")
+    passes = [v for (p, k), v in m.items() if p == provider and k.startswith("pass")]
+    return cells, "yes" if passes and all(v == 1 for v in passes) else "NO"
+
+
 def correctness_table(rows) -> list[str]:
-    cr = [r for r in rows if r["op"] == "correctness"]
-    if not cr:
+    by = _by_label(rows, "correctness")
+    if not by:
         return []
     out = ["**Correctness** (rel. error vs the dense op in a higher precision: float64 for fp32 inputs, fp32 for "
            "bf16; pass: err <= 2 x same-dtype dense err + tol)\n",
            "| shape | path | value | dhidden | dweight | pass |", "|---|---|---|---|---|---|"]
-    by = defaultdict(dict)
-    for r in cr:
-        by[r["x_value"]][(r["provider"], r["metric"])] = r["p50"]
     for label, m in by.items():
         for provider in dict.fromkeys(p for p, _ in m if p != "dense"):
             loss = any(k.startswith("rel_err_loss") for p, k in m if p == provider)
             path = f"loss backward={provider[5:]}" if loss else f"linear_logprobs impl={provider[5:]}"
             quantities = ("loss", "loss_dhidden", "loss_dweight") if loss else ("logprobs", "dhidden", "dweight")
-            cells = []
-            for q in quantities:
-                e, d = m.get((provider, f"rel_err_{q}")), m.get(("dense", f"rel_err_{q}"))
-                cells.append("—" if e is None else f"{e:.1e} (dense {d:.1e})")
-            passes = [v for (p, k), v in m.items() if p == provider and k.startswith("pass")]
-            ok = "yes" if passes and all(v == 1 for v in passes) else "NO"
+            cells, ok = _judged_cells(m, provider, "dense", quantities, "dense")
             out.append(f"| {label} | {path} | " + " | ".join(cells) + f" | {ok} |")
     out.append("")
     return out
@@ -214,25 +225,17 @@ def correctness_table(rows) -> list[str]:
 
 def attention_correctness_table(rows) -> list[str]:
     """The packed attention's kernels against the CPU sdpa path in float64 (`bench.attention_correctness`)."""
-    ar = [r for r in rows if r["op"] == "attention_correctness"]
-    if not ar:
+    by = _by_label(rows, "attention_correctness")
+    if not by:
         return []
     out = ["**Attention correctness** (packed rows of random pairs, bf16, 8 query / 2 key-value heads; rel. error "
            "vs the CPU sdpa path in float64; pass: err <= 2 x that path's own bf16 err + 0.01)\n",
            "| layout | backend | out | dq | dk | dv | pass |", "|---|---|---|---|---|---|---|"]
-    by = defaultdict(dict)
-    for r in ar:
-        by[r["x_value"]][(r["provider"], r["metric"])] = r["p50"]
     for label, m in by.items():
         for backend in dict.fromkeys(p for p, _ in m if p != "cpu sdpa bf16"):
-            cells = []
-            for q in ("out", "dq", "dk", "dv"):
-                e, c = m.get((backend, f"rel_err_{q}")), m.get(("cpu sdpa bf16", f"rel_err_{q}"))
-                cells.append("—" if e is None else f"{e:.1e} (cpu {c:.1e})")
-            passes = [v for (p, k), v in m.items() if p == backend and k.startswith("pass")]
-            ok = "yes" if passes and all(v == 1 for v in passes) else "NO"
-            out.append(f"| {label.replace('attention ' + backend + ' ', '')} | {backend} | " + " | ".join(cells)
-                       + f" | {ok} |")
+            cells, ok = _judged_cells(m, backend, "cpu sdpa bf16", ("out", "dq", "dk", "dv"), "cpu")
+            layout = label.replace(f"attention {backend} ", "")
+            out.append(f"| {layout} | {backend} | " + " | ".join(cells) + f" | {ok} |")
     out.append("")
     return out
 
