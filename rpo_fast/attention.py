@@ -6,13 +6,16 @@ sequence. `varlen_attention_forward` is registered under `ATTN_IMPLEMENTATION` (
 
 - `flash_attn_varlen_func` (flash-attn) on CUDA when installed;
 - `torch.nn.attention.varlen.varlen_attn` (PyTorch's own flash kernel) on CUDA otherwise;
-- `scaled_dot_product_attention` everywhere else (CPU, and fp32 on CUDA outside autocast): once per
+- `scaled_dot_product_attention` everywhere else (CPU; fp32 on CUDA outside autocast; a sliding window
+  that masks keys where this torch's varlen kernel has no window): once per
   sequence, causal; for a shared-prompt pair twice, the prompt causal, then both responses with one mask
   (`_sdpa_per_block`). Exact: the same math as unpacked sdpa, with no [L, L] mask.
 
 The CUDA varlen kernels take fp16/bf16 only, all three of q, k, v in one dtype. Under autocast with fp32
 weights (mixed_precision="bf16") q and k leave the rotary embedding in fp32 while v is bf16: they are cast
-to the autocast dtype (`kernel_dtype`), as transformers' own flash-attention integration does.
+to the autocast dtype (`kernel_dtype`), as transformers' own flash-attention integration does. A sliding
+window at least as long as every key segment masks nothing and is dropped (Mistral's 4096 on rows of
+shorter sequences), so it never costs a kernel choice.
 
 transformers builds no attention mask for a registered name it does not know (masking_utils returns
 None), so the boundaries come from the `cu_seq_lens_q` / `max_length_q` keyword arguments (the
@@ -52,6 +55,13 @@ def torch_varlen_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def torch_varlen_takes_window() -> bool:
+    """Whether torch's varlen_attn has a sliding window (`window_size`; older builds: causal only)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "window_size" in inspect.signature(varlen_attn).parameters
 
 
 def select_backend(device: torch.device) -> str:
@@ -181,11 +191,15 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, sliding_window):
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    kwargs = {"scale": scale}
-    if "window_size" in params:  # torch >= 2.12: causal is a (left, 0) window
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and scale != q.shape[-1] ** -0.5:  # older builds: the default 1/sqrt(D) only
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if "window_size" in params:  # newer builds: causal is a (left, 0) window
         kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
-    elif sliding_window is not None:
-        raise ValueError("sliding_window: this torch's varlen_attn has no window_size; install flash-attn")
+    elif sliding_window is not None:  # the caller routes a window that matters elsewhere (sdpa)
+        raise ValueError("sliding_window: this torch's varlen_attn has no window_size")
     else:
         kwargs["is_causal"] = True
     if k.shape[1] != q.shape[1]:
@@ -262,10 +276,15 @@ def varlen_attention_forward(
         max_length_q = None
     if rpo_key_index is None:  # each segment attends to itself
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    max_k = int(cu_seq_lens_k.diff().max()) if max_length_k is None else int(max_length_k)
+    if sliding_window is not None and max_k <= sliding_window:
+        sliding_window = None  # every key of every segment is inside the window: it masks nothing
     backend = select_backend(query.device)
     dtype = None if backend == "sdpa" else kernel_dtype(query, key, value)
     if dtype is None:  # the CPU, or fp32 outside autocast (the varlen kernels refuse fp32)
         backend = "sdpa"
+    if backend == "torch_varlen" and sliding_window is not None and not torch_varlen_takes_window():
+        backend = "sdpa"  # a window that masks keys, which this torch's varlen kernel cannot do
     if backend == "sdpa":
         out = _sdpa_per_block(query, key, value, cu_seq_lens_q.tolist(), scale=scaling, dropout=dropout,
                                  sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads,
@@ -281,7 +300,6 @@ def varlen_attention_forward(
     cu_q = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
     cu_k = cu_seq_lens_k.to(device=query.device, dtype=torch.int32)
     max_q = int(cu_q.diff().max()) if max_length_q is None else int(max_length_q)
-    max_k = int(cu_k.diff().max()) if max_length_k is None else int(max_length_k)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 

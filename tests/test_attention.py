@@ -250,6 +250,40 @@ def test_cuda_branch_runs_the_kernels_in_half_precision(backend, monkeypatch):
     assert_close(exact, want, atol=1e-6, rtol=1e-6, name="fp32 without autocast")
 
 
+def old_torch_varlen(calls):
+    """torch's first `varlen_attn` signature (no scale, no window, no GQA: causal or not, 1/sqrt(D)),
+    computing what its kernel computes (`documented_varlen`)."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert query.shape[1] == key.shape[1] == value.shape[1], "no GQA in this signature"
+        calls.append(is_causal)
+        return documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=query.shape[-1] ** -0.5,
+                                 window=(-1, -1), causal=is_causal)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("window,kernel", [(None, True), (5, False), (10_000, True)])
+def test_an_older_torch_varlen_kernel(share_prompt, window, kernel, monkeypatch):
+    """torch's varlen_attn without scale, window or GQA: a custom scale goes in through q, grouped heads are
+    repeated, a window that masks keys runs sdpa instead, and a window longer than every segment (which masks
+    nothing) is dropped and keeps the kernel. Each equals the CPU path."""
+    from torch.nn.attention import varlen
+
+    q, k, v, kwargs = cuda_branch_inputs(share_prompt)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    module = torch.nn.Module().eval()
+    want = attention.varlen_attention_forward(module, *(t.float() for t in (q, k, v)), None, scaling=0.3,
+                                              sliding_window=window, **kwargs)[0]
+    calls = []
+    monkeypatch.setattr(attention, "select_backend", lambda device: "torch_varlen")
+    monkeypatch.setattr(varlen, "varlen_attn", old_torch_varlen(calls))
+    got = attention.varlen_attention_forward(module, q, k, v, None, scaling=0.3, sliding_window=window, **kwargs)[0]
+    assert calls == ([True] if kernel else [])
+    assert_close(got.float(), want, atol=2e-2, rtol=2e-2, name=f"window={window}")
+
+
 def test_real_torch_varlen_op_accepts_the_cuda_branch_call():
     """torch's own `varlen_attn` (its Python checks, the custom op's schema and its fake kernels) takes the
     CUDA branch's call, forward and backward, on the meta device: shared prompt, GQA, sliding window."""
