@@ -44,8 +44,9 @@
 # correctness check failed), else the 7B part's (124: stopped at its hard limit).
 #
 # Installs nothing from a network. Peers missing from the GPU image (liger-kernel, cut-cross-entropy, trl and
-# its datasets) are installed into a temporary folder from wheels in .whl/ (or $RPO_BENCH_WHEELS) when there
-# are any: bench/fetch_wheels.sh downloads them where PyPI is reachable; carry .whl to the GPU machine.
+# its datasets), and the transformers/peft versions CI tests, are installed into a temporary folder from wheels
+# in .whl/ (or $RPO_BENCH_WHEELS) when there are any: bench/fetch_wheels.sh downloads them where PyPI is
+# reachable; carry .whl to the GPU machine (device tool: carry=[".whl"]).
 # Without them those providers are skipped and the summary says so. rpo_fast itself runs from this checkout
 # (no install needed: bench/env.py maps kernels/ to rpo_fast.kernels).
 #
@@ -67,7 +68,7 @@ WHEELS=${RPO_BENCH_WHEELS:-.whl}
 SUITE=${RPO_BENCH_SUITE:-gpu}
 KILL_GRACE_S=15
 
-if [ "$PART" != 7b ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
     SITE=$(mktemp -d /tmp/rpo-bench-site.XXXXXX)
     trap 'rm -rf "$SITE"' EXIT
     for whl in "$WHEELS"/*.whl; do  # one at a time: a wheel for another Python must not block the rest
@@ -78,9 +79,17 @@ if [ "$PART" != 7b ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
             echo "gpu_suite: could not install $(basename "$whl") (wrong Python or platform?); skipped"
         fi
     done
+    # The carried transformers (the version CI tests) must import against the image's torch and tokenizers;
+    # where it does not, the image's own runs instead of nothing.
+    if ! PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import transformers, peft" 2> "$SITE.err"; then
+        echo "gpu_suite: the carried transformers/peft do not import here ($(tail -n 1 "$SITE.err")); using the image's"
+        rm -rf "$SITE"/transformers "$SITE"/transformers-* "$SITE"/peft "$SITE"/peft-* "$SITE"/regex "$SITE"/regex-*
+    fi
+    rm -f "$SITE.err"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-elif [ "$PART" != 7b ]; then
-    echo "gpu_suite: no wheels in $WHEELS: liger, cce and trl run only if the image has them (bench/fetch_wheels.sh)"
+else
+    echo "gpu_suite: no wheels in $WHEELS: liger, cce and trl run only if the image has them, on the image's" \
+         "transformers (bench/fetch_wheels.sh)"
 fi
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
