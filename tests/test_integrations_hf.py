@@ -86,6 +86,7 @@ class DenseRPOTrainer(transformers.Trainer):
 
     def __init__(self, *a, ref_model=None, rpo_args=None, **kw):
         super().__init__(*a, **kw)
+        self.model_accepts_loss_kwargs = False  # so that older transformers divide by the accumulation steps too
         self.ref_model, self.rpo_args = ref_model, rpo_args
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

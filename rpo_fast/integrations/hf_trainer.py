@@ -374,6 +374,10 @@ class RPOTrainerMixin:
     def __init__(self, *args, ref_model: torch.nn.Module | None = None, rpo_args: RPOArguments | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean that the Trainer must divide by the accumulation steps:
+        # `loss_is_scaled_for_ga = False` says so to transformers >= 5.2x; older ones (5.17) divide only when the
+        # model does not take loss kwargs, which is true here (the model never sees num_items_in_batch).
+        self.model_accepts_loss_kwargs = False
         self.rpo_args = rpo_args or RPOArguments()
         install_head_forward(self.model, self.rpo_args.impl)
         self.ref_model = None
