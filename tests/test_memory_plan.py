@@ -22,6 +22,7 @@ import torch
 from rpo_fast import fused_linear_rpo_loss
 from rpo_fast.memory_plan import (GiB, LiveTensorTracker, load_model_config, main, model_shape, plan_memory,
                                   shipped_configs)
+from rpo_fast.modeling import enable_gradient_checkpointing
 from rpo_fast.optim import build_optimizer
 
 PEAK_TOLERANCE = 0.10  # |plan / measured - 1|: calibration cases within 4%, held-out ones within 5.2%
@@ -81,7 +82,7 @@ def measured_peak(config_json: str, pairs=2, max_length=128, prompt=1, mode="ful
                                                                  "gate_proj", "up_proj", "down_proj"]))
     base = model.get_base_model() if mode == "lora" else model
     if checkpointing:
-        base.activation_checkpointing_enable({"use_reentrant": False})
+        enable_gradient_checkpointing(base)  # the trainer's own call (either transformers API name)
     model.train()
     optim = build_optimizer(model, optimizer, lr=1e-4)
     head = base.lm_head.weight
