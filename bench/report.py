@@ -5,6 +5,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from typing import Callable
 
 from .providers import LABELS, ORDER, OURS
 from .shapes import PUBLISHED_CE, PUBLISHED_CE_LABEL, PUBLISHED_CE_MS
@@ -223,21 +224,37 @@ def correctness_table(rows) -> list[str]:
     return out
 
 
-def attention_correctness_table(rows) -> list[str]:
-    """The packed attention's kernels against the CPU sdpa path in float64 (`bench.attention_correctness`)."""
-    by = _by_label(rows, "attention_correctness")
+def _against_baseline_table(rows, op: str, heading: str, first: str, quantities, baseline: str, tag: str,
+                            label_of: Callable[[str, str], str]) -> list[str]:
+    """A correctness table of `op` rows: one line per (label, provider other than `baseline`)."""
+    by = _by_label(rows, op)
     if not by:
         return []
-    out = ["**Attention correctness** (packed rows of random pairs, bf16, 8 query / 2 key-value heads; rel. error "
-           "vs the CPU sdpa path in float64; pass: err <= 2 x that path's own bf16 err + 0.01)\n",
-           "| layout | backend | out | dq | dk | dv | pass |", "|---|---|---|---|---|---|---|"]
+    out = [heading + "\n", f"| {first} | path | " + " | ".join(quantities) + " | pass |",
+           "|---|---|" + "---|" * len(quantities) + "---|"]
     for label, m in by.items():
-        for backend in dict.fromkeys(p for p, _ in m if p != "cpu sdpa bf16"):
-            cells, ok = _judged_cells(m, backend, "cpu sdpa bf16", ("out", "dq", "dk", "dv"), "cpu")
-            layout = label.replace(f"attention {backend} ", "")
-            out.append(f"| {layout} | {backend} | " + " | ".join(cells) + f" | {ok} |")
+        for provider in dict.fromkeys(p for p, _ in m if p != baseline):
+            cells, ok = _judged_cells(m, provider, baseline, quantities, tag)
+            out.append(f"| {label_of(label, provider)} | {provider} | " + " | ".join(cells) + f" | {ok} |")
     out.append("")
     return out
+
+
+def attention_correctness_table(rows) -> list[str]:
+    """The packed attention's kernels against the CPU sdpa path in float64 (`bench.attention_correctness`)."""
+    return _against_baseline_table(
+        rows, "attention_correctness", "**Attention correctness** (packed rows of random pairs, bf16, 8 query / 2 "
+        "key-value heads; rel. error vs the CPU sdpa path in float64; pass: err <= 2 x that path's own bf16 err + "
+        "0.01)", "layout", ("out", "dq", "dk", "dv"), "cpu sdpa bf16", "cpu",
+        lambda label, backend: label.replace(f"attention {backend} ", ""))
+
+
+def backbone_correctness_table(rows) -> list[str]:
+    """Liger's backbone kernels against the model without them in fp32 (`bench.backbone_correctness`)."""
+    return _against_baseline_table(
+        rows, "backbone_correctness", "**Backbone kernels** (2-layer random-init models, bf16; rel. error vs the "
+        "model without the kernels in fp32; pass: err <= 2 x the bf16 model's own err without them + 0.01)",
+        "model", ("loss", "grads"), "bf16 without", "without", lambda label, provider: label)
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -414,7 +431,8 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
               "logits under torch.compile; its Triton kernel needs a GPU). `gemm` is a time floor, not a loss.", ""]
     lines += ["## Loss through the LM head", ""] + headline_tables(rows) + sweep_tables(rows)
     lines += published_ce_table(rows) + micro_table(rows)
-    lines += train_table(rows) + correctness_table(rows) + attention_correctness_table(rows)
+    lines += (train_table(rows) + correctness_table(rows) + attention_correctness_table(rows)
+              + backbone_correctness_table(rows))
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from . import attention_correctness, correctness, env, micro, providers, report, shapes, train_step
+from . import attention_correctness, backbone_correctness, correctness, env, micro, providers, report, shapes, train_step
 from .loss_bench import LossBench
 from .shapes import Shape
 
@@ -169,6 +169,12 @@ def main(argv=None) -> int:
                     ok = False
                     notes.append("**Attention correctness FAILED**: see the attention correctness table.")
                 log(f"   attention correctness took {time.monotonic() - t0:.0f} s")
+                log("== backbone kernels: Liger's RMSNorm/RoPE/SwiGLU (the trainer's default on CUDA) vs fp32 without")
+                t0 = time.monotonic()
+                if not backbone_correctness.run(device, results.emit, log):
+                    ok = False
+                    notes.append("**Backbone kernel correctness FAILED**: see the backbone kernels table.")
+                log(f"   backbone kernels took {time.monotonic() - t0:.0f} s")
         log("== loss microbenchmarks")
         bench = LossBench(suite, device, results.emit, providers=only,
                           deadline=None if deadline is None else deadline - train_reserve, log=log)

@@ -187,3 +187,27 @@ def test_attention_correctness_catches_a_kernel_that_drops_the_window(monkeypatc
     monkeypatch.setattr(varlen, "varlen_attn", windowless)
     errors = attention_correctness.check_layout(CPU, "torch_varlen", shared=True, window=24)
     assert errors["out"][0] > 2 * errors["out"][1] + attention_correctness.TOL, errors
+
+
+def test_backbone_correctness_judges_a_patch(monkeypatch):
+    """The GPU suite's check of Liger's backbone kernels, with stand-in patches on the CPU (Liger's kernels
+    need CUDA): a patch that changes nothing passes; one that breaks every RMSNorm (epsilon 1) fails; where
+    the kernels do not apply (here: the CPU) the family is skipped, not passed."""
+    from bench import backbone_correctness as bc
+
+    def no_change(model):
+        return True
+
+    def broken_norms(model):
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.variance_epsilon = 1.0
+        return True
+
+    errors = bc.check_family("mistral", CPU, no_change)
+    assert all(err <= 2 * plain + bc.TOL for err, plain in errors.values()), errors
+    errors = bc.check_family("mistral", CPU, broken_norms)
+    assert errors["grads"][0] > 2 * errors["grads"][1] + bc.TOL, errors
+    rows, lines = [], []
+    assert bc.run(CPU, rows.append, lines.append) and rows == [] and len(lines) == len(bc.FAMILIES)
+    assert "the kernels do not apply here" in lines[0]

@@ -1,0 +1,97 @@
+"""Correctness of Liger's backbone kernels (RMSNorm, RoPE, SwiGLU) as the trainer applies them on CUDA
+(`rpo_fast.modeling.enable_liger_kernels`, the default `liger_kernels: true`).
+
+A small random-init model of each family is run forward and backward on random tokens in bf16, with and
+without the kernels, and both are judged against the model without them in fp32: the loss and every parameter
+gradient (relative error, Frobenius, over all gradients at once) of the patched model within twice the unpatched
+bf16 model's own error plus 1e-2. Skipped (nothing to judge) where the kernels do not apply: the CPU, or
+liger-kernel not installed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Callable
+
+import torch
+
+from rpo_fast import modeling
+
+FAMILIES = ("llama", "mistral", "qwen2")
+TOL = 1e-2
+
+
+def tiny_model(family: str):
+    """A 2-layer model of `family` (grouped-query heads, untied head), fp32, random init from seed 0."""
+    import transformers
+
+    common = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+              "qwen2": transformers.Qwen2Config}[family](**common)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+
+
+def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    return loss.detach().double(), grads
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_family(family: str, device: torch.device, patch: Callable = modeling.enable_liger_kernels) -> dict | None:
+    """{"loss": (patched err, unpatched bf16 err), "grads": (...)} against fp32 without the kernels; None when
+    `patch` does not apply to this model on this device."""
+    exact = tiny_model(family).to(device)
+    plain = copy.deepcopy(exact).to(torch.bfloat16)
+    patched = copy.deepcopy(plain)
+    if not patch(patched):
+        return None
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, exact.config.vocab_size, (2, 160), generator=gen).to(device)
+    loss32, grads32 = _loss_and_grads(exact, ids)
+    results = [_loss_and_grads(m, ids) for m in (patched, plain)]
+    return {"loss": tuple(_rel_err(r[0], loss32) for r in results),
+            "grads": tuple(_rel_err(r[1], grads32) for r in results)}
+
+
+def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str], None] = print,
+        patch: Callable = modeling.enable_liger_kernels) -> bool:
+    """Every family; emits rows; True when all that ran passed (a family the kernels skip is logged)."""
+    all_ok = True
+    for family in FAMILIES:
+        label = f"liger backbone {family}"
+        try:
+            errors = check_family(family, device, patch)
+        except Exception as exc:
+            log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
+            emit(_row("liger", "pass_run", 0.0, label, {"error": str(exc)[:200]}))
+            all_ok = False
+            continue
+        if errors is None:
+            log(f"  skipped {label}: the kernels do not apply here (CPU, or liger-kernel not installed)")
+            continue
+        ok = True
+        for quantity, (err, plain_err) in errors.items():
+            passed = err <= 2 * plain_err + TOL
+            ok &= passed
+            emit(_row("liger", f"rel_err_{quantity}", err, label, {}))
+            emit(_row("bf16 without", f"rel_err_{quantity}", plain_err, label, {}))
+            emit(_row("liger", f"pass_{quantity}", float(passed), label, {}))
+        all_ok &= ok
+        log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
+            f"{q} {e:.1e} (bf16 without {p:.1e})" for q, (e, p) in errors.items()))
+    return all_ok
+
+
+def _row(provider, metric, value, label, config) -> dict:
+    return dict(op="backbone_correctness", provider=provider, mode="full", metric=metric, unit="1", x_name="model",
+                x_value=label, p50=value, p20=value, p80=value,
+                config=json.dumps(dict(config, dtype="bfloat16", judge="fp32 without the kernels")))
