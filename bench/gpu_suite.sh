@@ -8,7 +8,8 @@
 #       the fp32-upcast fallback and a bf16 mm), 1. correctness of impl="triton" against the dense fp32
 #       reference at real sizes (bf16; judged relative to the same-dtype dense error), and of the packed
 #       attention's CUDA kernels (flash-attn / torch varlen, forward and backward, plain and shared-prompt rows)
-#       against the CPU sdpa path in float64 (bench/attention_correctness.py, a few seconds), 2. the loss
+#       against the CPU sdpa path in float64 (bench/attention_correctness.py, a few seconds), and of Liger's
+#       backbone kernels against the model without them (bench/backbone_correctness.py), 2. the loss
 #       microbenchmarks, one provider per head backward choice (ours_fwdgrad, ours_recompute, ours_atomic,
 #       ours_atomic_filter) beside dense, dense+compile, Liger, CCE and the bare GEMMs: the Llama-3-8B preset in
 #       every mode, then Mistral-7B, Gemma-7B and the published CE heads' shape (M=4096, H=4096, V=128256),
