@@ -12,16 +12,17 @@ real CUDA kernels are skipped on CPU-only machines.
 """
 from __future__ import annotations
 
-import json
 import random
 from typing import Callable
 
 import torch
 
+from .correctness import judge_against_baseline, row
 from rpo_fast import attention
 from rpo_fast.data import PreferenceExample
 from rpo_fast.packing import pack_pairs
 
+OP = "attention_correctness"
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
 WINDOWS = (None, 24)
 TOL = 1e-2
@@ -94,22 +95,11 @@ def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str],
                     errors = check_layout(device, backend, shared, window)
                 except Exception as exc:
                     log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
-                    emit(_row(backend, "pass_run", 0.0, label, dict(config, error=str(exc)[:200])))
+                    emit(row(backend, "pass_run", 0.0, label, dict(config, error=str(exc)[:200]), OP))
                     all_ok = False
                     continue
-                ok = True
-                for quantity, (err, cpu_err) in errors.items():
-                    passed = err <= 2 * cpu_err + TOL
-                    ok &= passed
-                    emit(_row(backend, f"rel_err_{quantity}", err, label, config))
-                    emit(_row("cpu sdpa bf16", f"rel_err_{quantity}", cpu_err, label, config))
-                    emit(_row(backend, f"pass_{quantity}", float(passed), label, config))
+                ok = judge_against_baseline(OP, backend, "cpu sdpa bf16", label, errors, config, emit, TOL)
                 all_ok &= ok
                 log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
                     f"{q} {e:.1e} (cpu bf16 {c:.1e})" for q, (e, c) in errors.items()))
     return all_ok
-
-
-def _row(provider, metric, value, label, config) -> dict:
-    return dict(op="attention_correctness", provider=provider, mode="full", metric=metric, unit="1", x_name="shape",
-                x_value=label, p50=value, p20=value, p80=value, config=json.dumps(config))

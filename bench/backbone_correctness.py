@@ -10,13 +10,15 @@ liger-kernel not installed.
 from __future__ import annotations
 
 import copy
-import json
 from typing import Callable
 
 import torch
 
+from .correctness import judge_against_baseline, row
 from rpo_fast import modeling
 
+OP = "backbone_correctness"
+CONFIG = dict(dtype="bfloat16", judge="fp32 without the kernels")
 FAMILIES = ("llama", "mistral", "qwen2")
 TOL = 1e-2
 
@@ -72,26 +74,14 @@ def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str],
             errors = check_family(family, device, patch)
         except Exception as exc:
             log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
-            emit(_row("liger", "pass_run", 0.0, label, {"error": str(exc)[:200]}))
+            emit(row("liger", "pass_run", 0.0, label, dict(CONFIG, error=str(exc)[:200]), OP))
             all_ok = False
             continue
         if errors is None:
             log(f"  skipped {label}: the kernels do not apply here (CPU, or liger-kernel not installed)")
             continue
-        ok = True
-        for quantity, (err, plain_err) in errors.items():
-            passed = err <= 2 * plain_err + TOL
-            ok &= passed
-            emit(_row("liger", f"rel_err_{quantity}", err, label, {}))
-            emit(_row("bf16 without", f"rel_err_{quantity}", plain_err, label, {}))
-            emit(_row("liger", f"pass_{quantity}", float(passed), label, {}))
+        ok = judge_against_baseline(OP, "liger", "bf16 without", label, errors, CONFIG, emit, TOL)
         all_ok &= ok
         log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
             f"{q} {e:.1e} (bf16 without {p:.1e})" for q, (e, p) in errors.items()))
     return all_ok
-
-
-def _row(provider, metric, value, label, config) -> dict:
-    return dict(op="backbone_correctness", provider=provider, mode="full", metric=metric, unit="1", x_name="model",
-                x_value=label, p50=value, p20=value, p80=value,
-                config=json.dumps(dict(config, dtype="bfloat16", judge="fp32 without the kernels")))

@@ -148,14 +148,30 @@ def _judged(provider, quantities, ours, dense, ref, dtype, label, config) -> lis
     rows = []
     for q, x, d, r in zip(quantities, ours, dense, ref):
         e_ours, e_dense = rel_err(x, r), rel_err(d, r)
-        rows += [_row(provider, f"rel_err_{q}", e_ours, label, config),
-                 _row("dense", f"rel_err_{q}", e_dense, label, config),
-                 _row(provider, f"pass_{q}", float(e_ours <= 2 * e_dense + TOL[dtype]), label, config)]
+        rows += [row(provider, f"rel_err_{q}", e_ours, label, config),
+                 row("dense", f"rel_err_{q}", e_dense, label, config),
+                 row(provider, f"pass_{q}", float(e_ours <= 2 * e_dense + TOL[dtype]), label, config)]
     return rows
 
 
-def _row(provider, metric, value, label, config) -> dict:
-    return dict(op="correctness", provider=provider, mode="full", metric=metric, unit="1", x_name="shape",
+def judge_against_baseline(op: str, provider: str, baseline: str, label: str, errors: dict, config: dict,
+                           emit: Callable[[dict], None], tol: float) -> bool:
+    """For a check judged against a same-dtype baseline path: `errors` {quantity: (provider's error, baseline's
+    error)}, both against a higher-precision judge. Emits each error and a pass row per quantity (provider's
+    error <= 2 x baseline's + tol); True when every quantity passes."""
+    ok = True
+    for quantity, (err, base_err) in errors.items():
+        passed = err <= 2 * base_err + tol
+        ok &= passed
+        for who, metric, value in ((provider, f"rel_err_{quantity}", err), (baseline, f"rel_err_{quantity}", base_err),
+                                   (provider, f"pass_{quantity}", float(passed))):
+            emit(row(who, metric, value, label, config, op))
+    return ok
+
+
+def row(provider, metric, value, label, config, op: str = "correctness") -> dict:
+    """One long-format result row of a correctness check (`bench.report` tables them by `op`)."""
+    return dict(op=op, provider=provider, mode="full", metric=metric, unit="1", x_name="shape",
                 x_value=label, p50=value, p20=value, p80=value, config=json.dumps(config))
 
 
@@ -185,7 +201,7 @@ def run_checks(device: torch.device, dtype: torch.dtype, impl: str, checks, emit
             rows = check_shape(label, shape, dtype, device, impl, bias=bias)
         except Exception as exc:
             log(f"  correctness {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
-            emit(_row(f"ours_{impl}", "pass_run", 0.0, label, dict(N=shape.n, H=shape.h, V=shape.v,
+            emit(row(f"ours_{impl}", "pass_run", 0.0, label, dict(N=shape.n, H=shape.h, V=shape.v,
                                                                    error=str(exc)[:200])))
             all_ok = False
             continue

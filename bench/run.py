@@ -162,19 +162,18 @@ def main(argv=None) -> int:
             log(f"   correctness took {time.monotonic() - t0:.0f} s")
             if not ok:
                 notes.append(f"**Correctness check FAILED for impl={impl}**: see the correctness table.")
-            if suite_name in ("gpu", "gpu-dryrun"):
-                log("== attention correctness: the packed attention's kernels vs the CPU sdpa path in float64")
+            kernel_checks = (
+                ("Attention correctness", "the packed attention's kernels vs the CPU sdpa path in float64",
+                 attention_correctness.run),
+                ("Backbone kernels", "Liger's RMSNorm/RoPE/SwiGLU (the trainer's default on CUDA) vs fp32 without",
+                 backbone_correctness.run))
+            for table, what, check in kernel_checks if suite_name in ("gpu", "gpu-dryrun") else ():
+                log(f"== {table.lower()}: {what}")
                 t0 = time.monotonic()
-                if not attention_correctness.run(device, results.emit, log):
+                if not check(device, results.emit, log):
                     ok = False
-                    notes.append("**Attention correctness FAILED**: see the attention correctness table.")
-                log(f"   attention correctness took {time.monotonic() - t0:.0f} s")
-                log("== backbone kernels: Liger's RMSNorm/RoPE/SwiGLU (the trainer's default on CUDA) vs fp32 without")
-                t0 = time.monotonic()
-                if not backbone_correctness.run(device, results.emit, log):
-                    ok = False
-                    notes.append("**Backbone kernel correctness FAILED**: see the backbone kernels table.")
-                log(f"   backbone kernels took {time.monotonic() - t0:.0f} s")
+                    notes.append(f"**{table} FAILED**: see the {table.lower()} table.")
+                log(f"   {table.lower()} took {time.monotonic() - t0:.0f} s")
         log("== loss microbenchmarks")
         bench = LossBench(suite, device, results.emit, providers=only,
                           deadline=None if deadline is None else deadline - train_reserve, log=log)
