@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 
-from .correctness import judge_against_baseline, row
 from rpo_fast import attention
 from rpo_fast.data import PreferenceExample
 from rpo_fast.packing import pack_pairs
+
+from .correctness import judge_against_baseline, rel_err, row
 
 OP = "attention_correctness"
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
@@ -44,10 +45,6 @@ def backends(device: torch.device) -> list[str]:
     found = [name for name, available in (("flash_attn", attention.flash_attn_available()),
                                           ("torch_varlen", attention.torch_varlen_available())) if available]
     return found or ["sdpa"]
-
-
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _attend(q, k, v, upstream, kwargs, backend: str):
@@ -79,7 +76,7 @@ def check_layout(device: torch.device, backend: str, shared: bool, window: int |
     on_device = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
     got = _attend(*(t.to(device, torch.bfloat16) for t in (q, k, v)), upstream.to(device), on_device, backend)
     names = ("out", "dq", "dk", "dv")
-    return {name: (_rel_err(g, e), _rel_err(c, e)) for name, g, c, e in zip(names, got, cpu_bf16, exact)}
+    return {name: (rel_err(g.cpu(), e), rel_err(c, e)) for name, g, c, e in zip(names, got, cpu_bf16, exact)}
 
 
 def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str], None] = print) -> bool:

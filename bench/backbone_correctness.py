@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from .correctness import judge_against_baseline, row
 from rpo_fast import modeling
+
+from .correctness import judge_against_baseline, rel_err, row
 
 OP = "backbone_correctness"
 CONFIG = dict(dtype="bfloat16", judge="fp32 without the kernels")
@@ -44,10 +45,6 @@ def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return loss.detach().double(), grads
 
 
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def check_family(family: str, device: torch.device, patch: Callable = modeling.enable_liger_kernels) -> dict | None:
     """{"loss": (patched err, unpatched bf16 err), "grads": (...)} against fp32 without the kernels; None when
     `patch` does not apply to this model on this device."""
@@ -60,8 +57,8 @@ def check_family(family: str, device: torch.device, patch: Callable = modeling.e
     ids = torch.randint(0, exact.config.vocab_size, (2, 160), generator=gen).to(device)
     loss32, grads32 = _loss_and_grads(exact, ids)
     results = [_loss_and_grads(m, ids) for m in (patched, plain)]
-    return {"loss": tuple(_rel_err(r[0], loss32) for r in results),
-            "grads": tuple(_rel_err(r[1], grads32) for r in results)}
+    return {"loss": tuple(rel_err(r[0], loss32) for r in results),
+            "grads": tuple(rel_err(r[1], grads32) for r in results)}
 
 
 def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str], None] = print,

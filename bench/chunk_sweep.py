@@ -26,9 +26,10 @@ import torch
 
 from bench import env
 from bench import providers as P
+from bench.loss_bench import candidate
 from bench.memory import measure_memory
 from bench.shapes import Shape
-from bench.timing import Candidate, time_interleaved
+from bench.timing import time_interleaved
 from rpo_fast import fused_linear_rpo_loss
 from rpo_fast.fwdgrad import default_chunk_tokens, plan_chunks, row_pieces
 
@@ -70,7 +71,7 @@ def sweep(shape: Shape, dtype: torch.dtype, device: torch.device, chunks: list[i
     runs = {"gemm": P.build("gemm", inp), "dense": P.build("dense", inp)}
     runs.update({f"fwdgrad chunk={chunk or f'auto ({auto})'}": P.LossRun(ours(chunk)) for chunk in chunks})
     chunk_of = {"gemm": None, "dense": None, **{f"fwdgrad chunk={c or f'auto ({auto})'}": c or auto for c in chunks}}
-    cands = [Candidate(name, inp.clear_grads, lambda _, r=run: r.backward(r.forward())) for name, run in runs.items()]
+    cands = [candidate(name, run, inp, "full") for name, run in runs.items()]
     log(f"N={shape.n} H={shape.h} V={shape.v} pairs={shape.pairs} {dtype} on {env.device_name(device)}: "
         f"timing {len(cands)} candidates x {reps} rounds")
     times, _ = time_interleaved(cands, device, min_reps=reps, max_reps=reps, budget_s=0.0)

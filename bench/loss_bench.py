@@ -50,7 +50,7 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _candidate(name: str, run: P.Run, inp: P.Inputs, mode: str) -> Candidate:
+def candidate(name: str, run: P.Run, inp: P.Inputs, mode: str) -> Candidate:
     def clear():
         inp.clear_grads()
 
@@ -169,7 +169,7 @@ class LossBench:
                 self._row(point, with_ref, name, "full", "loss_rel_diff", "1", diff)
 
         for mode in point.modes:
-            cands = [_candidate(name, run, inp, mode) for name, run in runs.items()]
+            cands = [candidate(name, run, inp, mode) for name, run in runs.items()]
             if not cands:
                 continue
             times = self._attempt(f"timing {mode}", inp, lambda: time_interleaved(

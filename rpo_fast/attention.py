@@ -57,11 +57,16 @@ def torch_varlen_available() -> bool:
     return True
 
 
-def torch_varlen_takes_window() -> bool:
-    """Whether torch's varlen_attn has a sliding window (`window_size`; older builds: causal only)."""
+def _torch_varlen_params() -> frozenset[str]:
+    """The parameter names of torch's varlen_attn, which vary by version (scale, window_size, enable_gqa)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return "window_size" in inspect.signature(varlen_attn).parameters
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_takes_window() -> bool:
+    """Whether torch's varlen_attn has a sliding window (`window_size`; older builds: causal only)."""
+    return "window_size" in _torch_varlen_params()
 
 
 def select_backend(device: torch.device) -> str:
@@ -190,7 +195,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, sliding_window):
     version; its causal mask is aligned bottom-right when a segment has more keys than queries)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _torch_varlen_params()
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = scale
