@@ -171,10 +171,19 @@ def check_op_targets(hidden, weight, targets, ignore_index: int) -> None:
     check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
 
 
-def check_chunk_tokens(chunk_tokens) -> None:
+def check_chunk_tokens(chunk_tokens, name: str = "chunk_tokens") -> None:
+    """Rows per fused-head chunk: None (the op's default budget) or an int > 0; `name` is the caller's argument."""
     if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool)
                                          and chunk_tokens > 0):
-        raise ValueError(f"chunk_tokens: expected None or an int > 0, got {chunk_tokens!r}")
+        raise ValueError(f"{name}: expected None or an int > 0, got {chunk_tokens!r}")
+
+
+def check_head_backward(impl: str, backward: str, name: str = "backward") -> None:
+    """The fused loss's `backward` choice, given its `impl`: dense runs ordinary autograd, so only "auto"."""
+    check_choice(name, backward, HEAD_BACKWARDS)
+    if impl == "dense" and backward != "auto":
+        raise ValueError(f"{name}: expected 'auto' with impl='dense' (autograd through the full logits), "
+                         f"got {backward!r}")
 
 
 def check_loss_weight(name: str, value) -> None:

@@ -218,10 +218,7 @@ def fused_linear_rpo_loss(
     """
     checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
     checks.check_choice("impl", impl, checks.IMPLS)
-    checks.check_choice("backward", backward, checks.HEAD_BACKWARDS)
-    if impl == "dense" and backward != "auto":
-        raise ValueError(f"backward: expected 'auto' with impl='dense' (autograd through the full logits), "
-                         f"got {backward!r}")
+    checks.check_head_backward(impl, backward)
     checks.check_chunk_tokens(chunk_tokens)
     checks.check_loss_weight("pair_weight", pair_weight)
     checks.check_loss_weight("nll_weight", nll_weight)

@@ -350,8 +350,7 @@ def plan_memory(
     opt_base, in_backward = optim.parse_mode(optimizer)
     if not isinstance(fsdp_processes, int) or fsdp_processes < 1:
         raise ValueError(f"fsdp_processes: expected an integer >= 1, got {fsdp_processes!r}")
-    if head_chunk_tokens is not None and (not isinstance(head_chunk_tokens, int) or head_chunk_tokens < 1):
-        raise ValueError(f"head_chunk_tokens: expected None or an integer >= 1, got {head_chunk_tokens!r}")
+    checks.check_chunk_tokens(head_chunk_tokens, "head_chunk_tokens")
     if fsdp_processes > 1 and in_backward:
         raise ValueError(f"optimizer: {optimizer!r} steps during backward, before FSDP reduces the gradients: "
                          f"expected a mode without _in_backward with fsdp_processes={fsdp_processes}")

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..checks import HEAD_BACKWARDS, IMPLS, LOSS_TYPES, SFT_NORMS, check_choice
+from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice, check_chunk_tokens, check_head_backward
 from ..loss import RPOOutput, segment_sum
 from ._model import head_logprobs, head_of, head_rpo_loss, logit_scale_of, prepare_head_inputs
 from .padded import pack_padded_pairs, pairs_from_padded
@@ -72,13 +72,8 @@ class RPOArguments:
         check_choice("sft_norm", self.sft_norm, SFT_NORMS)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("impl", self.impl, IMPLS)
-        check_choice("head_backward", self.head_backward, HEAD_BACKWARDS)
-        if self.impl == "dense" and self.head_backward != "auto":
-            raise ValueError(f"head_backward: expected 'auto' with impl='dense' (autograd through the full logits), "
-                             f"got {self.head_backward!r}")
-        chunk = self.head_chunk_tokens
-        if chunk is not None and (type(chunk) is not int or chunk < 1):
-            raise ValueError(f"head_chunk_tokens: expected None or an int >= 1, got {self.head_chunk_tokens!r}")
+        check_head_backward(self.impl, self.head_backward, "head_backward")
+        check_chunk_tokens(self.head_chunk_tokens, "head_chunk_tokens")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
