@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -248,3 +249,47 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tiny_model_dir, tmp_p
     assert any(not torch.equal(t, initial[k]) for k, t in expected.items() if k in initial)  # training moved them
     assert_same_checkpoint(checkpoint.latest_checkpoint(out), reference[STEPS])
     assert not list(checkpoint.checkpoint_root(out).glob(".tmp-*"))  # leftovers of the kills are cleaned up
+
+
+SEEDED_RUN = r'''
+import importlib.abc, json, random, sys
+from pathlib import Path
+
+import numpy as np
+
+
+class DrawOnImport(importlib.abc.MetaPathFinder):
+    """A library that draws from the global RNGs when first imported, as huggingface_hub 1.33 does under peft."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "peft":
+            random.random(), np.random.rand()
+        return None  # the normal import goes on
+
+
+sys.meta_path.insert(0, DrawOnImport())
+from rpo_fast.config import load_config
+from rpo_fast.trainer import train
+
+assert "peft" not in sys.modules
+train(load_config(None, json.loads(Path(sys.argv[1]).read_text())))
+'''
+
+
+def test_checkpointed_rng_states_do_not_depend_on_earlier_imports(tiny_model_dir, tmp_path):
+    # The trainer draws nothing from Python's or numpy's global RNG, so after step 1 a fresh process must hold
+    # exactly the seeded states, even when peft (imported only for LoRA) draws at import.
+    overrides = {**run_overrides(tiny_model_dir, tmp_path), "max_steps": 1}
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    (tmp_path / "run.py").write_text(SEEDED_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "overrides.json")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = checkpoint.load_torch(checkpoint.latest_checkpoint(tmp_path / "run") / "rng-rank0.pt")
+    seed = load_config(None, overrides).seed
+    random.seed(seed)
+    assert str(_flat(saved["python"])) == str(_flat(random.getstate()))
+    np.random.seed(seed)
+    assert str(_flat(saved["numpy"])) == str(_flat(np.random.get_state()))
