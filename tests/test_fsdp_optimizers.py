@@ -31,4 +31,8 @@ def test_low_precision_adamw_under_fsdp_matches_one_process(tmp_path, dtype):
             continue
         moved = (expected.float() - initial[name].float()).norm()
         differ = (got.float() - expected.float()).norm()
-        assert moved > 0 and differ <= BOUND[dtype] * moved, f"{name}: FSDP vs one process {differ:.3g}, moved {moved:.3g}"
+        # Plus one unit in the last place of the largest weight: updates that differ in their last bits can round a
+        # weight to its neighbour (seen once with transformers 5.17: one bf16 layer-norm weight at 1.0, 0.0078 off).
+        one_ulp = torch.finfo(got.dtype).eps * expected.float().abs().max()
+        assert moved > 0 and differ <= BOUND[dtype] * moved + one_ulp, \
+            f"{name}: FSDP vs one process {differ:.3g}, moved {moved:.3g}"
