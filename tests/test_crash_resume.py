@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from rpo_fast import checkpoint
 from rpo_fast.config import load_config
 from rpo_fast.trainer import train
-from tiny_lm import REPO, build_tiny_model_dir, tiny_overrides
+from tiny_lm import build_tiny_model_dir, subprocess_env, tiny_overrides
 
 STEPS = 6
 SEED = int(os.environ.get("CRASH_RESUME_SEED", "0"))
@@ -212,12 +212,10 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tiny_model_dir, tmp_p
     (tmp_path / "overrides.json").write_text(json.dumps(overrides))
     (tmp_path / "driver.py").write_text(DRIVER)
     commits = tmp_path / "commits.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 
     def launch(crash_at):
         return subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "overrides.json"),
-                               str(commits)], env={**env, "CRASH_AT": json.dumps(crash_at)}, cwd=tmp_path,
+                               str(commits)], env=subprocess_env(CRASH_AT=json.dumps(crash_at)), cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
 
     schedule, predicted = kill_schedule(SEED), 0
@@ -282,10 +280,8 @@ def test_checkpointed_rng_states_do_not_depend_on_earlier_imports(tiny_model_dir
     overrides = {**run_overrides(tiny_model_dir, tmp_path), "max_steps": 1}
     (tmp_path / "overrides.json").write_text(json.dumps(overrides))
     (tmp_path / "run.py").write_text(SEEDED_RUN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "overrides.json")], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "overrides.json")],
+                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = checkpoint.load_torch(checkpoint.latest_checkpoint(tmp_path / "run") / "rng-rank0.pt")
     seed = load_config(None, overrides).seed

