@@ -21,7 +21,7 @@ from rpo_fast import attention
 from rpo_fast.data import PreferenceExample
 from rpo_fast.packing import pack_pairs
 
-from .correctness import judge_against_baseline, rel_err, row
+from .correctness import rel_err, run_judged
 
 OP = "attention_correctness"
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
@@ -88,15 +88,6 @@ def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str],
                 label = f"attention {backend} {'shared-prompt' if shared else 'plain'} window={window}"
                 config = dict(backend=backend, shared_prompt=shared, window=window, heads=HEADS, kv_heads=KV_HEADS,
                               head_dim=HEAD_DIM, dtype="bfloat16", judge="cpu sdpa float64")
-                try:
-                    errors = check_layout(device, backend, shared, window)
-                except Exception as exc:
-                    log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
-                    emit(row(backend, "pass_run", 0.0, label, dict(config, error=str(exc)[:200]), OP))
-                    all_ok = False
-                    continue
-                ok = judge_against_baseline(OP, backend, "cpu sdpa bf16", label, errors, config, emit, TOL)
-                all_ok &= ok
-                log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
-                    f"{q} {e:.1e} (cpu bf16 {c:.1e})" for q, (e, c) in errors.items()))
+                all_ok &= run_judged(OP, backend, "cpu sdpa bf16", "cpu bf16", label, config,
+                                     lambda: check_layout(device, backend, shared, window), emit, log, TOL)
     return all_ok

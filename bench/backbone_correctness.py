@@ -16,7 +16,7 @@ import torch
 
 from rpo_fast import modeling
 
-from .correctness import judge_against_baseline, rel_err, row
+from .correctness import rel_err, run_judged
 
 OP = "backbone_correctness"
 CONFIG = dict(dtype="bfloat16", judge="fp32 without the kernels")
@@ -67,18 +67,10 @@ def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str],
     all_ok = True
     for family in FAMILIES:
         label = f"liger backbone {family}"
-        try:
-            errors = check_family(family, device, patch)
-        except Exception as exc:
-            log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
-            emit(row("liger", "pass_run", 0.0, label, dict(CONFIG, error=str(exc)[:200]), OP))
-            all_ok = False
-            continue
-        if errors is None:
+        ok = run_judged(OP, "liger", "bf16 without", "bf16 without", label, CONFIG,
+                        lambda: check_family(family, device, patch), emit, log, TOL)
+        if ok is None:
             log(f"  skipped {label}: the kernels do not apply here (CPU, or liger-kernel not installed)")
-            continue
-        ok = judge_against_baseline(OP, "liger", "bf16 without", label, errors, CONFIG, emit, TOL)
-        all_ok &= ok
-        log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
-            f"{q} {e:.1e} (bf16 without {p:.1e})" for q, (e, p) in errors.items()))
+        else:
+            all_ok &= ok
     return all_ok

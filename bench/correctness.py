@@ -146,11 +146,8 @@ def loss_backwards(impl: str) -> tuple[str, ...]:
 def _judged(provider, quantities, ours, dense, ref, dtype, label, config) -> list[dict]:
     """Rows: rel_err of `provider` and of same-dtype dense per quantity, and pass (1/0) per quantity."""
     rows = []
-    for q, x, d, r in zip(quantities, ours, dense, ref):
-        e_ours, e_dense = rel_err(x, r), rel_err(d, r)
-        rows += [row(provider, f"rel_err_{q}", e_ours, label, config),
-                 row("dense", f"rel_err_{q}", e_dense, label, config),
-                 row(provider, f"pass_{q}", float(e_ours <= 2 * e_dense + TOL[dtype]), label, config)]
+    errors = {q: (rel_err(x, r), rel_err(d, r)) for q, x, d, r in zip(quantities, ours, dense, ref)}
+    judge_against_baseline("correctness", provider, "dense", label, errors, config, rows.append, TOL[dtype])
     return rows
 
 
@@ -166,6 +163,26 @@ def judge_against_baseline(op: str, provider: str, baseline: str, label: str, er
         for who, metric, value in ((provider, f"rel_err_{quantity}", err), (baseline, f"rel_err_{quantity}", base_err),
                                    (provider, f"pass_{quantity}", float(passed))):
             emit(row(who, metric, value, label, config, op))
+    return ok
+
+
+def run_judged(op: str, provider: str, baseline: str, tag: str, label: str, config: dict,
+               compute: Callable[[], dict | None], emit: Callable[[dict], None], log: Callable[[str], None],
+               tol: float) -> bool | None:
+    """Runs one check judged against a same-dtype baseline: `compute()` gives its errors ({quantity: (provider's,
+    baseline's)}, see `judge_against_baseline`) or None where it does not apply. Emits the rows and logs one line
+    (`tag` names the baseline there). True: passed; False: failed, or raised (a pass_run row of 0); None: skipped."""
+    try:
+        errors = compute()
+    except Exception as exc:
+        log(f"  FAIL {label}: failed to run ({type(exc).__name__}: {str(exc)[:200]})")
+        emit(row(provider, "pass_run", 0.0, label, dict(config, error=str(exc)[:200]), op))
+        return False
+    if errors is None:
+        return None
+    ok = judge_against_baseline(op, provider, baseline, label, errors, config, emit, tol)
+    log(f"  {'PASS' if ok else 'FAIL'} {label}: " + "  ".join(
+        f"{q} {e:.1e} ({tag} {b:.1e})" for q, (e, b) in errors.items()))
     return ok
 
 
