@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Callable
 
 from .providers import LABELS, ORDER, OURS
-from .shapes import PUBLISHED_CE, PUBLISHED_CE_LABEL, PUBLISHED_CE_MS
+from .shapes import GPU_SUITES, PUBLISHED_CE, PUBLISHED_CE_LABEL, PUBLISHED_CE_MS
 
 COLUMNS = ("op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "config",
            "device", "git_sha", "versions", "timestamp")
@@ -277,7 +277,7 @@ def targets(rows, suite: str) -> list[dict]:
         return _target(name, "(info)", value, None, note, extra)
 
     out = []
-    gpu = suite in ("gpu", "gpu-dryrun")
+    gpu = suite in GPU_SUITES
     note = {"gpu": None, "gpu-dryrun": "dry run on CPU at toy sizes: not a measurement"}.get(
         suite, "not measured: no GPU in this run")
     # GPU: judged at the point labelled llama-3-8b (N=16384, H=4096, V=128256 in the gpu suite).

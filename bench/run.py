@@ -29,10 +29,16 @@ import torch
 
 from . import attention_correctness, backbone_correctness, correctness, env, micro, providers, report, shapes, train_step
 from .loss_bench import LossBench
-from .shapes import Shape
+from .shapes import GPU_SUITES, Shape
 
 SUITES = {"cpu-quick": shapes.cpu_quick_suite, "cpu": shapes.cpu_full_suite, "gpu": shapes.gpu_suite,
           "tiny": shapes.tiny_suite, "gpu-dryrun": shapes.gpu_dryrun_suite}
+# (table heading, what it judges, run(device, emit, log) -> passed): the GPU suites' checks of CUDA kernels
+KERNEL_CHECKS = (
+    ("Attention correctness", "the packed attention's kernels vs the CPU sdpa path in float64",
+     attention_correctness.run),
+    ("Backbone kernels", "Liger's RMSNorm/RoPE/SwiGLU (the trainer's default on CUDA) vs fp32 without",
+     backbone_correctness.run))
 
 
 class Log:
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
     ok = True
     skipped: dict[str, str] = {}
     try:
-        if suite_name in ("gpu", "gpu-dryrun") and not args.no_micro:
+        if suite_name in GPU_SUITES and not args.no_micro:
             log("== micro-checks: fp32 atomics (acq_rel / relaxed), addmm into an fp32 accumulator")
             t0 = time.monotonic()
             micro.run(device, results.emit, log)
@@ -162,12 +168,7 @@ def main(argv=None) -> int:
             log(f"   correctness took {time.monotonic() - t0:.0f} s")
             if not ok:
                 notes.append(f"**Correctness check FAILED for impl={impl}**: see the correctness table.")
-            kernel_checks = (
-                ("Attention correctness", "the packed attention's kernels vs the CPU sdpa path in float64",
-                 attention_correctness.run),
-                ("Backbone kernels", "Liger's RMSNorm/RoPE/SwiGLU (the trainer's default on CUDA) vs fp32 without",
-                 backbone_correctness.run))
-            for table, what, check in kernel_checks if suite_name in ("gpu", "gpu-dryrun") else ():
+            for table, what, check in KERNEL_CHECKS if suite_name in GPU_SUITES else ():
                 log(f"== {table.lower()}: {what}")
                 t0 = time.monotonic()
                 if not check(device, results.emit, log):

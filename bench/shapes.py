@@ -64,6 +64,7 @@ class Suite:
 
 
 ALL_MODES = ("forward", "backward", "full")
+GPU_SUITES = ("gpu", "gpu-dryrun")  # the GPU suite and its CPU dry run: micro-checks, kernel checks, GPU targets
 
 def gpu_suite() -> Suite:
     """bf16 on one GPU, most important first (the run stops starting new points when its budget is spent):
