@@ -1,14 +1,13 @@
 """The command line, run as a user would (`python -m rpo_fast.cli`), on the tiny model."""
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tiny_lm import REPO, build_tiny_model_dir, load_json_lines, tiny_overrides
+from tiny_lm import REPO, build_tiny_model_dir, load_json_lines, subprocess_env, tiny_overrides
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = subprocess_env()
 
 
 def cli(*args, timeout=300):

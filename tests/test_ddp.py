@@ -1,6 +1,5 @@
 """Data parallelism: 2 processes (torchrun, gloo on the CPU) give the same per-step losses and final weights
 as 1 process that accumulates the same global batch (2 micro-batches per step)."""
-import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from rpo_fast.config import load_config
 from rpo_fast.trainer import train
-from tiny_lm import REPO, build_tiny_model_dir, load_json_lines, tiny_overrides
+from tiny_lm import REPO, build_tiny_model_dir, load_json_lines, subprocess_env, tiny_overrides
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -41,10 +40,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     (tmp_path / "two").mkdir()
     two = tiny_overrides(model_dir, tmp_path / "two", gradient_accumulation_steps=1, **common)
     args = [f"--{k}={v}" for k, v in two.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "rpo_fast.cli", "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
 
