@@ -212,21 +212,28 @@ def test_in_backward_optimizer_needs_one_process(tiny_model_dir, tmp_path, monke
 
 @pytest.mark.parametrize("sft_norm", ["sum", "seq_mean", "token_mean"])
 def test_one_micro_batch_equals_two_accumulated(sharp_model_dir, tmp_path, sft_norm):
-    """The same 4 pairs per step as one micro-batch, or as two of 2 pairs accumulated: the same objective
-    (logged loss and NLL) and the same training. For token_mean this needs the NLL weighted by each
-    micro-batch's chosen tokens: averaging per micro-batch (as TRL and Liger do) makes the runs differ."""
+    """The same 4 pairs per step as one micro-batch, or as two unequal ones (3 pairs, then 1 long pair that
+    the token budget puts on its own) accumulated: the same objective (logged loss and NLL) and the same
+    training. That needs each micro-batch weighted by its pairs (a mean of micro-batch means weights the
+    lone pair 3x), and for token_mean its NLL weighted by its chosen tokens (averaging per micro-batch, as
+    TRL and Liger do, makes the runs differ)."""
     rows = [json.loads(line) for line in write_rows(tmp_path / "rows.jsonl", 16).read_text().splitlines()]
-    for i, row in enumerate(rows):  # in order: 2 pairs with short chosen responses, 2 with long ones, ...
-        row["chosen"][0]["content"] += " ok" * (20 * ((i // 2) % 2))
+    for i, row in enumerate(rows):  # every 4th pair has a long chosen response (cut at max_length)
+        row["chosen"][0]["content"] += " ok" * (300 * (i % 4 == 3))
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     runs = {}
-    for name, pairs, accumulation in (("one", 4, 1), ("two", 2, 2)):
+    for name, pairs, budget, accumulation in (("one", 4, 4000, 1), ("two", 3, 400, 2)):
         (tmp_path / name).mkdir()
         config = load_config(None, tiny_overrides(sharp_model_dir, tmp_path / name, sft_norm=sft_norm, alpha=2.0,
-                                                  token_budget=4000, max_pairs_per_micro_batch=pairs,
+                                                  token_budget=budget, max_pairs_per_micro_batch=pairs,
                                                   gradient_accumulation_steps=accumulation, max_grad_norm=0,
-                                                  train_file=str(train_file), max_length=160, shuffle=False))
+                                                  train_file=str(train_file), max_length=256, shuffle=False))
+        if name == "two":
+            tokenizer = modeling.load_tokenizer(str(sharp_model_dir))
+            examples = tokenize_pairs(load_preference_rows(train_file), tokenizer, max_length=256,
+                                      max_prompt_length=config.max_prompt_length)[0]
+            assert [[len(g) for g in step] for step in epoch_steps(examples, config, 0, 1)] == [[3, 1]] * 4
         runs[name] = train(config)
     one, two = records_of(runs["one"]), records_of(runs["two"])
     assert len(one) == len(two) == 4 and [r["pairs"] for r in two] == [4] * 4
