@@ -1,8 +1,8 @@
 """Mutation check: does the correctness matrix catch realistic bugs? Not run by CI (a few minutes).
 
-    .venv/bin/python tools/mutation_check.py                  # every mutation, the matrix files
+    .venv/bin/python tools/mutation_check.py                  # every mutation, each against its test files
     .venv/bin/python tools/mutation_check.py -k ipo smoothing  # mutations whose name contains any word
-    .venv/bin/python tools/mutation_check.py --all-files tests/test_numerical_edges.py   # more files, each run
+    .venv/bin/python tools/mutation_check.py --all-files tests/test_numerical_edges.py   # these files, each run
 
 The repository's tracked and untracked (not ignored) files are copied once to a scratch folder, with
 `kernels/` also placed at `rpo_fast/kernels/` there (the editable install maps `rpo_fast.kernels` to the
@@ -11,6 +11,8 @@ that copy, runs the test files from the copy's root with this interpreter (`pyth
 process, TRITON_INTERPRET=1 OMP_NUM_THREADS=1), then restores the file. Before anything runs, the copy's
 `rpo_fast` and `rpo_fast.kernels` are checked to be the ones imported.
 
+A mutation runs its own test files (the loss/head matrix for the loss, head and kernel code; the packing,
+attention, data and trainer files for the trainer's pipeline), or the files named on the command line.
 Files run in order and, unless --all-files, stop at the first that fails: the table says which file and
 test caught each mutation, "NOT CAUGHT", or "not applicable" when a snippet is no longer in the code (update
 the list after changing that code). Exit status 1 if any applicable mutation was not caught.
@@ -28,7 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MATRIX = ["tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test_head_backward.py"]
+MATRIX = ("tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test_head_backward.py")
+# The trainer's pipeline, cheapest first (about 15, 15, 15, 20 and 60 s).
+PIPELINE = ("tests/test_packing.py", "tests/test_prompt_sharing.py", "tests/test_attention.py", "tests/test_data.py",
+            "tests/test_trainer.py")
 ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
@@ -38,9 +43,12 @@ class Mutation:
     path: str  # relative to the repository root
     edits: tuple[tuple[str, str], ...]  # (exact old snippet, replacement), each old snippet unique in the file
     description: str
+    tests: tuple[str, ...] = MATRIX  # test files to run, in order, unless the command line names others
 
 
 LOSS, CHUNKED, FWDGRAD = "rpo_fast/loss.py", "rpo_fast/chunked.py", "rpo_fast/fwdgrad.py"
+FWD_KERNEL, BWD_KERNEL = "kernels/linear_logprobs_fwd.py", "kernels/linear_logprobs_bwd.py"
+TILES, ROW_KERNELS, TRAINER = "kernels/tiles.py", "kernels/logit_grad.py", "rpo_fast/trainer.py"
 MUTATIONS = [
     # The preference term.
     Mutation("smoothing_dropped", LOSS, ((
@@ -152,9 +160,66 @@ MUTATIONS = [
         "unit = bool(grad_output == 1)", "unit = True"),),
         "fwdgrad: the stored gradients are not scaled by the loss's upstream gradient"),
     # The Triton kernels (run in the interpreter).
-    Mutation("triton_ignored_gradient", "kernels/linear_logprobs_bwd.py", ((
+    Mutation("triton_ignored_gradient", BWD_KERNEL, ((
         "g = tl.where(targets == ignore_index, 0.0, g)", "g = g"),),
         "Triton backward: ignored positions pass gradient"),
+    Mutation("triton_last_group_of_blocks", BWD_KERNEL, (
+        ("pid_n = first_n + (pid % per_group) % group_rows", "pid_n = first_n + (pid % per_group) % GROUP_N"),
+        ("pid_v = (pid % per_group) // group_rows", "pid_v = (pid % per_group) // GROUP_N")),
+        "Triton backward: the grouped order assumes every group has GROUP_N token blocks (the last may not)"),
+    Mutation("triton_running_sum_not_rescaled", FWD_KERNEL, ((
+        "sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)",
+        "sumexp = sumexp + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)"),),
+        "Triton forward: the online logsumexp does not rescale its running sum when the max grows"),
+    Mutation("triton_target_from_first_split", FWD_KERNEL, ((
+        "tgt_part.sum(0) - lse", "tgt_part[0] - lse"),),
+        "Triton forward: the target logit taken from the first vocabulary split only"),
+    Mutation("triton_padded_columns_kept", TILES, ((
+        'return tl.where(col_in[None, :], acc, float("-inf"))', "return acc"),),
+        "Triton logit tile: columns past V enter the logsumexp as logits of 0"),
+    Mutation("triton_ragged_hidden_unmasked", TILES, ((
+        "k_in = ks < H - h0", "k_in = ks < H"),),
+        "Triton logit tile: the last hidden tile of a ragged H reads past the row"),
+    Mutation("triton_row_sum_not_rescaled", ROW_KERNELS, ((
+        "sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)",
+        "sumexp = sumexp + tl.sum(tl.exp(x - m_new), axis=0)"),),
+        "Triton row log-probs (fwdgrad): the online logsumexp does not rescale its running sum",
+        ("tests/test_logit_grad_kernel.py",) + MATRIX),
+    # The trainer's pipeline: packing, shared-prompt attention, truncation, reference cache, micro-batch weights.
+    Mutation("packed_row_is_the_target", "rpo_fast/packing.py", ((
+        "+ prompt_lengths[seq_of_row] - 1 + row_in_seq", "+ prompt_lengths[seq_of_row] + row_in_seq"),),
+        "packing: a response token predicted from its own position instead of the one before", PIPELINE),
+    Mutation("shared_first_row_not_the_prompt", "rpo_fast/packing.py", ((
+        "rows[kind].append([prompt[-1]] + own[:-1])", "rows[kind].append(own)"),),
+        "shared prompt: each response token predicted from its own position", PIPELINE),
+    Mutation("shared_positions_restart", "rpo_fast/packing.py", ((
+        "positions += range(n_prompt, n_prompt + len(response))", "positions += range(len(response))"),),
+        "shared prompt: response positions restart at 0 instead of going on from the prompt", PIPELINE),
+    Mutation("shared_rejected_sees_chosen", "rpo_fast/packing.py", ((
+        "keys += prompt + own", "keys += list(range(start, first + len(response)))"),),
+        "shared prompt: the rejected response attends to the chosen one (everything before it in the pair)",
+        PIPELINE),
+    Mutation("attention_causality_top_left", "rpo_fast/attention.py", ((
+        "torch.arange(n_q, device=device)[:, None] + (n_k - n_q) - torch.arange",
+        "torch.arange(n_q, device=device)[:, None] - torch.arange"),),
+        "attention: a response's causal mask aligned top-left (it does not see the prompt's end)", PIPELINE),
+    Mutation("attention_window_one_wider", "rpo_fast/attention.py", ((
+        "mask &= distance < sliding_window", "mask &= distance <= sliding_window"),),
+        "attention: the sliding window keeps one key too many", PIPELINE),
+    Mutation("prompt_right_truncated", "rpo_fast/data.py", ((
+        "prompt_ids = prompt_ids[-max_prompt_length:]", "prompt_ids = prompt_ids[:max_prompt_length]"),),
+        "data: the prompt keeps its beginning instead of its end (next to the response)", PIPELINE),
+    Mutation("reference_cache_interleaved", "rpo_fast/ref_cache.py", ((
+        "return torch.cat([picked[:, 0], picked[:, 1]])", "return picked.reshape(-1)"),),
+        "reference cache: a batch's log-probs interleaved (c0 r0 c1 r1) instead of chosen first", PIPELINE),
+    Mutation("micro_batches_weighted_equally", TRAINER, ((
+        "pair_weight=batch.n_pairs * world / step_pairs", "pair_weight=world / len(step_groups)"),),
+        "trainer: gradient accumulation averages micro-batch means (unequal micro-batches mis-weighted)",
+        PIPELINE[-1:]),
+    Mutation("token_mean_nll_per_pair", TRAINER, ((
+        "return total_pairs * chosen_tokens / total_chosen_tokens", "return None"),),
+        "trainer: sft_norm=token_mean weights a micro-batch's NLL by its pairs, not its chosen tokens",
+        PIPELINE[-1:]),
 ]
 
 
@@ -197,7 +262,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", nargs="*", default=[], help="only mutations whose name contains one of these")
     parser.add_argument("--all-files", action="store_true", help="run every file, not only up to the first catch")
-    parser.add_argument("files", nargs="*", default=MATRIX, help=f"test files, in order (default {MATRIX})")
+    parser.add_argument("files", nargs="*", help="test files, in order, for every mutation (default: each "
+                        "mutation's own)")
     args = parser.parse_args()
     mutations = [m for m in MUTATIONS if not args.k or any(k in m.name for k in args.k)]
     env = {**os.environ, **ENV, "PYTHONPATH": ""}
@@ -207,7 +273,8 @@ def main() -> int:
         copy_repo(scratch)
         env["PYTHONPATH"] = str(scratch)
         check_imports(scratch, env)
-        clean = [run_tests(scratch, env, f) for f in args.files] if args.all_files else []
+        used = list(dict.fromkeys(args.files or [f for m in mutations for f in m.tests]))
+        clean = [run_tests(scratch, env, f) for f in used] if args.all_files else []
         if any(code != 0 for code, _ in clean):
             raise SystemExit(f"the unmutated tests fail: {clean}")
         for m in mutations:
@@ -222,7 +289,7 @@ def main() -> int:
             target.write_text(mutated)
             try:
                 caught = []
-                for f in args.files:
+                for f in args.files or m.tests:
                     code, first = run_tests(scratch, env, f)
                     if code == 1 or code == 2 or code == 3:
                         caught.append(f"{Path(f).name}::{first}")
