@@ -296,6 +296,64 @@ def test_fused_loss_equals_the_old_path(layout, reference):
         assert_close(p.grad, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_scored_label_under_padding_is_refused(packed):
+    """A collator that leaves the pad token as the label of padded positions: refused in every layout (padded,
+    the last real token would score the pad after it; packed, the label has no token)."""
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
+    batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, PAD)
+    assert bool((batch["attention_mask"] == 0).any())
+    with pytest.raises(ValueError, match=r"labels: expected -100 at padded positions \(attention_mask == 0\), "
+                                         f"got {PAD} at"):
+        rpo_compute_loss(_tiny_llama(), batch, reference_free=True, packed=packed, share_prompt=False)
+
+
+def test_left_padded_first_token_is_never_scored():
+    """Left padding, a row labelled from its first real token: no position predicts that token, so the padded
+    layout (where a padding position sits before it) scores the same tokens as the packed one."""
+    batch = PreferenceCollator(pad_token_id=PAD, padding_side="left")(_examples(3, torch.Generator().manual_seed(5)))
+    row = int(batch["attention_mask"].sum(1).argmin())  # the most padded row
+    first = int(batch["attention_mask"][row].argmax())
+    batch["labels"][row, first:] = batch["input_ids"][row, first:]
+    model = _tiny_llama()
+    padded_logps, padded_counts = sequence_logps(model, batch, packed=False)
+    packed_logps, packed_counts = sequence_logps(model, batch, packed=True)
+    assert int(padded_counts[row]) == int(batch["attention_mask"][row].sum()) - 1
+    assert torch.equal(padded_counts, packed_counts)
+    assert_close(padded_logps, packed_logps, atol=1e-5, rtol=1e-5, name="sequence log-probs")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_scaled_head_with_bias_equals_the_models_own_logits(packed):
+    """A head that scales its logits and has a bias: Granite divides `lm_head(h)` by `logits_scaling`, and
+    rpo_fast folds that scale into the rows and the bias rather than reading the model's logits. The fused
+    loss and every parameter gradient equal the dense RPO loss on the model's own logits, fp32."""
+    config = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False, pad_token_id=PAD, logits_scaling=4.0,
+                                        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.GraniteForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # logits of order 1 after the scale: a scale left out changes the loss
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 4.0)
+    ref_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    dense_model = copy.deepcopy(model)
+    args = RPOArguments(beta=0.2, alpha=0.7, sft_norm="seq_mean", packed=packed, share_prompt=False)
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
+    fused = rpo_compute_loss(model, batch, ref_model=ref_model, **asdict(args)).loss
+    dense = _dense_rpo_loss(dense_model, ref_model, batch, args)
+    assert_close(fused, dense, atol=1e-6, rtol=1e-5, name="loss")
+    fused.backward()
+    dense.backward()
+    for (name, expected), p in zip(dense_model.named_parameters(), model.parameters()):
+        assert_close(p.grad, expected.grad, atol=1e-5 * float(expected.grad.abs().max()), rtol=1e-4,
+                     name=f"grad {name}")
+
+
 @pytest.mark.parametrize("head_backward, products", [("auto", 3), ("recompute", 4)])
 def test_mixin_step_head_matmuls(head_backward, products, tmp_path):
     """One RPOTrainerMixin step (compute_loss, then backward) runs the policy's LM head as three matrix products,

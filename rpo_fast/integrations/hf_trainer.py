@@ -160,6 +160,12 @@ def _check_batch(inputs: dict[str, Any]) -> tuple[int, int]:
     for key in ("attention_mask", "labels"):
         if tuple(inputs[key].shape) != shape:
             raise ValueError(f"{key}: expected shape {shape} like input_ids, got {tuple(inputs[key].shape)}")
+    # As pack_padded_pairs does: with right padding the last token would otherwise score the label after it.
+    stray = (inputs["labels"] != -100) & ~inputs["attention_mask"].bool()
+    if bool(stray.any()):
+        j, t = (int(i) for i in stray.nonzero()[0])
+        raise ValueError(f"labels: expected -100 at padded positions (attention_mask == 0), got "
+                         f"{int(inputs['labels'][j, t])} at [{j}, {t}]")
     return shape
 
 
