@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = ("tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test_head_backward.py")
 # The trainer's pipeline, cheapest first (about 15, 15, 15, 20 and 60 s).
+INTEGRATIONS = ("tests/test_liger_parity.py", "tests/test_liger_swap.py", "tests/test_padded.py",
+                "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")  # about 15, 10, 15, 30, 30 s
 PIPELINE = ("tests/test_packing.py", "tests/test_prompt_sharing.py", "tests/test_attention.py", "tests/test_data.py",
             "tests/test_trainer.py")
 ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -49,6 +51,7 @@ class Mutation:
 LOSS, CHUNKED, FWDGRAD = "rpo_fast/loss.py", "rpo_fast/chunked.py", "rpo_fast/fwdgrad.py"
 FWD_KERNEL, BWD_KERNEL = "kernels/linear_logprobs_fwd.py", "kernels/linear_logprobs_bwd.py"
 TILES, ROW_KERNELS, TRAINER = "kernels/tiles.py", "kernels/logit_grad.py", "rpo_fast/trainer.py"
+MODEL_HEAD = "rpo_fast/integrations/_model.py"
 MUTATIONS = [
     # The preference term.
     Mutation("smoothing_dropped", LOSS, ((
@@ -220,6 +223,36 @@ MUTATIONS = [
         "return total_pairs * chosen_tokens / total_chosen_tokens", "return None"),),
         "trainer: sft_norm=token_mean weights a micro-batch's NLL by its pairs, not its chosen tokens",
         PIPELINE[-1:]),
+    Mutation("resume_rng_not_restored", TRAINER, ((
+        'checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))',
+        "pass"),), "resume: the RNG states (dropout) start from the seed, not where the run stopped",
+        ("tests/test_checkpoint.py",)),
+    Mutation("resume_scheduler_not_restored", TRAINER, ((
+        'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
+        "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
+    # The integrations: Liger's signature, the HF Trainer mixin, TRL's fused head.
+    Mutation("head_bias_unscaled", MODEL_HEAD, ((
+        "bias = None if bias is None else bias * scale", "bias = bias"),),
+        "integrations: a scaled head's bias left unscaled", INTEGRATIONS),
+    Mutation("head_scaling_not_inverted", MODEL_HEAD, ((
+        'else 1.0 / float(scaling)', 'else float(scaling)'),),
+        "integrations: Granite's logits_scaling multiplied instead of divided", INTEGRATIONS),
+    Mutation("hf_labels_unshifted", "rpo_fast/integrations/hf_trainer.py", ((
+        "shifted[:, :-1] = labels[:, 1:]", "shifted[:, :] = labels"),),
+        "HF mixin: position t scores its own label instead of the next one", INTEGRATIONS),
+    Mutation("hf_first_token_scored", "rpo_fast/integrations/hf_trainer.py", ((
+        "return shifted.masked_fill(~attention_mask.bool(), -100)", "return shifted"),),
+        "HF mixin: with left padding, a padding position predicts its row's first token", INTEGRATIONS),
+    Mutation("trl_rows_shifted", "rpo_fast/integrations/trl.py", ((
+        "backbone_out.last_hidden_state[:, :-1], labels[:, 1:]",
+        "backbone_out.last_hidden_state[:, 1:], labels[:, 1:]"),),
+        "TRL: each label scored from its own position's hidden state", INTEGRATIONS),
+    Mutation("liger_logits_mean_over_both", "rpo_fast/liger_compat.py", ((
+        "denom = n_pairs * seq_len * lin_weight.shape[0]", "denom = n_seqs * seq_len * lin_weight.shape[0]"),),
+        "Liger signature: the chosen/rejected logits means divided by both halves' size", INTEGRATIONS),
+    Mutation("liger_nll_always", "rpo_fast/liger_compat.py", ((
+        "alpha=self.alpha if self.compute_nll_loss else 0.0", "alpha=self.alpha"),),
+        "Liger signature: the NLL enters the loss with compute_nll_loss=False", INTEGRATIONS),
 ]
 
 
