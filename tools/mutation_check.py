@@ -52,6 +52,7 @@ LOSS, CHUNKED, FWDGRAD = "rpo_fast/loss.py", "rpo_fast/chunked.py", "rpo_fast/fw
 FWD_KERNEL, BWD_KERNEL = "kernels/linear_logprobs_fwd.py", "kernels/linear_logprobs_bwd.py"
 TILES, ROW_KERNELS, TRAINER = "kernels/tiles.py", "kernels/logit_grad.py", "rpo_fast/trainer.py"
 MODEL_HEAD = "rpo_fast/integrations/_model.py"
+OPTIM = "rpo_fast/optim.py"
 MUTATIONS = [
     # The preference term.
     Mutation("smoothing_dropped", LOSS, ((
@@ -230,6 +231,29 @@ MUTATIONS = [
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
+    # The low-precision optimizer and the logged metrics.
+    Mutation("adamw_no_bias_correction2", OPTIM, ((
+        "v32.sqrt().div_(bias_correction2_sqrt)", "v32.sqrt()"),),
+        "low-precision AdamW: the second moment's bias correction left out", ("tests/test_optim.py",)),
+    Mutation("adamw_decay_without_lr", OPTIM, ((
+        "w32.mul_(1 - lr * weight_decay)", "w32.mul_(1 - weight_decay)"),),
+        "low-precision AdamW: weight decay not scaled by the learning rate", ("tests/test_optim.py",)),
+    Mutation("kahan_compensation_ignored", OPTIM, ((
+        "w32.add_(comp.float())", "w32.add_(0)"),),
+        "low-precision AdamW: the Kahan compensation not added back", ("tests/test_optim.py",)),
+    Mutation("stochastic_rounding_biased", OPTIM, ((
+        "bits = torch.randint(0, 1 << 16, x.shape", "bits = torch.randint(0, 1 << 15, x.shape"),),
+        "stochastic rounding: noise over half the dropped bits (rounds down too often)", ("tests/test_optim.py",)),
+    Mutation("nearest_rounding_ties_up", OPTIM, ((
+        "bits.add(lsb).add_(0x7FFF)", "bits.add(0x8000)"),),
+        "nearest bf16 rounding: ties away from zero instead of to even", ("tests/test_optim.py",)),
+    Mutation("accuracy_counts_ties", "rpo_fast/metrics.py", ((
+        "(c > r).double().sum()", "(c >= r).double().sum()"),),
+        "metrics: a pair with equal rewards counted as ranked right (accuracy 1 before any training)",
+        ("tests/test_metrics.py",) + PIPELINE[-1:]),
+    Mutation("logged_nll_weighted_by_pairs", "rpo_fast/metrics.py", ((
+        "nll * nll_pairs, c.sum()", "nll * n_pairs, c.sum()"),),
+        "metrics: the logged token_mean NLL averages micro-batch means", ("tests/test_metrics.py",) + PIPELINE[-1:]),
     # The integrations: Liger's signature, the HF Trainer mixin, TRL's fused head.
     Mutation("head_bias_unscaled", MODEL_HEAD, ((
         "bias = None if bias is None else bias * scale", "bias = bias"),),

@@ -1,0 +1,44 @@
+"""The logged per-pair metrics: sums over a micro-batch, and pair-weighted means over micro-batches."""
+import pytest
+import torch
+
+from rpo_fast.loss import RPOOutput
+from rpo_fast.metrics import PAIR_METRICS, metrics_from_sums, pair_metric_sums
+
+
+def _output(chosen_rewards, rejected_rewards, pref_loss, nll, alpha):
+    c, r = torch.tensor(chosen_rewards), torch.tensor(rejected_rewards)
+    n = c.numel()
+    zeros = torch.zeros(n)
+    return RPOOutput(loss=torch.tensor(pref_loss + alpha * nll), pref_loss=torch.tensor(pref_loss),
+                     nll=torch.tensor(nll), chosen_logps=c * 10, rejected_logps=r * 10, ref_chosen_logps=zeros,
+                     ref_rejected_logps=zeros, chosen_rewards=c, rejected_rewards=r,
+                     chosen_token_counts=zeros + 1, rejected_token_counts=zeros + 1)
+
+
+def test_one_micro_batch():
+    """A tie (equal rewards, as every pair has before training) is not ranked right: accuracy counts c > r."""
+    out = _output([0.5, -0.25, 0.0], [0.25, 0.0, 0.0], pref_loss=0.7, nll=2.0, alpha=0.5)
+    got = dict(zip(PAIR_METRICS, pair_metric_sums(out, 3).tolist()))
+    expected = {"loss": 3 * (0.7 + 0.5 * 2.0), "pref_loss": 3 * 0.7, "nll": 3 * 2.0, "rewards/chosen": 0.25,
+                "rewards/rejected": 0.25, "rewards/margins": (0.5 - 0.25) + (-0.25 - 0.0) + (0.0 - 0.0),
+                "rewards/accuracies": 1.0, "logps/chosen": 2.5, "logps/rejected": 2.5}
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_micro_batches_average_by_pair_and_nll_by_its_share():
+    """Two micro-batches (3 pairs, then 1): every metric is a pair-weighted mean; with `nll_pairs` (token_mean,
+    the micro-batch's share of the step's chosen tokens, in pairs) the NLL and its share of the loss are
+    weighted by it instead."""
+    a = _output([1.0, 0.0, 0.0], [0.0, 0.5, 0.0], pref_loss=0.6, nll=1.0, alpha=2.0)
+    b = _output([2.0], [1.0], pref_loss=0.2, nll=3.0, alpha=2.0)
+    means = metrics_from_sums(pair_metric_sums(a, 3) + pair_metric_sums(b, 1), 4)
+    assert means["pref_loss"] == pytest.approx((3 * 0.6 + 0.2) / 4)
+    assert means["nll"] == pytest.approx((3 * 1.0 + 3.0) / 4)
+    assert means["rewards/accuracies"] == pytest.approx(2 / 4)
+    assert means["rewards/margins"] == pytest.approx((1.0 - 0.5 + 0.0 + 1.0) / 4)
+    # token_mean: a has 1 chosen token in all, b has 3, so their NLL shares are 1 and 3 of 4 pairs.
+    weighted = metrics_from_sums(pair_metric_sums(a, 3, nll_pairs=1.0) + pair_metric_sums(b, 1, nll_pairs=3.0), 4)
+    assert weighted["nll"] == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)
+    assert weighted["loss"] == pytest.approx(weighted["pref_loss"] + 2.0 * weighted["nll"])
+    assert weighted["pref_loss"] == means["pref_loss"]
