@@ -327,11 +327,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, example
         assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, name=name)
 
 
-def test_reference_cache_key_and_lookup(tmp_path, examples):
-    from rpo_fast.ref_cache import ReferenceCache, cache_key, data_fingerprint
+def test_reference_cache_key_and_lookup(tmp_path, examples, tiny_model_dir):
+    """A stale cache is never used: the key changes with any token or index of the data and any weight."""
+    import copy
+    import dataclasses
+
+    from rpo_fast.ref_cache import ReferenceCache, cache_key, data_fingerprint, model_fingerprint
 
     assert data_fingerprint(examples) == data_fingerprint(list(examples))
     assert data_fingerprint(examples[:-1]) != data_fingerprint(examples)
+    last = examples[-1]
+    for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        changed = dataclasses.replace(last, **{field: getattr(last, field)[:-1] + [getattr(last, field)[-1] + 1]})
+        assert data_fingerprint(examples[:-1] + [changed]) != data_fingerprint(examples), field
+    assert data_fingerprint(examples[:-1] + [dataclasses.replace(last, index=last.index + 1)]) \
+        != data_fingerprint(examples)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    same = copy.deepcopy(model)
+    assert model_fingerprint(same) == model_fingerprint(model)
+    with torch.no_grad():
+        same.lm_head.weight[3, 5] += 1e-3
+    assert model_fingerprint(same) != model_fingerprint(model)
+    assert model_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) != model_fingerprint(model)
     assert cache_key("m1", "d") != cache_key("m2", "d")
     logps = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     cache = ReferenceCache(key="k", example_index=torch.tensor([10, 11, 12, 13, 14, 15]), logps=logps)

@@ -34,6 +34,7 @@ MATRIX = ("tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test
 # The trainer's pipeline, cheapest first (about 15, 15, 15, 20 and 60 s).
 INTEGRATIONS = ("tests/test_liger_parity.py", "tests/test_liger_swap.py", "tests/test_padded.py",
                 "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")  # about 15, 10, 15, 30, 30 s
+DATA = ("tests/test_data.py", "tests/test_hostile_data.py")
 PIPELINE = ("tests/test_packing.py", "tests/test_prompt_sharing.py", "tests/test_attention.py", "tests/test_data.py",
             "tests/test_trainer.py")
 ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -213,6 +214,22 @@ MUTATIONS = [
     Mutation("prompt_right_truncated", "rpo_fast/data.py", ((
         "prompt_ids = prompt_ids[-max_prompt_length:]", "prompt_ids = prompt_ids[:max_prompt_length]"),),
         "data: the prompt keeps its beginning instead of its end (next to the response)", PIPELINE),
+    Mutation("plain_responses_without_eos", "rpo_fast/data.py", ((
+        "tail = [eos] if eos is not None else []", "tail = []"),),
+        "data: plain-text responses without the EOS TRL appends (the model never learns to stop)", DATA),
+    Mutation("template_prompt_not_cut_to_common_prefix", "rpo_fast/data.py", ((
+        "prompt_text = _common_prefix(prompt_text, *full_texts)", "pass"),),
+        "data: a generation prompt the full rendering lacks (DeepSeek-R1's <think>) stays in the prompt", DATA),
+    Mutation("response_budget_ignores_prompt", "rpo_fast/data.py", ((
+        "budget = max(max_length - len(prompt_ids), 0)", "budget = max_length"),),
+        "data: responses cut to max_length instead of max_length minus the prompt", DATA),
+    Mutation("data_fingerprint_without_rejected", "rpo_fast/ref_cache.py", ((
+        "repr((ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids))",
+        "repr((ex.index, ex.prompt_ids, ex.chosen_ids))"),),
+        "reference cache: the key ignores the rejected responses (a stale cache is used)", PIPELINE[-1:]),
+    Mutation("model_fingerprint_without_values", "rpo_fast/ref_cache.py", ((
+        'digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")',
+        "pass"),), "reference cache: the key hashes names and shapes, not the weights", PIPELINE[-1:]),
     Mutation("reference_cache_interleaved", "rpo_fast/ref_cache.py", ((
         "return torch.cat([picked[:, 0], picked[:, 1]])", "return picked.reshape(-1)"),),
         "reference cache: a batch's log-probs interleaved (c0 r0 c1 r1) instead of chosen first", PIPELINE),
