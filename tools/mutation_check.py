@@ -11,8 +11,9 @@ that copy, runs the test files from the copy's root with this interpreter (`pyth
 process, TRITON_INTERPRET=1 OMP_NUM_THREADS=1), then restores the file. Before anything runs, the copy's
 `rpo_fast` and `rpo_fast.kernels` are checked to be the ones imported.
 
-A mutation runs its own test files (the loss/head matrix for the loss, head and kernel code; the packing,
-attention, data and trainer files for the trainer's pipeline), or the files named on the command line.
+A mutation runs its own test files, named beside it (the loss/head matrix for the loss, head and kernel code;
+the packing, attention, data, trainer, integration, optimizer or memory-plan files for the rest), or the files
+named on the command line.
 Files run in order and, unless --all-files, stop at the first that fails: the table says which file and
 test caught each mutation, "NOT CAUGHT", or "not applicable" when a snippet is no longer in the code (update
 the list after changing that code). Exit status 1 if any applicable mutation was not caught.
@@ -35,6 +36,7 @@ MATRIX = ("tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test
 INTEGRATIONS = ("tests/test_liger_parity.py", "tests/test_liger_swap.py", "tests/test_padded.py",
                 "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")  # about 15, 10, 15, 30, 30 s
 DATA = ("tests/test_data.py", "tests/test_hostile_data.py")
+MEMORY = ("tests/test_optim.py", "tests/test_memory_plan.py")
 PIPELINE = ("tests/test_packing.py", "tests/test_prompt_sharing.py", "tests/test_attention.py", "tests/test_data.py",
             "tests/test_trainer.py")
 ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -271,6 +273,14 @@ MUTATIONS = [
     Mutation("logged_nll_weighted_by_pairs", "rpo_fast/metrics.py", ((
         "nll * nll_pairs, c.sum()", "nll * n_pairs, c.sum()"),),
         "metrics: the logged token_mean NLL averages micro-batch means", ("tests/test_metrics.py",) + PIPELINE[-1:]),
+    # The memory planner's arithmetic.
+    Mutation("adamw_state_counts_one_moment", OPTIM, ((
+        "return 2 * param_bytes * numel", "return param_bytes * numel"),),
+        "memory: torch AdamW's state counted as one moment, not two", MEMORY),
+    Mutation("mlp_activations_undercounted", "rpo_fast/memory_plan.py", ((
+        'per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))',
+        'per_token += 2 * b * I + b * I * self._input_kept(("down_proj",))'),),
+        "memory: a layer's saved MLP activations counted as 2 of their 3 [T, I] tensors", MEMORY[::-1]),
     # The integrations: Liger's signature, the HF Trainer mixin, TRL's fused head.
     Mutation("head_bias_unscaled", MODEL_HEAD, ((
         "bias = None if bias is None else bias * scale", "bias = bias"),),
