@@ -250,6 +250,23 @@ def _old_rpo_compute_loss(model, batch, ref_model, nll_weight, args: RPOArgument
     return out._replace(loss=reweighted_loss(out, 1.0, nll_weight))
 
 
+def _reference_unlike(model):
+    """A frozen copy of `model` with every weight moved a little: a reference unlike the policy."""
+    ref_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref_model
+
+
+def _assert_same_grads(model, expected_model):
+    """Every trainable parameter's gradient in `model` equals `expected_model`'s (fp32 bounds)."""
+    grads = [(name, p.grad) for name, p in expected_model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for _, g in grads)
+    for (name, expected), p in zip(grads, (p for p in model.parameters() if p.requires_grad)):
+        assert_close(p.grad, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4, name=f"grad {name}")
+
+
 def _layout_model(layout, reference):
     """A tiny Llama with an LM-head bias, on the attention the layout needs, and its reference (None: PEFT)."""
     model = _tiny_llama()
@@ -259,11 +276,7 @@ def _layout_model(layout, reference):
         model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 0.5)
     if reference == "peft":
         return _peft_model(model), None
-    ref_model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for p in ref_model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # a reference unlike the policy
-    return model, ref_model
+    return model, _reference_unlike(model)
 
 
 @pytest.mark.parametrize("reference", ["ref_model", "peft"])
@@ -290,10 +303,7 @@ def test_fused_loss_equals_the_old_path(layout, reference):
             assert_close(getattr(new, name), getattr(old, name), atol=1e-6, rtol=1e-5, name=name)
         (new.loss / len(batches)).backward()
         (old.loss / len(batches)).backward()
-    grads = [(name, p.grad) for name, p in old_model.named_parameters() if p.requires_grad]
-    assert grads and all(g is not None for _, g in grads)
-    for (name, expected), p in zip(grads, (p for p in model.parameters() if p.requires_grad)):
-        assert_close(p.grad, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4, name=f"grad {name}")
+    _assert_same_grads(model, old_model)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -337,10 +347,7 @@ def test_scaled_head_with_bias_equals_the_models_own_logits(packed):
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # logits of order 1 after the scale: a scale left out changes the loss
         model.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 4.0)
-    ref_model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for p in ref_model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    ref_model = _reference_unlike(model)
     dense_model = copy.deepcopy(model)
     args = RPOArguments(beta=0.2, alpha=0.7, sft_norm="seq_mean", packed=packed, share_prompt=False)
     batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
@@ -349,9 +356,7 @@ def test_scaled_head_with_bias_equals_the_models_own_logits(packed):
     assert_close(fused, dense, atol=1e-6, rtol=1e-5, name="loss")
     fused.backward()
     dense.backward()
-    for (name, expected), p in zip(dense_model.named_parameters(), model.parameters()):
-        assert_close(p.grad, expected.grad, atol=1e-5 * float(expected.grad.abs().max()), rtol=1e-4,
-                     name=f"grad {name}")
+    _assert_same_grads(model, dense_model)
 
 
 @pytest.mark.parametrize("head_backward, products", [("auto", 3), ("recompute", 4)])

@@ -48,7 +48,7 @@ import torch
 from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice, check_chunk_tokens, check_head_backward
 from ..loss import RPOOutput, segment_sum
 from ._model import head_logprobs, head_of, head_rpo_loss, logit_scale_of, prepare_head_inputs
-from .padded import pack_padded_pairs, pairs_from_padded
+from .padded import check_no_label_under_padding, pack_padded_pairs, pairs_from_padded
 
 
 @dataclass
@@ -160,12 +160,7 @@ def _check_batch(inputs: dict[str, Any]) -> tuple[int, int]:
     for key in ("attention_mask", "labels"):
         if tuple(inputs[key].shape) != shape:
             raise ValueError(f"{key}: expected shape {shape} like input_ids, got {tuple(inputs[key].shape)}")
-    # As pack_padded_pairs does: with right padding the last token would otherwise score the label after it.
-    stray = (inputs["labels"] != -100) & ~inputs["attention_mask"].bool()
-    if bool(stray.any()):
-        j, t = (int(i) for i in stray.nonzero()[0])
-        raise ValueError(f"labels: expected -100 at padded positions (attention_mask == 0), got "
-                         f"{int(inputs['labels'][j, t])} at [{j}, {t}]")
+    check_no_label_under_padding(inputs["labels"], inputs["attention_mask"])  # every layout, as packing does
     return shape
 
 

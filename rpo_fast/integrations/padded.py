@@ -55,6 +55,16 @@ def pairs_from_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     return [PreferenceExample(parts[i][0], parts[i][1], parts[n_pairs + i][1], i) for i in range(n_pairs)]
 
 
+def check_no_label_under_padding(labels: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int = -100) -> None:
+    """Raises ValueError for a scored label at a padded position (attention_mask == 0) of a [2B, L] batch: it
+    has no token to score, and with right padding the last real token would predict it."""
+    stray = (labels != ignore_index) & ~attention_mask.bool()
+    if bool(stray.any()):
+        j, t = (int(i) for i in stray.nonzero()[0])
+        raise ValueError(f"labels: expected {ignore_index} at padded positions (attention_mask == 0), got "
+                         f"{int(labels[j, t])} at [{j}, {t}]")
+
+
 def _shape(t) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -104,12 +114,8 @@ def pack_padded_pairs(
         labels = input_ids.masked_fill(~loss_mask.bool(), ignore_index)
     elif not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
         raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {_shape(labels)}")
+    check_no_label_under_padding(labels, attended, ignore_index)
     scored = labels != ignore_index
-    stray = scored & ~attended
-    if bool(stray.any()):
-        j, t = (int(i) for i in stray.nonzero()[0])
-        raise ValueError(f"labels: expected {ignore_index} at padded positions (attention_mask == 0), got "
-                         f"{int(labels[j, t])} at [{j}, {t}]")
 
     device = input_ids.device
     position_in_seq = attended.long().cumsum(1) - 1  # position within its sequence, for attended tokens
