@@ -166,8 +166,9 @@ def fake_flash_attn(calls):
 
 def fake_torch_varlen(calls):
     """A stand-in for `torch.nn.attention.varlen.varlen_attn`: the arguments are bound to the real function's
-    signature (torch 2.13) and read as it reads them (causal exactly when window_size == (-1, 0); GQA only
-    with enable_gqa), then `documented_varlen` computes the FlashAttention-2 kernel's result."""
+    signature (whichever torch runs) and read as it reads them (causal exactly when window_size == (-1, 0);
+    GQA only with enable_gqa, which torch 2.11/2.12 lack), then `documented_varlen` computes the
+    FlashAttention-2 kernel's result."""
     from torch.nn.attention.varlen import varlen_attn
 
     signature = inspect.signature(varlen_attn)
@@ -176,7 +177,8 @@ def fake_torch_varlen(calls):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        assert a["enable_gqa"] or a["query"].shape[1] == a["key"].shape[1], "varlen_attn: GQA needs enable_gqa"
+        # torch 2.11/2.12 have no enable_gqa: there k and v must come with the query's heads
+        assert a.get("enable_gqa") or a["query"].shape[1] == a["key"].shape[1], "varlen_attn: GQA needs enable_gqa"
         calls.append((a["query"].dtype, a["key"].dtype, a["value"].dtype))
         causal = a["window_size"] == (-1, 0)
         window = (-1, -1) if causal else tuple(a["window_size"])
