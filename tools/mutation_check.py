@@ -32,11 +32,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = ("tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test_head_backward.py")
-# The trainer's pipeline, cheapest first (about 15, 15, 15, 20 and 60 s).
+# The integrations (about 15, 10, 15, 30 and 30 s).
 INTEGRATIONS = ("tests/test_liger_parity.py", "tests/test_liger_swap.py", "tests/test_padded.py",
-                "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")  # about 15, 10, 15, 30, 30 s
+                "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")
 DATA = ("tests/test_data.py", "tests/test_hostile_data.py")
 MEMORY = ("tests/test_optim.py", "tests/test_memory_plan.py")
+# The trainer's pipeline, cheapest first (about 15, 15, 15, 20 and 60 s).
 PIPELINE = ("tests/test_packing.py", "tests/test_prompt_sharing.py", "tests/test_attention.py", "tests/test_data.py",
             "tests/test_trainer.py")
 ENV = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
