@@ -309,13 +309,16 @@ def test_fused_loss_equals_the_old_path(layout, reference):
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_scored_label_under_padding_is_refused(packed):
     """A collator that leaves the pad token as the label of padded positions: refused in every layout (padded,
-    the last real token would score the pad after it; packed, the label has no token)."""
+    the last real token would score the pad after it; packed, the label has no token), by the loss and by
+    `sequence_logps` (the reference's and evaluation's entry)."""
     batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
     batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, PAD)
     assert bool((batch["attention_mask"] == 0).any())
-    with pytest.raises(ValueError, match=r"labels: expected -100 at padded positions \(attention_mask == 0\), "
-                                         f"got {PAD} at"):
+    refused = r"labels: expected -100 at padded positions \(attention_mask == 0\), " f"got {PAD} at"
+    with pytest.raises(ValueError, match=refused):
         rpo_compute_loss(_tiny_llama(), batch, reference_free=True, packed=packed, share_prompt=False)
+    with pytest.raises(ValueError, match=refused):
+        sequence_logps(_tiny_llama(), batch, packed=packed, share_prompt=False)
 
 
 def test_left_padded_first_token_is_never_scored():

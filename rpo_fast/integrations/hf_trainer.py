@@ -224,8 +224,8 @@ def head_layout(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool 
 
 def _run_head(model: torch.nn.Module, inputs: dict[str, Any], loss: dict[str, Any] | None, *, packed: bool,
               impl: str, share_prompt: bool):
-    """(the installed forward's result, its HeadRequest) on a padded batch; installs the forward on first use."""
-    _check_batch(inputs)
+    """(the installed forward's result, its HeadRequest) on a padded batch that `_check_batch` passed; installs
+    the forward on first use."""
     if not _is_installed(model):
         install_head_forward(model, impl)
     model_inputs, request = head_layout(model, inputs, packed=packed, share_prompt=share_prompt)
@@ -248,7 +248,13 @@ def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bo
     Returns:
         (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of the formulas in `rpo_fast.loss`.
     """
-    lp, request = _run_head(model, inputs, None, packed=packed, impl=impl, share_prompt=share_prompt)
+    _check_batch(inputs)
+    return _sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)
+
+
+def _sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], **layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of a batch that `_check_batch` passed (`rpo_compute_loss` checks its batch once)."""
+    lp, request = _run_head(model, inputs, None, **layout)
     lengths = request.cu_seqlens.diff().long()
     return segment_sum(lp, lengths), lengths.float().to(lp.device)
 
@@ -303,10 +309,10 @@ def rpo_compute_loss(
                              f"{tuple(inputs['ref_rejected_logps'].shape)}")
     elif ref_model is not None:
         with torch.no_grad():
-            ref_logps = sequence_logps(ref_model, inputs, **layout)[0]
+            ref_logps = _sequence_logps(ref_model, inputs, **layout)[0]
     elif hasattr(_unwrap(model), "disable_adapter"):
         with torch.no_grad(), _unwrap(model).disable_adapter():
-            ref_logps = sequence_logps(model, inputs, **layout)[0]
+            ref_logps = _sequence_logps(model, inputs, **layout)[0]
     elif reference_free:
         ref_logps = None
     else:
