@@ -37,6 +37,7 @@ INTEGRATIONS = ("tests/test_liger_parity.py", "tests/test_liger_swap.py", "tests
                 "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")
 DATA = ("tests/test_data.py", "tests/test_hostile_data.py")
 MEMORY = ("tests/test_optim.py", "tests/test_memory_plan.py")
+ROW_TESTS = ("tests/test_logit_grad_kernel.py",) + MATRIX  # the fwdgrad row kernels
 # The trainer's pipeline, cheapest first (about 15, 15, 15, 20 and 60 s).
 PIPELINE = ("tests/test_packing.py", "tests/test_prompt_sharing.py", "tests/test_attention.py", "tests/test_data.py",
             "tests/test_trainer.py")
@@ -192,19 +193,19 @@ MUTATIONS = [
         "sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)",
         "sumexp = sumexp + tl.sum(tl.exp(x - m_new), axis=0)"),),
         "Triton row log-probs (fwdgrad): the online logsumexp does not rescale its running sum",
-        ("tests/test_logit_grad_kernel.py",) + MATRIX),
+        ROW_TESTS),
     Mutation("triton_row_logprob_at_ignored", ROW_KERNELS, ((
         "tl.where(target != ignore_index, target_logit - lse, 0.0)", "target_logit - lse"),),
         "Triton row log-probs (fwdgrad): an ignored target reports -lse instead of 0",
-        ("tests/test_logit_grad_kernel.py",) + MATRIX),
+        ROW_TESTS),
     Mutation("triton_logit_grad_at_ignored", ROW_KERNELS, ((
         "g = tl.where(target == ignore_index, 0.0, g)", "g = g"),),
         "Triton logit gradient (fwdgrad): a row whose target is ignored keeps its g",
-        ("tests/test_logit_grad_kernel.py",) + MATRIX),
+        ROW_TESTS),
     Mutation("triton_logit_grad_onehot_missing", ROW_KERNELS, ((
         "onehot = tl.where(v0 + cols == target, 1.0, 0.0)", "onehot = tl.where(v0 + cols == target, 0.0, 0.0)"),),
         "Triton logit gradient (fwdgrad): dlogits = -g * softmax, without the target's one-hot",
-        ("tests/test_logit_grad_kernel.py",) + MATRIX),
+        ROW_TESTS),
     # The trainer's pipeline: packing, shared-prompt attention, truncation, reference cache, micro-batch weights.
     Mutation("packed_row_is_the_target", "rpo_fast/packing.py", ((
         "+ prompt_lengths[seq_of_row] - 1 + row_in_seq", "+ prompt_lengths[seq_of_row] + row_in_seq"),),
