@@ -22,7 +22,8 @@ class RPOLoss(torch.nn.Module):
     The SFT term is `alpha * nll` when `compute_nll_loss` (Liger's default form is `sft_norm="token_mean"`:
     NLL summed over chosen tokens / chosen token count); `sft_norm="sum"` is the paper's main form and
     `"seq_mean"` its appendix / OpenRLHF's. `compiled` and `chunk_size` are accepted for compatibility and
-    have no effect (the kernels neither compile per shape nor chunk by sequences); `impl`, `backward` and
+    have no effect (the kernels neither compile per shape nor chunk by sequences), and so is `discopop_tau` (Liger's
+    "discopop" loss is not implemented here); `impl`, `backward` and
     `chunk_tokens` are `fused_linear_rpo_loss`'s (by default the gradient is formed in forward, chunk by
     chunk of whole pairs: only the returned loss is differentiable, the other outputs are detached metrics). Unlike Liger 0.8.5,
     `label_smoothing` applies to `loss_type="sigmoid"` (cDPO, as in TRL); Liger ignores it there.
@@ -43,6 +44,7 @@ class RPOLoss(torch.nn.Module):
         chunk_size: int = 1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
         sft_norm: str = "token_mean",
         impl: str = "auto",
         backward: str = "auto",

@@ -1,5 +1,7 @@
 """RPOLoss against Liger's LigerFusedLinearDPOLoss(compute_nll_loss=True, compiled=False) on the same
 padded inputs: loss, every auxiliary output, and the gradients of input, weight and bias."""
+import inspect
+
 import pytest
 import torch
 
@@ -68,3 +70,11 @@ def test_nll_off_matches_liger_plain_dpo():
     got = run(rpo_fast.RPOLoss(compute_nll_loss=False), x, w, b, target, rx, rw, None)
     torch.testing.assert_close(got[0], want[0])
     assert float(got[1][4]) == 0.0 == float(want[1][4])
+
+
+def test_takes_every_liger_constructor_keyword():
+    """A drop-in: code that passes Liger's constructor keywords (by name, with their defaults) builds an RPOLoss."""
+    params = inspect.signature(liger.LigerFusedLinearDPOLoss.__init__).parameters
+    defaults = {name: p.default for name, p in params.items() if name != "self"}
+    assert defaults and all(v is not inspect.Parameter.empty for v in defaults.values())
+    rpo_fast.RPOLoss(**defaults)
