@@ -33,12 +33,12 @@ LABELS = {
 }
 
 
-def model_name(config, first: bool) -> str:
+def model_name(config, first: bool, held_out: bool) -> str:
     name = f"{config['model_type']}{' tied' if config['tie_word_embeddings'] else ''} V{config['vocab_size']}"
     if first:  # the whole shape where the config first appears
         name += (f" H{config['hidden_size']} I{config['intermediate_size']} L{config['num_hidden_layers']}"
                  f" heads {config['num_attention_heads']}/{config['num_key_value_heads']}")
-    return name + (" (held out)" if any(config is c for c in HELD_OUT) else "")
+    return name + (" (held out)" if held_out else "")
 
 
 def describe(options: dict) -> str:
@@ -49,17 +49,18 @@ def describe(options: dict) -> str:
 
 print("| model | options | measured | predicted | error | peak phase |")
 print("|---|---|---:|---:|---:|---|")
-seen, errors, held_out_errors = [], [], []
+seen, errors, held_out_errors = set(), [], []
 for config, options, _ in CASES:
     measured = measure(config, **options)
     plan = predicted(config, **options)
     error = plan.peak_bytes / measured - 1
     errors.append(abs(error))
-    if any(config is c for c in HELD_OUT):
+    held_out = any(config is c for c in HELD_OUT)
+    if held_out:
         held_out_errors.append(abs(error))
-    first = not any(config is c for c in seen)
-    seen.append(config)
-    print(f"| {model_name(config, first)} | {describe(options)} | {measured / MiB:.2f} | "
+    first = id(config) not in seen
+    seen.add(id(config))
+    print(f"| {model_name(config, first, held_out)} | {describe(options)} | {measured / MiB:.2f} | "
           f"{plan.peak_bytes / MiB:.2f} | {error:+.1%} | {plan.peak_phase} |")
 print(f"\n{len(CASES)} configurations; largest |error| {max(errors):.1%} overall, "
       f"{max(held_out_errors):.1%} on the held-out configs.")
