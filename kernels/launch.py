@@ -108,12 +108,18 @@ def num_programs_wanted(device: torch.device) -> int:
     return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def check_runnable(tensor: torch.Tensor, name: str = "hidden") -> None:
+def check_runnable(tensor: torch.Tensor, name: str = "hidden", choice: str = "impl='triton'") -> None:
+    """Raises ValueError when Triton cannot run on `tensor`'s device: a CPU tensor without the interpreter.
+
+    `choice` is the caller's option that launches the kernels (`impl='triton'`, `backward='atomic'`); the
+    message names it and its CPU alternative.
+    """
     if tensor.device.type == "cpu" and not interpreting():
+        option = choice.split("=")[0]
         raise ValueError(
-            f"impl='triton' needs CUDA tensors or the Triton interpreter: expected {name} on a CUDA device "
+            f"{choice} needs CUDA tensors or the Triton interpreter: expected {name} on a CUDA device "
             f"or TRITON_INTERPRET=1, got a tensor on {tensor.device} without the interpreter "
-            "(use impl='torch' on CPU)"
+            f"(use {option}='auto' on CPU)"
         )
 
 

@@ -156,6 +156,7 @@ class TrainConfig:
             _require("lora_target_modules", bool(self.lora_target_modules) and all(
                 all(part.isidentifier() for part in name.split(".")) for name in self.lora_target_modules),
                 "'all-linear' or module names like q_proj,v_proj", self.lora_target_modules)
+        checks.check_head_backward(self.impl, self.head_backward, "head_backward")
         if self.deterministic and self.head_backward == "atomic":
             raise ValueError("head_backward: expected 'auto', 'fwdgrad' or 'recompute' with deterministic=true (the "
                              "atomic backward's accumulation order varies from run to run), got 'atomic'")

@@ -117,6 +117,17 @@ def resolve_op_backward(backward: str) -> str:
     return "recompute" if backward == "auto" else backward
 
 
+def check_kernels_runnable(impl: str, backward: str, hidden: torch.Tensor) -> None:
+    """Refuses, in forward, a resolved `impl="triton"` or `backward="atomic"` where Triton cannot run (CPU
+    tensors without TRITON_INTERPRET=1): the atomic backward would otherwise fail only in `.backward()`."""
+    for option, value, launches_triton in (("impl", impl, impl == "triton"),
+                                           ("backward", backward, backward == "atomic")):
+        if launches_triton:
+            from . import kernels
+
+            kernels.launch.check_runnable(hidden, choice=f"{option}={value!r}")
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -145,12 +156,15 @@ def linear_logprobs(
         [N] float32, 0.0 where `targets == ignore_index`. Differentiable in hidden, weight and bias.
 
     Raises:
-        ValueError: on shape/dtype/device mismatches, targets outside [0, V), or an unknown impl.
+        ValueError: on shape/dtype/device mismatches, targets outside [0, V), an unknown impl or backward, or
+            impl="triton" / backward="atomic" on CPU tensors without TRITON_INTERPRET=1 (raised in forward).
     """
     checks.check_head("", hidden, weight, bias)
     checks.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
     impl = resolve_impl(impl, hidden.device)
     backward = resolve_op_backward(backward)
+    if impl != "dense":
+        check_kernels_runnable(impl, backward, hidden)
     targets = targets.long().contiguous()
     if impl == "dense":
         return dense_linear_logprobs(hidden, weight, targets, bias, ignore_index)

@@ -23,20 +23,20 @@ import torch.nn.functional as F
 
 from . import checks
 from .fwdgrad import fwdgrad_head_loss
-from .logprobs import linear_logprobs, resolve_impl
+from .logprobs import check_kernels_runnable, linear_logprobs, resolve_impl
 
 
 class RPOOutput(NamedTuple):
     """Result of an RPO loss evaluation. Per-pair tensors are [B] float32."""
 
-    loss: torch.Tensor  # scalar: pref_loss + alpha * nll
+    loss: torch.Tensor  # scalar: pref_loss + alpha * nll (fused_linear_rpo_loss: each term times its weight)
     pref_loss: torch.Tensor  # scalar: mean over pairs of the preference term
-    nll: torch.Tensor  # scalar: the normalized SFT term before alpha
+    nll: torch.Tensor  # scalar: the sft_norm-normalized SFT term before alpha; alpha=0: the token mean, detached
     chosen_logps: torch.Tensor  # summed over response tokens
     rejected_logps: torch.Tensor
     ref_chosen_logps: torch.Tensor  # summed; zeros when reference-free
     ref_rejected_logps: torch.Tensor
-    chosen_rewards: torch.Tensor  # beta * (s - s_ref), detached
+    chosen_rewards: torch.Tensor  # beta * (s - s_ref), over the token count with average_log_prob or ipo; detached
     rejected_rewards: torch.Tensor
     chosen_token_counts: torch.Tensor  # response tokens per sequence, float32
     rejected_token_counts: torch.Tensor
@@ -94,9 +94,13 @@ def rpo_loss(
     """RPO from per-sequence summed log-probs.
 
     Args:
-        policy_logps: [2B] summed response log-probs of the policy (differentiable), chosen first.
-        ref_logps: [2B] summed log-probs of the reference, or None (reference-free).
-        token_counts: [2B] response tokens per sequence.
+        policy_logps: [2B] float summed response log-probs of the policy (differentiable), chosen first.
+        ref_logps: [2B] float summed log-probs of the reference, or None (reference-free).
+        token_counts: [2B] response tokens per sequence, an integer or float tensor.
+        beta, alpha, sft_norm, loss_type, label_smoothing, average_log_prob: see the module docstring.
+
+    Returns:
+        RPOOutput, computed in float32.
 
     Raises:
         ValueError: on bad options, shapes, dtypes or devices (nothing broadcasts), when a normalization would
@@ -185,13 +189,17 @@ def fused_linear_rpo_loss(
             packed sequences (chosen 0..B-1 first, then rejected B..2B-1).
         weight: [V, H] LM head, same dtype; bias: [V] or None.
         targets: [N] int64 next tokens; `ignore_index` marks positions that do not count.
-        cu_seqlens: [2B+1] int32 sequence boundaries in `hidden`, from 0 to N.
+        cu_seqlens: [2B+1] int32 or int64 sequence boundaries in `hidden`, from 0 to N.
         ref_hidden, ref_weight, ref_bias: the reference head's inputs ([N, H'], [V, H'], [V]); run
             forward-only, nothing saved, no gradient. Or `ref_logps`: [2B] precomputed summed
             reference log-probs. Neither: reference-free.
         beta, alpha, sft_norm, loss_type, label_smoothing, average_log_prob: see the module docstring.
-        impl: "auto" | "triton" | "torch" | "dense": the head's forward kernels (see `linear_logprobs`);
-            "dense" is the full-logits reference (autograd, `backward` must be "auto").
+        impl: "auto" | "triton" | "torch" | "dense": the kernels of the head's forward passes (see
+            `linear_logprobs`): the reference head's forward, and the policy's forward with "recompute" /
+            "atomic"; with "fwdgrad", whose products are torch matmuls, it picks the per-chunk log-softmax and
+            gradient passes (Triton kernels for "triton" / "auto" on CUDA; torch ops otherwise, also on CPU
+            under TRITON_INTERPRET=1). "dense" is the full-logits reference (autograd, `backward` must be
+            "auto").
         backward: how the gradient is made.
             "fwdgrad": in forward, chunk by chunk of whole pairs (`rpo_fast.fwdgrad`): three head GEMMs, no
                 recompute; the loss's backward only scales the stored gradients. Only `loss` carries a
@@ -200,7 +208,7 @@ def fused_linear_rpo_loss(
             "atomic": the same op with the Triton backward kernel (fp32 atomics; a GPU, or the CPU under
                 TRITON_INTERPRET=1; not deterministic).
             "auto": "fwdgrad" when a gradient is needed (grad mode on and hidden, weight or bias requires
-                grad), else "recompute" (whose forward is the fused forward kernel alone, with no gradient
+                grad), else "recompute" (whose forward is the `linear_logprobs` op's alone, with no gradient
                 buffers). Both are exact and deterministic.
         chunk_tokens: rows per fwdgrad chunk (whole pairs; a longer pair is recomputed in pieces of this
             many rows); None: as many as fit a logits budget (`fwdgrad.default_chunk_tokens`).
@@ -214,7 +222,8 @@ def fused_linear_rpo_loss(
     Raises:
         ValueError: naming the argument, for every malformed input (shapes, dtypes, cu_seqlens,
             targets out of range, half-given reference, unknown options, empty sequences that a
-            normalization would divide by).
+            normalization would divide by, impl="triton" / backward="atomic" on CPU tensors without
+            TRITON_INTERPRET=1).
     """
     checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
     checks.check_choice("impl", impl, checks.IMPLS)
@@ -223,6 +232,8 @@ def fused_linear_rpo_loss(
     checks.check_loss_weight("pair_weight", pair_weight)
     checks.check_loss_weight("nll_weight", nll_weight)
     checks.check_head("", hidden, weight, bias)
+    if impl != "dense":
+        check_kernels_runnable(resolve_impl(impl, hidden.device), backward, hidden)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device)
     lengths = checks.check_cu_seqlens(cu_seqlens, n_rows)

@@ -110,12 +110,18 @@ def check_data(config: TrainConfig) -> None:
 
 
 def check_device(config: TrainConfig) -> None:
-    """impl="triton" needs a CUDA GPU (or the Triton interpreter, TRITON_INTERPRET=1, for tests)."""
+    """impl="triton" and head_backward="atomic" run Triton kernels: they need a CUDA GPU (or the Triton
+    interpreter, TRITON_INTERPRET=1, for tests)."""
     import torch
 
-    if config.impl == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if config.impl == "triton":
         raise ValueError("impl: expected 'auto', 'torch' or 'dense' on a machine without a CUDA GPU "
                          "('triton' runs its kernels on CUDA only), got 'triton'")
+    if config.head_backward == "atomic":
+        raise ValueError("head_backward: expected 'auto', 'fwdgrad' or 'recompute' on a machine without a CUDA "
+                         "GPU ('atomic' runs its Triton kernel on CUDA only), got 'atomic'")
 
 
 def check_sources(config: TrainConfig) -> None:

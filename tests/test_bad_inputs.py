@@ -1,6 +1,7 @@
 """Every malformed input gets a ValueError that names the argument; NaN/Inf inputs give NaN, never a
 silent number."""
 import math
+import re
 
 import pytest
 import torch
@@ -116,11 +117,24 @@ def test_linear_logprobs_validates_too():
         rpo_fast.linear_logprobs(torch.randn(4, 3), torch.randn(5, 4), torch.zeros(4, dtype=torch.int64))
 
 
-def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+TRITON_CHOICES = [("linear_logprobs", dict(impl="triton"), "impl='triton'"),
+                  ("linear_logprobs", dict(impl="torch", backward="atomic"), "backward='atomic'"),
+                  ("fused_linear_rpo_loss", dict(impl="triton"), "impl='triton'"),
+                  ("fused_linear_rpo_loss", dict(backward="atomic"), "backward='atomic'")]
+
+
+@pytest.mark.parametrize("function,options,named", TRITON_CHOICES, ids=[f"{f}-{'-'.join(o.values())}"
+                                                                       for f, o, _ in TRITON_CHOICES])
+def test_triton_on_cpu_without_interpreter_is_a_clear_error_in_forward(monkeypatch, function, options, named):
+    """A choice that launches Triton kernels is refused in forward, not at `.backward()`, on a CPU without the
+    interpreter, and the message names that choice (the fwdgrad default would otherwise run torch passes)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="impl='triton'.*expected"):
-        rpo_fast.linear_logprobs(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.int64),
-                                 impl="triton")
+    hidden = torch.randn(4, 3, requires_grad=True)
+    args = (hidden, torch.randn(5, 3), torch.zeros(4, dtype=torch.int64))
+    if function == "fused_linear_rpo_loss":
+        args += (torch.tensor([0, 2, 4], dtype=torch.int32),)
+    with pytest.raises(ValueError, match=f"{re.escape(named)}.*expected.*use {named.split('=')[0]}='auto'"):
+        getattr(rpo_fast, function)(*args, **options)
 
 
 def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():

@@ -108,6 +108,8 @@ def bad_input_cases(tmp: "Path") -> list[tuple[str, list[str], str]]:
         ("output_dir_unwritable", ["train", "--output_dir=/proc/rpo-fast-test-run"], "output_dir"),
         ("config_is_a_folder", ["train", "--config", str(tmp)], "config"),
         ("impl_triton_without_gpu", [*train, "--impl=triton"], "impl"),
+        ("atomic_backward_without_gpu", [*train, "--head_backward=atomic"], "head_backward"),
+        ("head_backward_with_dense", [*train, "--impl=dense", "--head_backward=fwdgrad"], "head_backward"),
         ("lora_target_not_a_name", [*train, "--lora_target_modules=q_proj,"], "lora_target_modules"),
         ("train_file_missing", [*train, f"--train_file={tmp / 'missing.jsonl'}"], "train_file"),
         ("embedded_eval_for_own_data", [*train, f"--train_file={own}"], "eval_file"),
@@ -141,7 +143,8 @@ def no_model_loading(monkeypatch):
 
 CASE_IDS = ["model_missing", "model_hub_id_offline", "model_empty_folder", "model_plain_file",
             "ref_model_empty_folder", "output_dir_is_a_file", "output_dir_unwritable", "config_is_a_folder",
-            "impl_triton_without_gpu", "lora_target_not_a_name", "train_file_missing", "embedded_eval_for_own_data",
+            "impl_triton_without_gpu", "atomic_backward_without_gpu", "head_backward_with_dense",
+            "lora_target_not_a_name", "train_file_missing", "embedded_eval_for_own_data",
             "gold_rule_on_own_eval", "resume_and_overwrite", "precompute_model_missing", "plan_config_missing",
             "plan_gpu_gb_nan", "plan_gpu_gb_zero", "plan_gpu_gb_negative", "plan_bad_override"]
 
