@@ -10,8 +10,8 @@ A run folder is reused rather than a new one made per run (a timestamped subfold
 run prints and the README shows (`outputs/demo/model`) must stay where scripts and people look for them.
 
 `--resume` continues only a run with the same config: the checkpoint's `config.yaml` must match the
-current config except in `RESUME_FREE_KEYS`, keys that change how long the run goes on, where it logs or
-how it reports, but not what a step computes.
+current config except in `RESUME_FREE_KEYS`, keys that change how long the run goes on, where it logs,
+how it reports or how a step's pairs are laid out, but not what a step computes.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ RESUME_FREE_KEYS = frozenset({
     "gradient_accumulation_steps",  # with another process count; the trainer checks processes x accumulation
     "progress", "plot", "tensorboard", "log_every", "save_every", "keep_checkpoints",  # reporting, saving
     "eval_file", "eval_every", "gold_eval_samples", "gold_max_new_tokens", "ref_cache_dir",  # evaluation, cache path
+    # A layout: steps hold the same pairs either way, and the numbers differ only by rounding. A model that
+    # cannot run shared-prompt rows turns it off, so its checkpoints record false where the user asked true.
+    "share_prompt",
 })
 
 

@@ -64,6 +64,27 @@ def test_stale_checkpoints_never_win(tiny_model_dir, tmp_path, capsys):
     assert [s for s, _ in checkpoint.list_checkpoints(run)] == [3] and loss_steps(run) == [1, 2, 3]
 
 
+def test_resume_when_the_model_turned_share_prompt_off(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A model that cannot run shared-prompt rows turns `share_prompt` off, and the checkpoints record the
+    config that ran (share_prompt false). Resuming with the same config file (share_prompt true) must
+    continue the run: before, the resume check called that a changed key and refused it."""
+    from rpo_fast import modeling
+
+    monkeypatch.setattr(modeling, "shared_prompt_unsupported", lambda model: "the test says it mixes tokens")
+    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, max_steps=2, share_prompt=True)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    run = tmp_path / "run"
+    code, out, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert "notice: share_prompt is off" in out + err
+    assert load_config(run / "checkpoints" / "step-000002" / "config.yaml").share_prompt is False
+    code, out, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2" in out
+    assert loss_steps(run) == [1, 2, 3]
+
+
 def test_logged_lr_is_the_lr_the_step_ran_at(tiny_model_dir, tmp_path, capsys):
     # warmup_steps=1 (tiny_overrides): step 1 runs at lr 0, step 2 at the full rate (cosine starts at 1)
     values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, max_steps=3, lr_scheduler="constant")
