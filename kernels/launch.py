@@ -50,6 +50,7 @@ INTERPRETER_ROW_CONFIG = RowConfig(block_v=2048, num_warps=1)
 
 
 def default_row_config(logits: torch.Tensor) -> RowConfig:
+    """`INTERPRETER_ROW_CONFIG` for CPU tensors (the interpreter), else `GPU_ROW_CONFIG`."""
     return INTERPRETER_ROW_CONFIG if logits.device.type == "cpu" else GPU_ROW_CONFIG
 
 
@@ -70,6 +71,8 @@ def kernel_flags(hidden: torch.Tensor) -> dict:
 
 
 def dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
+    """`tl.dot`'s input_precision: "ieee" when interpreted; on a GPU "tf32x3" for fp32, else "tf32" (which
+    bf16/fp16 operands ignore)."""
     if interpreted:
         return "ieee"
     return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 operands
@@ -91,6 +94,7 @@ def grad_filter_eps(dtype: torch.dtype) -> float | None:
 
 
 def default_config(hidden: torch.Tensor, backward: bool) -> TileConfig:
+    """`INTERPRETER` for CPU tensors; else `GPU_CONFIGS[backward, fp32 inputs]` (bf16/fp16 share a config)."""
     if hidden.device.type == "cpu":
         return INTERPRETER
     return GPU_CONFIGS[backward, hidden.dtype == torch.float32]

@@ -123,8 +123,8 @@ def linear_logprobs_bwd(
         hidden: [N, H], weight: [V, H], bias: [V] or None, all of one dtype (bf16/fp16/fp32).
         targets: [N] int64. lse: [N] fp32 from the forward. grad_lp: [N], any float dtype.
         needs_grad: which of (hidden, weight, bias) need a gradient.
-        filter_eps: skip tiles whose |onehot - softmax| < filter_eps everywhere (an approximation, off
-            when None). Default: the `RPO_FAST_GRAD_FILTER` environment switch (see `launch.grad_filter_eps`).
+        filter_eps: skip tiles whose |onehot - softmax| < filter_eps everywhere (an approximation; 0.0 = off).
+            None (default): the `RPO_FAST_GRAD_FILTER` environment switch (`launch.grad_filter_eps`; off when unset).
 
     Returns:
         (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the input dtype, accumulated in

@@ -45,6 +45,9 @@ ROW_VARIANTS = [("row_logprobs", "fp32"), ("logit_grad", "fp32"), ("logit_grad",
 
 @dataclasses.dataclass
 class CompileReport:
+    """What the cubin of one kernel variant compiled for sm_`arch` holds: registers, local memory and SASS
+    instruction counts. `dtype` is the inputs' dtype (head kernels) or the output's (row kernels)."""
+
     kernel: str
     dtype: str
     bias: bool
@@ -186,6 +189,7 @@ def report(kernel: str, dtype: str, bias: bool, arch: int, cubin: bytes) -> Comp
 
 
 def compile_all(archs: list[int]) -> list[CompileReport]:
+    """The reports of every `HEAD_VARIANTS` and `ROW_VARIANTS` launch compiled for each sm_`arch` in `archs`."""
     reports = []
     for arch in archs:
         for kernel, dtype, bias in HEAD_VARIANTS:
@@ -198,6 +202,8 @@ def compile_all(archs: list[int]) -> list[CompileReport]:
 
 
 def main(argv: list[str]) -> int:
+    """Command line: compiles for the archs in `argv` (default 90 80) and prints one JSON `CompileReport` per
+    variant; returns 0. Raises RuntimeError under `TRITON_INTERPRET`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m rpo_fast.aot", description=__doc__.split("\n\n")[0])

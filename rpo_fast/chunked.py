@@ -3,14 +3,17 @@
 The forward processes tokens in chunks so that at most a [rows, V] block of fp32 logits exists at a time and
 keeps only the per-token logsumexp; the backward recomputes each block's logits from it and forms
 `dlogits = g * (onehot - softmax)` in place. Same contract as `rpo_fast.kernels.linear_logprobs_fwd` /
-`linear_logprobs_bwd`. The default on CPU, the fallback where Triton is unavailable, and on CUDA the exact
-backward for callers whose upstream gradient arrives only in backward (TRL).
+`linear_logprobs_bwd`. The forward that impl="auto" picks on CPU and impl="torch" picks on any device (nothing
+falls back to it when Triton is missing), and on CUDA the exact backward for callers whose upstream gradient
+arrives only in backward (TRL).
 
 Products (`rpo_fast.gemm`): on CUDA every head GEMM is a bf16/fp16 tensor-core GEMM with fp32
 accumulation (no fp32 x fp32 SGEMM): logits come out in fp32, so the log-softmax never sees logits rounded
 to bf16 (as in the Triton kernels), and the gradient GEMMs take dlogits cast to the input dtype. The weight
-gradient accumulates over chunks in fp32 on every device. fp32 inputs give fp32 products throughout; on CPU,
-half-precision logits are the input-dtype product (see `_logits`).
+gradient accumulates over chunks in fp32 on every device. fp32 inputs give fp32 products throughout. On CPU,
+bf16/fp16 inputs give input-dtype products for the logits (see `_logits`) and the token layout's dhidden (an
+fp32 weight copy would cost 4*V*H bytes per call), fp32 products of upcast operands for dweight and the vocab
+layout's dhidden.
 
 Two backward layouts:
     token chunks  (default) rows of tokens at a time, every chunk against the whole vocabulary; dweight
@@ -26,7 +29,7 @@ import torch
 
 from .gemm import HALF_DTYPES, addmm_f32_, fp32_out_on_tensor_cores, mm_f32
 
-# Elements of one chunk's fp32 logits. CPU: 2**21 x 4 B = 8 MiB (64 tokens at a 32000-token vocab), small
+# Elements of one chunk's fp32 logits. CPU: 2**21 x 4 B = 8 MiB (65 tokens at a 32000-token vocab), small
 # enough that the chunk stays below an eighth of the dense path's memory at 1024 tokens, with no loss of
 # speed (bench/RESULTS.md). CUDA: 64 MiB, and never fewer than MIN_CUDA_ROWS rows: a GEMM of 130 rows (the
 # budget alone at a 128k vocab) streams the whole weight from HBM for little work; 1024 rows make the logits
@@ -92,7 +95,16 @@ def chunked_linear_logprobs_fwd(
     ignore_index: int = -100,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns lp [N] fp32 (0.0 at ignored targets) and lse [N] fp32."""
+    """Per-token log-probs of `targets` under `log_softmax(hidden @ weight.T + bias)`, `chunk_rows` tokens at a time.
+
+    Args:
+        hidden: [N, H] bf16/fp16/fp32. weight: [V, H], same dtype. bias: [V] or None (not checked here).
+        targets: [N] int64; `ignore_index` marks tokens whose log-prob is reported as 0.
+        chunk_size: tokens per chunk (None: `chunk_rows`' budget for the device).
+
+    Returns:
+        lp: [N] fp32 (0.0 at ignored targets) and lse: [N] fp32 (NaN where a row's logsumexp would be infinite).
+    """
     N, V = hidden.shape[0], weight.shape[0]
     lp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -143,10 +155,18 @@ def chunked_linear_logprobs_bwd(
     layout: str = "auto",
     slice_size: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (hidden, weight, bias) in the input dtypes; sums over chunks accumulate in fp32.
+    """Gradients of `lp` (from either backend's forward) given `grad_lp = dL/dlp`, logits recomputed.
 
-    layout: "tokens", "vocab" or "auto" (`choose_layout`); chunk_size / slice_size override the token rows
-    per chunk / vocab rows per slice of the two layouts.
+    Args:
+        hidden: [N, H] bf16/fp16/fp32. weight: [V, H], same dtype. bias: [V] or None (not checked here).
+        targets: [N] int64. lse: [N] fp32 saved by the forward. grad_lp: [N], any float dtype.
+        needs_grad: which of (hidden, weight, bias) need a gradient.
+        layout: "tokens", "vocab" or "auto" (`choose_layout`); chunk_size / slice_size override the token rows
+            per chunk / vocab rows per slice of the two layouts.
+
+    Returns:
+        (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the dtypes of hidden, weight and bias; sums
+        over chunks / slices accumulate in fp32. None for those not needed (grad_bias also when bias is None).
     """
     if layout not in ("auto", *LAYOUTS):
         raise ValueError(f"layout: expected 'auto', 'tokens' or 'vocab', got {layout!r}")

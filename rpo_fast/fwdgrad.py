@@ -7,12 +7,12 @@ derivative `ds_j = dLoss/ds_j` are known too: the pair terms need nothing but th
 in `s` with batch-global normalizers (B pairs; the batch's chosen-token count for token_mean). So a chunk of
 whole pairs can do all of its work at once:
 
-    logits = h_chunk @ W.T (+ b)                     [C, V] fp32 (fp32 out of bf16 operands on CUDA)
+    logits = h_chunk @ W.T (+ b)                     [C, V] fp32 (fp32 out of bf16/fp16 operands on CUDA)
     lp, lse = log-softmax at the targets             [C]
     s = per-sequence sums                            [2b]
     ds = d(pair_weight * pref + nll_weight * alpha * nll) / ds     autograd through the loss's own formulas
     g = ds of each token's sequence                  [C] (0 at ignored targets)
-    dlogits = g * (onehot - softmax)                 in place in the logits buffer (a bf16 copy on CUDA)
+    dlogits = g * (onehot - softmax)                 in the logits buffer (bf16/fp16 on CUDA: a copy in that dtype)
     dhidden[rows] = dlogits @ W;  dW32 += dlogits.T @ h;  db32 += dlogits.sum(0)
 
 Three head GEMMs per token, none recomputed (the floor), and the loss's backward only scales the stored
@@ -26,8 +26,9 @@ recomputes the others' logits (the recompute design, for that pair only, with th
 fp32 dW accumulation; one chunk of logits alive at a time). The fallback is per pair,
 not per call: one long pair in a packed batch must not cost the other pairs a recompute.
 
-On CUDA the per-chunk log-softmax and dlogits passes are fused Triton kernels (`kernels.logit_grad`); the
-torch functions here compute the same values (they keep the probabilities in the buffer between the two
+With `use_kernels` (CUDA tensors and an impl that resolves to "triton") the per-chunk log-softmax and dlogits
+passes are fused Triton kernels (`kernels.logit_grad`); otherwise (CPU, or impl="torch" on CUDA) they are the
+torch functions here, which compute the same values (they keep the probabilities in the buffer between the two
 passes, where the kernels keep the logits: `RowPasses`). No atomics anywhere: deterministic
 wherever the GEMMs are.
 """
@@ -39,8 +40,9 @@ import torch
 
 from . import gemm
 
-# Elements of one chunk's fp32 logits when `chunk_tokens` is not given. CUDA: 2**28 (1 GiB, plus a 512 MiB
-# bf16 copy): ~2048 tokens at a 128k vocabulary, enough rows for the GEMMs to run at tensor-core speed.
+# Elements of one chunk's fp32 logits when `chunk_tokens` is not given. CUDA: 2**28 (1 GiB, plus for bf16/fp16
+# inputs a 512 MiB dlogits copy in their dtype; none for fp32): ~2048 tokens at a 128k vocabulary, enough rows
+# for the GEMMs to run at tensor-core speed.
 # CPU: 2**23 (32 MiB): 262 tokens at a 32000-token vocabulary, which holds a pair of the CPU benchmark's
 # 128-token responses, and rows enough for the fp32 GEMMs' full speed (bench/RESULTS.md).
 CHUNK_ELEMENTS = 2**23
@@ -53,7 +55,7 @@ def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
     return max(1, budget // max(1, vocab_size))
 
 
-# --- per-row passes over one chunk's logits (torch; on CUDA the Triton kernels of kernels/logit_grad.py) ---
+# --- per-row passes over one chunk's logits (torch; with use_kernels the Triton kernels of kernels/logit_grad.py) ---
 
 # Rows per block of the torch passes: a [rows, V] fp32 block of about 1 MiB stays in the CPU's cache through
 # the passes over it, and no pass allocates a temporary as large as the chunk (torch.logsumexp would).
@@ -130,6 +132,8 @@ class RowPasses(NamedTuple):
 
 
 def row_passes(use_kernels: bool) -> RowPasses:
+    """The torch passes of this module, or with `use_kernels` (CUDA tensors) the Triton kernels of
+    `kernels.logit_grad`, whose `reload_` leaves the recomputed logits as they are."""
     if not use_kernels:
         return RowPasses(row_logprobs, logit_grad_, softmax_from_lse_)
     from .kernels import logit_grad as kernels  # imported lazily: the CPU path needs no Triton
@@ -215,7 +219,8 @@ def fwdgrad_head_loss(
     """A loss of the per-sequence summed log-probs of a packed pair batch, with its gradients formed in forward.
 
     Args:
-        hidden: [N, H] bf16/fp16/fp32; weight: [V, H] same dtype; bias: [V] or None (inputs checked).
+        hidden: [N, H] bf16/fp16/fp32; weight: [V, H] same dtype; bias: [V] or None (not checked here:
+            `fused_linear_rpo_loss` checks its inputs before calling).
         targets: [N] int64. bounds: cu_seqlens as a list of 2B + 1 ints (chosen sequences first).
         sequence_loss: `s [2B] fp32 -> (scalar loss, anything)`, differentiable in s, such that the derivative
             for the sequences of some pairs does not depend on the other pairs' values (a sum over pairs of

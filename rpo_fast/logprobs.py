@@ -26,6 +26,9 @@ from .reference import dense_linear_logprobs
 
 
 class Backend(NamedTuple):
+    """The forward and backward functions of one memory-lean backend (module docstring's contract): the chunked
+    PyTorch ones (`rpo_fast.chunked`) or the Triton kernels (`rpo_fast.kernels`)."""
+
     forward: Callable
     backward: Callable
 
@@ -102,6 +105,8 @@ linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
+    """`impl` after checking it is one of `checks.IMPLS`: "auto" is "triton" on CUDA and "torch" on any other
+    device; "triton", "torch" and "dense" are returned as given."""
     checks.check_choice("impl", impl, checks.IMPLS)
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
