@@ -134,7 +134,7 @@ def bench_model(name: str, shape: StepShape, device: torch.device, dtype: torch.
     model = build_model(name, dtype, device)
     n_params = sum(p.numel() for p in model.parameters())
     if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        if hasattr(model, "activation_checkpointing_enable"):  # in transformers 5.24, not 5.17
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -8,8 +8,9 @@ sequence. `varlen_attention_forward` is registered under `ATTN_IMPLEMENTATION` (
 - `torch.nn.attention.varlen.varlen_attn` (PyTorch's own flash kernel) on CUDA otherwise;
 - `scaled_dot_product_attention` everywhere else (CPU; fp32 on CUDA outside autocast; a sliding window
   that masks keys where this torch's varlen kernel has no window): once per
-  sequence, causal; for a shared-prompt pair twice, the prompt causal, then both responses with one mask
-  (`_sdpa_per_block`). Exact: the same math as unpacked sdpa, with no [L, L] mask.
+  sequence, causal; for a shared-prompt pair the prompt causal, then both responses with one mask when
+  that drops at most `MAX_DROPPED_SCORES` scores, else one masked call per response (`_sdpa_per_block`).
+  Exact: the same math as unpacked sdpa, with no [L, L] mask.
 
 The CUDA varlen kernels take fp16/bf16 only, all three of q, k, v in one dtype. Under autocast with fp32
 weights (mixed_precision="bf16") q and k leave the rotary embedding in fp32 while v is bf16: they are cast

@@ -52,7 +52,7 @@ def check_targets(targets, n_rows: int, vocab: int, ignore_index: int, device) -
         got = _shape(targets) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets: expected shape ({n_rows},) (one per hidden row), got {got}")
     if targets.dtype not in (torch.int64, torch.int32) or targets.device != device:
-        raise ValueError(f"targets: expected int64 on {device}, got {_shape(targets)}")
+        raise ValueError(f"targets: expected int32 or int64 on {device}, got {_shape(targets)}")
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -64,9 +64,9 @@ def check_cu_seqlens(cu_seqlens, n_rows: int) -> torch.Tensor:
     """Returns the sequence lengths [2B] (int64, on cu_seqlens' device)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         got = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor [2B+1], got {got}")
+        raise ValueError(f"cu_seqlens: expected a 1-D int32 or int64 tensor [2B+1], got {got}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens: expected an int32 tensor, got dtype {cu_seqlens.dtype}")
+        raise ValueError(f"cu_seqlens: expected an int32 or int64 tensor, got dtype {cu_seqlens.dtype}")
     n_seqs = cu_seqlens.numel() - 1
     if n_seqs < 2 or n_seqs % 2:
         raise ValueError(f"cu_seqlens: expected an even number (>= 2) of sequences, 2B chosen-then-rejected, "

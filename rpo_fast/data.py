@@ -85,7 +85,7 @@ class TokenizeStats:
     response_tokens: int = 0  # chosen + rejected
     max_prompt_tokens: int = 0
     max_response_tokens: int = 0
-    max_pair_tokens: int = 0  # largest PreferenceExample.num_tokens: a token budget must be at least this
+    max_pair_tokens: int = 0  # largest PreferenceExample.num_tokens; one over token_budget packs alone (a warning)
     dropped_indices: list[int] = field(default_factory=list)
 
     @property

@@ -19,7 +19,7 @@ tokens). Full fine-tuning, every weight trainable, what autograd saves:
                                           adds the converted mask, T x b per token; "eager" adds the fp32
                                           and b-byte probabilities, a T (4 + b), and an o_proj input copy)
     MLP             4bI                   gate, act(gate), up, act*up
-    llama bf16:     16H + 4K + 8I + 4a + 8  ~ 180 KiB for Mistral-7B, 5.6 MiB/token for 32 layers
+    llama bf16:     16H + 4Q + 4K + 8I + 4a + 8  ~ 196 KiB for Mistral-7B (flash), 6.1 MiB/token for 32 layers
 
 Frozen weights (LoRA) save less: a frozen linear keeps no input, a frozen norm no normed copy; each
 LoRA branch keeps its input cast to the adapter dtype (when it differs), its dropout mask/output when
@@ -239,7 +239,7 @@ class MemoryPlan:
 
     def fits(self, gpu_bytes: int, headroom: float = 0.05) -> bool:
         """True when `required_bytes(headroom)` is at most `gpu_bytes` (e.g. 80 * 2**30; an "80 GB"
-        H100 reports 79.2 GiB as total_memory)."""
+        H100 reports 79.1 GiB as total_memory, the `--gpu-gb` default)."""
         return self.required_bytes(headroom) <= gpu_bytes
 
     def table(self, gpu_bytes: int | None = None) -> str:

@@ -210,7 +210,9 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_m
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of every decoder layer (works when the backbone is called alone)."""
     lm = base_model(model)
-    enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the old name
+    # activation_checkpointing_enable: in transformers 5.24 (gradient_checkpointing_enable is its deprecated
+    # alias there), absent in 5.17, which has only gradient_checkpointing_enable
+    enable = getattr(lm, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

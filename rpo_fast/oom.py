@@ -49,7 +49,7 @@ def out_of_memory_message(config: TrainConfig, step: int, pairs: int, tokens: in
         advice.append("--optimizer=adamw_bf16_sr or adamw8bit (smaller optimizer states), "
                       f"--optimizer={config.optimizer}_in_backward --max_grad_norm=0 (no full gradients; no "
                       "accumulation or clipping), or --finetune=lora")
-    lines.append("To fit: " + "; ".join(advice) + ". `rpo-fast plan-memory --help` compares the options.")
+    lines.append("To fit: " + "; ".join(advice) + ". `rpo-fast plan-memory --config CONFIG` lists the options.")
     return " ".join(lines)
 
 

@@ -227,7 +227,8 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
              step: int, hooks: TrainHooks) -> tuple[torch.Tensor, int, int]:
     """Forward and backward of this process's share of one step's micro-batches.
 
-    Returns (metric sums over this process's pairs [len(PAIR_METRICS)], packed tokens, response tokens).
+    Returns (metric sums over this process's pairs [len(PAIR_METRICS)], sequence tokens, response tokens);
+    sequence tokens count every pair's two full sequences, the prompt twice even when packed shared.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     step_pairs = sum(len(g) for g in step_groups)

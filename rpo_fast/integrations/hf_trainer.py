@@ -21,10 +21,11 @@ and the micro-batch's loss weights before the policy runs: the reference goes fi
 `nll_weight`. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
 one row, position_ids restarting per sequence, no attention mask. transformers reads the sequence boundaries
 from those position_ids (tested: eager and sdpa, transformers 5.24; flash_attention_2 does the same by
-design); a model whose attention ignores them must stay padded. With `share_prompt` (default) and a model on
-rpo_fast's packed attention (`attn_implementation=rpo_fast.attention.register()`), a pair whose two rows
-hold the same prompt before their labels is packed `[prompt][chosen][rejected]` (`rpo_fast.packing`): the
-prompt runs once, same numbers; otherwise the batch packs unshared (with a one-line warning for the model).
+design); a model whose attention ignores them must stay padded. With `share_prompt` (`RPOArguments`'
+default; `rpo_compute_loss`, `sequence_logps` and `head_layout` default to False) and a model on rpo_fast's
+packed attention (`attn_implementation=rpo_fast.attention.register()`), a pair whose two rows hold the same
+prompt before their labels is packed `[prompt][chosen][rejected]` (`rpo_fast.packing`): the prompt runs
+once, same numbers; otherwise the batch packs unshared (with a one-line warning for the model).
 
     class MyTrainer(RPOTrainerMixin, transformers.Trainer):
         pass
@@ -377,8 +378,9 @@ class RPOTrainerMixin:
                  **kwargs):
         super().__init__(*args, **kwargs)
         # compute_loss returns a per-micro-batch mean that the Trainer must divide by the accumulation steps:
-        # `loss_is_scaled_for_ga = False` says so to transformers >= 5.2x; older ones (5.17) divide only when the
-        # model does not take loss kwargs, which is true here (the model never sees num_items_in_batch).
+        # `loss_is_scaled_for_ga = False` says so to a Trainer that reads that attribute (5.24 does; 5.17 has none
+        # and divides only when the model does not take loss kwargs, which is true here: the model never sees
+        # num_items_in_batch).
         self.model_accepts_loss_kwargs = False
         self.rpo_args = rpo_args or RPOArguments()
         install_head_forward(self.model, self.rpo_args.impl)

@@ -19,7 +19,8 @@ TRL's `"sft"` term is the **token_mean** normalization (rpo_fast `sft_norm="toke
 is the ratio `loss_weights[1] / loss_weights[0]`. The paper's main form, `sft_norm="sum"` with
 `alpha = eta * beta`, has no exact TRL equivalent (its weight per pair scales with the completion length);
 use `rpo_fast.integrations.hf_trainer` or `rpo_fast.fused_linear_rpo_loss` for it. TRL 1.16 applies
-`label_smoothing` only to its "robust", "exo_pair" and "aot" losses, not to "sigmoid"; that is kept as is.
+`label_smoothing` only to its "robust", "exo_pair", "aot" and "aot_unpaired" losses, not to "sigmoid";
+that is kept as is.
 
 The statistics TRL logs besides log-probs (`entropy`, `mean_token_accuracy`, and `log_sum_sq_probs` for
 WPO weights) need the whole vocabulary row; they come from a no-grad pass over chunks of at most
