@@ -3,13 +3,14 @@
 #
 #     bash bench/gpu_suite.sh OUTDIR [all|loss|7b]          # default: all
 #
-# loss: 0. micro-checks (bench/micro.py, ~15 s): fp32 tl.atomic_add throughput with sem="acq_rel" vs "relaxed",
-#       and torch.addmm(acc32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc32) (error vs float64, time vs
-#       the fp32-upcast fallback and a bf16 mm), 1. correctness of impl="triton" against the dense fp32
-#       reference at real sizes (bf16; judged relative to the same-dtype dense error), and of the packed
-#       attention's CUDA kernels (flash-attn / torch varlen, forward and backward, plain and shared-prompt rows)
-#       against the CPU sdpa path in float64 (bench/attention_correctness.py, a few seconds), and of Liger's
-#       backbone kernels against the model without them (bench/backbone_correctness.py), 2. the loss
+# loss: 0. micro-checks (bench/micro.py, ~15 s estimated): fp32 tl.atomic_add throughput with sem="acq_rel" vs
+#       "relaxed" vs a plain load+add+store (the ceiling), and torch.addmm(acc32, a_bf16, b_bf16,
+#       out_dtype=torch.float32, out=acc32) (error vs float64, time vs the fp32-upcast fallback and a bf16 mm),
+#       1. correctness of impl="triton" against the dense fp32 reference at real sizes (bf16; judged relative
+#       to the same-dtype dense error), and of the packed attention's CUDA kernels (flash-attn / torch varlen,
+#       forward and backward, plain and shared-prompt rows) against the CPU sdpa path in float64
+#       (bench/attention_correctness.py, a few seconds estimated), and of Liger's backbone kernels against the
+#       model without them (bench/backbone_correctness.py), 2. the loss
 #       microbenchmarks, one provider per head backward choice (ours_fwdgrad, ours_recompute, ours_atomic,
 #       ours_atomic_filter) beside dense, dense+compile, Liger, CCE and the bare GEMMs: the Llama-3-8B preset in
 #       every mode, then Mistral-7B, Gemma-7B and the published CE heads' shape (M=4096, H=4096, V=128256),
@@ -30,19 +31,23 @@
 #   loss alone: BUDGET_S=450, HARD_LIMIT_S=510 (as before 7b joined the suite).
 #   7b alone:   GPU7B_HARD_LIMIT_S=510, GPU7B_BUDGET_S = hard limit - 60.
 #   all:        loss gets BUDGET_S=320, HARD_LIMIT_S=360: micro-checks, correctness and the Llama-3-8B targets
-#               (run first) need ~120 s (estimated, not yet measured), the other presets ~60 s, bench.run keeps
+#               (run first) need ~120 s, the other presets ~60 s (both estimated, not yet measured), bench.run keeps
 #               130 s of its budget for its training steps (the points after the presets are cut first), and
-#               40 s covers the point in flight plus the summary and plots. 7b then gets all that is left of
-#               TOTAL_LIMIT_S=555 (less the 15 s SIGKILL grace, at most GPU7B_HARD_LIMIT_S when set): 180 s after
-#               a loss part that ran to its hard limit, more when it ends earlier.
+#               40 s covers the point in flight plus the summary and plots. 7b then gets as its hard limit what
+#               is left of TOTAL_LIMIT_S=555 since START (set before the wheel installs and nvidia-smi) less the
+#               15 s SIGKILL grace, at most GPU7B_HARD_LIMIT_S when set: after a loss part stopped at its hard
+#               limit, 180 s less the setup time (wheel installs, nvidia-smi; 165 s less it if the loss part
+#               needed the SIGKILL); more when the loss part ends earlier.
 #               Its budget is the hard limit less 60 s: ~25 s of start-up (imports, a random-init 7.24e9-parameter
-#               model, the first Triton compile), then ~5-15 s per mode (4 steps of 4096 tokens), so the first
-#               5-6 modes fit; 60 s is the longest an eager mode started just before the budget runs. The
-#               compiled-optimizer mode (tens of seconds of torch.compile) runs last, and gpu_7b.csv is written
-#               row by row, so a SIGTERM loses at most the mode in flight. 555 + 15 s = 570 s at the very worst.
+#               model, the first Triton compile), then ~5-15 s per mode (4 steps of 4096 tokens; both estimated,
+#               not yet measured), so the first 5-6 modes would fit; 60 s is the longest an eager mode started
+#               just before the budget runs. The compiled-optimizer mode (tens of seconds of torch.compile) runs
+#               last, and gpu_7b.csv is written row by row, so a SIGTERM loses at most the mode in flight. Its
+#               SIGKILL falls at TOTAL_LIMIT_S, so the suite ends about 555 s after START at the very worst.
 #               With under 60 s left the 7B part is skipped and summary.md says so.
 # Every limit above can be set by its environment variable. Exit status: the loss part's when nonzero (1: a
-# correctness check failed), else the 7B part's (124: stopped at its hard limit).
+# correctness check failed), else the 7B part's (124: stopped at its hard limit, or skipped for having under
+# 60 s left).
 #
 # Installs nothing from a network. Peers missing from the GPU image (liger-kernel, cut-cross-entropy, trl and
 # its datasets), and the transformers/peft versions CI tests, are installed into a temporary folder from wheels

@@ -21,10 +21,12 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 
 import torch
 
+from bench import env
 from rpo_fast import modeling
 from rpo_fast.config import load_config
 from rpo_fast.data import PreferenceExample
@@ -106,9 +108,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per layout and case (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a busy machine)")
     parser.add_argument("--cases", default="demo,ultrafeedback")
-    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here, with the run's meta")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # make_accelerator's choice
+    meta = dict(device=env.device_name(device), timestamp=env.timestamp(), commit=env.git_sha(),
+                versions=env.versions(), threads=args.threads, steps=args.steps,
+                command="python -m bench.prompt_sharing " + " ".join(argv if argv is not None else sys.argv[1:]))
     results = []
     for case in args.cases.split(","):
         r = measure(case, args.steps)
@@ -119,7 +125,7 @@ def main(argv=None) -> list[dict]:
               f"{r['speedup']:.2f}x (goal >= {r['goal']}x)", flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+            json.dump(dict(meta=meta, rows=results), f, indent=1)
     return results
 
 

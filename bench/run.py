@@ -1,18 +1,19 @@
 """Entry point: `python -m bench.run [--quick] [--out DIR] [--suite NAME] ...`.
 
-Runs, in order: correctness of our fast path against the dense reference, the loss microbenchmarks, the
-training-step benchmark; then writes into the output folder (flat, at most 6 files, so that a lent GPU
-machine returns all of it; bench/gpu_suite.sh adds nvidia-smi.csv and bench/gpu_7b.py's gpu_7b.csv, and
+Runs, in order: on the GPU suites the micro-checks (micro.py), correctness of our fast paths against the
+dense reference (on the GPU suites also the packed attention's and Liger's backbone kernels), the loss
+microbenchmarks, the training-step benchmark; then writes into the output folder (flat, at most 6 files,
+so that a lent GPU machine returns all of it; bench/gpu_suite.sh adds nvidia-smi.csv and bench/gpu_7b.py's gpu_7b.csv, and
 appends the 7B memory modes to summary.md and log.txt):
 
     results.csv   one long-format row per measurement (see loss_bench.py for the metrics)
-    summary.md    targets of issue 4, tables, skipped providers
+    summary.md    targets (judged on ours_fwdgrad), tables, skipped providers
     meta.json     device, commit, versions, command, suite, wall time
     vs_V.png, vs_N.png   time and peak memory per provider along the sweeps
     log.txt       everything printed
 
-Suites: `cpu-quick` (`make bench`: one thread, about two minutes), `cpu` (all cores, longer), `gpu` (bf16
-on one GPU, budgeted to finish inside --budget-s), `gpu-dryrun` (the gpu suite's code at toy sizes on CPU,
+Suites: `cpu-quick` (`make bench`: one thread, about 2-6 minutes on a 2-core machine), `cpu` (all cores,
+longer), `gpu` (bf16 on one GPU, budgeted to finish inside --budget-s), `gpu-dryrun` (the gpu suite's code at toy sizes on CPU,
 impl="triton" interpreted: a rehearsal, not a measurement), `tiny` (the test suite's, seconds). The default is `gpu`
 when CUDA is available, else `cpu-quick` with --quick and `cpu` without.
 """

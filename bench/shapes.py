@@ -103,7 +103,7 @@ def gpu_dryrun_suite() -> Suite:
 
 
 def cpu_quick_suite() -> Suite:
-    """fp32 on CPU, about a minute on 2 idle cores. H=256 with N=1024 keeps the presets' N/H = 4; the
+    """fp32 on CPU, about 2-6 minutes on a 2-core machine. H=256 with N=1024 keeps the presets' N/H = 4; the
     N sweep reaches N=2048, where the fixed [V, H] gradient stops dominating the chunked path's memory."""
     head = Shape(1024, 256, 32000)
     ours = ("ours_fwdgrad", "ours_recompute")  # the atomic backward is GPU-only

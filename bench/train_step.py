@@ -9,8 +9,8 @@ the same, is left out.
     ours   backbone -> hidden at the N response positions -> rpo_fast fused_linear_rpo_loss (impl auto)
     dense  the HF forward with its LM head over every position -> fp32 log_softmax -> gather -> rpo_loss
            (what a trainer that asks the model for logits does)
-    trl    TRL's DPOTrainer with loss_type=["sigmoid", "sft"]: skipped unless trl is installed (it is in
-           neither the CPU pin set nor the GPU image)
+    trl    TRL's DPOTrainer with loss_type=["sigmoid", "sft"]: skipped unless trl is installed (the CPU pin
+           set has it, requirements.txt; the GPU image does not, so the GPU suite carries its wheel, .whl/)
 
 GPU: bf16 weights, AdamW states in bf16 (torch keeps them in the parameter dtype), gradient checkpointing.
 CPU quick mode: a tiny config in fp32.
