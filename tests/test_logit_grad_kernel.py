@@ -99,15 +99,19 @@ def test_logit_grad_with_large_logits_and_lse_from_row_logprobs():
 
 
 def test_row_kernels_refuse_bad_inputs():
+    """Each malformed argument raises ValueError whose message starts with that argument's name (a bare "g" would
+    match "got" in any message)."""
     logits, targets, g = make_rows(4, 10)
     lse = torch.zeros(4)
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(ValueError, match=r"^logits: expected a contiguous \[C, V\] float32 tensor"):
         row_logprobs(logits.double(), targets)
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(ValueError, match=r"^logits: expected .*\(not contiguous\)"):
         row_logprobs(logits.T.contiguous().T, targets)
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match=r"^targets: expected a \[4\] int64 tensor"):
         row_logprobs(logits, targets.int())
-    with pytest.raises(ValueError, match="g"):
+    with pytest.raises(ValueError, match=r"^g: expected a \[4\] floating-point tensor, got \(3,\)"):
         logit_grad_(logits, targets, lse, g[:3])
-    with pytest.raises(ValueError, match="out_dtype"):
+    with pytest.raises(ValueError, match=r"^lse: expected a \[4\] floating-point tensor, got \(4,\) torch\.int64"):
+        logit_grad_(logits, targets, lse.long(), g)
+    with pytest.raises(ValueError, match=r"^out_dtype: expected one of"):
         logit_grad_(logits, targets, lse, g, torch.float64)

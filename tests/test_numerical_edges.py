@@ -1,11 +1,15 @@
 """Numerical edges: huge and tiny logits, a vocabulary of one, a rejected response with every token
-ignored, extreme beta, label smoothing 0.5. Outputs are finite and equal the float64 reference."""
+ignored, a zero-length sequence (with gradients, and refused where a normalization divides by it), extreme beta,
+label smoothing 0.5. Outputs are finite and equal the float64 reference."""
+import math
+
 import pytest
 import torch
 
 import rpo_fast
 from conftest import assert_close
 from rpo_reference_math import assert_within, logprobs64, naive_logprobs, rpo64
+from test_rpo_loss import triton_row_passes
 
 IMPLS = ["triton", "torch", "dense"]
 
@@ -56,16 +60,20 @@ def test_rejected_response_with_all_tokens_ignored(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", [0.5, 0.0], ids=["rpo", "dpo"])
 @pytest.mark.parametrize("beta,label_smoothing,loss_type", [
     (1e3, 0.0, "sigmoid"), (1e-6, 0.0, "sigmoid"), (0.1, 0.5, "sigmoid"), (1e3, 0.0, "hinge"), (1e-3, 0.0, "ipo"),
 ])
-def test_extreme_beta_and_label_smoothing(impl, beta, label_smoothing, loss_type):
+def test_extreme_beta_and_label_smoothing(impl, beta, label_smoothing, loss_type, alpha):
+    """Loss, rewards, preference term and d_hidden at extreme beta against float64. The preference term is judged
+    apart from the NLL (its distance from its value at z=0, and with alpha=0 its gradient relative to its own size):
+    at beta=1e-6 it is log 2 + O(1e-6), so a beta^2 or a chosen/rejected swap in it hides in the loss."""
     N, H, V = 16, 9, 33
     hidden = torch.randn(N, H, requires_grad=True)
     weight = torch.randn(V, H)
     targets = torch.randint(0, V, (N,))
     cu = torch.tensor([0, 4, 8, 12, 16], dtype=torch.int32)
-    opts = dict(beta=beta, alpha=0.5, sft_norm="sum", loss_type=loss_type, label_smoothing=label_smoothing,
+    opts = dict(beta=beta, alpha=alpha, sft_norm="sum", loss_type=loss_type, label_smoothing=label_smoothing,
                 average_log_prob=False)
     out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, impl=impl, **opts)
     out.loss.backward()
@@ -74,4 +82,74 @@ def test_extreme_beta_and_label_smoothing(impl, beta, label_smoothing, loss_type
     exp["loss"].backward()
     assert torch.isfinite(out.loss) and torch.isfinite(hidden.grad).all()
     assert_close(out.loss, exp["loss"], atol=1e-5, rtol=1e-5, name="loss")
-    assert_close(hidden.grad, h64.grad, atol=1e-5 * max(1.0, h64.grad.abs().max().item()), rtol=1e-4, name="d_hidden")
+    for f in ("chosen_rewards", "rejected_rewards"):  # beta * log-probs of -2..-4 per token: never near 0
+        assert_close(getattr(out, f), exp[f], atol=0.0, rtol=1e-4, name=f)
+    # The preference term less its value at z = 0: at beta=1e-6, -1.9e-6 here (float32 rounds pref_loss ~0.69 to
+    # 6e-8), +1.9e-6 with chosen and rejected swapped, ~0 with beta^2.
+    at_zero = {"sigmoid": math.log(2.0), "hinge": 1.0, "ipo": 1 / (4 * beta**2)}[loss_type]
+    assert_close(out.pref_loss.double() - at_zero, exp["pref_loss"] - at_zero, atol=3e-7, rtol=1e-2,
+                 name="pref_loss - l(0)")
+    # Relative to the gradient's own size (with alpha=0 it is the preference term's alone: ~1e-6 at beta=1e-6).
+    assert_close(hidden.grad, h64.grad, atol=1e-5 * h64.grad.abs().max().item(), rtol=1e-4, name="d_hidden")
+
+
+# Pair 0's rejected sequence has no rows (cu_seqlens repeats 9); pair 2's rejected rows are all ignored.
+EMPTY_CU = torch.tensor([0, 3, 6, 9, 9, 12, 15], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("backward", ["fwdgrad", "recompute"])
+@pytest.mark.parametrize("options", [
+    dict(sft_norm="seq_mean", loss_type="sigmoid", label_smoothing=0.2),
+    dict(sft_norm="token_mean", loss_type="hinge", label_smoothing=0.0),
+], ids=["seq_mean-sigmoid", "token_mean-hinge"])
+def test_gradients_with_a_zero_length_and_an_all_ignored_rejected_sequence(impl, backward, options):
+    """Loss, metrics and gradients (hidden, weight, bias) against float64 when a rejected sequence has no rows and
+    another has every target ignored: both score 0 with 0 tokens, in fwdgrad's chunks (several, a pair split into
+    pieces) and in the recompute backward."""
+    N, H, V = 15, 6, 29
+    hidden, weight, bias = torch.randn(N, H), torch.randn(V, H) / H**0.5, torch.randn(V)
+    targets = torch.randint(0, V, (N,))
+    targets[12:15] = -100
+    targets[4] = -100  # a gap inside chosen sequence 1: seq_mean and token_mean differ
+    ref_logps = -torch.rand(6) * 10
+    opts = dict(beta=0.3, alpha=0.7, average_log_prob=False) | options
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    # chunks of 4 rows: pair 0 (3 rows) alone, pairs 1 and 2 (6 rows) each split into pieces
+    with triton_row_passes(impl == "triton" and backward == "fwdgrad"):  # the row kernels a GPU runs (interpreted)
+        out = rpo_fast.fused_linear_rpo_loss(*leaves[:2], targets, EMPTY_CU, bias=leaves[2], ref_logps=ref_logps,
+                                             impl=impl, backward=backward,
+                                             chunk_tokens=4 if backward == "fwdgrad" else None, **opts)
+        out.loss.backward()
+    grads = [t.grad for t in leaves]
+
+    def reference(logprobs, leaves):
+        exp = rpo64(logprobs(*leaves, targets), ref_logps.double(), targets, EMPTY_CU, **opts)
+        exp["loss"].backward()
+        return exp, [t.grad for t in leaves]
+
+    exp, exp_grads = reference(logprobs64, [t.double().requires_grad_() for t in (hidden, weight, bias)])
+    naive, naive_grads = reference(naive_logprobs, [t.clone().requires_grad_() for t in (hidden, weight, bias)])
+    assert out.rejected_logps[0] == 0 and out.rejected_logps[2] == 0
+    for f in ("loss", "pref_loss", "nll", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards",
+              "chosen_token_counts", "rejected_token_counts"):
+        assert_within(f, getattr(out, f), exp[f], naive[f], torch.float32)
+    for name, g, e, n in zip(("d_hidden", "d_weight", "d_bias"), grads, exp_grads, naive_grads):
+        assert g is not None and torch.isfinite(g).all(), name
+        assert_within(name, g, e, n, torch.float32, min_scale=1e-3, rowwise=True)
+
+
+@pytest.mark.parametrize("backward", ["fwdgrad", "recompute"])
+@pytest.mark.parametrize("cu,options,message", [
+    ([0, 3, 6, 9, 9, 12, 15], dict(average_log_prob=True), r"sequence 3 \(rejected\) has no response tokens"),
+    ([0, 3, 3, 9, 9, 12, 15], dict(sft_norm="seq_mean"), r"chosen sequence 1 has no response tokens.*seq_mean"),
+    ([0, 0, 0, 0, 5, 10, 15], dict(sft_norm="token_mean"), r"no chosen sequence has response tokens.*token_mean"),
+], ids=["average_log_prob", "seq_mean", "token_mean"])
+def test_zero_length_sequence_a_normalization_divides_by_is_refused_with_gradients(backward, cu, options, message):
+    """A zero-length sequence that a normalization would divide by raises ValueError naming it, also when a
+    gradient is wanted (fwdgrad checks the counts on its own path)."""
+    hidden, weight = torch.randn(15, 6, requires_grad=True), torch.randn(29, 6, requires_grad=True)
+    targets = torch.randint(0, 29, (15,))
+    with pytest.raises(ValueError, match=rf"^token_counts .*{message}"):
+        rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, torch.tensor(cu, dtype=torch.int32),
+                                       backward=backward, **options)

@@ -4,7 +4,15 @@ with loss, metrics, token counts and gradients checked; plus a hypothesis proper
 
 Each value passes when its error against float64 is at most 3 times the error of the naive same-dtype computation
 (logits in the input dtype, the rest in float64, written in the test) plus a small floor: no path of the library
-judges another."""
+judges another.
+
+On CPU tensors fused_linear_rpo_loss runs fwdgrad's per-row passes as torch ops even for impl="triton" (the
+Triton row kernels are picked only for CUDA tensors); `triton_row_passes` makes "triton" cases run those kernels in
+the interpreter, so the row passes a GPU runs by default are judged against float64 too: the property test and the
+hinge and alpha=0 cases, and (at ~0.4-1 s a case) a subset of each matrix, named where it is picked."""
+import contextlib
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +20,8 @@ from hypothesis import strategies as st
 
 import rpo_fast
 import rpo_fast.chunked
+from rpo_fast import fwdgrad
+from rpo_fast import loss as loss_module
 from rpo_reference_math import assert_within, logprobs64, naive_logprobs, random_pairs, rpo64
 
 
@@ -55,12 +65,37 @@ def reference64(cu, hidden, weight, b, targets, ref, opts, logprobs=logprobs64):
     return out, [t.grad if t is not None else None for t in leaves]
 
 
-def actual(cu, hidden, weight, b, targets, ref, opts, impl):
+@contextlib.contextmanager
+def triton_row_passes(on):
+    """With `on`, the forward-time-gradient head with the Triton row kernels (kernels/logit_grad.py, interpreted),
+    as fused_linear_rpo_loss picks them for CUDA tensors. Yields the list of calls that took them."""
+    calls = []
+    if not on:
+        yield calls
+        return
+    pytest.importorskip("triton")
+    real = fwdgrad.fwdgrad_head_loss
+
+    def with_kernels(*args, **kwargs):
+        calls.append(kwargs.get("use_kernels"))
+        return real(*args, **{**kwargs, "use_kernels": True})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loss_module, "fwdgrad_head_loss", with_kernels)
+        yield calls
+
+
+def actual(cu, hidden, weight, b, targets, ref, opts, impl, row_kernels=True):
+    """fused_linear_rpo_loss's outputs and gradients; impl="triton" with `row_kernels` runs the Triton row kernels."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
     ref = {k: (v.detach().clone().requires_grad_() if v is not None and v.is_floating_point() else v)
            for k, v in ref.items()}
-    out = rpo_fast.fused_linear_rpo_loss(leaves[0], leaves[1], targets, cu, bias=leaves[2], impl=impl, **ref, **opts)
-    out.loss.backward(torch.tensor(UPSTREAM))  # a loss inside a larger graph: its gradients scale
+    kernels = impl == "triton" and row_kernels
+    with triton_row_passes(kernels) as kernel_calls:
+        out = rpo_fast.fused_linear_rpo_loss(leaves[0], leaves[1], targets, cu, bias=leaves[2], impl=impl, **ref,
+                                             **opts)
+        out.loss.backward(torch.tensor(UPSTREAM))  # a loss inside a larger graph: its gradients scale
+    assert kernel_calls or not kernels, "the forward-time-gradient head did not run"
     for k, v in ref.items():  # the reference is a constant: no gradient may flow into it
         assert v is None or v.grad is None, f"gradient flowed into {k}"
     return out, [t.grad if t is not None else None for t in leaves]
@@ -70,10 +105,10 @@ FIELDS = ["loss", "pref_loss", "nll", "chosen_logps", "rejected_logps", "ref_cho
           "chosen_rewards", "rejected_rewards", "chosen_token_counts", "rejected_token_counts"]
 
 
-def check_against_float64(case, opts, impl, dtype):
+def check_against_float64(case, opts, impl, dtype, row_kernels=True):
     exp, exp_grads = reference64(*case, opts)
     naive, naive_grads = reference64(*case, opts, logprobs=naive_logprobs)
-    got, got_grads = actual(*case, opts, impl)
+    got, got_grads = actual(*case, opts, impl, row_kernels)
     for f in FIELDS:
         assert_within(f"{impl} {f}", getattr(got, f), exp[f], naive[f], dtype)
     for name, g, n, e in zip(("d_hidden", "d_weight", "d_bias"), got_grads, naive_grads, exp_grads):
@@ -82,15 +117,24 @@ def check_against_float64(case, opts, impl, dtype):
             assert_within(f"{impl} {name}", g, e, n, dtype, min_scale=1e-3, rowwise=True)
 
 
+LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
+SFT_NORMS = ["sum", "seq_mean", "token_mean"]
+REF_MODES = ["none", "head", "logps"]
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-@pytest.mark.parametrize("sft_norm", ["sum", "seq_mean", "token_mean"])
-@pytest.mark.parametrize("ref_mode", ["none", "head", "logps"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("sft_norm", SFT_NORMS)
+@pytest.mark.parametrize("ref_mode", REF_MODES)
 def test_loss_types_norms_and_references(impl, loss_type, sft_norm, ref_mode):
+    """Every loss type, SFT normalization and reference mode against float64. impl="triton" runs the Triton row
+    kernels (interpreted, ~0.4 s a case) on a Latin square of the matrix: every loss type with every sft_norm once,
+    each of them with every reference mode; its other cases differ from "torch" only in the reference head."""
     case = make_case(B=3, max_len=9, H=21, V=67, dtype=torch.float32, bias=True, ref_mode=ref_mode)
     opts = dict(beta=0.3, alpha=0.7, sft_norm=sft_norm, loss_type=loss_type,
                 label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, average_log_prob=False)
-    check_against_float64(case, opts, impl, torch.float32)
+    latin = (LOSS_TYPES.index(loss_type) + SFT_NORMS.index(sft_norm)) % 3 == REF_MODES.index(ref_mode)
+    check_against_float64(case, opts, impl, torch.float32, row_kernels=latin)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -98,11 +142,14 @@ def test_loss_types_norms_and_references(impl, loss_type, sft_norm, ref_mode):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("average_log_prob", [False, True], ids=["sum_logp", "avg_logp"])
 def test_dtypes_bias_and_average_log_prob(impl, dtype, bias, average_log_prob, monkeypatch):
+    """Each input dtype, with and without bias and average_log_prob, against float64. impl="triton" runs the
+    Triton row kernels (~1 s a case) for bf16 and fp32 with bias and average_log_prob both off or both on."""
     monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", 16 * 301)  # torch: chunks of 16 tokens, one ragged
     case = make_case(B=2, max_len=40, H=75, V=301, dtype=dtype, bias=bias, ref_mode="head")
     opts = dict(beta=0.1, alpha=1.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
                 average_log_prob=average_log_prob)
-    check_against_float64(case, opts, impl, dtype)
+    check_against_float64(case, opts, impl, dtype,
+                          row_kernels=dtype in (torch.float32, torch.bfloat16) and bias == average_log_prob)
 
 
 def ignore_inside(case):
@@ -139,7 +186,9 @@ def test_loss_options_with_ignored_tokens_inside_responses(impl, ref_mode, optio
     assert all(n < length for n, length in zip((targets != -100).float().tolist(), lengths.tolist()) if length >= 3)
     opts = dict(beta=0.2, alpha=0.7, sft_norm="seq_mean", loss_type="sigmoid", label_smoothing=0.0,
                 average_log_prob=False) | options
-    check_against_float64(case, opts, impl, torch.float32)
+    # The Triton row kernels (impl="triton") on two of the options: the row passes do not see the options.
+    check_against_float64(case, opts, impl, torch.float32,
+                          row_kernels=options in (dict(label_smoothing=0.3), dict(average_log_prob=True)))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
@@ -162,33 +211,50 @@ def test_hinge_near_its_kink(impl):
     assert abs(out.pref_loss.item() - 1e-3 / 3) < 1e-4
 
 
-def test_alpha_zero_is_plain_dpo_and_alpha_adds_nll():
+@pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
+def test_alpha_zero_is_plain_dpo_and_alpha_adds_nll(impl):
+    """alpha=0 is plain DPO (loss, metrics and gradients against float64; its nll a token-mean metric), and alpha
+    only adds alpha * NLL: the preference term at alpha=2 is the one at alpha=0."""
     case = make_case(B=2, max_len=6, H=8, V=20, dtype=torch.float32, bias=False, ref_mode="logps")
     cu, hidden, weight, b, targets, ref = case
-    dpo = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, alpha=0.0, **ref)
-    rpo = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, alpha=2.0, sft_norm="sum", **ref)
+    opts = dict(beta=0.1, alpha=0.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
+                average_log_prob=False)
+    check_against_float64(case, opts, impl, torch.float32)
+    dpo = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, impl=impl, **ref, **opts)
+    rpo = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, impl=impl, **ref, **(opts | dict(alpha=2.0,
+                                                                                                     sft_norm="sum")))
+    torch.testing.assert_close(rpo.pref_loss, dpo.pref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(dpo.loss, dpo.pref_loss)
     torch.testing.assert_close(rpo.loss, rpo.pref_loss + 2.0 * rpo.nll)
     torch.testing.assert_close(rpo.nll, -rpo.chosen_logps.mean())
 
 
-def test_hand_computed_two_pair_example():
-    """Two pairs with known log-prob sums: V=2, zero weights, so every token has log-prob log(1/2)."""
+@pytest.mark.parametrize("sft_norm", ["sum", "seq_mean", "token_mean"])
+def test_hand_computed_two_pair_example(sft_norm):
+    """Every field of two pairs worked out by hand: V=2, zero hidden states and bias (0, log 3), so a token has
+    log-prob log(1/4) for target 0 and log(3/4) for target 1; chosen sequences of different per-token means
+    (and a rejected one with an ignored token) tell the three SFT normalizations apart."""
     hidden = torch.zeros(7, 3)
-    weight = torch.zeros(2, 3)
+    weight = torch.randn(2, 3)  # times zero hidden states: the logits are the bias
+    bias = torch.tensor([0.0, math.log(3.0)])
     targets = torch.tensor([0, 1, 1, 0, 1, 0, -100])
     cu = torch.tensor([0, 1, 3, 5, 7], dtype=torch.int32)  # chosen: 1 and 2 tokens; rejected: 2 and 1 scored
-    ref = torch.tensor([-1.0, -1.0, -2.0, -2.0])
-    out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, ref_logps=ref, beta=0.5, alpha=1.0,
-                                         sft_norm="seq_mean")
-    ln2 = torch.log(torch.tensor(2.0))
-    s = torch.stack([-ln2, -2 * ln2, -2 * ln2, -ln2])
-    z = 0.5 * ((s[:2] - ref[:2]) - (s[2:] - ref[2:]))
-    pref = -torch.nn.functional.logsigmoid(z).mean()
-    nll = ln2  # every chosen token costs log 2, so the per-sequence mean is log 2
-    torch.testing.assert_close(out.chosen_logps, s[:2])
-    torch.testing.assert_close(out.loss, pref + nll)
-    torch.testing.assert_close(out.chosen_rewards, 0.5 * (s[:2] - ref[:2]))
+    ref = [-1.0, -1.0, -2.0, -2.0]
+    out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, bias=bias, ref_logps=torch.tensor(ref),
+                                         beta=0.5, alpha=1.5, sft_norm=sft_norm)
+    a, c = math.log(1 / 4), math.log(3 / 4)  # log-probs of targets 0 and 1
+    s = [a, 2 * c, a + c, a]  # chosen 0, chosen 1, rejected 0, rejected 1 (its second token ignored)
+    counts = [1.0, 2.0, 2.0, 1.0]
+    rewards = [0.5 * (s[j] - ref[j]) for j in range(4)]
+    pref = sum(math.log1p(math.exp(-(rewards[i] - rewards[2 + i]))) for i in range(2)) / 2  # -log sigmoid(z)
+    nll = {"sum": -(s[0] + s[1]) / 2, "seq_mean": -(s[0] / 1 + s[1] / 2) / 2,
+           "token_mean": -(s[0] + s[1]) / 3}[sft_norm]
+    want = dict(loss=pref + 1.5 * nll, pref_loss=pref, nll=nll, chosen_logps=s[:2], rejected_logps=s[2:],
+                ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], chosen_rewards=rewards[:2],
+                rejected_rewards=rewards[2:], chosen_token_counts=counts[:2], rejected_token_counts=counts[2:])
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(out, f).double(), torch.tensor(want[f], dtype=torch.float64), rtol=1e-6,
+                                   atol=1e-6, msg=lambda m, f=f: f"{f}: {m}")
 
 
 @settings(max_examples=25, deadline=None)
