@@ -32,6 +32,7 @@ class Case(NamedTuple):
     chunk_tokens: int | None = None  # None: one chunk; small: several chunks and pairs longer than a chunk
     pair_weight: float = 1.0
     nll_weight: float = 1.0
+    ignore_index: int = -100
 
 
 CASES = {
@@ -41,6 +42,7 @@ CASES = {
     "average_log_prob-several-chunks": Case(average_log_prob=True, chunk_tokens=24, nll_weight=0.4),
     "pairs-longer-than-the-chunk": Case(sft_norm="sum", alpha=2.5, chunk_tokens=7, reference="head"),
     "dpo-alpha-0": Case(alpha=0.0, chunk_tokens=16, pair_weight=2.0),
+    "ignore_index-minus-7": Case(ignore_index=-7, sft_norm="seq_mean", chunk_tokens=20, reference="head"),
 }
 
 
@@ -52,7 +54,7 @@ def make_problem(case: Case, dtype, seed=0):
     weight = (torch.randn(V, H, generator=gen) * 0.4).to(dtype)
     bias = (torch.randn(V, generator=gen) * 0.5).to(dtype) if case.bias else None
     targets = torch.randint(0, V, (n,), generator=gen)
-    targets[torch.rand(n, generator=gen) < 0.15] = -100  # ignored tokens inside responses
+    targets[torch.rand(n, generator=gen) < 0.15] = case.ignore_index  # ignored tokens inside responses
     targets[cu[:-1].long()] = torch.randint(0, V, (2 * B,), generator=gen)  # every sequence keeps a token
     ref = {}
     if case.reference == "logps":
@@ -65,7 +67,8 @@ def make_problem(case: Case, dtype, seed=0):
 
 def loss_options(case: Case) -> dict:
     return dict(beta=0.3, alpha=case.alpha, sft_norm=case.sft_norm, loss_type=case.loss_type,
-                label_smoothing=case.label_smoothing, average_log_prob=case.average_log_prob)
+                label_smoothing=case.label_smoothing, average_log_prob=case.average_log_prob,
+                ignore_index=case.ignore_index)
 
 
 def float64_loss(case, hidden, weight, bias, targets, cu, ref, *, logits_dtype=None):
@@ -74,17 +77,17 @@ def float64_loss(case, hidden, weight, bias, targets, cu, ref, *, logits_dtype=N
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     if logits_dtype is None:
         leaves = [t.detach().double().requires_grad_() for t in leaves]
-        lp = logprobs64(leaves[0], leaves[1], leaves[2] if bias is not None else None, targets)
+        lp = logprobs64(leaves[0], leaves[1], leaves[2] if bias is not None else None, targets, case.ignore_index)
     else:
         logits = leaves[0] @ leaves[1].T
         if bias is not None:
             logits = logits + leaves[2]
-        keep = targets != -100
+        keep = targets != case.ignore_index
         lp = torch.log_softmax(logits.double(), -1).gather(1, torch.where(keep, targets, 0)[:, None])[:, 0]
         lp = torch.where(keep, lp, torch.zeros((), dtype=torch.float64))
     ref_seq = ref.get("ref_logps")
     if "ref_hidden" in ref:
-        ref_lp = logprobs64(ref["ref_hidden"], ref["ref_weight"], None, targets)
+        ref_lp = logprobs64(ref["ref_hidden"], ref["ref_weight"], None, targets, case.ignore_index)
         ref_seq = torch.stack([ref_lp[int(a):int(b)].sum() for a, b in zip(cu[:-1], cu[1:])])
     r = rpo64(lp, ref_seq, targets, cu, **loss_options(case))
     loss = case.pair_weight * r["pref_loss"] + case.nll_weight * case.alpha * r["nll"]
@@ -128,9 +131,11 @@ def test_backward_against_float64(case, dtype, backward):
 
 
 @pytest.mark.parametrize("case,dtype", [("sigmoid-smoothed-weighted", torch.float32),
-                                        ("pairs-longer-than-the-chunk", torch.bfloat16)], ids=["fp32", "bf16"])
+                                        ("pairs-longer-than-the-chunk", torch.bfloat16),
+                                        ("ignore_index-minus-7", torch.float32)],
+                         ids=["fp32", "bf16", "ignore_index-minus-7-fp32"])
 def test_atomic_backward_against_float64(case, dtype):
-    """The Triton kernel backward (interpreted on CPU: slow, so two cases)."""
+    """The Triton kernel backward (interpreted on CPU: slow, so three cases; one with ignore_index=-7)."""
     check_against_float64(CASES[case], dtype, "atomic", impl="triton")
 
 
@@ -321,17 +326,19 @@ def test_trainer_default_equals_recompute(tmp_path):
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_fwdgrad_with_the_triton_row_kernels_equals_the_torch_passes():
+@pytest.mark.parametrize("case", ["pairs-longer-than-the-chunk", "ignore_index-minus-7"])
+def test_fwdgrad_with_the_triton_row_kernels_equals_the_torch_passes(case):
     """The CUDA path's per-row passes (kernels/logit_grad.py, interpreted here) give what the torch passes
-    give, several chunks and a pair longer than the chunk included."""
+    give, several chunks and a pair longer than the chunk included, and with ignore_index=-7."""
     pytest.importorskip("triton")
-    case = CASES["pairs-longer-than-the-chunk"]
+    case = CASES[case]
     hidden, weight, bias, targets, cu, _ = make_problem(case, torch.float32)
     results = []
     for use_kernels in (False, True):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         loss, _ = fwdgrad.fwdgrad_head_loss(*leaves, targets, cu.tolist(), lambda s: ((s * s.sin()).sum(), None),
-                                            chunk_tokens=case.chunk_tokens, use_kernels=use_kernels)
+                                            ignore_index=case.ignore_index, chunk_tokens=case.chunk_tokens,
+                                            use_kernels=use_kernels)
         loss.backward()
         results.append([loss.detach()] + [t.grad for t in leaves])
     for got, expected in zip(*reversed(results)):

@@ -20,12 +20,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(70, 75, 301), (1, 8, 5), (64, 64, 256), (5, 3, 129)]
 
 
-def make_inputs(N, H, V, dtype, bias, ignore_frac=0.2, scale=1.0):
+def make_inputs(N, H, V, dtype, bias, ignore_frac=0.2, scale=1.0, ignore_index=-100):
     hidden = (torch.randn(N, H) * scale).to(dtype)
     weight = (torch.randn(V, H) / H**0.5).to(dtype)
     b = torch.randn(V).to(dtype) if bias else None
     targets = torch.randint(0, V, (N,))
-    targets[torch.rand(N) < ignore_frac] = -100
+    targets[torch.rand(N) < ignore_frac] = ignore_index
     return hidden, weight, b, targets
 
 
@@ -36,11 +36,11 @@ def grads_of(fn, hidden, weight, bias, targets, g):
     return lp.detach(), [t.grad if t is not None else None for t in leaves]
 
 
-def against_float64(hidden, weight, b, targets, g, fn):
+def against_float64(hidden, weight, b, targets, g, fn, ignore_index=-100):
     """(log-probs, gradients) of `fn`, of the float64 reference and of the naive same-dtype computation."""
     as64 = [None if t is None else t.double() for t in (hidden, weight, b)]  # float64 leaves: unrounded gradients
-    ref = grads_of(logprobs64, *as64, targets, g)
-    naive = grads_of(naive_logprobs, hidden, weight, b, targets, g)
+    ref = grads_of(lambda *a: logprobs64(*a, ignore_index=ignore_index), *as64, targets, g)
+    naive = grads_of(lambda *a: naive_logprobs(*a, ignore_index=ignore_index), hidden, weight, b, targets, g)
     return grads_of(fn, hidden, weight, b, targets, g), ref, naive
 
 
@@ -53,19 +53,41 @@ def judge(dtype, got, ref, naive, names=("d_hidden", "d_weight", "d_bias"), roww
             assert_within(name, g, r, n, dtype, min_scale=1e-3, rowwise=rowwise)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
+# "triton" pairs the kernel forward with the op's default backward ("recompute": chunked torch); "triton-atomic"
+# runs the Triton backward kernel (kernels/linear_logprobs_bwd.py) too.
+@pytest.mark.parametrize("impl", ["triton", "triton-atomic", "torch", "dense"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_grads_match_float64(impl, dtype, bias, shape, monkeypatch):
+    """Every forward and backward (the Triton backward kernel too) against float64, at every shape, dtype and bias."""
+    impl, _, backward = impl.partition("-")
     monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", 16 * shape[2])  # torch: chunks of 16 tokens, one ragged
     hidden, weight, b, targets = make_inputs(*shape, dtype, bias)
     g = torch.randn(shape[0], dtype=torch.float64)
     got, ref, naive = against_float64(hidden, weight, b, targets, g,
-                                      lambda h, w, bb, t: rpo_fast.linear_logprobs(h, w, t, bb, impl=impl))
+                                      lambda h, w, bb, t: rpo_fast.linear_logprobs(h, w, t, bb, impl=impl,
+                                                                                   backward=backward or "auto"))
     lp = got[0]
     assert lp.dtype == torch.float32 and lp.shape == (shape[0],)
     assert torch.all(lp[targets == -100] == 0)
+    judge(dtype, got, ref, naive)
+
+
+@pytest.mark.parametrize("impl,backward", [("torch", "recompute"), ("triton", "recompute"), ("triton", "atomic")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
+def test_ignore_index_other_than_minus_100(impl, backward, dtype, monkeypatch):
+    """ignore_index=-1 reaches every forward and backward (the op's backward="atomic" is the Triton backward
+    kernel): those tokens get log-prob 0 and no gradient, the rest match float64 (irregular shape, bias)."""
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", 16 * 83)  # torch: chunks of 16 tokens, one ragged
+    hidden, weight, b, targets = make_inputs(37, 21, 83, dtype, bias=True, ignore_frac=0.3, ignore_index=-1)
+    g = torch.randn(37, dtype=torch.float64)
+    got, ref, naive = against_float64(
+        hidden, weight, b, targets, g, ignore_index=-1,
+        fn=lambda h, w, bb, t: rpo_fast.linear_logprobs(h, w, t, bb, ignore_index=-1, impl=impl, backward=backward))
+    ignored = targets == -1
+    assert 5 <= int(ignored.sum()) <= 32
+    assert torch.all(got[0][ignored] == 0) and torch.all(got[1][0][ignored] == 0)
     judge(dtype, got, ref, naive)
 
 
