@@ -1,6 +1,7 @@
 """RPOTrainerMixin on transformers.Trainer: a few steps match a dense full-logits Trainer computing the same
 RPO loss, for each reference source and SFT normalization, and the fused path never builds [tokens, V] logits."""
 import copy
+from collections import defaultdict
 from dataclasses import asdict
 
 import pytest
@@ -28,6 +29,7 @@ VOCAB, HIDDEN, PAD = 211, 32, 0
 # below leave a margin of about 100x.
 TRAIN_KW = {"optim": "sgd"}
 LOSS_RTOL = 1e-4
+METRIC_ATOL = 1e-5  # rewards and margins start at 0 with a reference equal to the policy
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
 
 
@@ -46,8 +48,9 @@ def _examples(n, generator):
     return [{"prompt_ids": ids(2, 6), "chosen_ids": ids(3, 9), "rejected_ids": ids(3, 9)} for _ in range(n)]
 
 
-def _dense_rpo_loss(model, ref_model, batch, args: RPOArguments):
-    """Independent reference: full [2B, T, V] logits, log_softmax, gather, and the RPO formula written out."""
+def _dense_rpo_terms(model, ref_model, batch, args: RPOArguments):
+    """Independent reference: full [2B, T, V] logits, log_softmax, gather, and the RPO formulas written out
+    (rpo_fast.loss's docstring): {loss, pref_loss, nll, logps [2B], rewards [2B]}."""
     def seq_logps(m):
         position_ids = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
@@ -60,6 +63,8 @@ def _dense_rpo_loss(model, ref_model, batch, args: RPOArguments):
     logps, counts = seq_logps(model)
     if "ref_chosen_logps" in batch:
         ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    elif ref_model is None and args.reference_free:
+        ref = torch.zeros_like(logps)
     else:
         with torch.no_grad():
             if ref_model is None:  # PEFT: the adapter disabled is the reference
@@ -68,13 +73,35 @@ def _dense_rpo_loss(model, ref_model, batch, args: RPOArguments):
             else:
                 ref = seq_logps(ref_model)[0]
     n = logps.shape[0] // 2
-    ratio = logps - ref
-    z = args.beta * (ratio[:n] - ratio[n:])
-    pref = -torch.nn.functional.logsigmoid(z).mean()
+    per_token = args.average_log_prob or args.loss_type == "ipo"  # IPO always compares per-token averages
+    rewards = args.beta * ((logps - ref) / counts if per_token else logps - ref)
+    z, eps = rewards[:n] - rewards[n:], args.label_smoothing
+    if args.loss_type == "sigmoid":  # cDPO: eps of the pairs' labels flipped
+        pref = -(1 - eps) * torch.nn.functional.logsigmoid(z) - eps * torch.nn.functional.logsigmoid(-z)
+    elif args.loss_type == "hinge":
+        pref = torch.relu(1 - z)
+    else:
+        pref = (z / args.beta - 1 / (2 * args.beta)) ** 2
     chosen, chosen_counts = logps[:n], counts[:n]
     nll = {"sum": -chosen.mean(), "seq_mean": -(chosen / chosen_counts).mean(),
            "token_mean": -chosen.sum() / chosen_counts.sum()}[args.sft_norm]
-    return pref + args.alpha * nll
+    return {"loss": pref.mean() + args.alpha * nll, "pref_loss": pref.mean(), "nll": nll, "logps": logps,
+            "rewards": rewards}
+
+
+def _dense_rpo_loss(model, ref_model, batch, args: RPOArguments):
+    return _dense_rpo_terms(model, ref_model, batch, args)["loss"]
+
+
+def _dense_metrics(terms):
+    """The batch means RPOTrainerMixin logs, from the dense reference's terms (TRL's metric definitions)."""
+    n = terms["logps"].shape[0] // 2
+    rewards, logps = terms["rewards"].detach(), terms["logps"].detach()
+    margins = rewards[:n] - rewards[n:]
+    return {"rewards/chosen": rewards[:n].mean(), "rewards/rejected": rewards[n:].mean(),
+            "rewards/accuracies": (margins > 0).float().mean(), "rewards/margins": margins.mean(),
+            "logps/chosen": logps[:n].mean(), "logps/rejected": logps[n:].mean(), "nll": terms["nll"].detach(),
+            "pref_loss": terms["pref_loss"].detach()}
 
 
 class RPOTrainer(RPOTrainerMixin, transformers.Trainer):
@@ -88,9 +115,20 @@ class DenseRPOTrainer(transformers.Trainer):
         super().__init__(*a, **kw)
         self.model_accepts_loss_kwargs = False  # so that older transformers divide by the accumulation steps too
         self.ref_model, self.rpo_args = ref_model, rpo_args
+        self._dense_logged = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return _dense_rpo_loss(model, self.ref_model, inputs, self.rpo_args)
+        terms = _dense_rpo_terms(model, self.ref_model, inputs, self.rpo_args)
+        for name, value in _dense_metrics(terms).items():  # each micro-batch's mean, averaged at logging
+            self._dense_logged["train" if model.training else "eval"][name].append(float(value))
+        return terms["loss"]
+
+    def log(self, logs, start_time=None):
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._dense_logged[mode].items() if v})
+        self._dense_logged[mode].clear()
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -119,15 +157,18 @@ def _peft_model(base):
     return peft.get_peft_model(base, config)
 
 
-def mixin_and_dense_runs(reference, sft_norm, packed, grad_accum, tmp_path, **train_kw):
+def mixin_and_dense_runs(reference, sft_norm, packed, grad_accum, tmp_path, *, rpo_options=None, **train_kw):
     """Trains copies of one tiny model with RPOTrainerMixin and with the dense Trainer: (logs with the eval
-    last, model) of each, and the starting model."""
+    last, model) of each, and the starting model. reference: "ref_model" (a copy of the start), "unlike" (a
+    reference unlike it), "precomputed", "peft" or "none" (reference_free); rpo_options: more RPOArguments."""
     base = _tiny_llama()
     if reference == "peft":
         base = _peft_model(base)  # random (not zero) LoRA init: the disabled adapter differs from the policy
     examples = _examples(12, torch.Generator().manual_seed(3))
-    rpo_args = RPOArguments(beta=0.1, alpha=0.5, sft_norm=sft_norm, packed=packed)
-    ref_model = copy.deepcopy(base).eval() if reference == "ref_model" else None
+    rpo_args = RPOArguments(beta=0.1, alpha=0.5, sft_norm=sft_norm, packed=packed, reference_free=reference == "none",
+                            **(rpo_options or {}))
+    ref_model = {"ref_model": lambda: copy.deepcopy(base).eval(), "unlike": lambda: _reference_unlike(base)}.get(
+        reference, lambda: None)()
     if reference == "precomputed":
         collate = PreferenceCollator(pad_token_id=PAD)
         with torch.no_grad():
@@ -141,6 +182,19 @@ def mixin_and_dense_runs(reference, sft_norm, packed, grad_accum, tmp_path, **tr
     return ours, dense, base
 
 
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "nll", "pref_loss")
+
+
+def _assert_same_metrics(ours, dense, label, prefix="", skip=()):
+    """Every logged RPO metric of `ours` equals the dense reference's (rewards start at 0: also METRIC_ATOL)."""
+    for name in METRICS:
+        if name not in skip:
+            assert prefix + name in ours, f"{label}: missing metric {prefix + name}"
+            assert ours[prefix + name] == pytest.approx(dense[prefix + name], rel=LOSS_RTOL, abs=METRIC_ATOL), \
+                f"{label} {prefix + name}: {ours[prefix + name]} vs {dense[prefix + name]}"
+
+
 @pytest.mark.parametrize("reference, sft_norm, packed, grad_accum", [
     ("ref_model", "sum", False, 1),
     ("ref_model", "seq_mean", True, 2),
@@ -148,18 +202,43 @@ def mixin_and_dense_runs(reference, sft_norm, packed, grad_accum, tmp_path, **tr
     ("peft", "token_mean", False, 1),
 ])
 def test_mixin_matches_dense_trainer(reference, sft_norm, packed, grad_accum, tmp_path):
+    """Losses, grad norms, logged metric values and weights of 3 mixin steps and an eval equal the dense Trainer's."""
     (ours, ours_model), (dense, dense_model), _ = mixin_and_dense_runs(reference, sft_norm, packed, grad_accum,
                                                                        tmp_path)
     (ours, ours_eval), (dense, dense_eval) = (ours[:-1], ours[-1]), (dense[:-1], dense[-1])
     assert ours_eval["eval_loss"] == pytest.approx(dense_eval["eval_loss"], rel=LOSS_RTOL)
-    assert "eval_rewards/margins" in ours_eval
+    _assert_same_metrics(ours_eval, dense_eval, "eval", prefix="eval_")
     assert len(ours) == len(dense) == 3
     for step, (a, b) in enumerate(zip(ours, dense)):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"step {step}"
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), f"step {step}"
-        for name in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "nll"):
-            assert name in a, f"missing metric {name}"
+        # A reference equal to the starting policy leaves margins within 1e-5 of 0 (step 0: ties) while the
+        # rounding is 1e-7: accuracy there is a coin flip (checked at eval, and in the PEFT and loss-option runs).
+        ties = ("rewards/accuracies",) if reference in ("ref_model", "precomputed") else ()
+        _assert_same_metrics(a, b, f"step {step}", skip=ties)
     assert ours[-1]["rewards/margins"] != 0.0  # the policy moved away from the reference
+    _assert_same_weights(ours_model, dense_model)
+
+
+@pytest.mark.parametrize("reference, loss_type, label_smoothing, average_log_prob", [
+    ("unlike", "sigmoid", 0.2, False),
+    ("unlike", "hinge", 0.0, True),
+    ("none", "ipo", 0.0, False),
+])
+def test_mixin_loss_options_match_dense_trainer(reference, loss_type, label_smoothing, average_log_prob, tmp_path):
+    """RPOArguments' loss_type, label_smoothing, average_log_prob and reference_free reach the loss: 2 mixin steps
+    (losses, grad norms, logged metric values, weights) and an eval equal the dense Trainer's for each."""
+    options = dict(loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob)
+    (ours, ours_model), (dense, dense_model), _ = mixin_and_dense_runs(reference, "token_mean", True, 1, tmp_path,
+                                                                       rpo_options=options, max_steps=2)
+    assert len(ours) == len(dense) == 3
+    for step, (a, b) in enumerate(zip(ours, dense)):
+        label = "eval" if step == 2 else f"step {step}"
+        prefix = "eval_" if step == 2 else ""
+        assert a[prefix + "loss"] == pytest.approx(b[prefix + "loss"], rel=LOSS_RTOL), label
+        if step < 2:
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), label
+        _assert_same_metrics(a, b, label, prefix=prefix)
     _assert_same_weights(ours_model, dense_model)
 
 
@@ -198,12 +277,17 @@ def test_token_mean_is_the_steps_token_mean_under_gradient_accumulation(tmp_path
 
 
 def test_missing_reference_is_an_error():
+    """No reference is refused; reference_free=True gives the dense loss and rewards with s^ref = 0."""
     model = _tiny_llama()
     batch = PreferenceCollator(pad_token_id=PAD)(_examples(2, torch.Generator().manual_seed(4)))
     with pytest.raises(ValueError, match="reference"):
         rpo_compute_loss(model, batch)
     out = rpo_compute_loss(model, batch, reference_free=True)
-    assert torch.isfinite(out.loss)
+    with torch.no_grad():
+        expected = _dense_rpo_terms(model, None, batch, RPOArguments(reference_free=True))
+    assert_close(out.loss, expected["loss"], atol=1e-6, rtol=1e-5, name="loss")
+    assert_close(torch.cat([out.chosen_rewards, out.rejected_rewards]), expected["rewards"], atol=1e-6, rtol=1e-5,
+                 name="rewards")
     with pytest.raises(ValueError, match="even number"):
         rpo_compute_loss(model, {k: v[:3] for k, v in batch.items()}, reference_free=True)
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 import rpo_fast.chunked  # noqa: E402
 from rpo_fast.integrations import trl as rpo_trl  # noqa: E402
-from conftest import LargestTensorRecorder  # noqa: E402
+from conftest import LargestTensorRecorder, assert_close  # noqa: E402
 
 VOCAB, HIDDEN = 257, 32
 # Logged values that depend on wall time, not on the computation.
@@ -105,7 +105,7 @@ def _assert_same_weights(ours, stock):
 
 
 CASES = ["rpo_ref_model", "ipo_ref_model", "rpo_peft_adapter", "rpo_precomputed", "rpo_logits_scaling",
-         "rpo_triton_kernels"]
+         "rpo_triton_kernels", "dpo_wpo_weighting"]
 
 
 def trl_and_ours_runs(case, tokenizer, dataset, tmp_path, **config):
@@ -126,6 +126,9 @@ def trl_and_ours_runs(case, tokenizer, dataset, tmp_path, **config):
         config = dict(learning_rate=5e-2, **config)  # LoRA B starts at 0: move it enough to show in the rewards
     elif case == "rpo_precomputed":
         config, reference = dict(precompute_ref_log_probs=True, **config), None
+    elif case == "dpo_wpo_weighting":  # WPO weights: TRL asks the head for log_sum_sq_probs (head_statistics).
+        # Sigmoid alone: TRL 1.16's WPO weighting multiplies "sft"'s expanded scalar in place and raises.
+        config = dict(loss_type=["sigmoid"], loss_weights=None, use_weighting=True, **config)
     stock = _run(trl.DPOTrainer, base, reference, tokenizer, dataset, tmp_path / "stock", peft_config, **config)
     ours = _run(ours_cls, base, reference, tokenizer, dataset, tmp_path / "ours", peft_config, **config)
     return ours, stock, base
@@ -190,6 +193,39 @@ def test_never_builds_full_logits(tokenizer, dataset, tmp_path, monkeypatch):
                            args=_dpo_config(tmp_path / "stock"), train_dataset=dataset, processing_class=tokenizer)
     (stock_numel, stock_shape, _), _ = _largest_vocab_tensor(stock)
     assert stock_numel >= n_resp * VOCAB, stock_shape  # TRL's CPU head does build them: the recorder sees it
+
+
+def test_fused_head_shift_labels_and_fp32_head_match_trls_head():
+    """install_fused_head's `shift_labels` (pre-shifted labels, scored unshifted) and `cast_lm_head_to_fp32` (under
+    bf16 autocast the head still runs in float32) branches: every FusedCausalLMOutput field and the LM head's
+    gradient equal TRL's own add_fused_lm_head with the same options, to float32 rounding."""
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    ours, stock = _tiny_llama(), _tiny_llama()
+    for model in (ours, stock):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)  # logits of order 10: a bf16 head is then ~2e-2 off, fp32 ~2e-6
+    rpo_trl.install_fused_head(ours, cast_lm_head_to_fp32=True, outputs=fields)
+    trl.trainer.utils.add_fused_lm_head(stock, cast_lm_head_to_fp32=True, outputs=fields)
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=g)
+    shift_labels = torch.cat([input_ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    shift_labels[0, :4] = shift_labels[1, :6] = -100  # prompt positions score nothing
+    results = []
+    for model in (ours, stock):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=input_ids, shift_labels=shift_labels, fused_lm_head=True)
+        out.loss.backward()
+        results.append((out, model.lm_head.weight.grad))
+    (out, grad), (expected, expected_grad) = results
+    for name in fields:
+        got, want = getattr(out, name), getattr(expected, name)
+        assert got.shape == want.shape == shift_labels.shape, name
+        if name == "is_top1":
+            assert torch.equal(got, want)
+        else:
+            assert_close(got, want, atol=2e-5, rtol=1e-5, name=name)
+    assert_close(out.loss, expected.loss, atol=1e-6, rtol=1e-5, name="loss")
+    assert_close(grad, expected_grad, atol=1e-5 * float(expected_grad.abs().max()), rtol=1e-4, name="lm_head grad")
 
 
 def test_rejects_softcapped_heads():
