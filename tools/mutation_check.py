@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = ("tests/test_rpo_loss.py", "tests/test_linear_logprobs.py", "tests/test_head_backward.py")
 # The integrations (about 15, 10, 15, 30 and 30 s).
-INTEGRATIONS = ("tests/test_liger_parity.py", "tests/test_liger_swap.py", "tests/test_padded.py",
-                "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")
+INTEGRATIONS = ("tests/test_rpo_loss_module.py", "tests/test_liger_parity.py", "tests/test_liger_swap.py",
+                "tests/test_padded.py", "tests/test_integrations_hf.py", "tests/test_integrations_trl.py")
 DATA = ("tests/test_data.py", "tests/test_hostile_data.py")
 MEMORY = ("tests/test_optim.py", "tests/test_memory_plan.py")
 ROW_TESTS = ("tests/test_logit_grad_kernel.py",) + MATRIX  # the fwdgrad row kernels
@@ -318,6 +318,29 @@ MUTATIONS = [
     Mutation("liger_nll_always", "rpo_fast/liger_compat.py", ((
         "alpha=self.alpha if self.compute_nll_loss else 0.0", "alpha=self.alpha"),),
         "Liger signature: the NLL enters the loss with compute_nll_loss=False", INTEGRATIONS),
+    Mutation("liger_sft_norm_dropped", "rpo_fast/liger_compat.py", ((
+        "sft_norm=self.sft_norm,", 'sft_norm="token_mean",'),),
+        "Liger signature: RPOLoss(sft_norm=) not passed on", INTEGRATIONS),
+    Mutation("liger_smoothing_dropped", "rpo_fast/liger_compat.py", ((
+        "label_smoothing=self.label_smoothing,", "label_smoothing=0.0,"),),
+        "Liger signature: RPOLoss(label_smoothing=) not passed on", INTEGRATIONS),
+    Mutation("hf_smoothing_dropped", "rpo_fast/integrations/hf_trainer.py", ((
+        "label_smoothing=label_smoothing, average_log_prob=", "label_smoothing=0.0, average_log_prob="),),
+        "HF mixin: RPOArguments.label_smoothing not passed to the loss", INTEGRATIONS[-2:]),
+    Mutation("hf_loss_type_dropped", "rpo_fast/integrations/hf_trainer.py", ((
+        "sft_norm=sft_norm, loss_type=loss_type,", 'sft_norm=sft_norm, loss_type="sigmoid",'),),
+        "HF mixin: RPOArguments.loss_type not passed to the loss", INTEGRATIONS[-2:]),
+    Mutation("wpo_probs_not_squared", MODEL_HEAD, ((
+        "torch.logsumexp(2 * (z - lse[:, None]), dim=-1)", "torch.logsumexp(z - lse[:, None], dim=-1)"),),
+        "TRL: WPO's log_sum_sq_probs sums the probabilities instead of their squares", INTEGRATIONS[-1:]),
+    # ignore_index other than -100.
+    Mutation("chunked_fwd_ignore_index_fixed", CHUNKED, ((
+        "    ignored = targets == ignore_index\n    safe_targets = targets.masked_fill(ignored, 0)\n    step =",
+        "    ignored = targets == -100\n    safe_targets = targets.masked_fill(ignored, 0)\n    step ="),),
+        "chunked forward: ignored targets found by -100, not by ignore_index"),
+    Mutation("fwdgrad_grad_ignore_index_fixed", FWDGRAD, ((
+        "counted = targets != ignore_index", "counted = targets != -100"),),
+        "fwdgrad: the dlogits pass finds ignored targets by -100, not by ignore_index"),
 ]
 
 
