@@ -124,10 +124,12 @@ def resolve_op_backward(backward: str) -> str:
 
 def check_kernels_runnable(impl: str, backward: str, hidden: torch.Tensor) -> None:
     """Refuses, in forward, a resolved `impl="triton"` or `backward="atomic"` where Triton cannot run (CPU
-    tensors without TRITON_INTERPRET=1): the atomic backward would otherwise fail only in `.backward()`."""
-    for option, value, launches_triton in (("impl", impl, impl == "triton"),
-                                           ("backward", backward, backward == "atomic")):
-        if launches_triton:
+    tensors without TRITON_INTERPRET=1): the atomic backward would otherwise fail only in `.backward()`.
+    impl="dense" launches no kernel, whatever `backward` says (autograd through the full logits)."""
+    if impl == "dense":
+        return
+    for option, value, triton_value in (("impl", impl, "triton"), ("backward", backward, "atomic")):
+        if value == triton_value:
             from . import kernels
 
             kernels.launch.check_runnable(hidden, choice=f"{option}={value!r}")
@@ -168,8 +170,7 @@ def linear_logprobs(
     checks.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
     impl = resolve_impl(impl, hidden.device)
     backward = resolve_op_backward(backward)
-    if impl != "dense":
-        check_kernels_runnable(impl, backward, hidden)
+    check_kernels_runnable(impl, backward, hidden)
     targets = targets.long().contiguous()
     if impl == "dense":
         return dense_linear_logprobs(hidden, weight, targets, bias, ignore_index)

@@ -232,8 +232,8 @@ def fused_linear_rpo_loss(
     checks.check_loss_weight("pair_weight", pair_weight)
     checks.check_loss_weight("nll_weight", nll_weight)
     checks.check_head("", hidden, weight, bias)
-    if impl != "dense":
-        check_kernels_runnable(resolve_impl(impl, hidden.device), backward, hidden)
+    impl = resolve_impl(impl, hidden.device)
+    check_kernels_runnable(impl, backward, hidden)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device)
     lengths = checks.check_cu_seqlens(cu_seqlens, n_rows)
@@ -261,7 +261,7 @@ def fused_linear_rpo_loss(
 
         loss, out = fwdgrad_head_loss(hidden, weight, bias, targets.long(), cu_seqlens.tolist(), sequence_loss,
                                       ignore_index=ignore_index, chunk_tokens=chunk_tokens,
-                                      use_kernels=hidden.is_cuda and resolve_impl(impl, hidden.device) == "triton")
+                                      use_kernels=hidden.is_cuda and impl == "triton")
         return out._replace(loss=loss)
 
     lp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, impl=impl,

@@ -11,9 +11,9 @@ check the calls' schemas, shapes and dtypes.
 import pytest
 import torch
 
-from rpo_fast import chunked, fwdgrad, gemm
-from rpo_fast import loss as loss_module
+from rpo_fast import chunked, gemm
 from test_head_backward import CASES, check_against_float64
+from test_rpo_loss import triton_row_passes
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -55,12 +55,12 @@ def cuda_products(monkeypatch):
 
 
 @pytest.fixture
-def row_kernels(monkeypatch):
+def row_kernels():
     """The forward-time-gradient head with the Triton row kernels (interpreted), as `fused_linear_rpo_loss`
     picks them for CUDA tensors."""
-    pytest.importorskip("triton")
-    real = fwdgrad.fwdgrad_head_loss
-    monkeypatch.setattr(loss_module, "fwdgrad_head_loss", lambda *a, **k: real(*a, **{**k, "use_kernels": True}))
+    with triton_row_passes(True) as calls:
+        yield calls
+    assert calls, "the forward-time-gradient head did not run"
 
 
 @pytest.mark.parametrize("case", ["pairs-longer-than-the-chunk", "average_log_prob-several-chunks"])
