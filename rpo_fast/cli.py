@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
 
+    import torch
+
     from . import trainer  # heavy imports (torch, transformers) only once the arguments are valid
 
     try:
@@ -82,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except trainer.oom.TrainingOutOfMemoryError as e:
         print(f"rpo-fast {args.command}: {e}", file=sys.stderr)
+        return 4
+    except torch.OutOfMemoryError as e:  # outside a training step: loading models, eval, reference, saving
+        print(f"rpo-fast {args.command}: CUDA out of memory outside a training step's forward, backward and "
+              f"update (loading the models, eval, the reference log-probs or a checkpoint): "
+              f"{str(e).splitlines()[0] if str(e) else 'no details'}\n"
+              "`rpo-fast plan-memory --config CONFIG` predicts the run's peak and lists what lowers it.",
+              file=sys.stderr)
         return 4
     return 0
 

@@ -28,29 +28,50 @@ def _planned_peak(model_config, config: TrainConfig, token_budget: int) -> float
 
 def out_of_memory_message(config: TrainConfig, step: int, pairs: int, tokens: int, response_tokens: int,
                           model_config, device_bytes: int | None) -> str:
-    """What went wrong and what to change, in one paragraph."""
+    """What went wrong in a micro-batch's forward/backward and what to change, in one paragraph."""
     lines = [f"CUDA out of memory at step {step}, in a micro-batch of {pairs} pairs = {tokens} packed tokens "
              f"({response_tokens} scored) with token_budget={config.token_budget}."]
+    lines += _prediction_and_advice(config, model_config, device_bytes, batch_advice=True)
+    return " ".join(lines)
+
+
+def update_out_of_memory_message(config: TrainConfig, step: int, model_config, device_bytes: int | None) -> str:
+    """What went wrong in a step's gradient clipping or optimizer step and what to change, in one paragraph.
+    The batch does not matter there: the optimizer's states are created at the first step, and its update
+    may need a gradient-sized temporary."""
+    lines = [f"CUDA out of memory at step {step}, in the optimizer update (clipping and {config.optimizer!r} "
+             "step, after the step's backward; the first step also creates the optimizer's states)."]
+    lines += _prediction_and_advice(config, model_config, device_bytes, batch_advice=False)
+    return " ".join(lines)
+
+
+def _prediction_and_advice(config: TrainConfig, model_config, device_bytes: int | None,
+                           batch_advice: bool) -> list[str]:
+    lines = []
     peak = _planned_peak(model_config, config, config.token_budget)
     if peak is not None:
         where = f" of the device's {device_bytes / GiB:.1f} GiB" if device_bytes else ""
         lines.append(f"The memory planner predicts a peak of {peak / GiB:.1f} GiB{where} for these settings.")
     advice = []
-    smaller = max(2, config.token_budget // 2)
-    smaller_peak = _planned_peak(model_config, config, smaller)
-    advice.append(f"lower token_budget (e.g. --token_budget={smaller}"
-                  + (f": {smaller_peak / GiB:.1f} GiB predicted" if smaller_peak is not None else "")
-                  + "; raise gradient_accumulation_steps to keep the batch)")
-    if not config.gradient_checkpointing:
-        advice.append("--gradient_checkpointing=true (one layer input saved per layer instead of all activations)")
+    if batch_advice:
+        smaller = max(2, config.token_budget // 2)
+        smaller_peak = _planned_peak(model_config, config, smaller)
+        advice.append(f"lower token_budget (e.g. --token_budget={smaller}"
+                      + (f": {smaller_peak / GiB:.1f} GiB predicted" if smaller_peak is not None else "")
+                      + "; raise gradient_accumulation_steps to keep the batch)")
+        if not config.gradient_checkpointing:
+            advice.append("--gradient_checkpointing=true (one layer input saved per layer instead of all "
+                          "activations)")
     if config.reference == "model":
         advice.append("--reference=cache (precomputed reference log-probs: no resident reference model)")
     if config.finetune != "lora" and config.optimizer in ("adamw", "adamw_bf16"):
         advice.append("--optimizer=adamw_bf16_sr or adamw8bit (smaller optimizer states), "
                       f"--optimizer={config.optimizer}_in_backward --max_grad_norm=0 (no full gradients; no "
                       "accumulation or clipping), or --finetune=lora")
-    lines.append("To fit: " + "; ".join(advice) + ". `rpo-fast plan-memory --config CONFIG` lists the options.")
-    return " ".join(lines)
+    if advice:
+        lines.append("To fit: " + "; ".join(advice) + ".")
+    lines.append("`rpo-fast plan-memory --config CONFIG` lists the options.")
+    return lines
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

@@ -94,7 +94,8 @@ def check_data(config: TrainConfig) -> None:
                          "or none (--eval_file=null)")
     if config.gold_eval_samples:
         if not config.eval_file:
-            raise ValueError(f"gold_eval_samples: expected 0 without an eval_file, got {config.gold_eval_samples}")
+            raise ValueError(f"gold_eval_samples: expected 0 without an eval_file, got {config.gold_eval_samples} "
+                             "(it grades answers to the eval set's questions; add --gold_eval_samples=0)")
         if not is_embedded(config.eval_file, "eval"):
             from .data import load_preference_rows
             from .gold import question_text, solve

@@ -591,7 +591,12 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
         record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),
                   "lr": scheduler.get_last_lr()[0]}  # the lr this step runs at (the scheduler moves on below)
-        finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
+        try:
+            finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
+        except torch.OutOfMemoryError as e:
+            raise oom.TrainingOutOfMemoryError(oom.update_out_of_memory_message(
+                config, state.step + 1, getattr(accelerator.unwrap_model(model).model, "config", None),
+                oom.device_memory_bytes(accelerator.device))) from e
         if finite:
             scheduler.step()
             state.consecutive_nonfinite = 0

@@ -116,6 +116,8 @@ def bad_input_cases(tmp: "Path") -> list[tuple[str, list[str], str]]:
         ("gold_rule_on_own_eval", [*train, f"--train_file={own}", f"--eval_file={own}", "--gold_eval_samples=1"],
          "gold_eval_samples"),
         ("resume_and_overwrite", [*train, "--resume", "--overwrite"], "resume"),
+        ("demo_without_eval_file_keeps_gold", ["train", "--config", "configs/demo.yaml", "--eval_file=null",
+                                               f"--output_dir={tmp / 'run'}"], "gold_eval_samples"),
         ("precompute_model_missing", ["precompute-ref", f"--model={tmp / 'no_such_model'}"], "model"),
         ("plan_config_missing", ["plan-memory", "--config", str(tmp / "missing.yaml")], "config"),
         ("plan_gpu_gb_nan", ["plan-memory", "--model", "mistral-7b", "--gpu-gb", "nan"], "--gpu-gb"),
@@ -145,7 +147,8 @@ CASE_IDS = ["model_missing", "model_hub_id_offline", "model_empty_folder", "mode
             "ref_model_empty_folder", "output_dir_is_a_file", "output_dir_unwritable", "config_is_a_folder",
             "impl_triton_without_gpu", "atomic_backward_without_gpu", "head_backward_with_dense",
             "lora_target_not_a_name", "train_file_missing", "embedded_eval_for_own_data",
-            "gold_rule_on_own_eval", "resume_and_overwrite", "precompute_model_missing", "plan_config_missing",
+            "gold_rule_on_own_eval", "resume_and_overwrite", "demo_without_eval_file_keeps_gold",
+            "precompute_model_missing", "plan_config_missing",
             "plan_gpu_gb_nan", "plan_gpu_gb_zero", "plan_gpu_gb_negative", "plan_bad_override"]
 
 
@@ -164,6 +167,24 @@ def test_bad_input_exits_2_with_one_line_naming_the_key(case, tmp_path, capsys, 
     lines = err.strip().splitlines()
     assert code == 2, f"exit {code}: {err[-2000:]}"
     assert len(lines) == 1 and f"error: {key}" in lines[0], err[-2000:]
+
+
+@pytest.mark.parametrize("command, entry", [("train", "train"), ("precompute-ref", "precompute_reference")])
+def test_out_of_memory_anywhere_exits_4_with_the_reason(command, entry, monkeypatch, capsys):
+    """Out of memory outside a training step (model load, eval, the reference pass): exit 4, no traceback."""
+    import torch
+
+    from rpo_fast import cli, trainer
+
+    def out_of_memory(config):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\nmore details")
+
+    monkeypatch.setattr(trainer, entry, out_of_memory)
+    assert cli.main([command]) == 4
+    err = capsys.readouterr().err
+    assert f"rpo-fast {command}: CUDA out of memory outside a training step" in err
+    assert "Tried to allocate 3.00 GiB" in err and "more details" not in err and "plan-memory" in err
+    assert "Traceback" not in err
 
 
 def test_aot_has_help():

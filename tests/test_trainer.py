@@ -380,3 +380,27 @@ def test_out_of_memory_is_reported_with_step_batch_and_advice(tiny_model_dir, tm
     assert "--token_budget=" in message and "--gradient_checkpointing=true" in message
     assert "--reference=cache" in message
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_out_of_memory_in_the_optimizer_update_is_reported_with_the_step(tiny_model_dir, tmp_path, monkeypatch):
+    from rpo_fast import trainer
+    from rpo_fast.oom import TrainingOutOfMemoryError
+
+    real_update = trainer.apply_update
+
+    def oom_at_step_2(model, optimizer, accelerator, config, loss):
+        if optimizer.optimizer.state:  # stepped once already
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_update(model, optimizer, accelerator, config, loss)
+
+    monkeypatch.setattr(trainer, "apply_update", oom_at_step_2)
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=3, eval_file="none",
+                                              reference="model", finetune="full", optimizer="adamw"))
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(config)
+    message = str(info.value)
+    assert "at step 2, in the optimizer update" in message and "'adamw'" in message
+    assert "memory planner predicts a peak of" in message
+    assert "--optimizer=adamw_bf16_sr" in message and "--reference=cache" in message
+    assert "--token_budget=" not in message  # the batch size does not change the update's memory
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
