@@ -22,6 +22,8 @@ setup(
         # the trainer, CLI and demo
         "train": ["transformers>=5.0", "accelerate>=1.0", "peft>=0.15", "safetensors", "gguf", "pyyaml", "tqdm",
                   "matplotlib"],
+        # data formats beyond JSON: .parquet files and datasets.Dataset.save_to_disk folders
+        "data": ["pyarrow", "datasets"],
         "flash": ["flash-attn>=2.6"],
         "trl": ["trl==1.16.0"],
     },
