@@ -9,7 +9,9 @@ liger-kernel not installed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 from typing import Callable
 
 import torch
@@ -45,18 +47,46 @@ def _loss_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return loss.detach().double(), grads
 
 
+@contextlib.contextmanager
+def module_names_restored(model):
+    """Restores, on exit, the names in `model`'s transformers module (e.g. `modeling_llama`).
+
+    Liger's instance patch also rebinds names there: `apply_rotary_pos_emb`, which attention looks up at every
+    forward, and the RMSNorm/MLP classes that later models are built from. Inside, the patch takes effect;
+    after, models run or built in this process (the unpatched references, the training-step benchmark's
+    models) are stock again.
+    """
+    module = sys.modules[type(modeling.base_model(model)).__module__]
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name in set(vars(module)) - set(saved):
+            delattr(module, name)
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+
+
 def check_family(family: str, device: torch.device, patch: Callable = modeling.enable_liger_kernels) -> dict | None:
     """{"loss": (patched err, unpatched bf16 err), "grads": (...)} against fp32 without the kernels; None when
-    `patch` does not apply to this model on this device."""
+    `patch` does not apply to this model on this device.
+
+    The unpatched models run before the patch and the patch's module-level names are undone after it
+    (`module_names_restored`): Liger rebinds the family's RoPE function for every model of the process, which
+    would otherwise leave RoPE unjudged (in the reference too) and patch every model built afterwards.
+    """
     exact = tiny_model(family).to(device)
     plain = copy.deepcopy(exact).to(torch.bfloat16)
     patched = copy.deepcopy(plain)
-    if not patch(patched):
-        return None
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, exact.config.vocab_size, (2, 160), generator=gen).to(device)
     loss32, grads32 = _loss_and_grads(exact, ids)
-    results = [_loss_and_grads(m, ids) for m in (patched, plain)]
+    unpatched = _loss_and_grads(plain, ids)
+    with module_names_restored(patched):
+        if not patch(patched):
+            return None
+        results = [_loss_and_grads(patched, ids), unpatched]
     return {"loss": tuple(rel_err(r[0], loss32) for r in results),
             "grads": tuple(rel_err(r[1], grads32) for r in results)}
 

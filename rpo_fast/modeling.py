@@ -170,6 +170,9 @@ def enable_liger_kernels(model: nn.Module) -> bool:
     """On CUDA with liger-kernel installed: Liger's RMSNorm/RoPE/SwiGLU in the backbone, its own loss kernels off.
 
     Returns whether kernels were applied (False on CPU, without liger-kernel, or for an unknown model type).
+    Liger also rebinds names in the model's transformers module (the RoPE function, which attention looks up at
+    every forward, and the RMSNorm/MLP classes): every model of that family in this process runs Liger's RoPE
+    and is built with its RMSNorm/MLP from then on (the trainer's policy and reference alike).
     """
     if next(model.parameters()).device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
         return False

@@ -211,3 +211,24 @@ def test_backbone_correctness_judges_a_patch(monkeypatch):
     rows, lines = [], []
     assert bc.run(CPU, rows.append, lines.append) and rows == [] and len(lines) == len(bc.FAMILIES)
     assert "the kernels do not apply here" in lines[0]
+
+
+def test_backbone_correctness_judges_a_module_level_rope_patch_and_undoes_it(monkeypatch):
+    """Liger rebinds the family's RoPE function in the transformers module, for every model of the process.
+    The check must judge it against models that run without it, and leave later models stock."""
+    from transformers.models.mistral import modeling_mistral
+
+    from bench import backbone_correctness as bc
+
+    stock = modeling_mistral.apply_rotary_pos_emb
+
+    def no_rotation(q, k, *args, **kwargs):  # a RoPE kernel that forgets to rotate
+        return q, k
+
+    def module_level_rope(model):
+        modeling_mistral.apply_rotary_pos_emb = no_rotation
+        return True
+
+    errors = bc.check_family("mistral", CPU, module_level_rope)
+    assert modeling_mistral.apply_rotary_pos_emb is stock
+    assert errors["grads"][0] > 2 * errors["grads"][1] + bc.TOL, errors
