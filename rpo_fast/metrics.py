@@ -89,10 +89,12 @@ def read_records(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "rpo", unit: str = "step",
+                 leave: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="rpo", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, leave=leave,
+                dynamic_ncols=True)
 
 
 def progress_postfix(record: dict) -> dict[str, str]:

@@ -309,13 +309,18 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
     module.eval()
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
     chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)
-    for group in groups[accelerator.process_index::accelerator.num_processes]:
+    mine = groups[accelerator.process_index::accelerator.num_processes]
+    bar = metrics.progress_bar(len(mine), 0, enabled=config.progress and accelerator.is_main_process, desc=split,
+                               unit="batch", leave=False)  # the demo's eval: ~36 s on 2 cores
+    for group in mine:
         batch = pack_pairs([examples[i] for i in group], share_prompt=config.share_prompt).to(accelerator.device)
         with accelerator.autocast():
             out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
         batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
         sums += metrics.pair_metric_sums(out, batch.n_pairs,
                                          token_mean_nll_pairs(batch_chosen, config, len(examples), chosen_tokens))
+        bar.update(1)
+    bar.close()
     module.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")

@@ -2,6 +2,7 @@
 the reference modes against each other, non-finite steps, the outputs of a run, and refused models."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -380,6 +381,15 @@ def test_out_of_memory_is_reported_with_step_batch_and_advice(tiny_model_dir, tm
     assert "--token_budget=" in message and "--gradient_checkpointing=true" in message
     assert "--reference=cache" in message
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_progress_bars_for_the_steps_and_each_eval_pass(tiny_model_dir, tmp_path, capsys):
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, progress=True))
+    train(config)
+    err = capsys.readouterr().err
+    # eval before and after training, 8 pairs in micro-batches of 2 (its bar is cleared when done: leave=False)
+    assert len(re.findall(r"eval:\s+0%\|[^|]*\| 0/4 ", err)) == 2, err[-3000:]
+    assert re.search(r"rpo: 100%\|[^|]*\| 2/2 ", err), err[-3000:]
 
 
 def test_out_of_memory_in_the_optimizer_update_is_reported_with_the_step(tiny_model_dir, tmp_path, monkeypatch):
