@@ -17,7 +17,8 @@
 #       then the presets with a reference head, then sweeps, 3. the training-step benchmark (Llama-3.2-1B and
 #       Mistral-7B configs, random weights, bf16, gradient checkpointing): `python -m bench.run`, writing
 #       results.csv (row by row, so a timeout keeps what was measured), summary.md, meta.json, log.txt,
-#       vs_V.png, vs_N.png. log.txt says how long each stage took.
+#       vs_V.png, vs_N.png. log.txt says how long each stage took. If bench.run was killed before writing
+#       summary.md, `python -m bench.report OUTDIR` rebuilds it and the plots from results.csv here.
 # 7b:   the 7B memory modes through the trainer's own packed step (bench/gpu_7b.py: random-init Mistral-7B,
 #       full fine-tuning in every optimizer memory mode and LoRA under a 24 GiB cap; peak memory, tokens/s and
 #       the planner's prediction): writes gpu_7b.csv, appends a "## 7B memory modes" section to summary.md and
@@ -113,6 +114,9 @@ if [ "$PART" != 7b ]; then
         --budget-s "$budget" ${RPO_BENCH_ARGS:-}
     rc_loss=$?
     echo "gpu_suite: loss part: exit $rc_loss after $(( $(date +%s) - START )) s"
+    if [ -s "$OUT/results.csv" ] && [ ! -s "$OUT/summary.md" ]; then  # killed before its summary: rebuild it
+        timeout -s KILL 30 "$PY" -m bench.report "$OUT" --suite "$SUITE" 2>&1 | tee -a "$OUT/log.txt"
+    fi
 fi
 
 if [ "$PART" != loss ]; then

@@ -1,9 +1,17 @@
-"""Output of a run: the long-format CSV, the printed/markdown tables, the targets, the plots."""
+"""Output of a run: the long-format CSV, the printed/markdown tables, the targets, the plots.
+
+    python -m bench.report RUN_DIR [--suite NAME]
+
+writes RUN_DIR's summary.md and plots again from its results.csv (which a run writes row by row): for a run
+stopped before it wrote them, e.g. killed at the GPU suite's hard limit.
+"""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import os
 from collections import defaultdict
 from typing import Callable
 
@@ -415,7 +423,8 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
     ts = targets(rows, meta["suite"])
     lines = [f"# rpo-fast benchmark run: {meta['device']}", "",
              f"- date: {meta['timestamp']}", f"- commit: {meta['git_sha']}", f"- versions: {meta['versions']}",
-             f"- suite: {meta['suite']}; command: `{meta['command']}`", f"- wall time: {meta.get('wall_s', 0):.0f} s",
+             f"- suite: {meta['suite']}; command: `{meta['command']}`",
+             "- wall time: " + (f"{meta['wall_s']:.0f} s" if "wall_s" in meta else "unknown"),
              ""]
     lines += extra_notes + [""] if extra_notes else []
     if skipped:
@@ -469,3 +478,69 @@ def micro_table(rows) -> list[str]:
         out.append(f"| {r['x_value']} | {r['provider']} | {r['metric']} | {value} | {note} |")
     out.append("")
     return out
+
+
+# ----------------------------------------------------------------------------------------------- rebuild
+
+SEVEN_B_HEADING = "\n## 7B memory modes\n"
+
+
+def rebuild(run_dir: str, suite: str | None = None, plots: bool = True) -> str:
+    """Writes `run_dir`/summary.md (and the plots) from its results.csv; returns the summary's path.
+
+    The run's meta.json gives the suite, command and skipped providers when it was written; otherwise they
+    come from the rows (device, commit, versions, date), `suite` (default: "gpu" unless the rows' device is
+    a CPU) and a note that says so. A "## 7B memory modes" section already in summary.md (bench/gpu_7b.py
+    appends it) is kept at the end. Numbers come from the CSV, rounded there to 6 significant digits.
+    """
+    csv_path = os.path.join(run_dir, "results.csv")
+    if not os.path.isfile(csv_path):
+        raise ValueError(f"run_dir: expected a folder holding results.csv, got {run_dir!r}")
+    rows = read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"run_dir: expected measured rows in {csv_path}, got none")
+    meta_path = os.path.join(run_dir, "meta.json")
+    notes = [f"**Summary rebuilt from results.csv by `python -m bench.report`** (the run stopped before writing "
+             "it); the numbers are the CSV's, rounded to 6 significant digits."]
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        skipped = meta.pop("skipped", {})
+    else:
+        first = rows[0]
+        meta = {key: first[key] for key in ("device", "git_sha", "versions", "timestamp")}
+        meta["command"] = "unknown (no meta.json)"
+        skipped = {}
+        notes[0] += " No meta.json: the command, wall time and skipped providers of this run are not known."
+    if suite is not None or "suite" not in meta:
+        meta["suite"] = suite or ("cpu" if rows[0]["device"].startswith("CPU ") else "gpu")
+    summary_path = os.path.join(run_dir, "summary.md")
+    seven_b = ""
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            old = f.read()
+        if SEVEN_B_HEADING in old:
+            seven_b = old[old.index(SEVEN_B_HEADING):]
+    with open(summary_path, "w", encoding="utf-8") as f:
+        f.write(summary_markdown(rows, meta, skipped, notes) + seven_b)
+    if plots:
+        plot(rows, os.path.join(run_dir, ""))
+    return summary_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[2])
+    parser.add_argument("run_dir", help="a benchmark run's folder (holding results.csv)")
+    parser.add_argument("--suite", default=None, help="the run's suite (gpu, gpu-dryrun, cpu, ...); default: "
+                        "meta.json's, else gpu unless the rows' device is a CPU")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        print(rebuild(args.run_dir, args.suite, plots=not args.no_plots))
+    except ValueError as e:
+        parser.exit(2, f"python -m bench.report: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

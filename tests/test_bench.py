@@ -103,6 +103,25 @@ def test_quick_path_on_tiny_shapes_writes_csv_summary_and_plots(tmp_path):
     for name in ("vs_V.png", "vs_N.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # A run killed before its summary (no summary.md, meta.json or plots; bench/gpu_7b.py then appended its
+    # section to a new summary.md): `python -m bench.report` rebuilds them from results.csv.
+    for name in ("summary.md", "meta.json", "vs_V.png", "vs_N.png"):
+        (out / name).unlink()
+    seven_b = "\n## 7B memory modes\n\n| mode | peak |\n|---|---|\n| full | 68.3 |\n"
+    (out / "summary.md").write_text(seven_b)
+    assert report.main([str(out), "--suite", "tiny"]) == 0
+    rebuilt = (out / "summary.md").read_text()
+    assert "rebuilt from results.csv" in rebuilt and "No meta.json" in rebuilt and rebuilt.endswith(seven_b)
+
+    def first_cells(text):  # every table row's first cell: the same tables, rows and order
+        return [line.split("|")[1] for line in text.splitlines() if line.startswith("| ")]
+    assert first_cells(rebuilt) == first_cells(summary) + [" mode ", " full "] and len(first_cells(summary)) > 20
+    for name in ("vs_V.png", "vs_N.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])  # no results.csv there
+    assert exit_info.value.code == 2
+
 
 def test_gpu_suite_7b_part_in_a_dry_run(tmp_path):
     """`RPO_BENCH_SUITE=gpu-dryrun bash bench/gpu_suite.sh OUT 7b` runs gpu_7b.py --dry-run: its CSV, a summary
