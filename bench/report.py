@@ -500,7 +500,7 @@ def rebuild(run_dir: str, suite: str | None = None, plots: bool = True) -> str:
     if not rows:
         raise ValueError(f"run_dir: expected measured rows in {csv_path}, got none")
     meta_path = os.path.join(run_dir, "meta.json")
-    notes = [f"**Summary rebuilt from results.csv by `python -m bench.report`** (the run stopped before writing "
+    notes = ["**Summary rebuilt from results.csv by `python -m bench.report`** (the run stopped before writing "
              "it); the numbers are the CSV's, rounded to 6 significant digits."]
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
