@@ -44,13 +44,18 @@ def _linear_logprobs_fwd_kernel(
             HAS_BIAS, EVEN_H, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
         )
         m_new = tl.maximum(m, tl.max(logits, axis=1))
-        sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        # A row whose logits so far are all -inf (e.g. a -inf bias masking the start of this split) has
+        # m_new = -inf and exp(-inf - -inf) = NaN: subtract 0 there instead (FlashAttention's guard).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        sumexp = sumexp * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
         m = m_new
         is_target = (v0 + tl.arange(0, BLOCK_V))[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
         weight_blk += BLOCK_V * stride_wv
 
     out = pid_split.to(tl.int64) * N + n0 + rows
+    # A split whose logits are all -inf stores -inf + log(0) = -inf: its exact share of the logsumexp, which
+    # the launcher's merge adds as 0.
     tl.store(lse_part_ptr + out, m + tl.log(sumexp), mask=row_in)
     tl.store(tgt_part_ptr + out, target_logit, mask=row_in)
 
@@ -95,5 +100,8 @@ def linear_logprobs_fwd(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
+    # A row whose logits are all -inf has lse -inf; a +inf or NaN logit gives NaN. The log-softmax is undefined
+    # either way: NaN, as in the torch path (chunked.chunked_linear_logprobs_fwd).
+    lse = lse.masked_fill(lse.isinf(), float("nan"))
     lp = torch.where(targets == ignore_index, 0.0, tgt_part.sum(0) - lse)
     return lp, lse

@@ -38,9 +38,15 @@ def _row_logprobs_kernel(
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(row_ptr + v0 + cols, mask=cols < V - v0, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # While every logit so far is -inf (a masked head of the vocabulary), m_new is -inf and
+        # exp(-inf - -inf) would be NaN: subtract 0 instead (exp(-inf) = 0, sumexp stays 0), as FlashAttention does.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        sumexp = sumexp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
     lse = m + tl.log(sumexp)
+    # Undefined log-softmax, NaN as in the torch path (fwdgrad.row_logprobs): all -inf gives -inf + log(0) = -inf
+    # here; a +inf or NaN logit already gives NaN.
+    lse = tl.where(tl.abs(lse) == float("inf"), float("nan"), lse)
     target = tl.load(targets_ptr + row)
     # An out-of-range target is not read (it would fault); callers validate targets.
     has_target = (target != ignore_index) & (target >= 0) & (target < V)

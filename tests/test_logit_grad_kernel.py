@@ -1,9 +1,11 @@
 """The row kernels of the forward-time-gradient path (`row_logprobs`, `logit_grad_`) in the Triton
 interpreter against float64 torch, on irregular shapes (V not a multiple of the vocab tile, several
-tiles per row), ignored targets, g == 0 rows and logits of +-1e4; fp32 (in place) and bf16/fp16 output."""
+tiles per row), ignored targets, g == 0 rows, logits of +-1e4 and -inf logits (a masked vocabulary); fp32
+(in place) and bf16/fp16 output."""
 import pytest
 import torch
 
+from rpo_fast import fwdgrad
 from rpo_fast.kernels import RowConfig, logit_grad_, row_logprobs
 from conftest import max_abs_err
 
@@ -96,6 +98,65 @@ def test_logit_grad_with_large_logits_and_lse_from_row_logprobs():
     # exp(x - lse) with x, lse ~1e4 in fp32: an absolute error of ~1e-3 in the exponent, relative in the result.
     assert max_abs_err(dlogits, ref) < 4e-3 * g.abs().max().item()
     assert dlogits.double().sum(1).abs().max().item() < 1e-2
+
+
+def masked_rows(V, block_v):
+    """Rows of logits with -inf entries, as a -inf bias masking vocabulary entries gives, and what each row's
+    logsumexp must be: 0-3 finite (their first tile, first two tiles, all but the ragged last tile, all but one
+    entry are -inf; row 1 also has -inf entries scattered after its first finite tile and its target on one),
+    4 all -inf, 5 one +inf logit, 6 one NaN logit: undefined (NaN, as the torch path gives), 7 no -inf."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, V, generator=gen) * 3.0
+    last_tile = (V - 1) // block_v * block_v
+    logits[0, :block_v] = float("-inf")
+    logits[1, :2 * block_v] = float("-inf")
+    logits[1, 2 * block_v + 3::7] = float("-inf")
+    logits[2, :last_tile] = float("-inf")
+    logits[3, :V - 1] = float("-inf")
+    logits[4] = float("-inf")
+    logits[5, V // 2] = float("inf")
+    logits[6, V // 3] = float("nan")
+    targets = torch.tensor([V - 1, 2 * block_v + 3, last_tile + 1, V - 1, 5, V // 2, 0, IGNORE])
+    return logits, targets
+
+
+@pytest.mark.parametrize("V,block_v", [(1000, 256), (4099, 1024)], ids=lambda x: str(x))
+def test_row_kernels_with_minus_inf_logits(V, block_v):
+    """A row whose first vocab tile is all -inf starts the online softmax at max -inf: exp(-inf - -inf) must
+    not turn its logsumexp into NaN. Finite rows match float64 log_softmax (a target at a -inf logit has
+    log-prob -inf); rows whose log-softmax is undefined (all -inf, a +inf or a NaN logit) get NaN where the
+    torch path (`fwdgrad.row_logprobs`) does. The gradient kernel, fed that lse, is 0 at the -inf logits."""
+    logits, targets = masked_rows(V, block_v)
+    cfg = RowConfig(block_v=block_v, num_warps=1)
+    lp, lse = row_logprobs(logits, targets, IGNORE, config=cfg)
+
+    x = logits.double()
+    ref_lse = torch.logsumexp(x, dim=1)
+    keep = targets != IGNORE
+    ref_lp = torch.where(keep, torch.log_softmax(x, dim=1).gather(1, torch.where(keep, targets, 0)[:, None])[:, 0], 0.0)
+    ok = torch.tensor([True] * 4 + [False] * 3 + [True])
+    assert torch.isfinite(ref_lse[ok]).all()
+    assert max_abs_err(lse[ok], ref_lse[ok]) < 1e-5 * ref_lse[ok].abs().max().item(), (lse, ref_lse)
+    assert lp[1].item() == float("-inf") and ref_lp[1].item() == float("-inf")  # its target logit is -inf
+    finite_lp = ok.clone()
+    finite_lp[1] = False
+    assert max_abs_err(lp[finite_lp], ref_lp[finite_lp]) < 1e-5 * max(1.0, ref_lp[finite_lp].abs().max().item())
+    assert torch.isnan(lse[~ok]).all() and torch.isnan(lp[~ok]).all()
+
+    torch_lp, torch_lse = fwdgrad.row_logprobs(logits.clone(), targets, IGNORE)
+    assert torch.equal(torch_lse.isnan(), lse.isnan()) and torch.equal(torch_lp.isnan(), lp.isnan())
+    assert torch.equal(torch_lp.isinf(), lp.isinf())
+
+    g = torch.linspace(0.5, 1.5, 8)
+    g[4] = 0.0  # an undefined row with a zero gradient weight: all zero, not NaN
+    dlogits = logit_grad_(logits.clone(), targets, lse, g, torch.float32, IGNORE, config=cfg)
+    onehot = torch.nn.functional.one_hot(torch.where(keep, targets, 0), V).double()
+    ref = torch.where(keep[:, None], g.double()[:, None] * (onehot - torch.softmax(x, dim=1)), 0.0)
+    rows = ok & keep
+    masked = torch.isinf(logits[rows])  # exp(-inf - lse) = 0: exactly g * onehot there (row 1's target is one)
+    assert torch.isfinite(dlogits[rows]).all() and torch.equal(dlogits[rows][masked].double(), ref[rows][masked])
+    assert max_abs_err(dlogits[rows], ref[rows]) < 1e-6
+    assert torch.all(dlogits[4] == 0) and torch.all(dlogits[7] == 0)  # g == 0 / ignored target
 
 
 def test_row_kernels_refuse_bad_inputs():
