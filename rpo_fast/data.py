@@ -21,6 +21,7 @@ correctness rule is `rpo_fast.gold.gold_reward`.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -216,11 +217,29 @@ def _load_json(path: Path) -> list[dict]:
     return rows
 
 
-def _load_parquet(path: Path) -> list[dict]:
+def import_reader(path: str | os.PathLike):
+    """The optional module that reading `path` needs: `pyarrow.parquet` for a .parquet file, `datasets` for a
+    folder (a `save_to_disk` dataset); None for JSON files, which need nothing beyond the standard library.
+
+    Raises:
+        ImportError: naming the file, the missing package and the `data` extra that installs it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        module, package, what = "datasets", "datasets", "a folder saved by datasets.Dataset.save_to_disk"
+    elif path.suffix.lower() == ".parquet":
+        module, package, what = "pyarrow.parquet", "pyarrow", ".parquet files"
+    else:
+        return None
     try:
-        import pyarrow.parquet as pq
+        return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+        raise ImportError(f"{path}: reading {what} needs the `{package}` package, which is not installed "
+                          f"(pip install {package}, or in this checkout pip install -e '.[data]')") from None
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    pq = import_reader(path)
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for files it cannot read
@@ -231,11 +250,7 @@ def _load_parquet(path: Path) -> list[dict]:
 
 
 def _load_saved_dataset(path: Path) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"{path}: reading a folder saved by datasets.Dataset.save_to_disk needs the "
-                          f"`datasets` package (pip install datasets)") from None
+    datasets = import_reader(path)
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as e:  # FileNotFoundError for folders that are not datasets, among others

@@ -82,12 +82,21 @@ def is_embedded(path: str | None, split: str) -> bool:
 
 
 def check_data(config: TrainConfig) -> None:
-    """The data files exist; the embedded arithmetic eval set is not silently used to judge other training data;
-    the gold rule (which grades the embedded questions only) is asked only of an eval set it can grade."""
+    """The data files exist and their readers are installed (pyarrow, datasets); the embedded arithmetic eval set
+    is not silently used to judge other training data; the gold rule (which grades the embedded questions only)
+    is asked only of an eval set it can grade."""
+    from .data import import_reader
+
     for key in ("train_file", "eval_file"):
         path = getattr(config, key)
-        if path is not None and not Path(path).exists():
+        if path is None:
+            continue
+        if not Path(path).exists():
             raise FileNotFoundError(f"{key}: {path} does not exist")
+        try:
+            import_reader(path)
+        except ImportError as e:
+            raise ValueError(f"{key}: {e}") from None
     if config.eval_file and is_embedded(config.eval_file, "eval") and not is_embedded(config.train_file, "train"):
         raise ValueError(f"eval_file: {config.eval_file} is the embedded arithmetic eval set, but train_file is "
                          f"your own ({config.train_file}); expected an eval set of your data (--eval_file=PATH) "

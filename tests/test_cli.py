@@ -169,6 +169,30 @@ def test_bad_input_exits_2_with_one_line_naming_the_key(case, tmp_path, capsys, 
     assert len(lines) == 1 and f"error: {key}" in lines[0], err[-2000:]
 
 
+@pytest.mark.parametrize("package, modules, data_name", [
+    ("pyarrow", ["pyarrow", "pyarrow.parquet"], "own.parquet"),
+    ("datasets", ["datasets"], "own_dataset"),
+])
+def test_data_reader_not_installed_exits_2_before_loading(package, modules, data_name, tmp_path, capsys,
+                                                          monkeypatch, no_model_loading):
+    """A .parquet file without pyarrow (a save_to_disk folder without datasets) is refused up front, in one line
+    naming the key, the package and the extra that installs it, not as a traceback after the tokenizer loads."""
+    from rpo_fast import cli
+
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    data = tmp_path / data_name
+    if data.suffix:
+        data.write_bytes(b"PAR1")
+    else:
+        data.mkdir()
+    code = cli.main(["train", f"--output_dir={tmp_path / 'run'}", f"--train_file={data}", "--eval_file=null",
+                     "--gold_eval_samples=0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "error: train_file" in lines[0] and f"`{package}`" in lines[0] and "'.[data]'" in lines[0], lines
+
+
 @pytest.mark.parametrize("command, entry", [("train", "train"), ("precompute-ref", "precompute_reference")])
 def test_out_of_memory_anywhere_exits_4_with_the_reason(command, entry, monkeypatch, capsys):
     """Out of memory outside a training step (model load, eval, the reference pass): exit 4, no traceback."""

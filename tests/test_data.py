@@ -155,10 +155,10 @@ def test_missing_optional_packages_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match=r"d\.parquet.*needs pyarrow"):
+    with pytest.raises(ImportError, match=r"d\.parquet.*needs the `pyarrow` package.*'\.\[data\]'"):
         load_preference_rows(_write(tmp_path / "d.parquet", b"PAR1"))
     (tmp_path / "ds").mkdir()
-    with pytest.raises(ImportError, match=r"ds.*needs the `datasets` package"):
+    with pytest.raises(ImportError, match=r"ds.*needs the `datasets` package.*'\.\[data\]'"):
         load_preference_rows(tmp_path / "ds")
 
 
