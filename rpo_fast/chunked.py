@@ -124,13 +124,18 @@ def chunked_linear_logprobs_fwd(
 
 
 def _dlogits(probs: torch.Tensor, cols: torch.Tensor, hits: torch.Tensor | None, neg_g: torch.Tensor,
-             grad_bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+             dead: torch.Tensor | None, grad_bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """`g * (onehot - softmax)` from the softmax block `probs` [rows, V'] fp32, overwritten.
 
     cols [rows] are the target columns inside the block, `hits` [rows] bool where the target lies in it
-    (None: everywhere); neg_g [rows] is -g. grad_bias [V'] fp32 accumulates the block's column sums. Returns
-    dlogits in `out_dtype`: a new half-precision block (the GEMM operand on CUDA), or `probs` itself for fp32.
+    (None: everywhere); neg_g [rows] is -g. `dead` [rows] bool (None: no such row) marks rows with g == 0 whose
+    logsumexp is undefined: their softmax is NaN and 0 * NaN is NaN, so they are zeroed here, before a NaN could
+    reach every element of the weight gradient through the GEMM. grad_bias [V'] fp32 accumulates the block's
+    column sums. Returns dlogits in `out_dtype`: a new half-precision block (the GEMM operand on CUDA), or
+    `probs` itself for fp32.
     """
+    if dead is not None:
+        probs.masked_fill_(dead[:, None], 0.0)
     minus_one = torch.full_like(neg_g[:, None], -1.0)
     if hits is not None:
         minus_one.masked_fill_(~hits[:, None], 0.0)
@@ -178,6 +183,8 @@ def chunked_linear_logprobs_bwd(
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0)
     neg_g = grad_lp.float().masked_fill(ignored, 0.0).neg_()
+    dead = (neg_g == 0) & ~lse.isfinite()  # checked once here, so that the loops below do not sync per chunk
+    dead = dead if bool(dead.any()) else None
     # dlogits in the input dtype where the GEMMs take halves with fp32 accumulation (CUDA), else fp32; the
     # other operand of each gradient GEMM is cast to match (no-op on CUDA and in fp32).
     d_dtype = weight.dtype if fp32_out_on_tensor_cores(weight) else torch.float32
@@ -196,7 +203,8 @@ def chunked_linear_logprobs_bwd(
         for start in range(0, N, step):
             rows = slice(start, start + step)
             probs = _logits(hidden[rows], weight, bias).sub_(lse[rows, None]).exp_()
-            dlogits = _dlogits(probs, safe_targets[rows], None, neg_g[rows], grad_bias, d_dtype)
+            dlogits = _dlogits(probs, safe_targets[rows], None, neg_g[rows], None if dead is None else dead[rows],
+                               grad_bias, d_dtype)
             del probs
             if want_dw:
                 addmm_f32_(grad_weight, dlogits.T, hidden[rows].to(d_dtype))
@@ -217,7 +225,7 @@ def chunked_linear_logprobs_bwd(
         local = safe_targets - start
         hits = (local >= 0) & (local < w_rows.shape[0])
         db = None if grad_bias is None else grad_bias[cols]
-        dlogits = _dlogits(probs, local.clamp_(0, w_rows.shape[0] - 1), hits, neg_g, db, d_dtype)
+        dlogits = _dlogits(probs, local.clamp_(0, w_rows.shape[0] - 1), hits, neg_g, dead, db, d_dtype)
         del probs
         if want_dw:
             grad_weight[cols] = dlogits.T @ h_op  # the sum over tokens inside one GEMM (fp32 accumulation)

@@ -29,8 +29,9 @@ not per call: one long pair in a packed batch must not cost the other pairs a re
 With `use_kernels` (CUDA tensors and an impl that resolves to "triton") the per-chunk log-softmax and dlogits
 passes are fused Triton kernels (`kernels.logit_grad`); otherwise (CPU, or impl="torch" on CUDA) they are the
 torch functions here, which compute the same values (they keep the probabilities in the buffer between the two
-passes, where the kernels keep the logits: `RowPasses`). No atomics anywhere: deterministic
-wherever the GEMMs are.
+passes, where the kernels keep the logits: `RowPasses`). No atomics in the head's passes; the per-sequence
+sums are `index_add_`, which on CUDA is deterministic only under `torch.use_deterministic_algorithms(True)`
+(the trainer's `deterministic` option sets it).
 """
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int)
     """(lp [C] fp32, 0.0 at ignored targets; lse [C] fp32) of fp32 logits [C, V] and int64 targets [C].
 
     Overwrites `logits` with the softmax probabilities `exp(logits - lse)`, which is what `logit_grad_` reads:
-    each element is exponentiated once for both passes (the exp is most of their cost on a CPU). A row with
-    infinite logits has an undefined log-softmax: its lse is NaN, as in the fused kernels."""
+    each element is exponentiated once for both passes (the exp is most of their cost on a CPU). A row with a
+    +inf logit, or with no finite logit, has an undefined log-softmax: its lse is NaN, as in the fused kernels
+    (-inf logits among finite ones, e.g. a vocabulary masked by a -inf bias, are fine: probability 0)."""
     ignored = targets == ignore_index
     target_logit = logits.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1)
     row_max = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
@@ -196,8 +198,10 @@ class _StoredGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        unit = bool(grad_output == 1)
-        scaled = (None if g is None else g if unit else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        # A Python float, not grad_output.to(g.dtype): rounding e.g. 1/3 (gradient accumulation's scale) to bf16
+        # would scale every bf16 gradient by 0.333984. The product is computed in fp32 and rounded once.
+        scale = float(grad_output)
+        scaled = (None if g is None else g if scale == 1.0 else g * scale for g in ctx.saved_tensors)
         return None, None, *scaled
 
 
@@ -275,6 +279,8 @@ def fwdgrad_head_loss(
     sizes = [len(seq_list) for seq_list in seq_lists]
     for chunk, seq_list, seqs, lengths in zip(chunks, seq_lists, index[:len(flat)].split(sizes),
                                               index[len(flat):].split(sizes)):
+        if not chunk.rows:  # pairs with no response tokens (all ignored): log-probs 0 (already), no gradient
+            continue
         h = torch.cat([hidden[chunk.chosen], hidden[chunk.rejected]]).to(op_dtype)
         t = torch.cat([targets[chunk.chosen], targets[chunk.rejected]])
         token_seq = torch.repeat_interleave(torch.arange(len(seq_list), device=hidden.device), lengths,

@@ -155,6 +155,44 @@ def test_fwdgrad_only_loss_is_differentiable_and_backward_scales():
         torch.testing.assert_close(s, 3.5 * t.grad)
 
 
+def test_fwdgrad_backward_scales_half_gradients_in_fp32():
+    """A bf16 loss scaled by 1/3 (gradient accumulation's 1/GA): the stored bf16 gradients are scaled by 1/3,
+    not by bf16(1/3) = 0.333984, which would put every gradient 0.18% high."""
+    hidden, weight, bias, targets, cu, ref = make_problem(Case(bias=False), torch.bfloat16)
+
+    def grads(scale):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+        out = rpo_fast.fused_linear_rpo_loss(*leaves, targets, cu, **ref, backward="fwdgrad")
+        (out.loss * scale).backward()
+        return [t.grad for t in leaves]
+
+    for unit, third in zip(grads(1.0), grads(1 / 3)):
+        exact = (unit.double() / 3).to(torch.bfloat16)  # the unit gradient / 3, rounded once
+        assert float((third != exact).float().mean()) < 0.01
+
+
+def test_fwdgrad_pairs_without_response_tokens_before_a_long_pair():
+    """Pairs whose responses are empty (cu_seqlens spans of 0 rows) next to a pair longer than the chunk: they
+    plan as a chunk of no rows, which has log-probs 0 and no gradient (it used to crash in the first pass)."""
+    gen = torch.Generator().manual_seed(11)
+    cu = torch.tensor([0, 0, 10, 10, 20], dtype=torch.int32)  # pair 0: two empty responses; pair 1: 10 + 10 rows
+    hidden = torch.randn(20, H, generator=gen, requires_grad=True)
+    weight = (torch.randn(V, H, generator=gen) * 0.4).requires_grad_()
+    targets = torch.randint(0, V, (20,), generator=gen)
+    ref = torch.randn(4, generator=gen) - 30
+    case = Case(bias=False, sft_norm="sum")
+    exact_loss, exact_grads, _ = float64_loss(case, hidden, weight, None, targets, cu, {"ref_logps": ref})
+    for chunk_tokens in (8, 32):
+        out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, ref_logps=ref, **loss_options(case),
+                                             backward="fwdgrad", chunk_tokens=chunk_tokens)
+        hidden.grad = weight.grad = None
+        out.loss.backward()
+        assert out.chosen_logps[0] == 0 and out.rejected_logps[0] == 0
+        torch.testing.assert_close(out.loss.double(), exact_loss, rtol=1e-5, atol=1e-5)
+        for leaf, e in zip((hidden, weight), exact_grads):
+            torch.testing.assert_close(leaf.grad.double(), e, rtol=1e-4, atol=1e-5)
+
+
 def test_fwdgrad_frozen_head_gives_hidden_gradient_only():
     """LoRA: the head is frozen; only dhidden is formed (no [V, H] accumulator is allocated)."""
     hidden, weight, bias, targets, cu, ref = make_problem(Case(bias=False, chunk_tokens=20), torch.float32)

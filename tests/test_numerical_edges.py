@@ -153,3 +153,33 @@ def test_zero_length_sequence_a_normalization_divides_by_is_refused_with_gradien
     with pytest.raises(ValueError, match=rf"^token_counts .*{message}"):
         rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, torch.tensor(cu, dtype=torch.int32),
                                        backward=backward, **options)
+
+
+@pytest.mark.parametrize("backward, layout", [("recompute", "tokens"), ("recompute", "vocab"), ("atomic", None)])
+def test_an_ignored_position_with_overflowing_logits_gets_no_gradient(backward, layout, monkeypatch):
+    """A position whose logits overflow to +inf (its log-softmax is undefined) but whose target is ignored adds
+    nothing: its NaN softmax row must not reach the weight gradient (through the dW product it would make every
+    element NaN). Gradients against float64 over the other rows; the ignored row's dhidden is 0."""
+    N, H, V = 5, 6, 37
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) / H**0.5
+    hidden[2], weight[3] = 1e38, 1.0  # row 2's logit 3 overflows to +inf (6e38)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[2] = -100
+    if layout is not None:
+        monkeypatch.setattr(rpo_fast.chunked, "choose_layout", lambda *args: layout)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    impl = "triton" if backward == "atomic" else "torch"
+    lp = rpo_fast.linear_logprobs(*leaves, targets, impl=impl, backward=backward)
+    lp.sum().backward()
+    kept = torch.arange(N) != 2
+    ref_leaves = [hidden[kept].double().requires_grad_(), weight.double().requires_grad_()]
+    logprobs64(*ref_leaves, None, targets[kept]).sum().backward()
+    naive_leaves = [hidden[kept].clone().requires_grad_(), weight.clone().requires_grad_()]
+    naive_logprobs(*naive_leaves, None, targets[kept]).sum().backward()
+    assert lp[2] == 0 and torch.isfinite(lp).all()
+    assert torch.all(leaves[0].grad[2] == 0)
+    assert_within("d_hidden", leaves[0].grad[kept], ref_leaves[0].grad, naive_leaves[0].grad, torch.float32,
+                  rowwise=True, min_scale=1e-3)
+    assert_within("d_weight", leaves[1].grad, ref_leaves[1].grad, naive_leaves[1].grad, torch.float32,
+                  rowwise=True, min_scale=1e-3)
