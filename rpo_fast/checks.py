@@ -3,6 +3,7 @@ was expected and what came."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,6 +35,9 @@ def check_head(prefix: str, hidden, weight, bias, n_rows: int | None = None) -> 
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"{prefix}weight: expected dtype {hidden.dtype} on {hidden.device} like "
                          f"{prefix}hidden, got {_shape(weight)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}weight: expected a vocabulary of at least one row [V >= 1, H], got "
+                         f"{list(weight.shape)}")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"{prefix}weight: expected shape [V, {hidden.shape[1]}] to match {prefix}hidden "
                          f"[N, H]={list(hidden.shape)}, got {list(weight.shape)}")
@@ -83,7 +87,10 @@ def check_cu_seqlens(cu_seqlens, n_rows: int) -> torch.Tensor:
     return cu_seqlens.diff().long()
 
 
-def check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows: int, vocab: int, n_seqs: int) -> None:
+def check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows: int, vocab: int, n_seqs: int,
+                    device: torch.device) -> None:
+    """The reference: ref_hidden [N, H'] + ref_weight [V, H'] (+ ref_bias) or ref_logps [2B] float, or neither;
+    on the policy's `device`."""
     if ref_logps is not None and (ref_hidden is not None or ref_weight is not None):
         raise ValueError("ref_logps: expected either ref_logps or ref_hidden+ref_weight, got both")
     if (ref_hidden is None) != (ref_weight is None):
@@ -93,52 +100,75 @@ def check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows: int, vo
         raise ValueError("ref_bias: expected None without ref_hidden/ref_weight, got a tensor")
     if ref_hidden is not None:
         check_head("ref_", ref_hidden, ref_weight, ref_bias, n_rows=n_rows)
+        if ref_hidden.device != device:
+            raise ValueError(f"ref_hidden: expected a tensor on {device} like hidden, got {_shape(ref_hidden)}")
         if ref_weight.shape[0] != vocab:
             raise ValueError(f"ref_weight: expected {vocab} rows (the policy's vocabulary), got {ref_weight.shape[0]}")
     if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or ref_logps.shape != (n_seqs,)
-                                  or not ref_logps.is_floating_point()):
+                                  or not ref_logps.is_floating_point() or ref_logps.device != device):
         got = _shape(ref_logps) if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__
-        raise ValueError(f"ref_logps: expected a float tensor of shape ({n_seqs},) (summed log-probs of the 2B "
-                         f"sequences), got {got}")
+        raise ValueError(f"ref_logps: expected a float tensor of shape ({n_seqs},) on {device} (summed log-probs "
+                         f"of the 2B sequences), got {got}")
 
 
-def check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing) -> None:
+def as_number(value) -> float | None:
+    """`value` as a Python float when it is a real number (int, float, a NumPy scalar) or a one-element tensor
+    that needs no gradient; None for anything else (bools included)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 and not value.requires_grad else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing) -> tuple[float, float, float]:
+    """Returns (beta, alpha, label_smoothing) as Python floats (NumPy scalars and one-element tensors, as Liger
+    takes them, would otherwise meet the loss's tensors in NumPy's arithmetic)."""
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("sft_norm", sft_norm, SFT_NORMS)
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+    number = as_number(beta)
+    if not (number is not None and math.isfinite(number) and number > 0):
         raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+    beta = number
+    number = as_number(alpha)
+    if not (number is not None and math.isfinite(number) and number >= 0):
         raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 0.5):
+    alpha = number
+    number = as_number(label_smoothing)
+    if not (number is not None and 0.0 <= number <= 0.5):
         raise ValueError(f"label_smoothing: expected a number in [0, 0.5], got {label_smoothing!r}")
+    label_smoothing = number
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing: expected 0 with loss_type={loss_type!r} (only 'sigmoid' "
                          f"smooths labels), got {label_smoothing}")
+    return beta, alpha, label_smoothing
 
 
 # Where a zero token count comes from: rpo_loss takes the counts; fused_linear_rpo_loss counts the targets
-# other than ignore_index in each cu_seqlens span.
-_EMPTY = "token_counts (from cu_seqlens/targets: all of its targets are ignore_index)"
+# other than ignore_index in each cu_seqlens span (an empty span, or one whose targets are all ignored).
+COUNTS_GIVEN = "token_counts"
+COUNTS_FROM_TARGETS = "targets (counted per cu_seqlens span, ignore_index excluded)"
 
 
 def check_token_counts(counts: torch.Tensor, n_pairs: int, sft_norm: str, alpha: float,
-                       per_token_pref: bool) -> None:
+                       per_token_pref: bool, source: str = COUNTS_GIVEN) -> None:
     """Refuses divisions by a zero token count, naming the first sequence (0..B-1 chosen) that has none, and a
-    batch without any response token (its loss would come from the reference alone, with no gradient)."""
+    batch without any response token (its loss would come from the reference alone, with no gradient).
+    `source` names the argument the counts come from (`COUNTS_GIVEN` or `COUNTS_FROM_TARGETS`)."""
     empty = (counts == 0).tolist()
     if all(empty):
-        raise ValueError(f"{_EMPTY}: expected response tokens in some sequence, got none in all {len(empty)}: the "
+        raise ValueError(f"{source}: expected response tokens in some sequence, got none in all {len(empty)}: the "
                          "loss would be a number made of the reference log-probs alone, with zero gradient")
     if per_token_pref and any(empty):
         i = empty.index(True)
-        raise ValueError(f"{_EMPTY}: sequence {i} ({'chosen' if i < n_pairs else 'rejected'}) has no "
+        raise ValueError(f"{source}: sequence {i} ({'chosen' if i < n_pairs else 'rejected'}) has no "
                          "response tokens, but average_log_prob / loss_type='ipo' divides by its count")
     if alpha and sft_norm == "seq_mean" and any(empty[:n_pairs]):
         i = empty.index(True)
-        raise ValueError(f"{_EMPTY}: chosen sequence {i} has no response tokens, but "
+        raise ValueError(f"{source}: chosen sequence {i} has no response tokens, but "
                          "sft_norm='seq_mean' divides by its count")
     if alpha and sft_norm == "token_mean" and all(empty[:n_pairs]):
-        raise ValueError(f"{_EMPTY}: no chosen sequence has response tokens, but "
+        raise ValueError(f"{source}: no chosen sequence has response tokens, but "
                          "sft_norm='token_mean' divides by their total count")
 
 
@@ -186,6 +216,9 @@ def check_head_backward(impl: str, backward: str, name: str = "backward") -> Non
                          f"got {backward!r}")
 
 
-def check_loss_weight(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+def check_loss_weight(name: str, value) -> float:
+    """Returns the weight as a Python float (see `check_loss_options`)."""
+    number = as_number(value)
+    if not (number is not None and math.isfinite(number) and number >= 0):
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return number

@@ -54,7 +54,7 @@ class RPOLoss(torch.nn.Module):
         if loss_type in _LIGER_ONLY_LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {list(checks.LOSS_TYPES)} (rpo_fast does not implement "
                              f"Liger's {loss_type!r}), got {loss_type!r}")
-        checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+        beta, alpha, label_smoothing = checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
         checks.check_choice("impl", impl, checks.IMPLS)
         checks.check_choice("backward", backward, checks.HEAD_BACKWARDS)
         checks.check_chunk_tokens(chunk_tokens)
@@ -68,6 +68,7 @@ class RPOLoss(torch.nn.Module):
         self.chunk_size = chunk_size
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
+        self.discopop_tau = discopop_tau
         self.sft_norm = sft_norm
         self.impl = impl
         self.backward = backward
@@ -86,18 +87,18 @@ class RPOLoss(torch.nn.Module):
             `average_log_prob`, `nll_loss` is 0 unless `compute_nll_loss`, the logits means run over every
             position and vocab entry of the chosen (rejected) rows.
         """
-        if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
-            raise ValueError(f"_input: expected a [2B, T, H] tensor, got "
-                             f"{tuple(_input.shape) if isinstance(_input, torch.Tensor) else type(_input).__name__}")
+        if not isinstance(_input, torch.Tensor) or _input.dim() != 3 or _input.shape[0] < 2 or _input.shape[0] % 2:
+            raise ValueError(f"_input: expected a [2B, T, H] tensor, B >= 1 (chosen rows, then as many rejected), "
+                             f"got {tuple(_input.shape) if isinstance(_input, torch.Tensor) else type(_input).__name__}")
         if not isinstance(target, torch.Tensor) or target.shape != _input.shape[:2]:
             raise ValueError(f"target: expected shape {tuple(_input.shape[:2])} (the [2B, T] of _input), got "
                              f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
         if self.use_ref_model and (ref_input is None or ref_weight is None):
             raise ValueError("ref_input/ref_weight: expected tensors with use_ref_model=True, got None")
-        if self.use_ref_model and ref_input.shape[:2] != _input.shape[:2]:
-            raise ValueError(f"ref_input: expected [2B, T]={tuple(_input.shape[:2])} like _input, got "
-                             f"{tuple(ref_input.shape[:2])}")
-        n_seqs, seq_len, hidden_size = _input.shape
+        if self.use_ref_model and (ref_input.dim() != 3 or ref_input.shape[:2] != _input.shape[:2]):
+            raise ValueError(f"ref_input: expected a [2B, T, H'] tensor with [2B, T]={tuple(_input.shape[:2])} like "
+                             f"_input, got {tuple(ref_input.shape)}")
+        n_seqs, seq_len = _input.shape[:2]
         scored = target != self.ignore_index
         cu_seqlens = torch.zeros(n_seqs + 1, dtype=torch.int32, device=target.device)
         cu_seqlens[1:] = scored.sum(1).cumsum(0)
@@ -116,14 +117,15 @@ class RPOLoss(torch.nn.Module):
             chosen, rejected = chosen / out.chosen_token_counts, rejected / out.rejected_token_counts
         nll = out.nll if self.compute_nll_loss else torch.zeros((), device=_input.device)
 
-        # Mean logit over all positions and vocab entries, without logits: sum_v logit = h . sum_v w + sum_v b.
+        # Mean logit over all positions and vocab entries, without logits: sum_v logit = h . sum_v w + sum_v b,
+        # summed over a row's positions first. Reductions accumulate in fp32 with no fp32 copy of the weight or
+        # input (the weight's would be 4*V*H bytes); the products are elementwise, which autocast leaves alone.
         with torch.no_grad():
-            weight_sum = lin_weight.float().sum(0)
-            bias_sum = bias.float().sum() if bias is not None else 0.0
+            weight_sum = lin_weight.sum(0, dtype=torch.float32)
+            bias_sum = bias.sum(dtype=torch.float32) if bias is not None else 0.0
             n_pairs = n_seqs // 2
             denom = n_pairs * seq_len * lin_weight.shape[0]
-            row_sums = _input.reshape(-1, hidden_size).float() @ weight_sum + bias_sum
-            per_seq = row_sums.view(n_seqs, seq_len).sum(1)
+            per_seq = (_input.sum(1, dtype=torch.float32) * weight_sum).sum(1) + seq_len * bias_sum
             chosen_logits_mean = per_seq[:n_pairs].sum() / denom
             rejected_logits_mean = per_seq[n_pairs:].sum() / denom
         return out.loss, (chosen, rejected, chosen_logits_mean, rejected_logits_mean, nll,

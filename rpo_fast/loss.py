@@ -106,7 +106,7 @@ def rpo_loss(
         ValueError: on bad options, shapes, dtypes or devices (nothing broadcasts), when a normalization would
             divide by a zero token count, or when no sequence has a response token.
     """
-    checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+    beta, alpha, label_smoothing = checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
     checks.check_sequence_logps(policy_logps, ref_logps, token_counts)
     n_pairs = policy_logps.shape[0] // 2
     per_token = uses_per_token_logps(average_log_prob, loss_type)
@@ -209,7 +209,8 @@ def fused_linear_rpo_loss(
                 TRITON_INTERPRET=1; not deterministic).
             "auto": "fwdgrad" when a gradient is needed (grad mode on and hidden, weight or bias requires
                 grad), else "recompute" (whose forward is the `linear_logprobs` op's alone, with no gradient
-                buffers). Both are exact and deterministic.
+                buffers). Both are exact, and deterministic where PyTorch's ops are: on CUDA under
+                `torch.use_deterministic_algorithms(True)` (the per-sequence sums are `index_add`s).
         chunk_tokens: rows per fwdgrad chunk (whole pairs; a longer pair is recomputed in pieces of this
             many rows); None: as many as fit a logits budget (`fwdgrad.default_chunk_tokens`).
         pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
@@ -225,21 +226,24 @@ def fused_linear_rpo_loss(
             normalization would divide by, impl="triton" / backward="atomic" on CPU tensors without
             TRITON_INTERPRET=1).
     """
-    checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
+    beta, alpha, label_smoothing = checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
     checks.check_choice("impl", impl, checks.IMPLS)
     checks.check_head_backward(impl, backward)
     checks.check_chunk_tokens(chunk_tokens)
-    checks.check_loss_weight("pair_weight", pair_weight)
-    checks.check_loss_weight("nll_weight", nll_weight)
+    pair_weight = checks.check_loss_weight("pair_weight", pair_weight)
+    nll_weight = checks.check_loss_weight("nll_weight", nll_weight)
     checks.check_head("", hidden, weight, bias)
     impl = resolve_impl(impl, hidden.device)
     check_kernels_runnable(impl, backward, hidden)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device)
     lengths = checks.check_cu_seqlens(cu_seqlens, n_rows)
-    checks.check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows, vocab, lengths.numel())
-
+    checks.check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows, vocab, lengths.numel(), hidden.device)
     counts = segment_sum((targets != ignore_index).float(), lengths)
+    n_pairs = lengths.numel() // 2
+    per_token = uses_per_token_logps(average_log_prob, loss_type)
+    checks.check_token_counts(counts, n_pairs, sft_norm, alpha, per_token, source=checks.COUNTS_FROM_TARGETS)
+
     if ref_hidden is not None:
         with torch.no_grad():
             ref_lp = linear_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index=ignore_index, impl=impl)
@@ -250,9 +254,6 @@ def fused_linear_rpo_loss(
     if backward == "auto":
         backward = "fwdgrad" if needs_grad and impl != "dense" else "recompute"
     if backward == "fwdgrad":
-        n_pairs = lengths.numel() // 2
-        per_token = uses_per_token_logps(average_log_prob, loss_type)
-        checks.check_token_counts(counts, n_pairs, sft_norm, alpha, per_token)
         ref_logps = None if ref_logps is None else ref_logps.detach().float()
 
         def sequence_loss(policy_logps):  # the same formulas as rpo_loss, differentiated chunk by chunk

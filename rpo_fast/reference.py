@@ -1,6 +1,7 @@
 """Dense reference for the linear -> log-prob op: materializes the full [N, V] logits.
 
-Used by the tests as ground truth (in float64) and by the benchmarks as the naive baseline. Not for
+Used by the benchmarks as the naive baseline and, in float64, as their correctness reference (the tests keep
+their own float64 formulas, tests/rpo_reference_math.py). Not for
 training at scale: at 16384 tokens x 128256 vocab its fp32 logits alone are 8.4 GB.
 """
 from __future__ import annotations
@@ -21,10 +22,11 @@ def dense_linear_logprobs(
     Args:
         hidden: [N, H]; weight: [V, H]; bias: [V] or None; targets: [N] int64.
         compute_dtype: dtype of the matmul (default: the input dtype, as a model computes it). The
-            log-softmax runs in float32, or float64 when `compute_dtype` is float64.
+            log-softmax runs in float32, or in float64 when the matmul's dtype (`compute_dtype`, or the
+            input's) is float64.
 
     Returns:
-        [N] float32 (float64 with `compute_dtype=torch.float64`), 0.0 at `ignore_index` targets.
+        [N] float32, or float64 when the matmul's dtype is; 0.0 at `ignore_index` targets.
         Differentiable through ordinary autograd.
     """
     dtype = compute_dtype or hidden.dtype

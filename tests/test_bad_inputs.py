@@ -3,6 +3,7 @@ silent number."""
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,7 @@ CASES = [
     ("hidden_float64", dict(hidden=torch.randn(N, H, dtype=torch.float64)), "hidden"),
     ("weight_dtype", dict(weight=torch.randn(V, H, dtype=torch.float16)), "weight"),
     ("weight_H", dict(weight=torch.randn(V, H + 1)), "weight"),
+    ("weight_no_rows", dict(weight=torch.randn(0, H)), "weight"),
     ("bias_shape", dict(bias=torch.randn(V + 1)), "bias"),
     ("bias_dtype", dict(bias=torch.randn(V, dtype=torch.bfloat16)), "bias"),
     ("targets_len", dict(targets=torch.zeros(N - 1, dtype=torch.int64)), "targets"),
@@ -51,11 +53,16 @@ CASES = [
     ("ref_hidden_rows", dict(ref_hidden=torch.randn(N + 1, H), ref_weight=torch.randn(V, H)), "ref_hidden"),
     ("ref_weight_vocab", dict(ref_hidden=torch.randn(N, H), ref_weight=torch.randn(V + 2, H)), "ref_weight"),
     ("ref_logps_shape", dict(ref_logps=torch.zeros(3)), "ref_logps"),
+    ("ref_logps_device", dict(ref_logps=torch.zeros(4, device="meta")), "ref_logps"),
+    ("ref_hidden_device", dict(ref_hidden=torch.randn(N, H, device="meta"), ref_weight=torch.randn(V, H, device="meta")),
+     "ref_hidden"),
     ("loss_type", dict(loss_type="robust"), "loss_type"),
     ("sft_norm", dict(sft_norm="mean"), "sft_norm"),
     ("impl", dict(impl="cuda"), "impl"),
     ("beta_zero", dict(beta=0.0), "beta"),
     ("beta_nan", dict(beta=math.nan), "beta"),
+    ("beta_bool", dict(beta=True), "beta"),
+    ("pair_weight_vector", dict(pair_weight=torch.ones(2)), "pair_weight"),
     ("alpha_negative", dict(alpha=-1.0), "alpha"),
     ("label_smoothing_big", dict(label_smoothing=0.7), "label_smoothing"),
     ("label_smoothing_hinge", dict(label_smoothing=0.1, loss_type="hinge"), "label_smoothing"),
@@ -64,8 +71,12 @@ CASES = [
 
 @pytest.mark.parametrize("overrides,argument", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_raises_value_error_naming_argument(overrides, argument):
+    """With and without a gradient wanted (the fwdgrad and recompute paths check on their own ways)."""
     with pytest.raises(ValueError, match=rf"\b{argument}\b.*expected"):
         call(**overrides)
+    weight = torch.randn(V, H, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"\b{argument}\b.*expected"):
+        call(**{"weight": weight, **overrides})
 
 
 def empty_sequence_targets(seq: int):
@@ -81,8 +92,11 @@ def empty_sequence_targets(seq: int):
     (dict(loss_type="ipo"), 2),              # IPO always averages
 ])
 def test_empty_sequence_that_would_be_divided_by_is_named(kwargs, seq):
-    with pytest.raises(ValueError, match=rf"sequence {seq}\b"):
-        call(targets=empty_sequence_targets(seq), **kwargs)
+    """Named by the argument the count comes from (targets, here), with both backwards."""
+    for backward in ("fwdgrad", "recompute"):
+        hidden = torch.randn(N, H, requires_grad=True)
+        with pytest.raises(ValueError, match=rf"^targets \(counted per cu_seqlens span.*sequence {seq}\b"):
+            call(hidden=hidden, targets=empty_sequence_targets(seq), backward=backward, **kwargs)
 
 
 def test_empty_sequences_fine_when_nothing_divides_by_them():
@@ -97,6 +111,22 @@ def test_all_chosen_empty_with_token_mean_is_refused():
     with pytest.raises(ValueError, match="token_mean"):
         call(targets=targets)
     assert torch.isfinite(call(targets=targets, alpha=0.0).loss)  # plain DPO does not divide
+
+
+@pytest.mark.parametrize("number", [np.float32(0.3), np.float64(0.3), torch.tensor(0.3)], ids=["np32", "np64", "tensor"])
+def test_numpy_and_tensor_scalars_are_numbers(number):
+    """beta/alpha/label_smoothing/pair_weight as NumPy scalars or one-element tensors (as Liger takes them) give
+    the loss of the same Python float, not an error or NumPy arithmetic on the loss's tensors."""
+    expected = float(number)
+    for key in ("beta", "alpha", "label_smoothing", "pair_weight", "nll_weight"):
+        hidden = torch.randn(N, H, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        kw = base()
+        kw.pop("hidden")
+        got = call(hidden=hidden, **kw, **{key: number}).loss
+        assert isinstance(got, torch.Tensor) and got.requires_grad, key
+        torch.testing.assert_close(got, call(hidden=hidden, **kw, **{key: expected}).loss, msg=key)
+    seq = dict(policy_logps=-torch.rand(4) * 10, ref_logps=-torch.rand(4) * 10, token_counts=torch.tensor([3, 4, 2, 5]))
+    torch.testing.assert_close(rpo_fast.rpo_loss(**seq, beta=number).loss, rpo_fast.rpo_loss(**seq, beta=expected).loss)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
@@ -147,6 +177,13 @@ def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():
         loss(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="ref_input"):
         rpo_fast.RPOLoss()(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 2, dtype=torch.int64))
+    # Named by the module's own arguments, not by the packed ones it passes on (cu_seqlens, ref_hidden).
+    for rows in (3, 0):
+        with pytest.raises(ValueError, match=r"^_input: expected a \[2B, T, H\] tensor, B >= 1"):
+            loss(torch.randn(5, 3), torch.randn(rows, 2, 3), torch.zeros(rows, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^ref_input: expected a \[2B, T, H'\] tensor"):
+        rpo_fast.RPOLoss()(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 2, dtype=torch.int64),
+                           ref_input=torch.randn(4, 2), ref_weight=torch.randn(5, 3))
 
 
 def sequence_logps(n=4):
@@ -174,7 +211,7 @@ def test_rpo_loss_checks_its_inputs(overrides, argument):
 def test_rpo_loss_names_token_counts_for_an_empty_sequence():
     kw = sequence_logps()
     kw["token_counts"][1] = 0
-    with pytest.raises(ValueError, match=r"^token_counts .*chosen sequence 1 has no response tokens"):
+    with pytest.raises(ValueError, match=r"^token_counts: chosen sequence 1 has no response tokens"):
         rpo_fast.rpo_loss(kw["policy_logps"], kw["ref_logps"], kw["token_counts"], sft_norm="seq_mean")
 
 

@@ -77,4 +77,8 @@ def test_takes_every_liger_constructor_keyword():
     params = inspect.signature(liger.LigerFusedLinearDPOLoss.__init__).parameters
     defaults = {name: p.default for name, p in params.items() if name != "self"}
     assert defaults and all(v is not inspect.Parameter.empty for v in defaults.values())
-    rpo_fast.RPOLoss(**defaults)
+    module = rpo_fast.RPOLoss(**defaults)
+    liger_module = liger.LigerFusedLinearDPOLoss(**defaults)
+    for name in defaults:  # the same attributes, for code that reads them back (loss.beta, loss.discopop_tau, ...)
+        if hasattr(liger_module, name):
+            assert getattr(module, name) == getattr(liger_module, name), name

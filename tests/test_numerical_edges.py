@@ -150,7 +150,7 @@ def test_zero_length_sequence_a_normalization_divides_by_is_refused_with_gradien
     gradient is wanted (fwdgrad checks the counts on its own path)."""
     hidden, weight = torch.randn(15, 6, requires_grad=True), torch.randn(29, 6, requires_grad=True)
     targets = torch.randint(0, 29, (15,))
-    with pytest.raises(ValueError, match=rf"^token_counts .*{message}"):
+    with pytest.raises(ValueError, match=rf"^targets \(counted per cu_seqlens span.*{message}"):
         rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, torch.tensor(cu, dtype=torch.int32),
                                        backward=backward, **options)
 
