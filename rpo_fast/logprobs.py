@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import checks
+from .autocast import outside_autocast
 from .chunked import chunked_linear_logprobs_bwd, chunked_linear_logprobs_fwd
 from .reference import dense_linear_logprobs
 
@@ -44,16 +45,21 @@ def _backend(impl: str) -> Backend:
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int, impl: str, backward: str = "recompute") -> tuple[torch.Tensor, torch.Tensor]:
     """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch").
-    `backward` ("recompute" or "atomic") only tells the autograd formula which backward to run."""
+    `backward` ("recompute" or "atomic") only tells the autograd formula which backward to run. Runs with
+    autocast off, in the inputs' dtypes (`rpo_fast.autocast`)."""
     checks.check_op_targets(hidden, weight, targets, ignore_index)  # the op may be called without linear_logprobs
-    return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
 
 
 def _backward_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     lse: torch.Tensor, grad_lp: torch.Tensor, ignore_index: int, impl: str,
                     needs_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dhidden, dweight, dbias) in the input dtypes; a gradient not in `needs_grad` is an empty tensor."""
-    grads = _backend(impl).backward(hidden, weight, bias, targets, lse, grad_lp, ignore_index, tuple(needs_grad))
+    """(dhidden, dweight, dbias) in the input dtypes; a gradient not in `needs_grad` is an empty tensor. Runs with
+    autocast off (a CPU backward runs in the caller's thread: under its autocast if `.backward()` is called in one)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        grads = _backend(impl).backward(hidden, weight, bias, targets, lse, grad_lp, ignore_index,
+                                        tuple(needs_grad))
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
@@ -135,6 +141,7 @@ def check_kernels_runnable(impl: str, backward: str, hidden: torch.Tensor) -> No
             kernels.launch.check_runnable(hidden, choice=f"{option}={value!r}")
 
 
+@outside_autocast("hidden", "weight", "bias")
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -158,6 +165,9 @@ def linear_logprobs(
             TRITON_INTERPRET=1; not deterministic) or "auto" (= "recompute", see `resolve_op_backward`).
             Before this keyword, impl="triton" implied the atomic backward; pass backward="atomic" for that.
             Ignored by impl="dense" (autograd through the full logits).
+
+    Under `torch.autocast`, hidden, weight and bias are first cast to autocast's dtype, as a `Linear`'s inputs
+    would be; the head then runs with autocast off (`rpo_fast.autocast`).
 
     Returns:
         [N] float32, 0.0 where `targets == ignore_index`. Differentiable in hidden, weight and bias.

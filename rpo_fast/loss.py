@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
+from .autocast import outside_autocast
 from .fwdgrad import fwdgrad_head_loss
 from .logprobs import check_kernels_runnable, linear_logprobs, resolve_impl
 
@@ -158,6 +159,7 @@ def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out.index_add(0, segment_ids, values.float())
 
 
+@outside_autocast("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 def fused_linear_rpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -216,6 +218,9 @@ def fused_linear_rpo_loss(
         pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
             micro-batch weights; they must be known in forward, where fwdgrad makes the gradient).
             `pref_loss` and `nll` are reported unweighted.
+
+    Under `torch.autocast`, the heads' inputs (hidden, weight, bias and the ref_ ones) are first cast to
+    autocast's dtype, as a `Linear`'s would be; the head and the loss run with autocast off (`rpo_fast.autocast`).
 
     Returns:
         RPOOutput.
