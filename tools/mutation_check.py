@@ -166,8 +166,14 @@ MUTATIONS = [
         "logits = passes.reload_(logits_of(h[piece]), lse[:piece.stop - piece.start])"),),
         "fwdgrad: a recomputed piece normalized with the first piece's logsumexps"),
     Mutation("fwdgrad_grad_output_ignored", FWDGRAD, ((
-        "unit = bool(grad_output == 1)", "unit = True"),),
+        "scale = float(grad_output)", "scale = 1.0"),),
         "fwdgrad: the stored gradients are not scaled by the loss's upstream gradient"),
+    Mutation("fwdgrad_grad_output_rounded_to_half", FWDGRAD, ((
+        "g if scale == 1.0 else g * scale for g", "g if scale == 1.0 else g * grad_output.to(g.dtype) for g"),),
+        "fwdgrad: bf16 gradients scaled by grad_output rounded to bf16 (1/3 -> 0.333984)"),
+    Mutation("fwdgrad_empty_chunk_not_skipped", FWDGRAD, ((
+        "        if not chunk.rows:  # pairs with no response tokens", "        if False:  # pairs with no response tokens"),),
+        "fwdgrad: a chunk of pairs with no rows reaches torch.cat([])"),
     # The Triton kernels (run in the interpreter).
     Mutation("triton_ignored_gradient", BWD_KERNEL, ((
         "g = tl.where(targets == ignore_index, 0.0, g)", "g = g"),),
@@ -177,8 +183,8 @@ MUTATIONS = [
         ("pid_v = (pid % per_group) // group_rows", "pid_v = (pid % per_group) // GROUP_N")),
         "Triton backward: the grouped order assumes every group has GROUP_N token blocks (the last may not)"),
     Mutation("triton_running_sum_not_rescaled", FWD_KERNEL, ((
-        "sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)",
-        "sumexp = sumexp + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)"),),
+        "sumexp = sumexp * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)",
+        "sumexp = sumexp + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)"),),
         "Triton forward: the online logsumexp does not rescale its running sum when the max grows"),
     Mutation("triton_target_from_first_split", FWD_KERNEL, ((
         "tgt_part.sum(0) - lse", "tgt_part[0] - lse"),),
@@ -190,8 +196,8 @@ MUTATIONS = [
         "k_in = ks < H - h0", "k_in = ks < H"),),
         "Triton logit tile: the last hidden tile of a ragged H reads past the row"),
     Mutation("triton_row_sum_not_rescaled", ROW_KERNELS, ((
-        "sumexp = sumexp * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)",
-        "sumexp = sumexp + tl.sum(tl.exp(x - m_new), axis=0)"),),
+        "sumexp = sumexp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)",
+        "sumexp = sumexp + tl.sum(tl.exp(x - m_safe), axis=0)"),),
         "Triton row log-probs (fwdgrad): the online logsumexp does not rescale its running sum",
         ROW_TESTS),
     Mutation("triton_row_logprob_at_ignored", ROW_KERNELS, ((
@@ -341,6 +347,29 @@ MUTATIONS = [
     Mutation("fwdgrad_grad_ignore_index_fixed", FWDGRAD, ((
         "counted = targets != ignore_index", "counted = targets != -100"),),
         "fwdgrad: the dlogits pass finds ignored targets by -100, not by ignore_index"),
+    # Non-finite rows and masked vocabularies.
+    Mutation("chunked_bwd_dead_rows_kept", CHUNKED, ((
+        "dead = dead if bool(dead.any()) else None", "dead = None"),),
+        "recompute backward: an ignored row with overflowing logits puts NaN into all of dW",
+        ("tests/test_numerical_edges.py",)),
+    Mutation("row_kernel_minus_inf_unguarded", ROW_KERNELS, ((
+        'm_safe = tl.where(m_new == float("-inf"), 0.0, m_new)', "m_safe = m_new"),),
+        "row kernel: a row whose first vocab tile is all -inf gets NaN (exp(-inf - -inf))", ROW_TESTS),
+    Mutation("fwd_kernel_minus_inf_unguarded", FWD_KERNEL, ((
+        'm_safe = tl.where(m_new == float("-inf"), 0.0, m_new)', "m_safe = m_new"),),
+        "fused forward kernel: a row whose first vocab tile or split is all -inf gets NaN",
+        ("tests/test_head_kernels.py",)),
+    # The public functions under autocast, and the reference's device.
+    Mutation("autocast_inputs_not_cast", "rpo_fast/autocast.py", ((
+        "            if dtype is None:\n                return function(*args, **kwargs)",
+        "            if True:\n                return function(*args, **kwargs)"),),
+        "the head runs under the caller's autocast: bf16 logits, fp32 buffers refused",
+        ("tests/test_autocast.py",)),
+    Mutation("reference_device_unchecked", "rpo_fast/checks.py", ((
+        "or not ref_logps.is_floating_point() or ref_logps.device != device):",
+        "or not ref_logps.is_floating_point()):"),),
+        "ref_logps on another device reaches the loss (a RuntimeError, not a ValueError naming it)",
+        ("tests/test_bad_inputs.py",)),
 ]
 
 
