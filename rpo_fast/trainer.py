@@ -447,8 +447,30 @@ def check_resumable(directory: Path, accelerator, config: TrainConfig) -> None:
                          f"resume with {hint}, {from_weights}")
 
 
+def set_scheduled_lr(scheduler) -> None:
+    """Sets every param group's lr, and the scheduler's last lr, to this run's schedule at the scheduler's step
+    (`scheduler`: a LambdaLR, as `build_optimizer` makes, after `load_state_dict`).
+
+    A checkpoint's optimizer and scheduler state hold the lr the saved run's schedule gave for the next step
+    (a finished cosine run's: 0), which the first resumed step would otherwise run at. The schedule's curve is
+    this run's: the lambdas of transformers' schedules (functools.partial) save no attributes, so loading
+    restores the step and base lrs only; a longer `max_steps` or `num_epochs` resumes on the new curve from the
+    first resumed step. For an unchanged schedule the value set here is the one the scheduler computed before
+    saving, bit for bit (`LambdaLR.step` computes `base_lr * lr_lambda(last_epoch)` too).
+    """
+    lrs = [base_lr * fn(scheduler.last_epoch) for fn, base_lr in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() returns
+
+
 def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, config: TrainConfig) -> TrainState:
     """Restores weights, optimizer, scheduler and this process's RNG state; returns the saved TrainState.
+
+    The learning rate of the next step is this run's schedule's at the saved step (`set_scheduled_lr`).
 
     Sharded state (FSDP) is read into whatever sharding this run has: DCP reshards to another world size.
     A process without an RNG file of its own (more processes than wrote the checkpoint) takes rank 0's.
@@ -460,6 +482,7 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, c
         checkpoint.load_model_weights(accelerator.unwrap_model(model).model, directory / "model")
         optimizer.load_state_dict(checkpoint.load_torch(directory / "optimizer.pt"))
     scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))
+    set_scheduled_lr(scheduler)
     rng = directory / f"rng-rank{accelerator.process_index}.pt"
     checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))
     return TrainState(**checkpoint.read_json(directory / "trainer_state.json"))

@@ -135,3 +135,46 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(tiny_model_dir, tmp
 def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, tmp_path):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, resume=True, eval_file="none"))
     assert train(config).state.step == 2
+
+
+def test_resume_with_longer_max_steps_runs_its_first_step_on_the_new_schedule(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    """A finished 8-step cosine run, resumed with max_steps=12: step 9 runs at the 12-step schedule's lr for
+    step 9, as logged and as the optimizer applies it, not at the 8-step schedule's last value (0)."""
+    from rpo_fast import trainer
+
+    applied = []  # the param groups' lr each optimizer update runs with, in step order
+    original_update = trainer.apply_update
+
+    def recording_update(model, optimizer, *args, **kwargs):
+        applied.append([group["lr"] for group in optimizer.param_groups])
+        return original_update(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "apply_update", recording_update)
+    extra = dict(eval_file="none", lr_scheduler="cosine", warmup_steps=1)
+    (tmp_path / "fresh").mkdir()
+    fresh = train(load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "fresh", max_steps=12, **extra)))
+    fresh_lr = {r["step"]: r["lr"] for r in fresh.records if "loss" in r}
+    fresh_applied, applied[:] = applied[:], []
+
+    (tmp_path / "ext").mkdir()
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "ext", max_steps=8, **extra))
+    train(config)
+    assert fresh_lr[9] > 1e-3  # the new schedule has a real lr at step 9; the old one ended at 0
+    saved = load_file(tmp_path / "ext" / "run" / "checkpoints" / "step-000008" / "model" / "model.safetensors")
+    applied[:] = []
+    changes = {}
+
+    def weight_change(step, record, policy):
+        if step == 9:
+            changes[9] = max((t.detach() - saved[n]).abs().max().item() for n, t in policy.state_dict().items()
+                             if n in saved)
+
+    config.resume, config.max_steps = True, 12
+    result = train(config, TrainHooks(on_step_end=weight_change))
+    logged = {r["step"]: r["lr"] for r in result.records if "loss" in r}
+    assert logged[9] == fresh_lr[9], (logged[9], fresh_lr[9])  # the first resumed step
+    assert applied[0] == fresh_applied[8] and applied[0][0] == fresh_lr[9], (applied[0], fresh_applied[8])
+    assert changes[9] > 0  # step 9 trained
+    for step in (10, 11, 12):  # and the rest of the new schedule follows
+        assert logged[step] == fresh_lr[step], step
