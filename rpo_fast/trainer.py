@@ -211,11 +211,11 @@ def build_reference(config: TrainConfig, policy, datasets: dict[str, list], acce
         if accelerator.is_main_process:  # one process computes and writes; the others read the file
             load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
                             impl=config.head_impl(), model_fp=fingerprint, progress=config.progress,
-                            share_prompt=config.share_prompt)
+                            share_prompt=config.share_prompt, autocast=accelerator.autocast)
         accelerator.wait_for_everyone()
         caches[split] = load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
                                         impl=config.head_impl(), model_fp=fingerprint, write=False,
-                                        share_prompt=config.share_prompt)
+                                        share_prompt=config.share_prompt, autocast=accelerator.autocast)
         log(f"reference log-probs ({split}): {caches[split].path}")
     return Reference("cache", caches=caches)
 

@@ -278,6 +278,51 @@ def test_bf16_mixed_precision_runs(tiny_model_dir, tmp_path):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in steps)
 
 
+def test_bf16_reference_cache_holds_the_reference_models_log_probs(sharp_model_dir, tmp_path):
+    """With mixed_precision bf16, `precompute-ref` runs the reference under the run's autocast, as `reference:
+    model` runs it: the cache holds exactly the reference log-probs a `reference: model` run computes on its
+    micro-batches (on the CPU the backbone's rows do not depend on the packing), not fp32 ones. A cache computed
+    without mixed precision has another key, so neither run reads the other's. The sharp model's large logits
+    make the two precisions differ by far more than any rounding."""
+    import dataclasses
+
+    from rpo_fast import trainer
+
+    config = load_config(None, tiny_overrides(sharp_model_dir, tmp_path, mixed_precision="bf16", reference="cache",
+                                              eval_file="none"))
+    bf16_file = trainer.precompute_reference(config)["train"]
+
+    # What a `reference: model` run computes: the frozen copy through Reference.inputs and the fused loss, under
+    # the accelerator's autocast, on the run's micro-batches.
+    accelerator = trainer.make_accelerator(config)
+    examples = trainer.load_examples(config.train_file, modeling.load_tokenizer(config.model), config,
+                                     lambda *_: None)[1]
+    policy = trainer.build_policy(config, accelerator.device)
+    config = trainer.resolve_share_prompt(config, policy, lambda *_: None)  # as precompute-ref and train do
+    reference = trainer.build_reference(dataclasses.replace(config, reference="model"), policy, {"train": examples},
+                                        accelerator, lambda *_: None)
+    model = accelerator.prepare(modeling.PackedRPOModel(policy, beta=config.beta, alpha=config.alpha,
+                                                        impl=config.head_impl()))
+    expected = torch.full((len(examples), 2), math.nan)
+    for step in epoch_steps(examples, config, 0, 1):
+        for group in step:
+            batch = pack_pairs([examples[i] for i in group], share_prompt=config.share_prompt)
+            with torch.no_grad():
+                out = model(batch, **reference.inputs(batch, "train", accelerator.autocast))
+            expected[group, 0], expected[group, 1] = out.ref_chosen_logps.float(), out.ref_rejected_logps.float()
+    assert not expected.isnan().any()
+
+    def cached(path):
+        blob = torch.load(path, weights_only=True)
+        rows = {int(i): k for k, i in enumerate(blob["example_index"].tolist())}
+        return blob["logps"][[rows[ex.index] for ex in examples]]
+
+    assert torch.equal(cached(bf16_file), expected), (cached(bf16_file) - expected).abs().max()
+    fp32_file = trainer.precompute_reference(dataclasses.replace(config, mixed_precision="no"))["train"]
+    assert bf16_file != fp32_file  # the precision is in the key
+    assert (cached(fp32_file) - expected).abs().max() > 1e-2  # fp32 log-probs are another reference
+
+
 def test_refuses_heads_the_fused_loss_cannot_compute():
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1)
@@ -351,6 +396,8 @@ def test_reference_cache_key_and_lookup(tmp_path, examples, tiny_model_dir):
     assert model_fingerprint(same) != model_fingerprint(model)
     assert model_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) != model_fingerprint(model)
     assert cache_key("m1", "d") != cache_key("m2", "d")
+    assert cache_key("m1", "d", "bfloat16") != cache_key("m1", "d")  # mixed precision: another cache
+    assert cache_key("m1", "d", None) == cache_key("m1", "d")  # fp32 caches keep their files
     logps = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     cache = ReferenceCache(key="k", example_index=torch.tensor([10, 11, 12, 13, 14, 15]), logps=logps)
     cache.save(tmp_path / "c.pt")
