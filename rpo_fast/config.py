@@ -184,6 +184,11 @@ class TrainConfig:
         if self.reference == "adapter" and self.finetune != "lora":
             raise ValueError(f"reference: 'adapter' (the policy with its LoRA adapter disabled) needs finetune='lora', "
                              f"got finetune={self.finetune!r}; use reference='model' or 'cache'")
+        # torch's AdamW keeps fp16 moments for fp16 weights: the second moment (and eps = 1e-8) underflow to 0 for
+        # gradients below ~1e-3 while the first moment survives, so updates come out thousands of times the lr.
+        _require("dtype", not (self.finetune == "full" and self.dtype == "float16" and base_optimizer == "adamw"),
+                 "'bfloat16' or 'float32' for full fine-tuning with optimizer 'adamw' (its fp16 moments underflow and "
+                 "the updates explode; fp16 needs loss scaling, which this trainer does not do)", self.dtype)
         if self.mixed_precision != "no" and self.dtype != "float32":
             raise ValueError(f"mixed_precision: {self.mixed_precision!r} expects float32 master weights, got "
                              f"dtype={self.dtype!r}")
@@ -221,7 +226,10 @@ def coerce(key: str, value):
 
 
 def _coerce_to(key: str, tp, value):
-    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~"):
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    # "none"/"null" mean None where a key can be None; a plain string key keeps them as words
+    # (reference: none is a mode, and a config saved with it must load back).
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in options:
         value = None
     if isinstance(value, str) and tp is not str:
         parsed = yaml.safe_load(value) if value.strip() else value  # "true", "3", "[a, b]", "null"
@@ -231,7 +239,6 @@ def _coerce_to(key: str, tp, value):
             except ValueError:
                 pass
         value = parsed
-    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
     if value is None:
         if type(None) in options:
             return None
@@ -301,6 +308,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if preset is not None:
         checks.check_choice("preset", preset, PRESETS)
         values.update(PRESETS[preset])
+        # A preset ranks below the file: one given on the command line must not lose silently to the file's keys
+        # (a key it sets to another value, or an alpha that replaces its eta).
+        def beats_preset(key, value) -> bool:
+            if key in overrides:
+                return False
+            if key in PRESETS[preset]:
+                return coerce(key, value) != PRESETS[preset][key]
+            return key == "alpha" and PRESETS[preset].get("eta") is not None
+
+        beaten = {k: v for k, v in file_values.items() if "preset" in overrides and beats_preset(k, v)}
+        if beaten:
+            listed = ", ".join(f"{k}: {v!r}" for k, v in beaten.items())
+            raise ValueError(f"preset: --preset={preset} would be overridden by the config file {path} ({listed}: a "
+                             "file ranks above a preset, defaults < preset < file < --key=value); expected those keys "
+                             f"as --key=value overrides (e.g. --{next(iter(beaten))}=...), or the file without them")
     if "alpha" in explicit and "eta" not in explicit:
         values["eta"] = None  # an explicit alpha replaces a preset's eta
     values.update(explicit)

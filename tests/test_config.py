@@ -76,10 +76,34 @@ def test_bad_files(tmp_path):
         parse_overrides(["beta=0.1"])
 
 
+def test_a_command_line_preset_is_not_silently_overridden_by_the_file(tmp_path):
+    """defaults < preset < file < --key=value: --preset=dpo with a file that sets alpha (or rpo-paper with a file
+    alpha, which would replace the preset's eta) is refused, naming the keys; the keys as overrides work."""
+    path = write(tmp_path, "alpha: 0.2\nbeta: 0.1\nloss_type: sigmoid\n")
+    with pytest.raises(ValueError, match=r"^preset: --preset=dpo would be overridden .*\(alpha: 0.2: "):
+        load_config(path, parse_overrides(["--preset=dpo"]))
+    with pytest.raises(ValueError, match=r"^preset: --preset=rpo-paper .*\(alpha: 0.2, beta: 0.1: "):
+        load_config(path, parse_overrides(["--preset=rpo-paper"]))
+    assert load_config(path, parse_overrides(["--preset=dpo", "--alpha=0"])).alpha == 0.0
+    assert load_config(write(tmp_path, "preset: dpo\nbeta: 0.2\n")).alpha == 0.0  # a preset in the file: fine
+    assert load_config(write(tmp_path, "beta: 0.3\n"), parse_overrides(["--preset=dpo"])).alpha == 0.0
+
+
 def test_saved_config_round_trips(tmp_path):
     config = load_config(None, {"preset": "rpo-paper", "lora_target_modules": "q_proj,k_proj", "eval_file": "none"})
     save_config(config, tmp_path / "saved.yaml")
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["eta"] == 0.005
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+@pytest.mark.parametrize("mode", ["model", "adapter", "cache", "none"])
+def test_every_reference_mode_from_the_command_line_a_file_and_a_saved_config(tmp_path, mode):
+    """reference: none is a mode, not a missing value: it comes through --reference=none and a YAML file, and a
+    run saved with it loads back (resume reads that file)."""
+    assert load_config(None, parse_overrides([f"--reference={mode}"])).reference == mode
+    config = load_config(write(tmp_path, f"reference: {mode}\n"))
+    assert config.reference == mode
+    save_config(config, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == config
 
 
@@ -112,6 +136,23 @@ def test_optimizer_modes_of_the_trainer():
     assert load_config(None, {**in_backward, "optimizer_compile": True}).optimizer_compile
     with pytest.raises(ValueError, match="optimizer_compile: expected false with optimizer='adamw'"):
         load_config(None, {"optimizer_compile": True})
+
+
+def test_fp16_full_fine_tuning_with_torch_adamw_is_refused():
+    """Its fp16 moments underflow (exp_avg_sq of a 1e-3 gradient is 1e-9 < fp16's smallest subnormal), so the
+    update m / (sqrt(v) + eps) explodes; LoRA (fp32 adapters) and the bf16-state optimizers are fine."""
+    import torch
+
+    opt = torch.optim.AdamW([p := torch.nn.Parameter(torch.ones(4, dtype=torch.float16))], lr=1e-6)
+    p.grad = torch.tensor([1e-2, 1e-3, 1e-4, 1e-5], dtype=torch.float16)
+    opt.step()
+    assert bool((opt.state[p]["exp_avg_sq"][1:] == 0).all())  # the premise, on this torch
+    with pytest.raises(ValueError, match=r"dtype: expected 'bfloat16' or 'float32' for full fine-tuning with "
+                                         r"optimizer 'adamw'.*got 'float16'"):
+        load_config(None, {"dtype": "float16", "finetune": "full", "reference": "model"})
+    assert load_config(None, {"dtype": "float16", "finetune": "lora"}).dtype == "float16"
+    assert load_config(None, {"dtype": "float16", "finetune": "full", "reference": "model",
+                              "optimizer": "adamw_bf16"}).optimizer == "adamw_bf16"
 
 
 def test_deterministic_runs_refuse_only_the_atomic_head_backward():
