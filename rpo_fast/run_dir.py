@@ -84,17 +84,41 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tu
             and not (k == "train_file" and _same_file(old.get(k), v))}
 
 
+# The config keys that name what a run reads: --overwrite must not delete any of them.
+INPUT_KEYS = ("model", "ref_model", "train_file", "eval_file", "ref_cache_dir")
+
+
+def inputs_in_run_files(config: TrainConfig) -> list[tuple[str, str, str]]:
+    """(key, path, run file) for each existing input path that lies in one of output_dir's RUN_FILES, which
+    `clear` deletes (e.g. --model=OUT/checkpoints/step-000003/model with --overwrite into OUT)."""
+    doomed = [(name, (Path(config.output_dir) / name).resolve()) for name in RUN_FILES]
+    found = []
+    for key in INPUT_KEYS:
+        value = getattr(config, key)
+        if not isinstance(value, str) or not value or not Path(value).exists():
+            continue
+        path = Path(value).resolve()
+        found += [(key, value, name) for name, run_file in doomed if path == run_file or run_file in path.parents]
+    return found
+
+
 def check(config: TrainConfig) -> Path | None:
     """The run-folder policy, before anything loads. Returns the checkpoint `--resume` will continue (its
     files' sizes checked; the trainer checks their hashes), or None.
 
     Raises:
         ValueError: naming output_dir for an unwritable folder or an earlier run without --resume or
-            --overwrite; naming resume for a checkpoint whose config differs outside RESUME_FREE_KEYS
+            --overwrite; naming the input (model, train_file, ...) that --overwrite would delete; naming
+            resume for a checkpoint whose config differs outside RESUME_FREE_KEYS
             (listing each key with its saved and current value).
     """
     check_writable(config.output_dir)
     if config.overwrite:
+        if doomed := inputs_in_run_files(config):
+            key, value, name = doomed[0]
+            raise ValueError(f"{key}: {value} lies in {Path(config.output_dir) / name}, which --overwrite deletes "
+                             "before the run starts; expected an input outside the earlier run's files: copy it "
+                             "elsewhere first, or write the new run to another output_dir")
         return None
     if config.resume:
         # Sizes only: the trainer verifies the hashes when it loads; hashing a 7B checkpoint twice costs minutes.

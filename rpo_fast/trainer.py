@@ -426,7 +426,9 @@ def check_resumable(directory: Path, accelerator, config: TrainConfig) -> None:
     Raises:
         ValueError: naming the checkpoint, what it was written with, and how to continue.
     """
-    from_weights = f"or start a new run from its weights with --model={directory / 'model'} --resume=false"
+    from_weights = (f"or start a new run from its weights in another output_dir with --model={directory / 'model'} "
+                    "--resume=false" if config.finetune == "full" else
+                    "or start a new run (its model folder holds the LoRA adapter only, which --model cannot load)")
     sharded, whole = (directory / checkpoint.SHARDED).is_dir(), (directory / "optimizer.pt").is_file()
     if not sharded and not whole:
         raise ValueError(f"resume: {directory} has no optimizer state (written under FSDP before sharded "
@@ -646,8 +648,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         bar.update(1)
         if not finite:
             partly = record.get("params_updated")
-            log(f"step {state.step}: non-finite loss {record['loss']} / grad norm {grad_norm}: skipped "
-                f"({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
+            log(f"step {state.step}: non-finite loss or gradient (loss {record['loss']}, grad norm {grad_norm}): "
+                f"skipped ({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
                 + (f"; {partly} parameter tensors nearer the output had been updated in backward before the "
                    "first non-finite gradient" if partly else ""))
             if state.consecutive_nonfinite >= config.max_nonfinite_steps:
@@ -664,10 +666,15 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             hooks.on_step_end(state.step, record, accelerator.unwrap_model(model).model)
     bar.close()
     log(f"{state.step - first_step} steps in {time.perf_counter() - loop_start:.0f} s")
+    # A resumed run whose checkpoint already reached its steps (a finished run, or a shorter max_steps) trains
+    # nothing: its final eval is the one logged at that step, not a second record of the same model.
+    nothing_ran = resumed_from is not None and state.step == first_step
+    if nothing_ran:
+        log(f"the checkpoint is at step {state.step}, and this run has {steps} steps: nothing to train")
 
     # The end: final checkpoint, eval, the model for use, the report.
     save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
-    after = run_eval(steps) if eval_examples else None
+    after = run_eval(state.step) if eval_examples and not nothing_ran else None
     policy = accelerator.unwrap_model(model).model
     if config.finetune == "lora":
         policy = policy.merge_and_unload()
@@ -677,6 +684,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if accelerator.is_main_process:
         modeling.save_pretrained(policy, tokenizer, output_dir / "model", state_dict=weights)
         before = state.eval_history[0] if state.eval_history and state.eval_history[0]["step"] == 0 else None
+        if nothing_ran and eval_examples:
+            after = next((r for r in reversed(records) if r.get("step") == state.step and "eval/loss" in r), None)
         table = metrics.final_table([r for r in records if "loss" in r], before, after)
         (output_dir / "final_metrics.txt").write_text(table + "\n", encoding="utf-8")
         log("\n" + table)

@@ -114,3 +114,46 @@ def test_resume_check_compares_the_train_file_by_content(tmp_path):
     assert run_dir.config_differences(saved, TrainConfig(train_file=str(b), max_steps=9)) == {}  # moved/copied
     assert run_dir.config_differences(saved, TrainConfig(train_file=str(c))) == {"train_file": (str(a), str(c))}
     assert run_dir.config_differences(saved, TrainConfig(train_file=str(a), beta=0.3)) == {"beta": (0.1, 0.3)}
+
+
+@pytest.mark.parametrize("key", ["model", "train_file"])
+def test_overwrite_refuses_to_delete_an_input_of_the_new_run(key, tiny_model_dir, tmp_path, capsys):
+    """--overwrite deletes the earlier run's files before the new run loads anything: an input inside them (e.g.
+    --model=OUT/checkpoints/step-000003/model, a checkpoint's weights) is refused first, and nothing is deleted."""
+    import shutil
+
+    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, max_steps=1)
+    run = tmp_path / "run"
+    kept = run / "checkpoints" / "step-000003"
+    shutil.copytree(tiny_model_dir, kept / "model")
+    shutil.copy(values["train_file"], kept / "train.jsonl")
+    (run / "metrics.jsonl").write_text("{}\n")
+    inside = {"model": kept / "model", "train_file": kept / "train.jsonl"}[key]
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    code, _, err = train(config_file, f"--{key}={inside}", "--overwrite", capsys=capsys)
+    assert code == 2 and f"error: {key}: {inside} lies in {run / 'checkpoints'}" in err, err
+    assert inside.exists() and (run / "metrics.jsonl").exists()
+
+
+def test_resuming_a_run_that_already_reached_its_steps_trains_and_logs_nothing_new(tiny_model_dir, tmp_path, capsys):
+    """--resume of a finished run (or with max_steps below the checkpoint's step) trains nothing, and adds no
+    second eval record of the same model (before: a duplicate at the same step, or one labelled max_steps);
+    the final table still shows the eval logged at the checkpoint's step."""
+    values = tiny_overrides(tiny_model_dir, tmp_path, max_steps=2)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    run = tmp_path / "run"
+    code, _, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+
+    def evals():
+        return [r["step"] for r in load_json_lines(run / "metrics.jsonl") if "eval/loss" in r]
+
+    assert evals() == [0, 2]
+    for max_steps in (2, 1):
+        code, out, err = train(config_file, "--resume", f"--max_steps={max_steps}", capsys=capsys)
+        assert code == 0, err[-2000:]
+        assert f"the checkpoint is at step 2, and this run has {max_steps} steps: nothing to train" in out
+        assert evals() == [0, 2] and loss_steps(run) == [1, 2]
+        assert "eval" in (run / "final_metrics.txt").read_text()
