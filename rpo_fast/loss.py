@@ -32,7 +32,7 @@ class RPOOutput(NamedTuple):
 
     loss: torch.Tensor  # scalar: pref_loss + alpha * nll (fused_linear_rpo_loss: each term times its weight)
     pref_loss: torch.Tensor  # scalar: mean over pairs of the preference term
-    nll: torch.Tensor  # scalar: the sft_norm-normalized SFT term before alpha; alpha=0: the token mean, detached
+    nll: torch.Tensor  # scalar: the sft_norm-normalized SFT term before alpha; alpha=0: a detached metric, same norm
     chosen_logps: torch.Tensor  # summed over response tokens
     rejected_logps: torch.Tensor
     ref_chosen_logps: torch.Tensor  # summed; zeros when reference-free
@@ -69,14 +69,17 @@ def preference_losses(z: torch.Tensor, beta: float, loss_type: str, label_smooth
     raise ValueError(f"loss_type: expected one of {list(checks.LOSS_TYPES)}, got {loss_type!r}")
 
 
-def sft_nll(chosen_logps: torch.Tensor, chosen_counts: torch.Tensor, sft_norm: str) -> torch.Tensor:
-    """The SFT term on chosen sequences: summed log-probs [B] and token counts [B] -> scalar NLL."""
+def sft_nll(chosen_logps: torch.Tensor, chosen_counts: torch.Tensor, sft_norm: str,
+            empty_ok: bool = False) -> torch.Tensor:
+    """The SFT term on chosen sequences: summed log-probs [B] and token counts [B] -> scalar NLL. With `empty_ok`
+    (a metric, alpha = 0) a sequence or batch without tokens is divided by 1, not 0 (its log-prob sum is 0)."""
     if sft_norm == "sum":
         return -chosen_logps.mean()
     if sft_norm == "seq_mean":
-        return -(chosen_logps / chosen_counts).mean()
+        return -(chosen_logps / (chosen_counts.clamp(min=1) if empty_ok else chosen_counts)).mean()
     if sft_norm == "token_mean":
-        return -chosen_logps.sum() / chosen_counts.sum()
+        total = chosen_counts.sum()
+        return -chosen_logps.sum() / (total.clamp(min=1) if empty_ok else total)
     raise ValueError(f"sft_norm: expected one of {list(checks.SFT_NORMS)}, got {sft_norm!r}")
 
 
@@ -134,8 +137,8 @@ def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_
     pref_loss = preference_losses(z, beta, loss_type, label_smoothing).mean()
     if alpha:
         nll = sft_nll(policy[:n_pairs], counts[:n_pairs], sft_norm)
-    else:  # plain DPO: report the token-mean NLL as a metric without dividing by absent tokens
-        nll = (-policy[:n_pairs].sum() / counts[:n_pairs].sum().clamp(min=1)).detach()
+    else:  # plain DPO: the NLL as a metric in the same normalization (comparable with RPO runs' nll)
+        nll = sft_nll(policy[:n_pairs], counts[:n_pairs], sft_norm, empty_ok=True).detach()
     rewards = (beta * logratios).detach()
     return RPOOutput(
         loss=pref_loss + alpha * nll if alpha else pref_loss,

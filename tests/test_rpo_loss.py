@@ -213,8 +213,8 @@ def test_hinge_near_its_kink(impl):
 
 @pytest.mark.parametrize("impl", ["triton", "torch", "dense"])
 def test_alpha_zero_is_plain_dpo_and_alpha_adds_nll(impl):
-    """alpha=0 is plain DPO (loss, metrics and gradients against float64; its nll a token-mean metric), and alpha
-    only adds alpha * NLL: the preference term at alpha=2 is the one at alpha=0."""
+    """alpha=0 is plain DPO (loss, metrics and gradients against float64; its nll a metric in the same sft_norm),
+    and alpha only adds alpha * NLL: the preference term at alpha=2 is the one at alpha=0."""
     case = make_case(B=2, max_len=6, H=8, V=20, dtype=torch.float32, bias=False, ref_mode="logps")
     cu, hidden, weight, b, targets, ref = case
     opts = dict(beta=0.1, alpha=0.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
@@ -227,6 +227,12 @@ def test_alpha_zero_is_plain_dpo_and_alpha_adds_nll(impl):
     torch.testing.assert_close(dpo.loss, dpo.pref_loss)
     torch.testing.assert_close(rpo.loss, rpo.pref_loss + 2.0 * rpo.nll)
     torch.testing.assert_close(rpo.nll, -rpo.chosen_logps.mean())
+    # The nll metric of a plain-DPO run is in its sft_norm, as an RPO run's is (a DPO baseline is compared with
+    # an RPO run of the same config): at alpha=0 as at alpha=2.
+    for sft_norm in ("sum", "seq_mean", "token_mean"):
+        both = [rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, impl=impl, **ref,
+                                               **(opts | dict(alpha=alpha, sft_norm=sft_norm))) for alpha in (0.0, 2.0)]
+        torch.testing.assert_close(both[0].nll, both[1].nll, msg=sft_norm)
 
 
 @pytest.mark.parametrize("sft_norm", ["sum", "seq_mean", "token_mean"])
