@@ -99,8 +99,8 @@ class TokenizeStats:
             f"{self.source}: {self.n_rows} rows ({self.n_conversational} conversational), kept {self.n_kept}, "
             f"dropped {self.n_dropped} ({self.n_dropped_empty} empty response after truncation, "
             f"{self.n_dropped_empty_prompt} empty prompt)"
-            + (f", {self.n_blank_response} with a blank response in the row (trained as EOS / end of turn alone)"
-               if self.n_blank_response else "")
+            + (f", {self.n_blank_response} with a blank response in the row (trained as its whitespace, if any, "
+               "then EOS / end of turn)" if self.n_blank_response else "")
             + f"; truncated {self.n_truncated} "
             f"(prompt {self.n_prompt_truncated}, response {self.n_response_truncated}) at "
             f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}; tokens per pair: "
