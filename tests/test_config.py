@@ -138,6 +138,14 @@ def test_optimizer_modes_of_the_trainer():
         load_config(None, {"optimizer_compile": True})
 
 
+def test_head_chunk_tokens_only_where_a_fwdgrad_backward_uses_it():
+    assert load_config(None, {"head_chunk_tokens": 64}).head_chunk_tokens == 64
+    assert load_config(None, {"head_chunk_tokens": 64, "head_backward": "fwdgrad"}).head_chunk_tokens == 64
+    for other in ({"head_backward": "recompute"}, {"head_backward": "atomic"}, {"impl": "dense"}):
+        with pytest.raises(ValueError, match=r"^head_chunk_tokens: expected None with head_backward="):
+            load_config(None, {"head_chunk_tokens": 64, **other})
+
+
 def test_fp16_full_fine_tuning_with_torch_adamw_is_refused():
     """Its fp16 moments underflow (exp_avg_sq of a 1e-3 gradient is 1e-9 < fp16's smallest subnormal), so the
     update m / (sqrt(v) + eps) explodes; LoRA (fp32 adapters) and the bf16-state optimizers are fine."""
