@@ -111,8 +111,9 @@ def _fmt(value) -> str:
 
 def final_table(train_records: list[dict], eval_before: dict | None, eval_after: dict | None,
                 window: int | None = None) -> str:
-    """A plain-text table: each metric averaged over the first and the last `window` training steps
-    (default: a tenth of the run, at least 1), and on the eval set before and after training."""
+    """A plain-text table: each metric averaged over the first and the last `window` logged training steps
+    (default: a tenth of them, at least 1; the column names their steps), and on the eval set before and after
+    training."""
     rows = [r for r in train_records if "loss" in r and not r.get("skipped")]
     window = window or max(1, len(rows) // 10)
     first, last = rows[:window], rows[-window:]
@@ -121,16 +122,23 @@ def final_table(train_records: list[dict], eval_before: dict | None, eval_after:
         vals = [r[key] for r in records if key in r]
         return sum(vals) / len(vals) if vals else None
 
-    columns = [f"train first {window}", f"train last {window}", "eval before", "eval after"]
+    def steps(records):  # the logged steps a column averages (every log_every-th step with log_every > 1)
+        if not records:
+            return "steps"
+        a, b = records[0]["step"], records[-1]["step"]
+        return f"step {a}" if a == b else f"steps {a}-{b}"
+
+    columns = [steps(first), steps(last), "eval before", "eval after"]
     names = list(PAIR_METRICS) + ["gold_accuracy"]
     width = max(len(n) for n in names) + 2
-    lines = ["metric".ljust(width) + "".join(c.rjust(16) for c in columns)]
+    cell = max(16, *(len(c) + 2 for c in columns))
+    lines = ["metric".ljust(width) + "".join(c.rjust(cell) for c in columns)]
     for name in names:
         cells = [mean(first, name), mean(last, name), (eval_before or {}).get(f"eval/{name}"),
                  (eval_after or {}).get(f"eval/{name}")]
         if all(c is None for c in cells):
             continue
-        lines.append(name.ljust(width) + "".join(_fmt(c).rjust(16) for c in cells))
+        lines.append(name.ljust(width) + "".join(_fmt(c).rjust(cell) for c in cells))
     if rows:
         lines.append(f"steps {rows[-1]['step']}, tokens/s (mean) {mean(rows, 'tokens/s'):.0f}, "
                      f"peak memory {max(r['peak_mem_mb'] for r in rows):.0f} MB")

@@ -42,3 +42,15 @@ def test_micro_batches_average_by_pair_and_nll_by_its_share():
     assert weighted["nll"] == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)
     assert weighted["loss"] == pytest.approx(weighted["pref_loss"] + 2.0 * weighted["nll"])
     assert weighted["pref_loss"] == means["pref_loss"]
+
+
+def test_final_table_names_the_steps_each_column_averages():
+    """With log_every=3 the first logged step is 3: the column says so (it said 'train first 1')."""
+    from rpo_fast.metrics import final_table
+
+    records = [{"step": s, "loss": float(s), "tokens/s": 1.0, "peak_mem_mb": 1.0} for s in range(3, 31, 3)]
+    header, loss_row = final_table(records, None, None).splitlines()[:2]
+    assert header.split()[1:] == ["step", "3", "step", "30", "eval", "before", "eval", "after"]
+    assert loss_row.split()[1:3] == ["3", "30"]
+    header = final_table([dict(r, step=r["step"] + 9990) for r in records] * 2, None, None).splitlines()[0]
+    assert "steps 9993-9996  " in header  # wide labels keep a gap between columns
