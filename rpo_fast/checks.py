@@ -121,23 +121,23 @@ def as_number(value) -> float | None:
     return None
 
 
+def checked_number(name: str, value, ok, expected: str) -> float:
+    """`value` as a Python float (`as_number`) when `ok` holds for it, else a ValueError naming `name`."""
+    number = as_number(value)
+    if number is None or not ok(number):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return number
+
+
 def check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing) -> tuple[float, float, float]:
     """Returns (beta, alpha, label_smoothing) as Python floats (NumPy scalars and one-element tensors, as Liger
     takes them, would otherwise meet the loss's tensors in NumPy's arithmetic)."""
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("sft_norm", sft_norm, SFT_NORMS)
-    number = as_number(beta)
-    if not (number is not None and math.isfinite(number) and number > 0):
-        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
-    beta = number
-    number = as_number(alpha)
-    if not (number is not None and math.isfinite(number) and number >= 0):
-        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
-    alpha = number
-    number = as_number(label_smoothing)
-    if not (number is not None and 0.0 <= number <= 0.5):
-        raise ValueError(f"label_smoothing: expected a number in [0, 0.5], got {label_smoothing!r}")
-    label_smoothing = number
+    beta = checked_number("beta", beta, lambda x: math.isfinite(x) and x > 0, "a finite number > 0")
+    alpha = check_loss_weight("alpha", alpha)
+    label_smoothing = checked_number("label_smoothing", label_smoothing, lambda x: 0.0 <= x <= 0.5,
+                                     "a number in [0, 0.5]")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing: expected 0 with loss_type={loss_type!r} (only 'sigmoid' "
                          f"smooths labels), got {label_smoothing}")
@@ -217,8 +217,5 @@ def check_head_backward(impl: str, backward: str, name: str = "backward") -> Non
 
 
 def check_loss_weight(name: str, value) -> float:
-    """Returns the weight as a Python float (see `check_loss_options`)."""
-    number = as_number(value)
-    if not (number is not None and math.isfinite(number) and number >= 0):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    return number
+    """Returns the weight (or alpha) as a Python float (see `check_loss_options`)."""
+    return checked_number(name, value, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
