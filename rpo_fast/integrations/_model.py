@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..autocast import autocast_dtype
 from ..logprobs import linear_logprobs
 from ..loss import RPOOutput, fused_linear_rpo_loss
 
@@ -72,13 +73,7 @@ def prepare_head_inputs(
     """Puts rows [N, H], weight [V, H] and bias [V] in the dtype the model's own head would compute in
     (autocast's when it is on, float32 with `cast_to_fp32`, else the weight's) and folds the logit scale
     into rows and bias: `s * (h W^T + b) = (s h) W^T + s b`. Differentiable."""
-    device_type = rows.device.type
-    if cast_to_fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
+    dtype = torch.float32 if cast_to_fp32 else autocast_dtype(rows.device) or weight.dtype
     rows, weight = rows.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     if scale != 1.0:
