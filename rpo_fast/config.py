@@ -312,6 +312,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if preset is not None:
         checks.check_choice("preset", preset, PRESETS)
         values.update(PRESETS[preset])
+    if preset is not None and "preset" in overrides:
         # A preset ranks below the file: one given on the command line must not lose silently to the file's keys
         # (a key it sets to another value, or an alpha that replaces its eta).
         def beats_preset(key, value) -> bool:
@@ -321,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
                 return coerce(key, value) != PRESETS[preset][key]
             return key == "alpha" and PRESETS[preset].get("eta") is not None
 
-        beaten = {k: v for k, v in file_values.items() if "preset" in overrides and beats_preset(k, v)}
+        beaten = {k: v for k, v in file_values.items() if beats_preset(k, v)}
         if beaten:
             listed = ", ".join(f"{k}: {v!r}" for k, v in beaten.items())
             raise ValueError(f"preset: --preset={preset} would be overridden by the config file {path} ({listed}: a "
