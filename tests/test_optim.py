@@ -238,6 +238,18 @@ def test_low_precision_first_step_is_adamw():
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["adamw_bf16", "adamw_bf16_sr"])
+def test_low_precision_step_leaves_the_gradient_alone(mode, dtype):
+    """The update squares the gradient in an fp32 copy: an fp32 gradient is that dtype already, and must not be
+    squared in place (a caller may read it after the step, e.g. to log or to accumulate)."""
+    p = torch.nn.Parameter(torch.randn(1000).to(dtype))
+    p.grad = torch.randn(1000).to(dtype)
+    grad = p.grad.clone()
+    build_optimizer([p], mode, lr=1e-3).step()
+    assert torch.equal(p.grad, grad)
+
+
 def _quadratic_run(dtype, make, steps=300, n=4096):
     """AdamW on 0.5 * sum(s * (w - t)^2) with gradient noise; weights ~0.02 (a 7B model's scale) and
     lr 1e-4, so one update is ~1/4 of a bf16 half-ulp: plain bf16 rounding drops most of them."""
