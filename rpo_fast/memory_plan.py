@@ -108,7 +108,10 @@ def load_model_config(model):
         if not path.is_file():
             raise ValueError(f"model: expected a shipped config name {shipped_configs()} (or its hub id), a "
                              f"config.json path or a directory with one, got {str(model)!r}")
-        model = json.loads(path.read_text())
+        try:
+            model = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"model: {path} is not valid JSON ({err})") from None
     if not isinstance(model, dict) or "model_type" not in model:
         raise ValueError(f"model: expected a config dict with 'model_type', got {type(model).__name__}")
     kwargs = {k: v for k, v in model.items() if k not in ("model_type", "architectures") and not k.startswith("_")}
@@ -166,8 +169,11 @@ def _model_shape(config_json: str) -> ModelShape:
                                                               if k not in ("architectures", "_name_or_path")})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = backbone.layers
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(backbone, "layers", None)
+    if not layers:
+        raise ValueError(f"model: the planner models Llama/Mistral/Gemma-style decoders (a `layers` list of "
+                         f"blocks with {list(LINEARS)}); {type(model).__name__} has none")
     layer = layers[0]
     linears = {}
     for name, module in layer.named_modules():
@@ -251,7 +257,8 @@ class MemoryPlan:
             f"loss {opts['loss_impl']} ({opts['head_backward']} backward), attention {opts['attention']}, checkpointing "
             f"{'on' if opts['gradient_checkpointing'] else 'off'}",
             f"micro-batch: {self.tokens} tokens ({self.response_tokens} scored)"
-            + (f", per process of FSDP x {opts['fsdp_processes']}" if opts.get("fsdp_processes", 1) > 1 else ""),
+            + (f", per process of FSDP x {opts['fsdp_processes']}" if opts.get("fsdp_processes", 1) > 1 else "")
+            + (f", per process of DDP x {opts['ddp_processes']}" if opts.get("ddp_processes", 1) > 1 else ""),
             "",
             f"{'component':<{width}}{'GiB':>9}",
         ]
@@ -266,6 +273,10 @@ class MemoryPlan:
         lines.append("phases: " + ", ".join(f"{k} {v / GiB:.1f}" for k, v in self.phases.items()))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -296,6 +307,7 @@ def plan_memory(
     attention: str = "flash",
     device: str = "cuda",
     fsdp_processes: int = 1,
+    ddp_processes: int = 1,
 ) -> MemoryPlan:
     """Predicts the peak memory of one RPO training step.
 
@@ -332,6 +344,9 @@ def plan_memory(
             the embedding, head and final norm (gathered through forward and backward), and the whole
             gradients of the head and of the layer last reduce-scattered. A frozen reference model is not
             sharded (the trainer keeps a whole copy per process).
+        ddp_processes: DDP world size: the plan is one process's, with the whole model. The gradients live in
+            DDP's communication buckets (the trainer asks for `gradient_as_bucket_view`, so they are the
+            buckets, not a copy), allocated when the model is wrapped: they are resident in every phase.
 
     Returns:
         MemoryPlan.
@@ -348,12 +363,30 @@ def plan_memory(
     _check_choice("attention", attention, ATTENTIONS)
     _check_choice("device", device, ("cuda", "cpu"))
     opt_base, in_backward = optim.parse_mode(optimizer)
-    if not isinstance(fsdp_processes, int) or fsdp_processes < 1:
-        raise ValueError(f"fsdp_processes: expected an integer >= 1, got {fsdp_processes!r}")
+    for name, value in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes),
+                        ("max_length", max_length), ("lora_rank", lora_rank)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    for name, value in (("micro_batch_pairs", micro_batch_pairs), ("tokens_per_micro_batch", tokens_per_micro_batch)):
+        if value is not None and not _is_int(value):
+            raise ValueError(f"{name}: expected an integer (or None), got {value!r}")
+    if not _is_int(prompt_tokens):
+        raise ValueError(f"prompt_tokens: expected an integer, got {prompt_tokens!r}")
+    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
+        raise ValueError(f"lora_dropout: expected a number in [0, 1), got {lora_dropout!r}")
+    if isinstance(lora_targets, str):
+        raise ValueError(f"lora_targets: expected a tuple of projection names, got the string {lora_targets!r}")
     checks.check_chunk_tokens(head_chunk_tokens, "head_chunk_tokens")
-    if fsdp_processes > 1 and in_backward:
-        raise ValueError(f"optimizer: {optimizer!r} steps during backward, before FSDP reduces the gradients: "
-                         f"expected a mode without _in_backward with fsdp_processes={fsdp_processes}")
+    if head_chunk_tokens is not None and (loss_impl == "dense" or head_backward not in ("auto", "fwdgrad")):
+        raise ValueError(f"head_chunk_tokens: expected None with head_backward={head_backward!r} and "
+                         f"loss_impl={loss_impl!r} (it sizes the fwdgrad backward's chunks), got {head_chunk_tokens}")
+    if fsdp_processes > 1 and ddp_processes > 1:
+        raise ValueError(f"ddp_processes: expected 1 with fsdp_processes={fsdp_processes} (a run is DDP or FSDP), "
+                         f"got {ddp_processes}")
+    for name, processes in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes)):
+        if processes > 1 and in_backward:
+            raise ValueError(f"optimizer: {optimizer!r} steps during backward, before the gradients are reduced "
+                             f"across processes: expected a mode without _in_backward with {name}={processes}")
     if reference == "lora_disabled" and mode != "lora":
         raise ValueError("reference: 'lora_disabled' needs mode='lora', got mode='full_ft'")
     bad_targets = [t for t in lora_targets if t not in LINEARS]
@@ -361,9 +394,9 @@ def plan_memory(
         raise ValueError(f"lora_targets: expected a non-empty subset of {list(LINEARS)} and lora_rank >= 1, "
                          f"got {list(lora_targets)} and {lora_rank}")
     if tokens_per_micro_batch is None:
-        if not micro_batch_pairs or micro_batch_pairs < 1 or max_length < 1:
-            raise ValueError(f"expected micro_batch_pairs >= 1 and max_length >= 1 (or tokens_per_micro_batch), "
-                             f"got {micro_batch_pairs} and {max_length}")
+        if not micro_batch_pairs or micro_batch_pairs < 1:
+            raise ValueError(f"micro_batch_pairs: expected an integer >= 1 (or tokens_per_micro_batch), "
+                             f"got {micro_batch_pairs}")
         tokens = 2 * micro_batch_pairs * max_length
         n_seq = 2 * micro_batch_pairs
     else:
@@ -456,6 +489,8 @@ def plan_memory(
         comp.update(static)
         for k, v in parts.items():
             comp[k] += v
+        if ddp_processes > 1:  # the buckets hold every gradient from the wrap on; a phase's own count lies inside
+            comp["gradients"] = max(comp["gradients"], g_all)
         comp["workspace"] += CUDA_KERNEL_WORKSPACE if device == "cuda" else 0
         phases[name] = comp
 
@@ -510,6 +545,9 @@ def plan_memory(
         notes.append(f"FSDP over {W} processes: one process's memory; weights, gradients and optimizer state "
                      f"sharded {W} ways, two layers and the embedding/head gathered whole"
                      + ("; the reference model is a whole copy per process" if reference == "model" else ""))
+    if ddp_processes > 1:
+        notes.append(f"DDP over {ddp_processes} processes: one process's memory, the whole model; the gradients are "
+                     "DDP's buckets, resident from the wrap on")
     options = dict(model=getattr(model_config, "name_or_path", None) or
                    (str(model_config) if isinstance(model_config, (str, os.PathLike)) else shape.name),
                    max_length=max_length, micro_batch_pairs=micro_batch_pairs,
@@ -519,7 +557,7 @@ def plan_memory(
                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, reference=reference,
                    loss_impl=loss_impl_resolved, head_backward=backward_resolved, head_chunk_tokens=head_chunk_tokens,
                    attention=attention, device=device,
-                   fsdp_processes=W)
+                   fsdp_processes=W, ddp_processes=ddp_processes)
     return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
                       phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
                       response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable, notes=notes)
@@ -763,7 +801,8 @@ TRAINER_REFERENCES = {"cache": "precomputed", "model": "model", "adapter": "lora
 TRAINER_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def plan_for_train_config(config, model=None, device: str = "cuda") -> MemoryPlan:
+def plan_for_train_config(config, model=None, device: str = "cuda", processes: int = 1,
+                          fsdp: bool = False) -> MemoryPlan:
     """The planner's prediction for a `rpo_fast.config.TrainConfig` on `device`, at its worst micro-batch.
 
     The packer fills micro-batches up to `token_budget` tokens and `max_pairs_per_micro_batch` pairs, and
@@ -777,15 +816,18 @@ def plan_for_train_config(config, model=None, device: str = "cuda") -> MemoryPla
     Args:
         config: the training config.
         model: the model config to plan for (anything `load_model_config` takes) instead of `config.model`.
+        processes: the run's processes; with more than one, one process's memory under DDP, or FSDP when
+            `fsdp` (the launcher decides which, not the config).
 
     Raises:
         ValueError: when the model's config cannot be found (pass `model`), or for options the planner
             does not model (LoRA targets outside its projections).
     """
-    return plan_memory(model if model is not None else config.model, **train_config_plan_options(config, device))
+    return plan_memory(model if model is not None else config.model,
+                       **train_config_plan_options(config, device, processes, fsdp))
 
 
-def train_config_plan_options(config, device: str = "cuda") -> dict:
+def train_config_plan_options(config, device: str = "cuda", processes: int = 1, fsdp: bool = False) -> dict:
     """`plan_memory` keyword arguments (all but the model) for a training config; see `plan_for_train_config`."""
     pair_tokens = 2 * config.max_length
     tokens = config.token_budget
@@ -804,7 +846,8 @@ def train_config_plan_options(config, device: str = "cuda") -> dict:
         lora_targets=tuple(targets) if lora else LINEARS, lora_dropout=config.lora_dropout if lora else 0.0,
         dtype=TRAINER_DTYPES[config.dtype], gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer, reference=TRAINER_REFERENCES[config.reference],
-        loss_impl="fused" if impl == "auto" else impl, attention="flash", device=device)
+        loss_impl="fused" if impl == "auto" else impl, attention="flash", device=device,
+        fsdp_processes=processes if fsdp else 1, ddp_processes=1 if fsdp else processes)
 
 
 def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, MemoryPlan]]:
@@ -818,11 +861,12 @@ def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, Mem
     if options.get("reference") == "model":
         changes.append(("reference log-probs precomputed (reference: cache)", dict(reference="precomputed")))
     if options.get("dtype") == "fp32":
-        changes.append(("bf16 weights (dtype: bfloat16)", dict(dtype="bf16")))
+        changes.append(("bf16 weights (dtype: bfloat16, mixed_precision: no)", dict(dtype="bf16")))
     if full:
-        sharded = options.get("fsdp_processes", 1) > 1  # FSDP cannot step in backward
+        # DDP and FSDP reduce gradients after the hooks that would step them
+        distributed = options.get("fsdp_processes", 1) > 1 or options.get("ddp_processes", 1) > 1
         for opt in ("adamw_bf16_sr", "adamw8bit", "adamw_bf16_in_backward", "adamw_bf16_sr_in_backward"):
-            if opt != options.get("optimizer") and not (sharded and opt.endswith("_in_backward")):
+            if opt != options.get("optimizer") and not (distributed and opt.endswith("_in_backward")):
                 note = " (max_grad_norm 0, no accumulation)" if opt.endswith("_in_backward") else ""
                 changes.append((f"optimizer {opt}{note}", dict(optimizer=opt)))
         changes.append(("LoRA r16 with the disabled adapter as reference",
@@ -846,11 +890,12 @@ def alternatives_text(model_config, gpu_bytes: int, **options) -> str:
     return "\n".join(lines)
 
 
-def forecast(config, model_config, gpu_bytes: int) -> str:
+def forecast(config, model_config, gpu_bytes: int, processes: int = 1, fsdp: bool = False) -> str:
     """One log line for the start of training: the predicted peak of `config`'s worst micro-batch on a GPU of
-    `gpu_bytes`, and whether it fits (with what to do when it does not)."""
+    `gpu_bytes` (one process's, of `processes` under DDP, or FSDP when `fsdp`), and whether it fits (with what
+    to do when it does not)."""
     try:
-        options = train_config_plan_options(config)
+        options = train_config_plan_options(config, "cuda", processes, fsdp)
         plan = plan_memory(model_config, **options)
     except Exception as err:  # noqa: BLE001 - an architecture the planner does not model: training goes on
         return f"memory plan: not available ({type(err).__name__}: {err})"
@@ -902,9 +947,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "device's logits budget)")
     parser.add_argument("--attention", choices=ATTENTIONS, default="flash")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--fsdp", type=int, default=1, metavar="PROCESSES",
-                        help="FSDP world size: plan one process's memory with weights, gradients and optimizer "
-                             "state sharded this many ways (default 1: no FSDP)")
+    world = parser.add_mutually_exclusive_group()
+    world.add_argument("--fsdp", type=int, default=1, metavar="PROCESSES",
+                       help="FSDP world size: plan one process's memory with weights, gradients and optimizer "
+                            "state sharded this many ways (default 1: no FSDP)")
+    world.add_argument("--ddp", type=int, default=1, metavar="PROCESSES",
+                       help="DDP world size: plan one process's memory, the whole model with its gradients in "
+                            "DDP's buckets from the start (default 1: one process)")
     parser.add_argument("--gpu-gb", type=float, default=79.1,
                         help="GPU memory in GiB for the fits verdict (an '80 GB' H100 has 79.1 GiB)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
@@ -922,10 +971,10 @@ def options_from_args(args: argparse.Namespace) -> dict:
         lora_dropout=args.lora_dropout, dtype=args.dtype, gradient_checkpointing=not args.no_checkpointing,
         optimizer=args.optimizer, reference=reference, loss_impl=args.loss_impl, head_backward=args.head_backward,
         head_chunk_tokens=args.head_chunk_tokens,
-        attention=args.attention, device=args.device, fsdp_processes=args.fsdp)
+        attention=args.attention, device=args.device, fsdp_processes=args.fsdp, ddp_processes=args.ddp)
 
 
-# Options that --config decides (the rest: --model, --device, --fsdp, --gpu-gb, --json, still apply).
+# Options that --config decides (the rest: --model, --device, --fsdp, --ddp, --gpu-gb, --json, still apply).
 CONFIG_DECIDES = ("--max-length", "--micro-batch", "--tokens", "--prompt-tokens", "--share-prompt", "--mode",
                   "--lora-rank", "--lora-targets", "--lora-dtype", "--lora-dropout", "--dtype", "--no-checkpointing",
                   "--optimizer", "--reference", "--loss-impl", "--head-backward", "--head-chunk-tokens",
@@ -984,7 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "as train-style overrides (--max_length=1024, --optimizer=adamw_bf16, ...)")
             train_config = load_config(args.config, parse_overrides(overrides))
             model = args.model if args.model is not None else train_config.model
-            options = {**train_config_plan_options(train_config, args.device), "fsdp_processes": args.fsdp}
+            options = {**train_config_plan_options(train_config, args.device), "fsdp_processes": args.fsdp,
+                       "ddp_processes": args.ddp}
         elif args.model is None:
             raise ValueError("--model: expected a model config (or --config TRAIN_CONFIG), got none")
         else:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from . import checkpoint, memory_plan, metrics, modeling, oom, optim, preflight, run_dir
 from .config import TrainConfig, load_config, save_config
@@ -257,7 +257,8 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
             policy = accelerator.unwrap_model(model).model
             raise oom.TrainingOutOfMemoryError(oom.out_of_memory_message(
                 config, step, batch.n_pairs, batch.num_tokens, batch.num_response_tokens,
-                getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device))) from e
+                getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device),
+                run_world(accelerator))) from e
         sums += metrics.pair_metric_sums(out._replace(loss=out.pref_loss + config.alpha * out.nll), batch.n_pairs,
                                          nll_pairs)  # the loss unweighted
         tokens += batch.sequence_tokens  # counted unshared, so tokens/s compares across layouts
@@ -295,7 +296,9 @@ def apply_update(model, optimizer, accelerator, config: TrainConfig, loss: float
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP the gradients are views into its buckets (make_accelerator), which stay allocated: zeroed in place,
+    # they stay views, and the next step accumulates into them; set to None, each step would allocate them anew.
+    optimizer.zero_grad(set_to_none=not isinstance(model, torch.nn.parallel.DistributedDataParallel))
     return finite, grad_norm, params_updated
 
 
@@ -369,6 +372,11 @@ def is_sharded(accelerator) -> bool:
     """True under FSDP: each rank holds a shard of the weights and optimizer state, so checkpoints write them
     with torch.distributed.checkpoint (`sharded/`) and the exported model is gathered on rank 0."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def run_world(accelerator) -> oom.World:
+    """The run's processes, as the memory planner sees them: how many, and whether FSDP shards the model."""
+    return oom.World(accelerator.num_processes, is_sharded(accelerator))
 
 
 def gathered_state_dict(accelerator, module: torch.nn.Module) -> dict | None:
@@ -498,7 +506,10 @@ def make_accelerator(config: TrainConfig):
     # accelerate keeps one global state per process; a second run in the same process (tests, notebooks) may
     # ask for another mixed precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    # DDP: the gradients are views into its all-reduce buckets rather than a second gradient-sized copy.
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[ddp])
 
 
 # --- the run --------------------------------------------------------------------------------------------------
@@ -548,7 +559,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     policy = build_policy(config, accelerator.device)
     config = resolve_share_prompt(config, policy, log)
     if accelerator.device.type == "cuda":
-        log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device)))
+        log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device),
+                                 world, is_sharded(accelerator)))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     reference = build_reference(config, policy, splits, accelerator, log)
     policy = finish_policy(policy, config)
@@ -626,7 +638,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         except torch.OutOfMemoryError as e:
             raise oom.TrainingOutOfMemoryError(oom.update_out_of_memory_message(
                 config, state.step + 1, getattr(accelerator.unwrap_model(model).model, "config", None),
-                oom.device_memory_bytes(accelerator.device))) from e
+                oom.device_memory_bytes(accelerator.device), run_world(accelerator))) from e
         if finite:
             scheduler.step()
             state.consecutive_nonfinite = 0

@@ -1,5 +1,7 @@
 """Data parallelism: 2 processes (torchrun, gloo on the CPU) give the same per-step losses and final weights
-as 1 process that accumulates the same global batch (2 micro-batches per step)."""
+as 1 process that accumulates the same global batch (2 micro-batches per step), and keep their gradients in
+DDP's buckets."""
+import json
 import shutil
 import socket
 import subprocess
@@ -21,6 +23,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+DRIVER = Path(__file__).with_name("ddp_driver.py")
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -62,3 +67,35 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     w_half = load_file(tmp_path / "half" / "run" / "model" / "model.safetensors")
     assert any((w_half[n] - w1[n]).abs().max() > 1e-4 for n in w1)
     shutil.rmtree(tmp_path / "tiny")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="needs torchrun")
+def test_ddp_gradients_stay_bucket_views_through_accumulation(tmp_path):
+    """Each process accumulates 2 micro-batches (the first under no_sync) into gradients that are views of DDP's
+    buckets, zeroed in place between steps: no second gradient-sized copy. The result is 1 process's with 4."""
+    model_dir = build_tiny_model_dir(tmp_path / "tiny")
+    common = dict(finetune="full", reference="model", max_pairs_per_micro_batch=2, num_epochs=1, eval_file="none",
+                  sft_norm="token_mean", max_grad_norm=1.0)
+
+    (tmp_path / "one").mkdir()
+    train(load_config(None, tiny_overrides(model_dir, tmp_path / "one", gradient_accumulation_steps=4, **common)))
+
+    (tmp_path / "two").mkdir()
+    overrides = tmp_path / "two" / "overrides.json"
+    overrides.write_text(json.dumps(tiny_overrides(model_dir, tmp_path / "two", gradient_accumulation_steps=2,
+                                                   **common)))
+    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(DRIVER), str(overrides)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):  # 16 pairs, 2 per micro-batch, 4 micro-batches per step: 2 steps
+        assert f"rank {rank} (DistributedType.MULTI_CPU): gradients were bucket views at step ends [True, True]" \
+            in proc.stdout, proc.stdout[-3000:]
+
+    losses_one, losses_two = step_losses(tmp_path / "one" / "run"), step_losses(tmp_path / "two" / "run")
+    assert len(losses_one) == len(losses_two) == 2
+    torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
+    w1 = load_file(tmp_path / "one" / "run" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "run" / "model" / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -303,10 +303,37 @@ def test_plan_orders_options_as_expected():
     (dict(reference="lora_disabled"), "lora_disabled"), (dict(micro_batch_pairs=0), "micro_batch_pairs"),
     (dict(mode="lora", lora_targets=("wq",)), "lora_targets"), (dict(prompt_tokens=2000), "prompt_tokens"),
     (dict(attention="xformers"), "attention"), (dict(loss_impl="liger"), "loss_impl"),
+    (dict(max_length=0), "max_length: expected an integer >= 1, got 0"),
+    (dict(max_length=0, tokens_per_micro_batch=4096), "max_length: expected an integer >= 1, got 0"),
+    (dict(max_length=-8, tokens_per_micro_batch=4096), "max_length: expected an integer >= 1, got -8"),
+    (dict(max_length=2.5), "max_length: expected an integer"), (dict(lora_rank=2.5), "lora_rank"),
+    (dict(tokens_per_micro_batch=4096.0), "tokens_per_micro_batch: expected an integer"),
+    (dict(lora_dropout=1.5), r"lora_dropout: expected a number in \[0, 1\)"),
+    (dict(lora_dropout=-0.5), "lora_dropout"),
+    (dict(mode="lora", lora_targets="q_proj"), "lora_targets: expected a tuple"),
+    (dict(head_backward="recompute", head_chunk_tokens=512), "head_chunk_tokens: expected None"),
+    (dict(loss_impl="dense", head_chunk_tokens=512), "head_chunk_tokens: expected None"),
 ])
 def test_plan_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_memory("mistral-7b", **kwargs)
+
+
+def test_plan_rejects_models_it_cannot_read(tmp_path):
+    """An architecture without Llama-style decoder layers, and a config.json that is not JSON: a ValueError
+    naming `model` (the CLI's exit status 2), not a traceback."""
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 100}))
+    with pytest.raises(ValueError, match="model: the planner models Llama/Mistral/Gemma-style decoders"):
+        plan_memory(gpt2)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_type": "llama", hidden_size: 64}')
+    with pytest.raises(ValueError, match=f"model: {broken} is not valid JSON"):
+        plan_memory(broken)
+    for path in (gpt2, broken):
+        with pytest.raises(SystemExit) as info:
+            main(["--model", str(path)])
+        assert info.value.code == 2
 
 
 def test_cli_prints_table_and_exit_status(capsys):

@@ -1,10 +1,13 @@
-"""The memory planner's FSDP option: one process's memory with weights, gradients and optimizer state sharded
-over the world size, plus what FSDP gathers whole (two decoder layers, the embedding/head/norm) while forward
-and backward run. Derived from the model's parameter counts; not measured (FSDP's all-gather buffers run on
-GPUs in practice)."""
+"""The memory planner's data-parallel options. FSDP: one process's memory with weights, gradients and optimizer
+state sharded over the world size, plus what FSDP gathers whole (two decoder layers, the embedding/head/norm)
+while forward and backward run. DDP: the whole model, with every gradient resident in DDP's buckets. Derived from
+the model's parameter counts; not measured (FSDP's all-gather buffers run on GPUs in practice). The trainer's
+forecast and out-of-memory advice plan the run's own world."""
 import pytest
 
-from rpo_fast.memory_plan import GiB, main, model_shape, plan_memory
+from rpo_fast.config import load_config, parse_overrides
+from rpo_fast.memory_plan import GiB, forecast, main, model_shape, plan_for_train_config, plan_memory
+from rpo_fast.oom import World, out_of_memory_message, update_out_of_memory_message
 
 OPTIONS = dict(max_length=512, micro_batch_pairs=1, optimizer="adamw", reference="precomputed", device="cpu")
 
@@ -45,8 +48,53 @@ def test_fsdp_makes_a_7b_full_fine_tune_fit_a_smaller_gpu(capsys):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(fsdp_processes=0), "fsdp_processes: expected an integer >= 1"),
-    (dict(fsdp_processes=2, optimizer="adamw_bf16_in_backward"), "optimizer: .* before FSDP reduces"),
+    (dict(fsdp_processes=2, optimizer="adamw_bf16_in_backward"), "optimizer: .* fsdp_processes=2"),
+    (dict(ddp_processes=2, optimizer="adamw_bf16_in_backward"), "optimizer: .* ddp_processes=2"),
+    (dict(ddp_processes=0), "ddp_processes: expected an integer >= 1"),
+    (dict(ddp_processes=2, fsdp_processes=2), "ddp_processes: expected 1 with fsdp_processes=2"),
 ])
 def test_bad_fsdp_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_memory("mistral-7b", **{**OPTIONS, **kwargs})
+
+
+def test_ddp_holds_every_gradient_from_the_start():
+    """DDP's buckets (the gradients themselves, as views) are allocated when the model is wrapped: every phase
+    holds all gradients; the phases that held them all already are unchanged."""
+    one, ddp = plan_memory("mistral-7b", **OPTIONS), plan_memory("mistral-7b", ddp_processes=4, **OPTIONS)
+    gradients = 2 * model_shape("mistral-7b").n_params  # bf16, every weight trainable
+    assert ddp.phases["loss forward"] == one.phases["loss forward"] + gradients
+    assert ddp.phases["optimizer step"] == one.phases["optimizer step"]
+    assert 0 < ddp.phases["backward, last layer"] - one.phases["backward, last layer"] < gradients  # the head's
+    assert any("DDP over 4 processes" in note for note in ddp.notes)
+    lora = dict(OPTIONS, mode="lora", reference="lora_disabled")
+    assert plan_memory("mistral-7b", ddp_processes=4, **lora).phases["loss forward"] > \
+        plan_memory("mistral-7b", **lora).phases["loss forward"]
+
+
+def test_the_trainer_forecast_and_out_of_memory_advice_plan_the_run_world():
+    """A run launched on 8 processes is planned per process: FSDP shards it, DDP holds the whole model; and
+    in-backward optimizers, which the trainer refuses there, are not advised."""
+    config = load_config("configs/mistral7b_full_80gb.yaml", {"optimizer": "adamw", "dtype": "float32",
+                                                               "mixed_precision": "bf16"})
+    gpu = int(79.1 * GiB)
+    fsdp = plan_for_train_config(config, processes=8, fsdp=True)
+    assert fsdp.options["fsdp_processes"] == 8 and fsdp.fits(gpu)
+    assert plan_for_train_config(config, processes=8).options["ddp_processes"] == 8
+    assert forecast(config, "mistral-7b", gpu, processes=8, fsdp=True).startswith(
+        f"memory plan: predicted peak {fsdp.peak_bytes / GiB:.1f} GiB")
+    assert forecast(config, "mistral-7b", gpu, processes=8, fsdp=True).endswith(": fits")
+    assert "does NOT fit" in forecast(config, "mistral-7b", gpu)
+
+    alone = update_out_of_memory_message(config, 3, "mistral-7b", gpu)
+    sharded = update_out_of_memory_message(config, 3, "mistral-7b", gpu, World(8, fsdp=True))
+    assert f"predicts a peak of {fsdp.peak_bytes / GiB:.1f} GiB" in sharded
+    assert "adamw_in_backward" not in sharded and "adamw_in_backward" not in out_of_memory_message(
+        config, 3, 4, 4096, 4096, "mistral-7b", gpu, World(2))
+    # one process: the in-backward advice loads as written (it needs no accumulation)
+    assert config.gradient_accumulation_steps > 1
+    advised = "--optimizer=adamw_in_backward --max_grad_norm=0 --gradient_accumulation_steps=1"
+    assert advised in alone
+    assert load_config("configs/mistral7b_full_80gb.yaml", {"optimizer": "adamw", "dtype": "float32",
+                                                            "mixed_precision": "bf16",
+                                                            **parse_overrides(advised.split())}).steps_in_backward
