@@ -235,6 +235,17 @@ def ours_kwargs(name: str) -> dict | None:
     return dict(OURS_KWARGS[name]) if has_backward_keyword() else OURS_KWARGS_BEFORE_BACKWARD.get(name)
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """The providers named in a comma-separated list (`--providers`); ValueError on a name that is not one,
+    so that a misspelled name fails the run instead of silently dropping that provider."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in ORDER]
+    if unknown or not names:
+        raise ValueError(f"--providers: expected comma-separated names from {','.join(ORDER)}, got "
+                         f"{', '.join(map(repr, unknown)) if unknown else repr(text)}")
+    return names
+
+
 def unavailable(name: str, device: torch.device) -> str | None:
     """None when the provider can run on `device`; else why not."""
     if name in OURS and ours_kwargs(name) is None:

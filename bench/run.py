@@ -77,7 +77,13 @@ def parse_args(argv=None):
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-trl", action="store_true", help="leave TRL out of the training-step benchmark")
     ap.add_argument("--no-plots", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.providers is not None:
+        try:
+            args.providers = providers.parse_names(args.providers)
+        except ValueError as exc:
+            ap.error(str(exc))
+    return args
 
 
 def _train_plan(suite: str, device: torch.device):
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
         log(f"note: CPU timings on a shared machine are noisy (load average {os.getloadavg()[0]:.2f} at start); "
             "providers are interleaved repeat by repeat so that load hits them alike")
     results = report.Results(os.path.join(out, "results.csv"), meta)
-    only = tuple(args.providers.split(",")) if args.providers else None
+    only = args.providers  # a validated tuple of names, or None: every provider
     notes: list[str] = []
     ok = True
     skipped: dict[str, str] = {}

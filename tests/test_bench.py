@@ -251,3 +251,13 @@ def test_backbone_correctness_judges_a_module_level_rope_patch_and_undoes_it(mon
     errors = bc.check_family("mistral", CPU, module_level_rope)
     assert modeling_mistral.apply_rotary_pos_emb is stock
     assert errors["grads"][0] > 2 * errors["grads"][1] + bc.TOL, errors
+
+
+def test_a_misspelled_provider_name_is_an_error(tmp_path, capsys):
+    """`--providers dense,ligr` must fail with a message naming `ligr`, not run without Liger."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", "tiny", "--out", str(tmp_path / "run"), "--providers", "dense,ligr", "--no-train",
+              "--no-correctness", "--no-plots"])
+    assert exit_info.value.code == 2
+    assert "'ligr'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
