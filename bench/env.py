@@ -33,15 +33,31 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+COMMIT_VARIABLE = "RPO_BENCH_COMMIT"  # the commit, given by whoever copies a checkout without its .git
+
+
 def git_sha() -> str:
-    """Short commit of the checkout; '+dirty' when tracked files differ from it; 'unknown' outside git."""
+    """Short commit of the checkout; '+dirty' when tracked files differ from it.
+
+    A copied working tree without .git (as on a lent GPU machine) has no commit of its own: there
+    $RPO_BENCH_COMMIT gives it (recorded as given), else 'unknown (no .git)'. Never the commit of a
+    repository the tree merely sits inside. 'unknown' when git itself fails.
+    """
+    given = os.environ.get(COMMIT_VARIABLE, "").strip()
+    if given:
+        return given
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):  # a directory, or a file in a git worktree
+        return "unknown (no .git)"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                                  timeout=10).stdout.strip()
+
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return "unknown (no .git)"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -65,7 +81,7 @@ def timestamp() -> str:
 
 def default_out_dir(device: torch.device) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    sha = git_sha().replace("+", "-")
+    sha = re.sub(r"[^A-Za-z0-9._]+", "-", git_sha()).strip("-")  # 'abc1234+dirty' -> 'abc1234-dirty'
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{device_slug(device)}-{date}-{sha}")
 
 

@@ -57,6 +57,12 @@
 # Without them those providers are skipped and the summary says so. rpo_fast itself runs from this checkout
 # (no install needed: bench/env.py maps kernels/ to rpo_fast.kernels).
 #
+# The commit: a working tree copied without its .git (as the device tool copies it) cannot tell its commit, so
+# pass it: RPO_BENCH_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo +dirty), e.g.
+#     RPO_BENCH_COMMIT=abc1234 bash bench/gpu_suite.sh OUTDIR all
+# (set on the machine that has the checkout, then written into the command). Without it and without .git the
+# run records "unknown (no .git)", never the commit of a repository the copy happens to sit in.
+#
 # RPO_BENCH_SUITE=gpu-dryrun rehearses on a CPU at toy sizes: bench.run's gpu-dryrun suite (impl=triton
 # interpreted) and gpu_7b.py --dry-run. Extra arguments: RPO_BENCH_ARGS (bench.run), RPO_GPU7B_ARGS (gpu_7b.py).
 set -uo pipefail

@@ -261,3 +261,30 @@ def test_a_misspelled_provider_name_is_an_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "'ligr'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_commit_of_a_copied_tree_is_given_or_unknown_never_a_wrong_one(tmp_path):
+    """A copy of the checkout without .git (a lent GPU machine) sitting inside some other repository must not
+    record that repository's commit: 'unknown (no .git)', or what $RPO_BENCH_COMMIT says."""
+    root = Path(__file__).resolve().parents[1]
+    outer = tmp_path / "outer"
+    tree = outer / "copy"
+    (tree / "bench").mkdir(parents=True)
+    for name in ("__init__.py", "env.py"):
+        (tree / "bench" / name).write_bytes((root / "bench" / name).read_bytes())
+    git = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    subprocess.run(["git", "init", "-q", str(outer)], check=True, env=git)
+    (outer / "README").write_text("another project\n")
+    subprocess.run(["git", "-C", str(outer), "add", "README"], check=True, env=git)
+    subprocess.run(["git", "-C", str(outer), "commit", "-q", "-m", "x"], check=True, env=git)
+
+    def commit(**extra):
+        env = {k: v for k, v in os.environ.items() if k != "RPO_BENCH_COMMIT"}
+        out = subprocess.run([sys.executable, "-c", "from bench import env; print(env.git_sha())"], cwd=tree,
+                             env=dict(env, PYTHONPATH=str(tree), **extra), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert commit() == "unknown (no .git)"
+    assert commit(RPO_BENCH_COMMIT="abc1234+dirty") == "abc1234+dirty"
