@@ -2,7 +2,8 @@
 
 A candidate is `(setup, fn)`: `setup()` runs untimed before every repeat and returns the state that
 `fn(state)` consumes (for the backward mode, setup runs the forward and fn the backward). GPU: one pair of
-CUDA events around each `fn`, read after a final synchronize; CPU: `time.perf_counter`. Repeats are
+CUDA events around each `fn` (every sample, the sizing round's included), read after a synchronize; CPU:
+`time.perf_counter`. Repeats are
 round-robin over the candidates (A B C A B C ...), which on a shared CPU spreads other processes' load
 over every candidate instead of penalizing whichever ran during a spike.
 """
@@ -33,16 +34,26 @@ class Candidate(NamedTuple):
     fn: Callable[[object], object]
 
 
-def _time_once(cand: Candidate, device: torch.device) -> float:
-    """Seconds of one `fn` call (synchronized)."""
+def _time_once(cand: Candidate, device: torch.device, wall_clock: bool = False) -> float:
+    """Seconds of one `fn` call. GPU: CUDA events around it (launch and synchronize latency excluded), or with
+    `wall_clock` perf_counter between two synchronizes (the first call: compilation is host time); CPU:
+    perf_counter."""
     state = cand.setup()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+        if not wall_clock:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = cand.fn(state)
+            end.record()
+            torch.cuda.synchronize(device)
+            del out, state
+            return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
     out = cand.fn(state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start_s
     del out, state
     return elapsed
 
@@ -52,11 +63,12 @@ def time_interleaved(candidates: Sequence[Candidate], device: torch.device, *, w
                      ) -> tuple[dict[str, Quantiles], dict[str, float]]:
     """Times every candidate; returns ({name: Quantiles in seconds}, {name: seconds of the first call}).
 
-    The first call of each candidate (compilation, autotuning, allocator warm-up) is reported apart and
-    never enters the quantiles. Repeats are chosen so that all of them fit in about `budget_s`, within
+    The first call of each candidate (compilation, autotuning, allocator warm-up) is reported apart, in
+    wall-clock seconds, and never enters the quantiles; every sample in them is timed the same way (CUDA
+    events on a GPU). Repeats are chosen so that all of them fit in about `budget_s`, within
     [min_reps, max_reps]. Exceptions propagate: probe each candidate once before timing it.
     """
-    first_call = {c.name: _time_once(c, device) for c in candidates}
+    first_call = {c.name: _time_once(c, device, wall_clock=True) for c in candidates}
     for _ in range(max(0, warmup - 1)):
         for c in candidates:
             _time_once(c, device)

@@ -288,3 +288,30 @@ def test_commit_of_a_copied_tree_is_given_or_unknown_never_a_wrong_one(tmp_path)
 
     assert commit() == "unknown (no .git)"
     assert commit(RPO_BENCH_COMMIT="abc1234+dirty") == "abc1234+dirty"
+
+
+def test_every_gpu_timing_sample_comes_from_cuda_events(monkeypatch):
+    """On a GPU each sample is the time between two CUDA events; a sample taken with the wall clock around
+    synchronize (launch and sync latency included) must not join them. Stand-in events that always read 1 ms
+    around a call that takes 20 ms of wall time: every sample must read 1 ms, the first call excepted."""
+    import time
+
+    from bench.timing import Candidate, time_interleaved
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    cand = Candidate("slow_launch", lambda: None, lambda _: time.sleep(0.02))
+    times, first = time_interleaved([cand], torch.device("cuda"), min_reps=3, max_reps=3, budget_s=0.0)
+    q = times["slow_launch"]
+    assert q.n == 3 and q.p20 == q.p50 == q.p80 == 1e-3, q
+    assert first["slow_launch"] >= 0.02  # the first call is wall time (compilation is host time)
