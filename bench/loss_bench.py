@@ -11,6 +11,8 @@ Metrics (one row each; `p50/p20/p80` hold the value, equal when there is a singl
     peak_workspace  bytes  peak_mem minus the gradients every provider must return (dh, dW)
     mem_vs_dense    1      peak_mem over the dense provider's peak_mem
     loss_rel_diff   1      |loss - loss_dense| / |loss_dense| on the same inputs (all compute one loss)
+    failed          -      NaN; config["reason"] says why the provider failed (at its first call, or while timed
+                           in `mode`, after which it is dropped from the point); the others go on
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from . import providers as P
 from .memory import measure_memory
 from .shapes import Point, Suite
-from .timing import Candidate, Quantiles, time_interleaved
+from .timing import Candidate, Quantiles, failure_reason, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,9 +158,9 @@ class LossBench:
                 if "full" in point.modes:
                     self._row(point, with_ref, name, "full", "first_call", "s", first)
             except Exception as exc:
-                reason = "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
-                self.log(f"  {name}: failed ({reason[:200]})")
-                self._row(point, with_ref, name, "full", "failed", "", float("nan"), {"reason": reason[:200]})
+                reason = failure_reason(exc)
+                self.log(f"  {name}: failed ({reason})")
+                self._row(point, with_ref, name, "full", "failed", "", float("nan"), {"reason": reason})
                 run = None
             if name not in runs:  # after the except block, whose traceback pins the failed call's tensors
                 inp.clear_grads()
@@ -172,11 +174,15 @@ class LossBench:
             cands = [candidate(name, run, inp, mode) for name, run in runs.items()]
             if not cands:
                 continue
+            failures: dict[str, str] = {}  # a provider failing while timed is dropped; the others are timed
             times = self._attempt(f"timing {mode}", inp, lambda: time_interleaved(
                 cands, self.device, warmup=1, min_reps=self.suite.min_reps, max_reps=self.suite.max_reps,
-                budget_s=self.suite.budget_s)[0])
-            if times is None:
-                continue
+                budget_s=self.suite.budget_s, failures=failures)[0]) or {}
+            for name, reason in failures.items():
+                self.log(f"  {name}: failed while timing {mode} ({reason}); dropped from this point")
+                self._row(point, with_ref, name, mode, "failed", "", float("nan"), {"reason": f"timing {mode}: {reason}"})
+                del runs[name]
+            inp.clear_grads()
             flop = P.flops(shape, mode, with_ref)
             floor = times.get("gemm")
             for name, q in times.items():
@@ -187,7 +193,7 @@ class LossBench:
                 if floor is not None:
                     self._row(point, with_ref, name, mode, "x_gemm", "x", q.p50 / floor.p50)
             summary = "  ".join(f"{n}={q.p50 * 1e3:.1f}ms" for n, q in times.items())
-            self.log(f"  {mode:8s} {summary}")
+            self.log(f"  {mode:8s} {summary or 'no timings'}")
 
             if mode == "backward":
                 continue  # memory is reported for the forward and for forward+backward

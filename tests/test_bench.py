@@ -315,3 +315,72 @@ def test_every_gpu_timing_sample_comes_from_cuda_events(monkeypatch):
     q = times["slow_launch"]
     assert q.n == 3 and q.p20 == q.p50 == q.p80 == 1e-3, q
     assert first["slow_launch"] >= 0.02  # the first call is wall time (compilation is host time)
+
+
+def _flaky(monkeypatch, name, fail_from_call, message="CUDA out of memory (simulated)"):
+    """Makes provider `name`'s forward raise from its `fail_from_call`-th call on (1: at the first call)."""
+    from bench import providers
+
+    build = providers.build
+
+    def flaky_build(provider, inp):
+        run = build(provider, inp)
+        if provider == name:
+            forward, calls = run.forward, [0]
+
+            def flaky_forward():
+                calls[0] += 1
+                if calls[0] >= fail_from_call:
+                    raise RuntimeError(message)
+                return forward()
+
+            run.forward = flaky_forward
+        return run
+
+    monkeypatch.setattr(providers, "build", flaky_build)
+
+
+def _one_point_bench(modes=("full", "forward", "backward"), providers=("dense", "ours_fwdgrad", "ours_recompute", "gemm")):
+    """LossBench's rows and log over one tiny point."""
+    from bench.loss_bench import LossBench
+    from bench.shapes import Point, Shape, Suite
+
+    point = Point(Shape(64, 16, 256, pairs=2), "V", 256, modes=modes, providers=providers, label="one")
+    suite = Suite("float32", [point], headline="one", min_reps=2, max_reps=2, budget_s=0.0, matmul_size=64)
+    rows, lines = [], []
+    LossBench(suite, CPU, rows.append, log=lines.append).run()
+    return [r for r in rows if r["op"] == "rpo_head"], lines
+
+
+def test_a_provider_failing_while_timed_loses_only_its_own_rows(monkeypatch):
+    """ours_recompute runs out of memory from its 3rd call on (past its first call, inside the timing loop):
+    the other providers keep their times and memory in every mode, and a `failed` row says why it is missing."""
+    _flaky(monkeypatch, "ours_recompute", 3)
+    rows, lines = _one_point_bench()
+    have = {(r["provider"], r["mode"], r["metric"]) for r in rows}
+    for p in ("dense", "ours_fwdgrad", "gemm"):
+        for mode in ("full", "forward", "backward"):
+            assert (p, mode, "time") in have, (p, mode, lines)
+        if p != "gemm":
+            assert {(p, "full", "peak_mem"), (p, "forward", "peak_mem")} <= have, (p, lines)
+    assert not [r for r in rows if r["provider"] == "ours_recompute" and r["metric"] in ("time", "peak_mem")]
+    failed = [r for r in rows if r["metric"] == "failed"]
+    assert [r["provider"] for r in failed] == ["ours_recompute"]
+    assert json.loads(failed[0]["config"])["reason"] == "timing full: out of memory"
+    assert any("ours_recompute: failed while timing full" in line for line in lines)
+
+
+def test_memory_is_measured_even_when_timing_fails_as_a_whole(monkeypatch):
+    from bench import loss_bench
+
+    timer = loss_bench.time_interleaved
+
+    def broken_timer(cands, *args, **kwargs):
+        if cands[0].name == "mm":  # the matmul rate
+            return timer(cands, *args, **kwargs)
+        raise RuntimeError("timer broke")
+
+    monkeypatch.setattr(loss_bench, "time_interleaved", broken_timer)
+    rows, lines = _one_point_bench(modes=("full",), providers=("dense", "ours_fwdgrad"))
+    assert {r["provider"] for r in rows if r["metric"] == "peak_mem"} == {"dense", "ours_fwdgrad"}, lines
+    assert not [r for r in rows if r["metric"] == "time"]
