@@ -63,19 +63,25 @@ def _cfg(row) -> dict:
     return json.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
 
 
+def point_of(row) -> tuple:
+    """The benchmark point a loss row belongs to: (label, x_name, x_value, N, H, V). Two points may share a
+    shape (a preset and a sweep step, say); their rows come from different timing runs and never mix."""
+    c = _cfg(row)
+    return c.get("label") or "", row["x_name"], str(row["x_value"]), c["N"], c["H"], c["V"]
+
+
 def _index(rows):
-    """(op, label-or-shape key, ref, mode, provider, metric) -> row, for the loss rows."""
+    """(point, ref, mode, provider, metric) -> row, for the loss rows."""
     idx = {}
     for r in rows:
         if r["op"] != "rpo_head":
             continue
-        c = _cfg(r)
-        idx[(c["N"], c["H"], c["V"], c["ref"], r["mode"], r["provider"], r["metric"])] = r
+        idx[(point_of(r), _cfg(r)["ref"], r["mode"], r["provider"], r["metric"])] = r
     return idx
 
 
-def _shape_key(c):
-    return c["N"], c["H"], c["V"]
+def _shape_key(point):
+    return point[3:6]
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -87,24 +93,23 @@ def headline_tables(rows) -> list[str]:
     for r in rows:
         if r["op"] != "rpo_head" or r["metric"] != "time":
             continue
-        c = _cfg(r)
-        if not c.get("label"):
-            continue
-        key = (c["label"], _shape_key(c), c["ref"], r["mode"])
-        if key not in seen:
+        point = point_of(r)
+        key = (point, _cfg(r)["ref"], r["mode"])
+        if point[0] and key not in seen:
             seen.append(key)
-    for label, (n, h, v), ref, mode in seen:
-        out.append(f"**{label}** — N={n} H={h} V={v}, {_cfg(next(r for r in rows if r['op'] == 'rpo_head'))['dtype']}, "
+    for point, ref, mode in seen:
+        n, h, v = _shape_key(point)
+        out.append(f"**{point[0]}** — N={n} H={h} V={v}, {_cfg(next(r for r in rows if r['op'] == 'rpo_head'))['dtype']}, "
                    f"{'with' if ref else 'no'} reference head, mode `{mode}`\n")
         out.append("| provider | time ms p50 [p20, p80] | TFLOP/s | x GEMM floor | peak extra MiB | workspace MiB "
                    "| mem / dense | loss rel diff |")
         out.append("|---|---|---|---|---|---|---|---|")
         for p in ORDER:
-            t = idx.get((n, h, v, ref, mode, p, "time"))
+            get = lambda m, md=mode: idx.get((point, ref, md, p, m))  # noqa: E731
+            t = get("time")
             if t is None:
                 continue
-            get = lambda m: idx.get((n, h, v, ref, mode, p, m))  # noqa: E731
-            loss = idx.get((n, h, v, ref, "full", p, "loss_rel_diff"))
+            loss = get("loss_rel_diff", "full")
             cells = [f"{LABELS[p]} (`{p}`)", f"{t['p50'] * 1e3:.2f} [{t['p20'] * 1e3:.2f}, {t['p80'] * 1e3:.2f}]",
                      _num(get("tflops"), "{:.2f}"), _num(get("x_gemm"), "{:.2f}"),
                      _num(get("peak_mem"), "{:.1f}", MiB), _num(get("peak_workspace"), "{:.1f}", MiB),
@@ -138,35 +143,40 @@ def sweep_tables(rows) -> list[str]:
             cells = []
             for x in xs:
                 t, m = data[p].get(x, (None, None))
-                cells.append("—" if t is None else f"{t * 1e3:.1f} / {m / MiB:.0f}" if m is not None else f"{t * 1e3:.1f} / —")
+                cells.append("—" if t is None else f"{t['p50'] * 1e3:.1f} / " + ("—" if m is None else f"{m['p50'] / MiB:.0f}"))
             out.append(f"| `{p}` | " + " | ".join(cells) + " |")
         out.append("")
     return out
 
 
 def sweep_series(rows, axis: str):
-    """{provider: {x: (time_p50, peak_mem or None)}} along `axis` through the headline-like shape: for V the
-    rows sharing the most common (N, H); for N those sharing the most common (H, V)."""
+    """{provider: {x: (time row, peak_mem row or None)}} along `axis` through the headline-like shape: for V
+    the points sharing the most common (N, H); for N those sharing the most common (H, V). Where two points
+    sit at one x (a preset and a sweep step of the same shape), the first measured stands for x, for every
+    provider: time and memory always come from one point."""
     cand = [r for r in rows if r["op"] == "rpo_head" and r["mode"] == "full" and r["metric"] == "time"
             and not _cfg(r)["ref"]]
     if not cand:
         return None
+
+    def fixed_of(c):
+        return (c["N"], c["H"]) if axis == "V" else (c["H"], c["V"])
+
     groups = defaultdict(set)
     for r in cand:
         c = _cfg(r)
-        fixed = (c["N"], c["H"]) if axis == "V" else (c["H"], c["V"])
-        groups[fixed].add(c[axis])
+        groups[fixed_of(c)].add(c[axis])
     fixed, xs = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
     if len(xs) < 2:
         return None
     idx = _index(rows)
+    point_at = {}  # x -> the point that stands for it
     data = defaultdict(dict)
     for r in cand:
         c = _cfg(r)
-        if ((c["N"], c["H"]) if axis == "V" else (c["H"], c["V"])) != fixed:
+        if fixed_of(c) != fixed or point_at.setdefault(c[axis], point_of(r)) != point_of(r):
             continue
-        mem = idx.get((c["N"], c["H"], c["V"], False, "full", r["provider"], "peak_mem"))
-        data[r["provider"]][c[axis]] = (r["p50"], None if mem is None else mem["p50"])
+        data[r["provider"]][c[axis]] = (r, idx.get((point_of(r), False, "full", r["provider"], "peak_mem")))
     name = f"N={fixed[0]}, H={fixed[1]}" if axis == "V" else f"H={fixed[0]}, V={fixed[1]}"
     return (name, fixed), data
 
@@ -275,8 +285,8 @@ def targets(rows, suite: str) -> list[dict]:
     for every other backward choice as information. Each: name, target, measured, met (True/False/None)."""
     idx = _index(rows)
 
-    def val(shape, ref, mode, provider, metric):
-        r = idx.get((*shape, ref, mode, provider, metric))
+    def val(point, ref, mode, provider, metric):
+        r = idx.get((point, ref, mode, provider, metric))
         return None if r is None or math.isnan(r["p50"]) else r["p50"]
 
     def judged(provider, name, goal, value, test, note=None, extra=None):
@@ -289,7 +299,7 @@ def targets(rows, suite: str) -> list[dict]:
     note = {"gpu": None, "gpu-dryrun": "dry run on CPU at toy sizes: not a measurement"}.get(
         suite, "not measured: no GPU in this run")
     # GPU: judged at the point labelled llama-3-8b (N=16384, H=4096, V=128256 in the gpu suite).
-    llama = _labelled(rows, "llama-3-8b") or (16384, 4096, 128256)
+    llama = _labelled(rows, "llama-3-8b")
     t_gemm, t_liger = (val(llama, False, "full", p, "time") for p in ("gemm", "liger"))
     w_dense = val(llama, False, "full", "dense", "peak_workspace")
     for p in OURS:
@@ -300,24 +310,25 @@ def targets(rows, suite: str) -> list[dict]:
     out.append(_target(f"GPU llama-3-8b full: Liger time / `{FUSED}` time", ">= 1.5",
                        _ratio(t_liger, val(llama, False, "full", FUSED, "time")), lambda x: x >= 1.5,
                        note or (None if t_liger else "Liger not measured (not installed on this machine?)")))
-    ce = _labelled(rows, PUBLISHED_CE_LABEL) or tuple(PUBLISHED_CE[:3])
+    ce_point = _labelled(rows, PUBLISHED_CE_LABEL)
+    ce = _shape_key(ce_point) if ce_point else tuple(PUBLISHED_CE[:3])
     quack = PUBLISHED_CE_MS["QuACK 0.6.1 chunked_linear_cross_entropy"] / 1e3
-    t_ce = val(ce, False, "full", FUSED, "time")
+    t_ce = val(ce_point, False, "full", FUSED, "time")
     out.append(_target(f"GPU {PUBLISHED_CE_LABEL} (M={ce[0]} H={ce[1]} V={ce[2]}) full: `{FUSED}` time / QuACK's "
                        f"published {quack * 1e3:.2f} ms (H200)", "<= 1.15", _ratio(t_ce, quack), lambda x: x <= 1.15,
                        note or "comparable on an H200 only"))
     # CPU: at V=32000, at every N measured there (fp32).
-    cpu_shapes = sorted({(c["N"], c["H"], c["V"]) for c in (_cfg(r) for r in rows if r["op"] == "rpo_head")
-                         if c["V"] == 32000 and c["dtype"] == "float32"})
-    if gpu or not cpu_shapes:
+    cpu_points = sorted({point_of(r) for r in rows if r["op"] == "rpo_head" and _cfg(r)["V"] == 32000
+                         and _cfg(r)["dtype"] == "float32"}, key=lambda pt: (_shape_key(pt), pt))
+    if gpu or not cpu_points:
         why = "not measured in this run" if gpu else "no CPU point at V=32000 in this run"
         for name, goal in (("peak / dense peak", "<= 0.125"), ("time / dense time", "<= 1.0"),
                            ("time / bare GEMMs", "<= 1.15")):
             out.append(_target(f"CPU V=32000 full: `{FUSED}` {name}", goal, None, None, why))
         return out
-    for shape in cpu_shapes:
-        tag = f"N={shape[0]} H={shape[1]}"
-        get = lambda p, m: val(shape, False, "full", p, m)  # noqa: E731
+    for point in cpu_points:
+        tag = f"N={point[3]} H={point[4]}"
+        get = lambda p, m: val(point, False, "full", p, m)  # noqa: E731
         for p in OURS:
             if get(p, "time") is None and p != FUSED:
                 continue
@@ -334,8 +345,8 @@ def targets(rows, suite: str) -> list[dict]:
 
 
 def _labelled(rows, label):
-    """(N, H, V) of the point with this label, or None."""
-    return next((_shape_key(_cfg(r)) for r in rows if r["op"] == "rpo_head" and _cfg(r).get("label") == label), None)
+    """The (first) point with this label, or None."""
+    return next((point_of(r) for r in rows if r["op"] == "rpo_head" and _cfg(r).get("label") == label), None)
 
 
 def _ratio(a, b):
@@ -376,7 +387,6 @@ def plot(rows, path_prefix: str) -> list[str]:
         if not series:
             continue
         (fixed_name, fixed), data = series
-        idx = _index(rows)
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
         markers = dict(zip(ORDER, "osD^vPX*hx"))  # distinct shapes: providers often overlap
         for p in ORDER:
@@ -385,14 +395,13 @@ def plot(rows, path_prefix: str) -> list[str]:
             xs = sorted(data[p])
             t50, lo, hi, mx, my = [], [], [], [], []
             for x in xs:
-                shape = _shape_from(fixed, axis, x)
-                r = idx[(*shape, False, "full", p, "time")]
+                r, mem = data[p][x]
                 t50.append(r["p50"] * 1e3)
                 lo.append((r["p50"] - r["p20"]) * 1e3)
                 hi.append((r["p80"] - r["p50"]) * 1e3)
-                if data[p][x][1] is not None:
+                if mem is not None:
                     mx.append(x)
-                    my.append(data[p][x][1] / MiB)
+                    my.append(mem["p50"] / MiB)
             style = dict(marker=markers[p], markerfacecolor="none", markersize=8, alpha=0.85, label=LABELS[p])
             ax_t.errorbar(xs, t50, yerr=[lo, hi], capsize=3, **style)
             if my:
@@ -413,10 +422,6 @@ def plot(rows, path_prefix: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
-
-
-def _shape_from(fixed, axis, x):
-    return (fixed[0], fixed[1], x) if axis == "V" else (x, fixed[0], fixed[1])
 
 
 def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: list[str]) -> str:
@@ -447,9 +452,10 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
 
 def published_ce_table(rows) -> list[str]:
     """Our providers at the published cross-entropy heads' shape, beside the published times (H200)."""
-    shape = _labelled(rows, PUBLISHED_CE_LABEL)
-    if shape is None:
+    point = _labelled(rows, PUBLISHED_CE_LABEL)
+    if point is None:
         return []
+    shape = _shape_key(point)
     idx = _index(rows)
     out = [f"**Beside the published fused cross-entropy heads** (H200, bf16, M={shape[0]} H={shape[1]} V={shape[2]}, "
            "forward+backward; published figures from liger-kernel 0.8.5's CuTe-DSL SM90 kernel docstring, not "
@@ -457,7 +463,7 @@ def published_ce_table(rows) -> list[str]:
            "| head | ms | source |", "|---|---|---|"]
     out += [f"| {name} | {ms:.2f} | published |" for name, ms in PUBLISHED_CE_MS.items()]
     for p in ORDER:
-        t = idx.get((*shape, False, "full", p, "time"))
+        t = idx.get((point, False, "full", p, "time"))
         if t is not None and not math.isnan(t["p50"]):
             out.append(f"| {LABELS[p]} (`{p}`) | {t['p50'] * 1e3:.2f} | this run: {t['device']} |")
     out.append("")

@@ -384,3 +384,36 @@ def test_memory_is_measured_even_when_timing_fails_as_a_whole(monkeypatch):
     rows, lines = _one_point_bench(modes=("full",), providers=("dense", "ours_fwdgrad"))
     assert {r["provider"] for r in rows if r["metric"] == "peak_mem"} == {"dense", "ours_fwdgrad"}, lines
     assert not [r for r in rows if r["metric"] == "time"]
+
+
+def _loss_row(provider, metric, p50, *, label="", x_name="N", x_value=4096, n=4096, h=4096, v=128256, ref=False,
+              mode="full", **config):
+    """One rpo_head row as loss_bench emits it."""
+    cfg = dict(N=n, H=h, V=v, pairs=4, dtype="bfloat16", ref=ref, label=label, **config)
+    return dict(op="rpo_head", provider=provider, mode=mode, metric=metric, unit="", x_name=x_name, x_value=x_value,
+                p50=p50, p20=p50, p80=p50, config=json.dumps(cfg), device="GPU", git_sha="abc", versions="",
+                timestamp="")
+
+
+def test_two_points_of_one_shape_never_mix_in_the_report():
+    """The published-ce point and an N-sweep step of the same shape are separate timing runs: each table,
+    sweep cell and target reads the rows of one point (time and memory alike)."""
+    from bench.shapes import gpu_suite
+
+    ce = dict(label="published-ce", x_name="preset", x_value="published-ce")
+    llama = dict(label="llama-3-8b", x_name="preset", x_value="llama-3-8b", n=16384)
+    rows = [_loss_row("ours_fwdgrad", "time", 0.020, **ce), _loss_row("gemm", "time", 0.010, **ce),
+            _loss_row("ours_fwdgrad", "peak_mem", 100 * 2**20, **ce),
+            _loss_row("ours_fwdgrad", "time", 0.020, **llama), _loss_row("gemm", "time", 0.010, **llama),
+            _loss_row("ours_fwdgrad", "time", 0.030),  # the N=4096 sweep step: same shape, a later run
+            _loss_row("gemm", "time", 0.012), _loss_row("ours_fwdgrad", "peak_mem", 300 * 2**20)]
+    ce_table = "\n".join(report.published_ce_table(rows))
+    assert "| 20.00 |" in ce_table and "30.00" not in ce_table
+    target = next(t for t in report.targets(rows, "gpu") if "published-ce" in t["name"])
+    assert target["measured"] == pytest.approx(0.020 / 0.01733)
+    _, data = report.sweep_series(rows, "N")
+    t, mem = data["ours_fwdgrad"][4096]
+    assert (t["p50"], mem["p50"]) == (0.020, 100 * 2**20)  # both from the published-ce point
+    # The GPU suite measures each (shape, reference setting) once: the N sweep reuses published-ce and the preset.
+    measured = [(p.shape, ref) for p in gpu_suite().points for ref in p.with_ref]
+    assert len(measured) == len(set(measured))
