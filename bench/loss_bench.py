@@ -52,6 +52,11 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _tag(point: Point, with_ref: bool) -> str:
+    """'llama-3-8b', 'N=8192 +ref': a point and reference setting as the log and the skipped list name it."""
+    return f"{point.label or point.x_name + '=' + str(point.x_value)}{' +ref' if with_ref else ''}"
+
+
 def candidate(name: str, run: P.Run, inp: P.Inputs, mode: str) -> Candidate:
     def clear():
         inp.clear_grads()
@@ -74,6 +79,7 @@ class LossBench:
         self.only = providers
         self.deadline = deadline
         self.skipped: dict[str, str] = {}  # provider -> why it never ran
+        self.failed: dict[str, str] = {}  # "provider at point" -> why it failed there (it has a `failed` row)
         self.mm_tflops = matmul_rate(device, self.dtype, suite.matmul_size)
         self.emit(dict(op="matmul", provider="torch.mm", mode="forward", metric="tflops", unit="TFLOP/s",
                        x_name="size", x_value=suite.matmul_size,
@@ -122,6 +128,12 @@ class LossBench:
         self.emit(dict(op="rpo_head", provider=provider, mode=mode, metric=metric, unit=unit, x_name=point.x_name,
                        x_value=point.x_value, p50=p50, p20=p20, p80=p80, config=json.dumps(config)))
 
+    def _fail(self, point: Point, with_ref: bool, provider: str, mode: str, reason: str) -> None:
+        """Logs and records a provider's failure at a point: a `failed` row and an entry of `self.failed`."""
+        self.log(f"  {provider}: failed ({reason}); dropped from this point")
+        self._row(point, with_ref, provider, mode, "failed", "", float("nan"), {"reason": reason})
+        self.failed[f"{provider} at {_tag(point, with_ref)}"] = f"failed: {reason}"
+
     def _attempt(self, what: str, inp: P.Inputs, measure: Callable[[], object]):
         """measure(), or None after logging why it failed and freeing what it left: outside the except block,
         whose traceback pins the failed call's tensors."""
@@ -135,8 +147,7 @@ class LossBench:
 
     def _run_point(self, point: Point, with_ref: bool) -> None:
         shape = point.shape
-        tag = f"{point.label or point.x_name + '=' + str(point.x_value)}{' +ref' if with_ref else ''}"
-        self.log(f"[{tag}] N={shape.n} H={shape.h} V={shape.v} {self.suite.dtype}")
+        self.log(f"[{_tag(point, with_ref)}] N={shape.n} H={shape.h} V={shape.v} {self.suite.dtype}")
         inp = P.make_inputs(shape, self.dtype, self.device, with_ref)
         runs: dict[str, P.Run] = {}
         losses: dict[str, float] = {}
@@ -159,8 +170,7 @@ class LossBench:
                     self._row(point, with_ref, name, "full", "first_call", "s", first)
             except Exception as exc:
                 reason = failure_reason(exc)
-                self.log(f"  {name}: failed ({reason})")
-                self._row(point, with_ref, name, "full", "failed", "", float("nan"), {"reason": reason})
+                self._fail(point, with_ref, name, "full", f"first call: {reason}")
                 run = None
             if name not in runs:  # after the except block, whose traceback pins the failed call's tensors
                 inp.clear_grads()
@@ -179,8 +189,7 @@ class LossBench:
                 cands, self.device, warmup=1, min_reps=self.suite.min_reps, max_reps=self.suite.max_reps,
                 budget_s=self.suite.budget_s, failures=failures)[0]) or {}
             for name, reason in failures.items():
-                self.log(f"  {name}: failed while timing {mode} ({reason}); dropped from this point")
-                self._row(point, with_ref, name, mode, "failed", "", float("nan"), {"reason": f"timing {mode}: {reason}"})
+                self._fail(point, with_ref, name, mode, f"timing {mode}: {reason}")
                 del runs[name]
             inp.clear_grads()
             flop = P.flops(shape, mode, with_ref)

@@ -84,6 +84,15 @@ def _shape_key(point):
     return point[3:6]
 
 
+def _failure(idx, point, ref, provider) -> str | None:
+    """Why `provider` failed at this point and reference setting (its `failed` row's reason), or None."""
+    for mode in ("full", "forward", "backward"):
+        r = idx.get((point, ref, mode, provider, "failed"))
+        if r is not None:  # one line, no table separators
+            return " ".join((_cfg(r).get("reason") or "no reason recorded").split()).replace("|", "/")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 def headline_tables(rows) -> list[str]:
@@ -91,7 +100,7 @@ def headline_tables(rows) -> list[str]:
     idx = _index(rows)
     seen, out = [], []
     for r in rows:
-        if r["op"] != "rpo_head" or r["metric"] != "time":
+        if r["op"] != "rpo_head" or r["metric"] not in ("time", "failed"):
             continue
         point = point_of(r)
         key = (point, _cfg(r)["ref"], r["mode"])
@@ -108,6 +117,9 @@ def headline_tables(rows) -> list[str]:
             get = lambda m, md=mode: idx.get((point, ref, md, p, m))  # noqa: E731
             t = get("time")
             if t is None:
+                failed = _failure(idx, point, ref, p)
+                if failed:
+                    out.append(f"| {LABELS[p]} (`{p}`) | **failed**: {failed} |" + " |" * 6)
                 continue
             loss = get("loss_rel_diff", "full")
             cells = [f"{LABELS[p]} (`{p}`)", f"{t['p50'] * 1e3:.2f} [{t['p20'] * 1e3:.2f}, {t['p80'] * 1e3:.2f}]",
@@ -143,7 +155,10 @@ def sweep_tables(rows) -> list[str]:
             cells = []
             for x in xs:
                 t, m = data[p].get(x, (None, None))
-                cells.append("—" if t is None else f"{t['p50'] * 1e3:.1f} / " + ("—" if m is None else f"{m['p50'] / MiB:.0f}"))
+                if t is None or t["metric"] == "failed":
+                    cells.append("—" if t is None else "failed")
+                    continue
+                cells.append(f"{t['p50'] * 1e3:.1f} / " + ("—" if m is None else f"{m['p50'] / MiB:.0f}"))
             out.append(f"| `{p}` | " + " | ".join(cells) + " |")
         out.append("")
     return out
@@ -153,9 +168,11 @@ def sweep_series(rows, axis: str):
     """{provider: {x: (time row, peak_mem row or None)}} along `axis` through the headline-like shape: for V
     the points sharing the most common (N, H); for N those sharing the most common (H, V). Where two points
     sit at one x (a preset and a sweep step of the same shape), the first measured stands for x, for every
-    provider: time and memory always come from one point."""
+    provider: time and memory always come from one point. A provider that failed there has (its `failed`
+    row, None) instead."""
     cand = [r for r in rows if r["op"] == "rpo_head" and r["mode"] == "full" and r["metric"] == "time"
             and not _cfg(r)["ref"]]
+    cand += [r for r in rows if r["op"] == "rpo_head" and r["metric"] == "failed" and not _cfg(r)["ref"]]
     if not cand:
         return None
 
@@ -176,7 +193,10 @@ def sweep_series(rows, axis: str):
         c = _cfg(r)
         if fixed_of(c) != fixed or point_at.setdefault(c[axis], point_of(r)) != point_of(r):
             continue
-        data[r["provider"]][c[axis]] = (r, idx.get((point_of(r), False, "full", r["provider"], "peak_mem")))
+        if r["metric"] == "failed":
+            data[r["provider"]].setdefault(c[axis], (r, None))
+        else:
+            data[r["provider"]][c[axis]] = (r, idx.get((point_of(r), False, "full", r["provider"], "peak_mem")))
     name = f"N={fixed[0]}, H={fixed[1]}" if axis == "V" else f"H={fixed[0]}, V={fixed[1]}"
     return (name, fixed), data
 
@@ -280,14 +300,27 @@ def backbone_correctness_table(rows) -> list[str]:
 FUSED = "ours_fwdgrad"  # the fused RPO loss as users get it (backward="auto" where gradients are needed)
 
 
-def targets(rows, suite: str) -> list[dict]:
+def targets(rows, suite: str, skipped: dict[str, str] | None = None) -> list[dict]:
     """The issue-12 targets with measured ratios, judged on the fused RPO loss (`FUSED`), and the same ratios
-    for every other backward choice as information. Each: name, target, measured, met (True/False/None)."""
+    for every other backward choice as information. Each: name, target, measured, met (True/False/None).
+    A ratio without a value says why: the provider failed (its reason), was skipped (`skipped`, the run's
+    list), or was not measured at that point."""
     idx = _index(rows)
+    skipped = skipped or {}
 
     def val(point, ref, mode, provider, metric):
         r = idx.get((point, ref, mode, provider, metric))
         return None if r is None or math.isnan(r["p50"]) else r["p50"]
+
+    def missing(point, *providers):
+        why = []
+        for p in providers:
+            if val(point, False, "full", p, "time") is not None:
+                continue
+            failed = _failure(idx, point, False, p) if point else None
+            why.append(f"`{p}` failed ({failed})" if failed else f"`{p}` skipped ({skipped[p]})" if p in skipped
+                       else f"`{p}` not measured")
+        return "; ".join(why) or None
 
     def judged(provider, name, goal, value, test, note=None, extra=None):
         if provider == FUSED:
@@ -306,17 +339,17 @@ def targets(rows, suite: str) -> list[dict]:
         t = val(llama, False, "full", p, "time")
         work = _ratio(val(llama, False, "full", p, "peak_workspace"), w_dense)
         out.append(judged(p, f"GPU llama-3-8b full: `{p}` time / bare GEMMs", "<= 1.2", _ratio(t, t_gemm),
-                          lambda x: x <= 1.2, note, f"workspace / dense {_fmt_ratio(work)}"))
+                          lambda x: x <= 1.2, note or missing(llama, p, "gemm"), f"workspace / dense {_fmt_ratio(work)}"))
     out.append(_target(f"GPU llama-3-8b full: Liger time / `{FUSED}` time", ">= 1.5",
                        _ratio(t_liger, val(llama, False, "full", FUSED, "time")), lambda x: x >= 1.5,
-                       note or (None if t_liger else "Liger not measured (not installed on this machine?)")))
+                       note or missing(llama, "liger", FUSED)))
     ce_point = _labelled(rows, PUBLISHED_CE_LABEL)
     ce = _shape_key(ce_point) if ce_point else tuple(PUBLISHED_CE[:3])
     quack = PUBLISHED_CE_MS["QuACK 0.6.1 chunked_linear_cross_entropy"] / 1e3
     t_ce = val(ce_point, False, "full", FUSED, "time")
     out.append(_target(f"GPU {PUBLISHED_CE_LABEL} (M={ce[0]} H={ce[1]} V={ce[2]}) full: `{FUSED}` time / QuACK's "
                        f"published {quack * 1e3:.2f} ms (H200)", "<= 1.15", _ratio(t_ce, quack), lambda x: x <= 1.15,
-                       note or "comparable on an H200 only"))
+                       note or missing(ce_point, FUSED) or "comparable on an H200 only"))
     # CPU: at V=32000, at every N measured there (fp32).
     cpu_points = sorted({point_of(r) for r in rows if r["op"] == "rpo_head" and _cfg(r)["V"] == 32000
                          and _cfg(r)["dtype"] == "float32"}, key=lambda pt: (_shape_key(pt), pt))
@@ -330,17 +363,18 @@ def targets(rows, suite: str) -> list[dict]:
         tag = f"N={point[3]} H={point[4]}"
         get = lambda p, m: val(point, False, "full", p, m)  # noqa: E731
         for p in OURS:
-            if get(p, "time") is None and p != FUSED:
+            if get(p, "time") is None and p != FUSED and not _failure(idx, point, False, p):
                 continue
-            missing = None if get(p, "time") is not None else "not measured (skipped: see above)"
             work = _ratio(get(p, "peak_workspace"), get("dense", "peak_workspace"))
             out.append(judged(p, f"CPU V=32000 {tag} full: `{p}` peak / dense peak", "<= 0.125",
-                              _ratio(get(p, "peak_mem"), get("dense", "peak_mem")), lambda x: x <= 0.125, missing,
-                              f"workspace ratio {_fmt_ratio(work)}"))
+                              _ratio(get(p, "peak_mem"), get("dense", "peak_mem")), lambda x: x <= 0.125,
+                              missing(point, p, "dense"), f"workspace ratio {_fmt_ratio(work)}"))
             out.append(judged(p, f"CPU V=32000 {tag} full: `{p}` time / dense time", "<= 1.0",
-                              _ratio(get(p, "time"), get("dense", "time")), lambda x: x <= 1.0, missing))
+                              _ratio(get(p, "time"), get("dense", "time")), lambda x: x <= 1.0,
+                              missing(point, p, "dense")))
             out.append(judged(p, f"CPU V=32000 {tag} full: `{p}` time / bare GEMMs", "<= 1.15",
-                              _ratio(get(p, "time"), get("gemm", "time")), lambda x: x <= 1.15, missing))
+                              _ratio(get(p, "time"), get("gemm", "time")), lambda x: x <= 1.15,
+                              missing(point, p, "gemm")))
     return out
 
 
@@ -392,7 +426,9 @@ def plot(rows, path_prefix: str) -> list[str]:
         for p in ORDER:
             if p not in data:
                 continue
-            xs = sorted(data[p])
+            xs = sorted(x for x, (r, _) in data[p].items() if r["metric"] == "time")
+            if not xs:
+                continue
             t50, lo, hi, mx, my = [], [], [], [], []
             for x in xs:
                 r, mem = data[p][x]
@@ -425,7 +461,7 @@ def plot(rows, path_prefix: str) -> list[str]:
 
 
 def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: list[str]) -> str:
-    ts = targets(rows, meta["suite"])
+    ts = targets(rows, meta["suite"], skipped)
     lines = [f"# rpo-fast benchmark run: {meta['device']}", "",
              f"- date: {meta['timestamp']}", f"- commit: {meta['git_sha']}", f"- versions: {meta['versions']}",
              f"- suite: {meta['suite']}; command: `{meta['command']}`",

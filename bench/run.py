@@ -189,6 +189,7 @@ def main(argv=None) -> int:
         bench.run()
         log(f"   loss microbenchmarks took {time.monotonic() - t0:.0f} s")
         skipped.update(bench.skipped)
+        skipped.update(bench.failed)
         if not args.no_train:
             log("== training steps")
             for name, shape, dtype, ckpt, steps, warmup in _train_plan(suite_name, device):

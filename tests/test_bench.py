@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -367,7 +368,7 @@ def test_a_provider_failing_while_timed_loses_only_its_own_rows(monkeypatch):
     failed = [r for r in rows if r["metric"] == "failed"]
     assert [r["provider"] for r in failed] == ["ours_recompute"]
     assert json.loads(failed[0]["config"])["reason"] == "timing full: out of memory"
-    assert any("ours_recompute: failed while timing full" in line for line in lines)
+    assert any("ours_recompute: failed (timing full: out of memory)" in line for line in lines)
 
 
 def test_memory_is_measured_even_when_timing_fails_as_a_whole(monkeypatch):
@@ -417,3 +418,29 @@ def test_two_points_of_one_shape_never_mix_in_the_report():
     # The GPU suite measures each (shape, reference setting) once: the N sweep reuses published-ce and the preset.
     measured = [(p.shape, ref) for p in gpu_suite().points for ref in p.with_ref]
     assert len(measured) == len(set(measured))
+
+
+def test_failed_providers_are_reported_with_their_reason(tmp_path, monkeypatch):
+    """A provider that fails shows in summary.md (its table row, the sweep, the skipped list) and in meta.json's
+    skipped, with the reason; a target missing a provider says why (failed), not a guess (not installed?)."""
+    _flaky(monkeypatch, "ours_recompute", 3)
+    out = tmp_path / "run"
+    assert main(["--suite", "tiny", "--out", str(out), "--providers", "dense,ours_fwdgrad,ours_recompute,gemm",
+                 "--no-train", "--no-correctness", "--no-plots"]) == 0
+    summary = (out / "summary.md").read_text()
+    failed_row = r"\| rpo_fast backward=recompute \(`ours_recompute`\) \| \*\*failed\*\*: timing (\w+): out of memory \|"
+    assert len(re.findall(failed_row, summary)) == 6, summary  # tiny-head: 3 modes, with and without reference
+    sweep = summary[summary.index("**Sweep over V**"):]
+    assert "| `ours_recompute` | failed | failed |" in sweep
+    skipped = json.loads((out / "meta.json").read_text())["skipped"]
+    assert re.fullmatch(r"failed: timing \w+: out of memory", skipped["ours_recompute at tiny-head"])
+    assert "`ours_recompute at N=256` (failed: timing full: out of memory)" in summary
+
+    llama = dict(label="llama-3-8b", x_name="preset", x_value="llama-3-8b", n=16384)
+    rows = [_loss_row("ours_fwdgrad", "time", 0.02, **llama), _loss_row("gemm", "time", 0.01, **llama),
+            _loss_row("liger", "failed", math.nan, reason="first call: out of memory", **llama)]
+    liger = next(t for t in report.targets(rows, "gpu") if t["name"].startswith("GPU llama-3-8b full: Liger"))
+    assert liger["note"] == "`liger` failed (first call: out of memory)"
+    liger = next(t for t in report.targets(rows[:2], "gpu", {"liger": "liger_kernel not installed"})
+                 if t["name"].startswith("GPU llama-3-8b full: Liger"))
+    assert liger["note"] == "`liger` skipped (liger_kernel not installed)"
