@@ -444,3 +444,13 @@ def test_failed_providers_are_reported_with_their_reason(tmp_path, monkeypatch):
     liger = next(t for t in report.targets(rows[:2], "gpu", {"liger": "liger_kernel not installed"})
                  if t["name"].startswith("GPU llama-3-8b full: Liger"))
     assert liger["note"] == "`liger` skipped (liger_kernel not installed)"
+
+
+def test_the_mode_the_targets_need_is_timed_first():
+    """A run stopped at its hard limit must lose the informational modes, not `full`, on which the targets are
+    judged: at a point timed in every mode, `full` comes first."""
+    from bench.shapes import ALL_MODES, gpu_suite
+
+    assert gpu_suite().points[0].modes == ALL_MODES
+    rows, _ = _one_point_bench(modes=ALL_MODES, providers=("dense", "gemm"))
+    assert [r["mode"] for r in rows if r["metric"] == "time"][:2] == ["full", "full"]
