@@ -47,8 +47,9 @@
 #               SIGKILL falls at TOTAL_LIMIT_S, so the suite ends about 555 s after START at the very worst.
 #               With under 60 s left the 7B part is skipped and summary.md says so.
 # Every limit above can be set by its environment variable. Exit status: the loss part's when nonzero (1: a
-# correctness check failed), else the 7B part's (124: stopped at its hard limit, or skipped for having under
-# 60 s left).
+# correctness check failed; 124: stopped at its hard limit), else the 7B part's (124: stopped at its hard limit,
+# or skipped for having under 60 s left). A loss part stopped at its hard limit says so in bold in summary.md and
+# in meta.json ("stopped"), lists the points it did not reach as skipped, and the exit lines below go to log.txt.
 #
 # Installs nothing from a network. Peers missing from the GPU image (liger-kernel, cut-cross-entropy, trl and
 # its datasets), and the transformers/peft versions CI tests, are installed into a temporary folder from wheels
@@ -119,7 +120,10 @@ if [ "$PART" != 7b ]; then
     timeout -s TERM -k "$KILL_GRACE_S" "$hard" "$PY" -m bench.run --suite "$SUITE" --out "$OUT" \
         --budget-s "$budget" ${RPO_BENCH_ARGS:-}
     rc_loss=$?
-    echo "gpu_suite: loss part: exit $rc_loss after $(( $(date +%s) - START )) s"
+    # Into log.txt too (one of the files that come back): a part stopped at its hard limit must not look complete.
+    stop_note=""
+    if [ "$rc_loss" -eq 124 ] || [ "$rc_loss" -eq 137 ]; then stop_note=" (stopped at its hard limit of ${hard} s: incomplete)"; fi
+    echo "gpu_suite: loss part: exit $rc_loss after $(( $(date +%s) - START )) s$stop_note" | tee -a "$OUT/log.txt"
     if [ -s "$OUT/results.csv" ] && [ ! -s "$OUT/summary.md" ]; then  # killed before its summary: rebuild it
         timeout -s KILL 30 "$PY" -m bench.report "$OUT" --suite "$SUITE" 2>&1 | tee -a "$OUT/log.txt"
     fi
@@ -151,5 +155,6 @@ fi
 
 rc=$rc_loss
 if [ "$rc" -eq 0 ]; then rc=$rc_7b; fi
-echo "gpu_suite: $PART: exit $rc (loss $rc_loss, 7b $rc_7b) after $(( $(date +%s) - START )) s; results in $OUT"
+echo "gpu_suite: $PART: exit $rc (loss $rc_loss, 7b $rc_7b) after $(( $(date +%s) - START )) s; results in $OUT" \
+    | tee -a "$OUT/log.txt"
 exit $rc

@@ -57,6 +57,13 @@ def _tag(point: Point, with_ref: bool) -> str:
     return f"{point.label or point.x_name + '=' + str(point.x_value)}{' +ref' if with_ref else ''}"
 
 
+def unfinished_points(suite: Suite, why: str, done=(), current: str | None = None) -> dict[str, str]:
+    """{'point <tag>': why + ': stopped during it' / ': not reached'} for the suite's points not in `done`."""
+    tags = [_tag(point, with_ref) for point in suite.points for with_ref in point.with_ref]
+    return {f"point {tag}": f"{why}: {'stopped during it (partly measured)' if tag == current else 'not reached'}"
+            for tag in tags if tag not in done}
+
+
 def candidate(name: str, run: P.Run, inp: P.Inputs, mode: str) -> Candidate:
     def clear():
         inp.clear_grads()
@@ -80,6 +87,8 @@ class LossBench:
         self.deadline = deadline
         self.skipped: dict[str, str] = {}  # provider -> why it never ran
         self.failed: dict[str, str] = {}  # "provider at point" -> why it failed there (it has a `failed` row)
+        self.done: list[str] = []  # tags of the points run to their end, failed or skipped for the budget
+        self.current: str | None = None  # the point in flight
         self.mm_tflops = matmul_rate(device, self.dtype, suite.matmul_size)
         self.emit(dict(op="matmul", provider="torch.mm", mode="forward", metric="tflops", unit="TFLOP/s",
                        x_name="size", x_value=suite.matmul_size,
@@ -104,18 +113,27 @@ class LossBench:
     def run(self) -> None:
         for point in self.suite.points:
             for with_ref in point.with_ref:
+                tag = _tag(point, with_ref)
                 if self.deadline is not None and time.monotonic() > self.deadline:
-                    self.log(f"  time budget spent: skipping {point.label or point.x_name}={point.x_value}"
-                             f"{' +ref' if with_ref else ''}")
-                    self.skipped.setdefault("(points)", "time budget")
+                    self.log(f"  time budget spent: skipping {tag}")
+                    self.skipped[f"point {tag}"] = "time budget"
+                    self.done.append(tag)
                     continue
+                self.current = tag
                 try:
                     self._run_point(point, with_ref)
                 except Exception as exc:  # a broken point must not sink the whole run
                     if not _is_oom(exc):
                         traceback.print_exc()
-                    self.log(f"  point {point.x_name}={point.x_value} ref={with_ref} failed: {exc!r}"[:300])
+                    self.log(f"  point {tag} failed: {exc!r}"[:300])
                 _free(self.device)
+                self.done.append(tag)
+                self.current = None
+
+    def unfinished(self, why: str) -> dict[str, str]:
+        """For a run stopped part-way (`why`: what stopped it): {'point <tag>': ...} for the point in flight
+        and every point never started, in the suite's order."""
+        return unfinished_points(self.suite, why, self.done, self.current)
 
     def _row(self, point, with_ref, provider, mode, metric, unit, q: Quantiles | float, extra=None) -> None:
         if isinstance(q, Quantiles):

@@ -548,6 +548,7 @@ def rebuild(run_dir: str, suite: str | None = None, plots: bool = True) -> str:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         skipped = meta.pop("skipped", {})
+        notes += meta.pop("notes", [])
     else:
         first = rows[0]
         meta = {key: first[key] for key in ("device", "git_sha", "versions", "timestamp")}

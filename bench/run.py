@@ -8,7 +8,9 @@ appends the 7B memory modes to summary.md and log.txt):
 
     results.csv   one long-format row per measurement (see loss_bench.py for the metrics)
     summary.md    targets (judged on ours_fwdgrad), tables, skipped providers
-    meta.json     device, commit, versions, command, suite, wall time
+    meta.json     device, commit, versions, command, suite, wall time, skipped (with why: unavailable, failed,
+                  time budget, or not reached when the run was stopped), the summary's notes, and `stopped` for a
+                  run stopped early (at the hard time limit: SIGTERM from `timeout`, exit status 124)
     vs_V.png, vs_N.png   time and peak memory per provider along the sweeps
     log.txt       everything printed
 
@@ -29,7 +31,7 @@ import time
 import torch
 
 from . import attention_correctness, backbone_correctness, correctness, env, micro, providers, report, shapes, train_step
-from .loss_bench import LossBench
+from .loss_bench import LossBench, unfinished_points
 from .shapes import GPU_SUITES, Shape
 
 SUITES = {"cpu-quick": shapes.cpu_quick_suite, "cpu": shapes.cpu_full_suite, "gpu": shapes.gpu_suite,
@@ -110,9 +112,20 @@ def _checks(suite: str):
     return correctness.cpu_checks(), torch.float32, "torch"
 
 
+HARD_STOP = 124  # the exit status of `timeout`, and ours when its SIGTERM stops the run
+
+
 def _exit_on_sigterm(signum, frame):
-    # `timeout` sends SIGTERM: leave through the `finally` below, which writes the summary of what ran.
-    raise SystemExit(124)
+    # `timeout` sends SIGTERM: leave through the `finally` below, which writes the summary of what ran (and is
+    # not itself interrupted by a second SIGTERM).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(HARD_STOP)
+
+
+def _stop_reason(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit) and exc.code == HARD_STOP:
+        return "hard time limit"
+    return f"stopped by {type(exc).__name__}"
 
 
 def main(argv=None) -> int:
@@ -161,13 +174,19 @@ def main(argv=None) -> int:
     notes: list[str] = []
     ok = True
     skipped: dict[str, str] = {}
+    bench = None
+    stopped = None  # what stopped the run early, if anything
+    stage = "start-up"  # what ran when a stop came
+    trained: list[str] = []  # training steps finished, failed or skipped
     try:
         if suite_name in GPU_SUITES and not args.no_micro:
+            stage = "micro-checks"
             log("== micro-checks: fp32 atomics (acq_rel / relaxed), addmm into an fp32 accumulator")
             t0 = time.monotonic()
             micro.run(device, results.emit, log)
             log(f"   micro-checks took {time.monotonic() - t0:.0f} s")
         if not args.no_correctness:
+            stage = "correctness checks"
             checks, dtype, impl = _checks(suite_name)
             log(f"== correctness: impl={impl} and the loss through each head backward vs dense in higher precision, {str(dtype).replace('torch.', '')}")
             t0 = time.monotonic()
@@ -182,20 +201,21 @@ def main(argv=None) -> int:
                     ok = False
                     notes.append(f"**{table} FAILED**: see the {table.lower()} table.")
                 log(f"   {table.lower()} took {time.monotonic() - t0:.0f} s")
+        stage = "loss microbenchmarks"
         log("== loss microbenchmarks")
         bench = LossBench(suite, device, results.emit, providers=only,
                           deadline=None if deadline is None else deadline - train_reserve, log=log)
         t0 = time.monotonic()
         bench.run()
         log(f"   loss microbenchmarks took {time.monotonic() - t0:.0f} s")
-        skipped.update(bench.skipped)
-        skipped.update(bench.failed)
         if not args.no_train:
+            stage = "training steps"
             log("== training steps")
             for name, shape, dtype, ckpt, steps, warmup in _train_plan(suite_name, device):
                 if deadline is not None and time.monotonic() > deadline:
                     log(f"  time budget spent: skipping training step {name}")
                     skipped.setdefault("train " + name, "time budget")
+                    trained.append(name)
                     continue
                 try:
                     train_step.bench_model(name, shape, device, dtype, results.emit, steps=steps, warmup=warmup,
@@ -203,11 +223,27 @@ def main(argv=None) -> int:
                 except Exception as exc:
                     log(f"  training step {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
                     skipped.setdefault("train " + name, f"{type(exc).__name__}")
+                trained.append(name)
             if args.no_trl:
                 skipped["trl"] = "--no-trl"
             elif train_step.trl_unavailable():
                 skipped["trl"] = train_step.trl_unavailable()
+    except BaseException as exc:  # a SIGTERM at the hard limit (SystemExit 124), Ctrl-C, a bug: say so, re-raise
+        stopped = _stop_reason(exc)
+        in_flight = f" (point {bench.current})" if stage == "loss microbenchmarks" and bench and bench.current else ""
+        meta["stopped"] = f"{stopped} during the {stage}{in_flight}"
+        raise
     finally:
+        if bench is not None:
+            skipped.update(bench.skipped)
+            skipped.update(bench.failed)
+        if stopped:  # what was never measured, so that a stopped run cannot pass for a complete one
+            skipped.update(bench.unfinished(stopped) if bench else unfinished_points(suite, stopped))
+            if not args.no_train:
+                skipped.update({f"train {name}": f"{stopped}: not finished"
+                                for name, *_ in _train_plan(suite_name, device) if name not in trained})
+            notes.insert(0, f"**Run stopped early ({meta['stopped']}): it is incomplete. The tables hold what was "
+                            "measured before the stop; the points and steps it did not reach are listed as skipped.**")
         results.close()
         meta["wall_s"] = time.monotonic() - t_start
         meta["load_avg_end"] = round(os.getloadavg()[0], 2)
@@ -223,7 +259,7 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
             f.write(text)
         with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({**meta, "skipped": skipped}, f, indent=1)
+            json.dump({**meta, "skipped": skipped, "notes": notes}, f, indent=1)
         if not args.no_plots and rows:
             try:
                 report.plot(rows, os.path.join(out, ""))

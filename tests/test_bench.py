@@ -454,3 +454,49 @@ def test_the_mode_the_targets_need_is_timed_first():
     assert gpu_suite().points[0].modes == ALL_MODES
     rows, _ = _one_point_bench(modes=ALL_MODES, providers=("dense", "gemm"))
     assert [r["mode"] for r in rows if r["metric"] == "time"][:2] == ["full", "full"]
+
+
+def test_a_run_stopped_at_its_hard_limit_says_so(tmp_path, monkeypatch):
+    """The SIGTERM of `timeout` (SystemExit 124 in bench.run) during the second point: the run exits 124, and
+    summary.md and meta.json say it stopped, naming the point in flight and the points never reached."""
+    from bench.loss_bench import LossBench
+
+    run_point, calls = LossBench._run_point, []
+
+    def stopped_on_the_second(self, point, with_ref):
+        calls.append(point)
+        if len(calls) == 2:
+            raise SystemExit(124)
+        return run_point(self, point, with_ref)
+
+    monkeypatch.setattr(LossBench, "_run_point", stopped_on_the_second)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", "tiny", "--out", str(out), "--providers", "dense,gemm", "--no-correctness", "--no-plots"])
+    assert exit_info.value.code == 124
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "hard time limit during the loss microbenchmarks (point tiny-head +ref)"
+    assert meta["skipped"]["point tiny-head +ref"] == "hard time limit: stopped during it (partly measured)"
+    assert meta["skipped"]["point V=512"] == meta["skipped"]["point N=256"] == "hard time limit: not reached"
+    assert meta["skipped"]["train micro-llama"] == "hard time limit: not finished"
+    assert "point tiny-head" not in meta["skipped"]  # measured before the stop
+    summary = (out / "summary.md").read_text()
+    assert "**Run stopped early (hard time limit during the loss microbenchmarks (point tiny-head +ref))" in summary
+    assert "`point V=512` (hard time limit: not reached)" in summary
+
+
+def test_gpu_suite_logs_a_loss_part_stopped_at_its_hard_limit(tmp_path):
+    """gpu_suite.sh writes the loss part's exit line into log.txt (a file the lent machine returns), saying that a
+    part stopped at its hard limit is incomplete. A stand-in python that outlives a 1 s limit."""
+    root = Path(__file__).resolve().parents[1]
+    slow = tmp_path / "slow_python"
+    slow.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(slow), HARD_LIMIT_S="1", RPO_BENCH_WHEELS=str(tmp_path / "no-wheels"))
+    result = subprocess.run(["bash", str(root / "bench/gpu_suite.sh"), str(out), "loss"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 124, result.stdout + result.stderr
+    log = (out / "log.txt").read_text()
+    assert "gpu_suite: loss part: exit 124" in log and "stopped at its hard limit of 1 s: incomplete" in log
+    assert "gpu_suite: loss: exit 124" in log
