@@ -10,7 +10,12 @@ Metrics (one row each; `p50/p20/p80` hold the value, equal when there is a singl
     peak_mem        bytes  peak allocation above the inputs during the call (gradients included)
     peak_workspace  bytes  peak_mem minus the gradients every provider must return (dh, dW)
     mem_vs_dense    1      peak_mem over the dense provider's peak_mem
-    loss_rel_diff   1      |loss - loss_dense| / |loss_dense| on the same inputs (all compute one loss)
+    loss_rel_diff   1      |loss - loss_dense| / |loss_dense| at the first call on the same inputs (all compute one
+                           loss); config["tol"]: what rounding explains in this dtype (TOLERANCE)
+    dh_rel_diff     1      ||dh - dh_dense|| / ||dh_dense|| (2-norms), likewise
+    dw_rel_diff     1      ||dW - dW_dense|| / ||dW_dense||, likewise
+    same_result     1      1 when the loss and both gradients are finite and within tolerance of dense's, else 0
+                           and config["why"] says what (a NaN, a gradient off by more than the tolerance...)
     failed          -      NaN; config["reason"] says why the provider failed (at its first call, or while timed
                            in `mode`, after which it is dropped from the point); the others go on
 """
@@ -50,6 +55,19 @@ def _free(device: torch.device) -> None:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# Relative differences from dense that rounding alone explains, (loss, gradients) per dtype: measured between
+# providers ~1e-7 in fp32 and ~5e-5 (loss) / ~3e-3 (gradients) in bf16; a real bug is off by O(1).
+TOLERANCE = {"float32": (1e-4, 1e-3), "bfloat16": (1e-2, 5e-2), "float16": (1e-2, 5e-2)}
+
+
+def rel_diff(value: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    """||value - ref|| / ||ref|| (2-norm, accumulated in fp32); NaN when either is missing or not finite."""
+    if value is None or ref is None:
+        return float("nan")
+    diff = torch.linalg.vector_norm(value - ref, dtype=torch.float32)
+    return float(diff / torch.linalg.vector_norm(ref, dtype=torch.float32).clamp_min(1e-30))
 
 
 def _tag(point: Point, with_ref: bool) -> str:
@@ -146,6 +164,28 @@ class LossBench:
         self.emit(dict(op="rpo_head", provider=provider, mode=mode, metric=metric, unit=unit, x_name=point.x_name,
                        x_value=point.x_value, p50=p50, p20=p20, p80=p80, config=json.dumps(config)))
 
+    def _compare(self, point: Point, with_ref: bool, name: str, result, reference) -> None:
+        """Rows `loss_rel_diff`, `dh_rel_diff`, `dw_rel_diff` (against dense, when dense ran) and `same_result`:
+        1, or 0 with config["why"] when a value is missing or not finite or differs from dense's by more than
+        the dtype's rounding allows (TOLERANCE). Logged loudly when 0."""
+        loss_tol, grad_tol = TOLERANCE[self.suite.dtype]
+        tolerances = {"loss": loss_tol, "dh": grad_tol, "dW": grad_tol}
+        problems = []
+        for what, value in zip(tolerances, result):
+            if value is None:
+                problems.append(f"no {what}")
+            elif not bool(torch.isfinite(value).all()):
+                problems.append(f"{what} not finite")
+        for what, value, ref in zip(tolerances, result, reference or ()):
+            diff, tol = rel_diff(value, ref), tolerances[what]
+            self._row(point, with_ref, name, "full", f"{what.lower()}_rel_diff", "1", diff, {"tol": tol})
+            if not diff <= tol:  # NaN included
+                problems.append(f"{what} rel diff {diff:.1e} vs dense (tol {tol:g})")
+        why = "; ".join(problems)
+        self._row(point, with_ref, name, "full", "same_result", "1", float(not problems), {"why": why})
+        if problems:
+            self.log(f"  {name}: RESULT DIFFERS from dense or is not finite: {why}")
+
     def _fail(self, point: Point, with_ref: bool, provider: str, mode: str, reason: str) -> None:
         """Logs and records a provider's failure at a point: a `failed` row and an entry of `self.failed`."""
         self.log(f"  {provider}: failed ({reason}); dropped from this point")
@@ -168,19 +208,22 @@ class LossBench:
         self.log(f"[{_tag(point, with_ref)}] N={shape.n} H={shape.h} V={shape.v} {self.suite.dtype}")
         inp = P.make_inputs(shape, self.dtype, self.device, with_ref)
         runs: dict[str, P.Run] = {}
-        losses: dict[str, float] = {}
+        reference = None  # dense's (loss, dh, dW): what every other provider must reproduce
         for name in self._providers(point):
             try:
                 run = P.build(name, inp)
                 inp.clear_grads()
                 start = time.perf_counter()
                 out = run.forward()
-                if name != "gemm":
-                    losses[name] = float(out.detach().float())
                 run.backward(out)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 first = time.perf_counter() - start
+                if name != "gemm":  # the floor computes no loss
+                    result = (out.detach().float(), inp.hidden.grad, inp.weight.grad)
+                    reference = result if name == "dense" else reference
+                    self._compare(point, with_ref, name, result, reference)
+                    del result
                 del out
                 inp.clear_grads()
                 runs[name] = run
@@ -193,10 +236,7 @@ class LossBench:
             if name not in runs:  # after the except block, whose traceback pins the failed call's tensors
                 inp.clear_grads()
                 _free(self.device)
-        if "dense" in losses:
-            for name, value in losses.items():
-                diff = abs(value - losses["dense"]) / max(abs(losses["dense"]), 1e-30)
-                self._row(point, with_ref, name, "full", "loss_rel_diff", "1", diff)
+        del reference
 
         for mode in point.modes:
             cands = [candidate(name, run, inp, mode) for name, run in runs.items()]

@@ -2,7 +2,8 @@
 
 Each provider turns one set of inputs into a `Run` with `forward() -> loss` (autograd on) and
 `backward(loss)`. All compute the same loss (sigmoid DPO, beta=0.1, plus alpha=1.0 times the token-mean
-NLL on the chosen sequences: Liger's `compute_nll_loss` and TRL's "sft"), which `loss_bench` checks:
+NLL on the chosen sequences: Liger's `compute_nll_loss` and TRL's "sft"); `loss_bench` checks the loss and both
+gradients of each one's first call against dense's, within the dtype's rounding (`loss_bench.TOLERANCE`):
 
     dense          full logits in the input dtype, log_softmax in fp32 (rpo_fast impl="dense")
     dense_compile  the same function under torch.compile (static shapes)

@@ -111,7 +111,7 @@ def headline_tables(rows) -> list[str]:
         out.append(f"**{point[0]}** — N={n} H={h} V={v}, {_cfg(next(r for r in rows if r['op'] == 'rpo_head'))['dtype']}, "
                    f"{'with' if ref else 'no'} reference head, mode `{mode}`\n")
         out.append("| provider | time ms p50 [p20, p80] | TFLOP/s | x GEMM floor | peak extra MiB | workspace MiB "
-                   "| mem / dense | loss rel diff |")
+                   "| mem / dense | rel diff vs dense: loss / dh / dW |")
         out.append("|---|---|---|---|---|---|---|---|")
         for p in ORDER:
             get = lambda m, md=mode: idx.get((point, ref, md, p, m))  # noqa: E731
@@ -121,20 +121,45 @@ def headline_tables(rows) -> list[str]:
                 if failed:
                     out.append(f"| {LABELS[p]} (`{p}`) | **failed**: {failed} |" + " |" * 6)
                 continue
-            loss = get("loss_rel_diff", "full")
             cells = [f"{LABELS[p]} (`{p}`)", f"{t['p50'] * 1e3:.2f} [{t['p20'] * 1e3:.2f}, {t['p80'] * 1e3:.2f}]",
                      _num(get("tflops"), "{:.2f}"), _num(get("x_gemm"), "{:.2f}"),
                      _num(get("peak_mem"), "{:.1f}", MiB), _num(get("peak_workspace"), "{:.1f}", MiB),
-                     _num(get("mem_vs_dense"), "{:.3f}"), _num(loss, "{:.1e}") if mode == "full" else ""]
+                     _num(get("mem_vs_dense"), "{:.3f}"), _same_result_cell(idx, point, ref, p) if mode == "full" else ""]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return out
 
 
 def _num(row, fmt, scale=1.0):
-    if row is None or math.isnan(row["p50"]):
+    """'—' when not measured; 'NaN' when measured and NaN (a broken result, never to be read as missing)."""
+    if row is None:
         return "—"
+    if math.isnan(row["p50"]):
+        return "NaN"
     return fmt.format(row["p50"] / scale)
+
+
+def _same_result_cell(idx, point, ref, provider) -> str:
+    """'2.0e-08 / 6.2e-07 / 6.0e-07' (loss / dh / dW against dense), in bold with what is wrong when the
+    provider's result is not finite or differs from dense's by more than rounding explains."""
+    get = lambda m: idx.get((point, ref, "full", provider, m))  # noqa: E731
+    cell = " / ".join(_num(get(m), "{:.1e}") for m in ("loss_rel_diff", "dh_rel_diff", "dw_rel_diff"))
+    same = get("same_result")
+    if same is not None and same["p50"] != 1:
+        return f"**{cell}: DIFFERS ({_cfg(same).get('why', '')})**"
+    return cell
+
+
+def result_notes(rows) -> list[str]:
+    """One bold line per provider and point whose first-call result is not finite or differs from dense's."""
+    out = []
+    for r in rows:
+        if r["op"] == "rpo_head" and r["metric"] == "same_result" and r["p50"] != 1:
+            label, x_name, x_value = point_of(r)[:3]
+            where = (label or f"{x_name}={x_value}") + (" +ref" if _cfg(r)["ref"] else "")
+            out.append(f"**`{r['provider']}` at {where}: the result differs from dense's or is not finite "
+                       f"({_cfg(r).get('why', '')}): its times measure a wrong computation.**")
+    return out
 
 
 def sweep_tables(rows) -> list[str]:
@@ -467,7 +492,8 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
              f"- suite: {meta['suite']}; command: `{meta['command']}`",
              "- wall time: " + (f"{meta['wall_s']:.0f} s" if "wall_s" in meta else "unknown"),
              ""]
-    lines += extra_notes + [""] if extra_notes else []
+    notes = extra_notes + result_notes(rows)
+    lines += notes + [""] if notes else []
     if skipped:
         lines += ["Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()), ""]
     lines += ["## Targets", ""] + targets_table(ts) + [

@@ -84,8 +84,10 @@ def test_quick_path_on_tiny_shapes_writes_csv_summary_and_plots(tmp_path):
     times = [r for r in head if r["metric"] == "time"]
     assert {r["mode"] for r in times} == {"forward", "backward", "full"}
     assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) and float(r["p50"]) > 0 for r in times)
-    # Every provider computes the same loss.
+    # Every provider computes the same loss, and the same gradients.
     assert all(float(r["p50"]) < 1e-4 for r in head if r["metric"] == "loss_rel_diff")
+    same = [r for r in head if r["metric"] == "same_result"]
+    assert same and all(float(r["p50"]) == 1.0 for r in same)
 
     def peak(provider):
         return next(float(r["p50"]) for r in head if r["provider"] == provider and r["metric"] == "peak_mem"
@@ -500,3 +502,52 @@ def test_gpu_suite_logs_a_loss_part_stopped_at_its_hard_limit(tmp_path):
     log = (out / "log.txt").read_text()
     assert "gpu_suite: loss part: exit 124" in log and "stopped at its hard limit of 1 s: incomplete" in log
     assert "gpu_suite: loss: exit 124" in log
+
+
+def test_a_provider_with_a_wrong_result_is_flagged(monkeypatch):
+    """'All compute the same loss' is checked: a NaN loss, and a loss with the right value but doubled gradients,
+    are both flagged in the rows, the log, the point's table and the summary's notes; NaN reads NaN, never '—'."""
+    from bench import providers
+
+    build = providers.build
+
+    def wrong_build(name, inp):
+        run = build(name, inp)
+        forward = run.forward
+        if name == "ours_recompute":
+            run.forward = lambda: forward() * float("nan")
+        if name == "ours_fwdgrad":
+            def doubled_gradients():
+                loss = forward()
+                return 2 * loss - loss.detach()  # the same value
+            run.forward = doubled_gradients
+        return run
+
+    monkeypatch.setattr(providers, "build", wrong_build)
+    rows, lines = _one_point_bench(modes=("full",), providers=("dense", "ours_fwdgrad", "ours_recompute", "gemm"))
+    same = {r["provider"]: r for r in rows if r["metric"] == "same_result"}
+    assert set(same) == {"dense", "ours_fwdgrad", "ours_recompute"}  # the floor computes no loss
+    assert same["dense"]["p50"] == 1.0
+    assert same["ours_fwdgrad"]["p50"] == 0.0 and "dh rel diff 1.0e+00" in json.loads(same["ours_fwdgrad"]["config"])["why"]
+    why = json.loads(same["ours_recompute"]["config"])["why"]
+    assert same["ours_recompute"]["p50"] == 0.0 and "loss not finite" in why and "loss rel diff nan" in why
+    loss_diff = {r["provider"]: r["p50"] for r in rows if r["metric"] == "loss_rel_diff"}
+    assert loss_diff["ours_fwdgrad"] < 1e-6 and math.isnan(loss_diff["ours_recompute"])
+    assert any("ours_recompute: RESULT DIFFERS" in line for line in lines)
+    table = "\n".join(report.headline_tables(rows))
+    assert "| **NaN / NaN / NaN: DIFFERS (loss not finite" in table
+    assert len(re.findall(r"\*\*`ours_\w+` at one: the result differs", "\n".join(report.result_notes(rows)))) == 2
+
+
+def test_honest_providers_agree_with_dense_in_bf16():
+    """The tolerances leave room for rounding: in bf16 every provider's loss and gradients pass."""
+    from bench.loss_bench import LossBench
+    from bench.shapes import Point, Shape, Suite
+
+    point = Point(Shape(128, 64, 512, pairs=2), "V", 512, providers=("dense", "ours_fwdgrad", "ours_recompute"),
+                  label="bf16")
+    rows = []
+    LossBench(Suite("bfloat16", [point], headline="bf16", min_reps=1, max_reps=1, budget_s=0.0, matmul_size=64),
+              CPU, rows.append, log=lambda line: None).run()
+    same = [r for r in rows if r.get("metric") == "same_result"]
+    assert len(same) == 3 and all(r["p50"] == 1.0 for r in same), same
