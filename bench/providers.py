@@ -8,7 +8,8 @@ gradients of each one's first call against dense's, within the dtype's rounding 
     dense          full logits in the input dtype, log_softmax in fp32 (rpo_fast impl="dense")
     dense_compile  the same function under torch.compile (static shapes)
     liger          liger_kernel LigerFusedLinearDPOLoss(compute_nll_loss=True), its default chunking
-                   (one pair per chunk); compiled=True on GPU as users run it, False on CPU
+                   (one pair per chunk) and its default compiled=True (torch.compile of the per-chunk loss) on
+                   every device, as users run it: on CPU too, where dense_compile and cce are compiled as well
     cce            Cut Cross-Entropy linear_cross_entropy(reduction="none") -> per-token log-probs, then
                    the RPO formula in torch; impl="cce" on GPU (default gradient filtering), on CPU
                    impl="torch_compile" (dense logits under torch.compile: the only CPU path it has)
@@ -256,8 +257,8 @@ def unavailable(name: str, device: torch.device) -> str | None:
                                           and os.environ.get("TRITON_INTERPRET") == "1"):
             return "GPU only (the CPU interpreter is not a performance path)"
         return _have("triton")
-    if name == "liger":
-        return _have("liger_kernel")
+    if name == "liger":  # compiled: torch.compile needs a C++ compiler on CPU
+        return _have("liger_kernel") or (_cpu_compiler() if device.type == "cpu" else None)
     if name == "cce":
         return _have("cut_cross_entropy") or (_cpu_compiler() if device.type == "cpu" else None)
     if name == "dense_compile":
@@ -315,8 +316,9 @@ def build(name: str, inp: Inputs) -> Run:
     if name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
+        _configure_dynamo()  # one compiled graph per shape: a sweep must not fall back to eager
         with_ref = inp.ref_hidden is not None
-        module = LigerFusedLinearDPOLoss(beta=BETA, alpha=ALPHA, compute_nll_loss=True, compiled=dev.type == "cuda",
+        module = LigerFusedLinearDPOLoss(beta=BETA, alpha=ALPHA, compute_nll_loss=True, compiled=True,
                                          use_ref_model=with_ref, loss_type=LOSS_TYPE)
         n_seqs, seq_len, h = 2 * inp.shape.pairs, inp.shape.seq_len, inp.shape.h
         padded = lambda t: None if t is None else t.view(n_seqs, seq_len, h)  # noqa: E731
@@ -327,6 +329,27 @@ def build(name: str, inp: Inputs) -> Run:
 
         return LossRun(liger_loss)
     raise ValueError(f"provider: expected one of {list(ORDER)}, got {name!r}")
+
+
+def configuration(name: str, device: torch.device) -> str:
+    """How provider `name` runs on `device`, in a line for the summary: peers are compared as configured here."""
+    gpu = device.type == "cuda"
+    if name in OURS:
+        kwargs = ours_kwargs(name) or {}
+        call = "fused_linear_rpo_loss(" + ", ".join(f'{k}="{v}"' for k, v in kwargs.items()) + ")"
+        return call + (" with RPO_FAST_GRAD_FILTER=auto (skips gradient tiles below bf16 resolution)"
+                       if name == "ours_atomic_filter" else "") + ", eager"
+    return {
+        "dense": 'fused_linear_rpo_loss(impl="dense"): full logits in the input dtype, log_softmax in fp32, eager',
+        "dense_compile": "the dense loss under torch.compile(dynamic=False), one graph per shape",
+        "liger": "LigerFusedLinearDPOLoss(compute_nll_loss=True, chunk_size=1, compiled=True): its defaults, its "
+                 "per-chunk loss under torch.compile",
+        "cce": ('linear_cross_entropy(impl="cce", reduction="none"), with its default gradient filter (skips '
+                'gradient tiles below bf16 resolution), then the RPO formula in torch' if gpu else
+                'linear_cross_entropy(impl="torch_compile", reduction="none"): dense logits under torch.compile '
+                "(CCE's only CPU path), then the RPO formula in torch"),
+        "gemm": "the bare head GEMMs (h W^T; G W and G^T h), no softmax: a time floor, not a loss",
+    }[name]
 
 
 def flops(shape: Shape, mode: str, with_ref: bool) -> float:

@@ -505,11 +505,20 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
               "time), so its `forward` carries nearly the whole cost and its `backward` only hands back stored "
               "gradients: compare `full`. On CPU `cce` is Cut Cross-Entropy's `impl=\"torch_compile\"` (dense "
               "logits under torch.compile; its Triton kernel needs a GPU). `gemm` is a time floor, not a loss.", ""]
+    lines += providers_section(meta)
     lines += ["## Loss through the LM head", ""] + headline_tables(rows) + sweep_tables(rows)
     lines += published_ce_table(rows) + micro_table(rows)
     lines += (train_table(rows) + correctness_table(rows) + attention_correctness_table(rows)
               + backbone_correctness_table(rows))
     return "\n".join(lines) + "\n"
+
+
+def providers_section(meta: dict) -> list[str]:
+    """How each provider of the run was configured (meta["providers"], written by bench.run)."""
+    config = meta.get("providers")
+    if not config:
+        return []
+    return (["## How each provider ran", ""] + [f"- `{name}`: {how}" for name, how in config.items()] + [""])
 
 
 def published_ce_table(rows) -> list[str]:

@@ -115,6 +115,14 @@ def _checks(suite: str):
 HARD_STOP = 124  # the exit status of `timeout`, and ours when its SIGTERM stops the run
 
 
+def _suite_providers(suite, only) -> list[str]:
+    """The providers that the suite's points name (all, for a point naming none), within `only` when given."""
+    named = set()
+    for point in suite.points:
+        named.update(point.providers or providers.ORDER)
+    return [name for name in providers.ORDER if name in named and (only is None or name in only)]
+
+
 def _exit_on_sigterm(signum, frame):
     # `timeout` sends SIGTERM: leave through the `finally` below, which writes the summary of what ran (and is
     # not itself interrupted by a second SIGTERM).
@@ -171,6 +179,8 @@ def main(argv=None) -> int:
             "providers are interleaved repeat by repeat so that load hits them alike")
     results = report.Results(os.path.join(out, "results.csv"), meta)
     only = args.providers  # a validated tuple of names, or None: every provider
+    meta["providers"] = {name: providers.configuration(name, device) for name in _suite_providers(suite, only)
+                         if providers.unavailable(name, device) is None}
     notes: list[str] = []
     ok = True
     skipped: dict[str, str] = {}

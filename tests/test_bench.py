@@ -102,7 +102,11 @@ def test_quick_path_on_tiny_shapes_writes_csv_summary_and_plots(tmp_path):
 
     summary = (out / "summary.md").read_text()
     assert "## Targets" in summary and "not measured: no GPU in this run" in summary
-    assert json.loads((out / "meta.json").read_text())["suite"] == "tiny"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["suite"] == "tiny"
+    # How each peer was configured is part of the record: Liger compiled, as it runs by default.
+    assert "liger" in providers and "compiled=True" in meta["providers"]["liger"]
+    assert f"- `liger`: {meta['providers']['liger']}" in summary
     for name in ("vs_V.png", "vs_N.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -551,3 +555,23 @@ def test_honest_providers_agree_with_dense_in_bf16():
               CPU, rows.append, log=lambda line: None).run()
     same = [r for r in rows if r.get("metric") == "same_result"]
     assert len(same) == 3 and all(r["p50"] == 1.0 for r in same), same
+
+
+def test_liger_runs_compiled_on_cpu_as_by_default(monkeypatch):
+    """Liger's default is compiled=True and it works on CPU; dense_compile and cce are compiled there too, so an
+    uncompiled Liger would be handicapped. The provider must build it compiled on every device."""
+    import liger_kernel.chunked_loss
+
+    from bench import providers
+    from bench.shapes import Shape
+
+    made = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(liger_kernel.chunked_loss, "LigerFusedLinearDPOLoss", Recorder)
+    providers.build("liger", providers.make_inputs(Shape(16, 8, 32, pairs=2), torch.float32, CPU, with_ref=False))
+    assert made and made[0]["compiled"] is True
+    assert "compiled=True" in providers.configuration("liger", CPU)
