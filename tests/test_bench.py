@@ -575,3 +575,16 @@ def test_liger_runs_compiled_on_cpu_as_by_default(monkeypatch):
     providers.build("liger", providers.make_inputs(Shape(16, 8, 32, pairs=2), torch.float32, CPU, with_ref=False))
     assert made and made[0]["compiled"] is True
     assert "compiled=True" in providers.configuration("liger", CPU)
+
+
+def test_the_summary_says_what_gradient_filters_skip_on_random_inputs():
+    """cce (on a GPU) and ours_atomic_filter skip tiles below bf16 resolution; on random unit-scale logits they
+    skip far fewer than in training, and the summary must say so wherever they were timed."""
+    meta = dict(device="GPU", timestamp="", git_sha="abc", versions="", suite="gpu", command="", device_type="cuda")
+    rows = [_loss_row("cce", "time", 0.02, label="llama-3-8b"), _loss_row("ours_atomic_filter", "time", 0.02,
+                                                                           label="llama-3-8b")]
+    summary = report.summary_markdown(rows, meta, {}, [])
+    assert "Gradient filters: `cce` and `ours_atomic_filter` skip" in summary
+    assert "understate what the filter saves in training" in summary
+    cpu = dict(meta, suite="cpu", device_type="cpu")
+    assert "Gradient filters" not in report.summary_markdown(rows[:1], cpu, {}, [])  # on CPU cce does not filter
