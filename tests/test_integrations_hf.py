@@ -472,3 +472,36 @@ def test_mixin_step_head_matmuls(head_backward, products, tmp_path):
     if head_backward == "auto":
         assert sorted(forward.products) == sorted([(n_resp, VOCAB), (n_resp, HIDDEN), (VOCAB, HIDDEN)])
         assert backward.products == []
+
+
+def test_lora_on_the_lm_head_is_refused_and_modules_to_save_matches_dense(tmp_path):
+    """A LoRA adapter on lm_head: the fused head reads the head's weight, which would leave the adapter out of the
+    log-probs and without a gradient, so it is refused (at the trainer's construction and in rpo_compute_loss).
+    PEFT's modules_to_save copy of the head is read correctly: loss and every gradient equal the dense RPO loss
+    on the model's own logits (the disabled adapter, with the original head, is the reference)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
+    lora_head = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                   target_modules=["q_proj", "lm_head"]))
+    refused = "model: expected an LM head without a PEFT adapter"
+    with pytest.raises(ValueError, match=refused):
+        rpo_compute_loss(lora_head, batch)
+    with pytest.raises(ValueError, match=refused):
+        sequence_logps(lora_head, batch)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          remove_unused_columns=False)
+    with pytest.raises(ValueError, match=refused):
+        RPOTrainer(model=lora_head, args=args, data_collator=PreferenceCollator(pad_token_id=PAD))
+
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                               target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():  # the trained copy of the head differs from the reference's
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    dense_model = copy.deepcopy(model)
+    rpo_args = RPOArguments(beta=0.2, alpha=0.7)
+    fused = rpo_compute_loss(model, batch, beta=0.2, alpha=0.7).loss
+    dense = _dense_rpo_loss(dense_model, None, batch, rpo_args)
+    assert_close(fused, dense, atol=1e-6, rtol=1e-5, name="loss")
+    fused.backward()
+    dense.backward()
+    _assert_same_grads(model, dense_model)

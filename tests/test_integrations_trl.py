@@ -228,6 +228,30 @@ def test_fused_head_shift_labels_and_fp32_head_match_trls_head():
     assert_close(grad, expected_grad, atol=1e-5 * float(expected_grad.abs().max()), rtol=1e-4, name="lm_head grad")
 
 
+def test_lora_on_the_lm_head_is_refused_and_modules_to_save_is_scored():
+    """install_fused_head on a PEFT base model whose lm_head is a LoRA layer: refused (the fused head would read the
+    base weight alone; TRL's own add_fused_lm_head silently does). With modules_to_save=["lm_head"] the fused
+    log-probs equal the model's own logits' log-softmax (the trained copy of the head, not the original)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    lora_head = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                   target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="model: expected an LM head without a PEFT adapter"):
+        rpo_trl.install_fused_head(lora_head.get_base_model())
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(3.0)
+    input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :-1]
+        expected = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100)
+        rpo_trl.install_fused_head(model.get_base_model())
+        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert_close(out.log_probs, expected, atol=1e-5, rtol=1e-5, name="log_probs")
+
+
 def test_rejects_softcapped_heads():
     model = _tiny_llama()
     model.config.final_logit_softcapping = 30.0

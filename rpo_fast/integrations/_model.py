@@ -50,11 +50,31 @@ def logit_scale_of(config) -> float:
     return 1.0
 
 
-def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(weight [V, H], bias [V] or None, logit scale) of the model's LM head."""
+def lm_head_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's LM head module (`get_output_embeddings()`), refused where the fused head would read the wrong
+    weight.
+
+    A PEFT tuner layer on the head (LoRA with "lm_head" in target_modules: it has `base_layer` and `lora_A`)
+    adds its adapter's output in its own forward, which the fused head never calls: it would read
+    `base_layer.weight` alone, score without the adapter and give the adapter no gradient. PEFT's
+    `modules_to_save` copy (ModulesToSaveWrapper) is fine: its `weight` is the active copy's.
+
+    Raises:
+        ValueError: for a model without an LM head, or with a PEFT tuner layer on it.
+    """
     lm_head = model.get_output_embeddings()
     if lm_head is None or not hasattr(lm_head, "weight"):
         raise ValueError(f"model: expected an LM head from get_output_embeddings(), got {type(lm_head).__name__}")
+    if hasattr(lm_head, "base_layer") or hasattr(lm_head, "lora_A"):
+        raise ValueError(f"model: expected an LM head without a PEFT adapter (rpo_fast's fused head reads its weight "
+                         f"and would skip the adapter), got {type(lm_head).__module__}.{type(lm_head).__name__}; drop "
+                         "'lm_head' from LoraConfig.target_modules, or train it whole with modules_to_save=['lm_head']")
+    return lm_head
+
+
+def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(weight [V, H], bias [V] or None, logit scale) of the model's LM head (`lm_head_of`)."""
+    lm_head = lm_head_of(model)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     if isinstance(weight, DTensor):  # FSDP2 shards: gather once per call, as TRL does
         weight = weight.full_tensor()

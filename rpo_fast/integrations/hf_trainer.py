@@ -48,7 +48,7 @@ import torch
 
 from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice, check_chunk_tokens, check_head_backward
 from ..loss import RPOOutput, segment_sum
-from ._model import head_logprobs, head_of, head_rpo_loss, logit_scale_of, prepare_head_inputs
+from ._model import head_logprobs, head_of, head_rpo_loss, lm_head_of, logit_scale_of, prepare_head_inputs
 from .padded import check_no_label_under_padding, pack_padded_pairs, pairs_from_padded
 
 
@@ -117,7 +117,8 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
     """
     check_choice("impl", impl, IMPLS)
     target = _causal_lm(model)
-    logit_scale_of(target.config)  # validate the head (softcapping) at install time
+    logit_scale_of(target.config)  # validate the head (softcapping, a PEFT adapter on it) at install time
+    lm_head_of(target)
     previous = getattr(target.forward, "_rpo_fast_previous", target.forward)
 
     @functools.wraps(type(target).forward)  # generate() validates its kwargs against the original signature

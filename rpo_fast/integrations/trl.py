@@ -45,7 +45,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("rpo_fast.integrations.trl needs TRL: pip install trl==1.16.0") from e
 
 from ..checks import IMPLS, check_choice
-from ._model import head_logprobs, head_of, head_statistics, logit_scale_of, prepare_head_inputs
+from ._model import head_logprobs, head_of, head_statistics, lm_head_of, logit_scale_of, prepare_head_inputs
 
 TESTED_TRL_VERSION = "1.16.0"
 _TOKEN_METRICS = ("entropy", "mean_token_accuracy")  # the logged names of the entropy / is_top1 statistics
@@ -81,7 +81,7 @@ def install_fused_head(
 
     Raises:
         ValueError: for an unknown impl, a non-positive temperature, DeepSpeed ZeRO-3, or a model whose head
-            rpo_fast cannot reproduce (final_logit_softcapping).
+            rpo_fast cannot reproduce (final_logit_softcapping, a PEFT LoRA adapter on lm_head).
     """
     check_choice("impl", impl, IMPLS)
     if is_deepspeed_zero3_enabled():
@@ -92,7 +92,8 @@ def install_fused_head(
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     text_config = model.config.get_text_config()
-    logit_scale_of(model.config)  # validate the head (softcapping) at install time, not at the first step
+    logit_scale_of(model.config)  # validate the head (softcapping, a PEFT adapter on it) at install time,
+    lm_head_of(model)  # not at the first step
     previous = model.forward
     previous = getattr(previous, "_rpo_fast_previous", previous)
     stats_wanted = frozenset(outputs) - {"log_probs"}
