@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import rpo_fast.attention  # noqa: E402
 import rpo_fast.chunked  # noqa: E402
+import rpo_fast.integrations.hf_trainer as hf_trainer  # noqa: E402
 from rpo_fast import RPOOutput, rpo_loss  # noqa: E402
 from rpo_fast.integrations.hf_trainer import (  # noqa: E402
     PreferenceCollator, RPOArguments, RPOTrainerMixin, chosen_token_count, head_layout, rpo_compute_loss,
@@ -274,6 +275,34 @@ def test_token_mean_is_the_steps_token_mean_under_gradient_accumulation(tmp_path
             assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (other, step)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), (other, step)
         _assert_same_weights(runs["ga2"][1], runs[other][1], f"{other} ")
+
+
+def test_bf16_trainer_runs_policy_and_reference_under_autocast(tmp_path, monkeypatch):
+    """Trainer(bf16=True), full fine-tuning with a ref_model: accelerate wraps both models' forwards in autocast
+    after the mixin installed its head forward, and the head forward must stay inside that wrapper (it was
+    installed again over it, and the whole model ran in float32). Every head call of a step and an eval sees
+    autocast's bfloat16; the logged loss moves off the float32 run's and stays within bf16 rounding of a dense
+    bf16 Trainer's."""
+    head_dtypes = []
+    real_prepare = hf_trainer.prepare_head_inputs
+
+    def prepare(*args, **kwargs):
+        out = real_prepare(*args, **kwargs)
+        head_dtypes.append(out[0].dtype)
+        return out
+
+    monkeypatch.setattr(hf_trainer, "prepare_head_inputs", prepare)
+    (ours, _), (dense, _), base = mixin_and_dense_runs("ref_model", "token_mean", False, 1, tmp_path, bf16=True,
+                                                       max_steps=1)
+    assert len(head_dtypes) == 4 and set(head_dtypes) == {torch.bfloat16}, head_dtypes  # ref + policy, train + eval
+    rpo_args = RPOArguments(beta=0.1, alpha=0.5, sft_norm="token_mean")
+    fp32, _ = _train(RPOTrainer, copy.deepcopy(base), copy.deepcopy(base).eval(),
+                     _examples(12, torch.Generator().manual_seed(3)), rpo_args, tmp_path / "fp32", max_steps=1,
+                     **TRAIN_KW)
+    for key in ("loss", "eval_loss"):
+        step = -1 if key == "eval_loss" else 0
+        assert ours[step][key] == pytest.approx(dense[step][key], rel=1e-3), key
+        assert ours[step][key] != fp32[step][key], key
 
 
 def test_missing_reference_is_an_error():

@@ -104,6 +104,10 @@ class HeadRequest(NamedTuple):
     loss: dict[str, Any] | None = None  # fused_linear_rpo_loss's keywords; None: per-token log-probs only
 
 
+# The attribute that marks a causal LM whose forward `install_head_forward` replaced: {"impl": ...}.
+_HEAD_RECORD = "_rpo_fast_head"
+
+
 def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
     """Makes `model(..., rpo_fast_head=HeadRequest(...))` run the fused head instead of returning logits.
 
@@ -113,18 +117,25 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
     (`rpo_fast.linear_logprobs`). Differentiable either way, and computed inside forward: a DDP/FSDP wrapper
     sees the LM head used in the forward it wraps, which its gradient hooks and parameter gathering rely on.
     Without the keyword the model's previous forward runs. Installs on the unwrapped causal LM (the base model
-    under PEFT); installing again only updates `impl` (the head's forward kernels).
+    under PEFT) and marks it (`_HEAD_RECORD`); installing again only updates `impl` (the head's forward kernels)
+    and leaves `forward` alone, since it may have been wrapped since (accelerate's autocast and fp32-output
+    wrapper, which calls this forward inside it: replacing it would run a bf16 Trainer's model in fp32).
     """
     check_choice("impl", impl, IMPLS)
     target = _causal_lm(model)
     logit_scale_of(target.config)  # validate the head (softcapping, a PEFT adapter on it) at install time
     lm_head_of(target)
-    previous = getattr(target.forward, "_rpo_fast_previous", target.forward)
+    record = getattr(target, _HEAD_RECORD, None)
+    if record is not None:
+        record["impl"] = impl
+        return
+    previous = target.forward
 
     @functools.wraps(type(target).forward)  # generate() validates its kwargs against the original signature
     def _rpo_fast_forward(self, *args, rpo_fast_head: HeadRequest | None = None, **kwargs):
         if rpo_fast_head is None:
             return previous(*args, **kwargs)
+        impl = getattr(self, _HEAD_RECORD)["impl"]
         kwargs["use_cache"] = False  # with the cache on, transformers ignores packed position_ids
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         weight, bias, scale = head_of(self)
@@ -135,7 +146,7 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
             return head_logprobs(rows, weight, bias, request.targets, impl=impl)
         return head_rpo_loss(rows, weight, bias, request.targets, request.cu_seqlens, impl=impl, **request.loss)
 
-    _rpo_fast_forward._rpo_fast_previous = previous
+    setattr(target, _HEAD_RECORD, {"impl": impl})
     target.forward = types.MethodType(_rpo_fast_forward, target)
 
 
@@ -148,7 +159,8 @@ def _on_device(request: HeadRequest, device: torch.device) -> HeadRequest:
 
 
 def _is_installed(model: torch.nn.Module) -> bool:
-    return hasattr(getattr(_causal_lm(model).forward, "__func__", None), "_rpo_fast_previous")
+    # The mark, not the forward: wrappers installed later (accelerate's) hide the function behind their own.
+    return getattr(_causal_lm(model), _HEAD_RECORD, None) is not None
 
 
 def _check_batch(inputs: dict[str, Any]) -> tuple[int, int]:
