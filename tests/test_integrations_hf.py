@@ -305,6 +305,29 @@ def test_bf16_trainer_runs_policy_and_reference_under_autocast(tmp_path, monkeyp
         assert ours[step][key] != fp32[step][key], key
 
 
+def test_deepcopy_of_an_installed_model_runs_on_its_own_weights():
+    """A deepcopy of a model whose head forward is installed (a reference snapshot of the policy, say): its plain
+    forward, the one generate() uses, runs on the copy's weights (it ran on the original's: the saved previous
+    forward was a method bound to the original), and so does the head path; the original is unchanged."""
+    model = _tiny_llama()
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(2, torch.Generator().manual_seed(5)))
+    sequence_logps(model, batch)  # installs the head forward
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    plain = _tiny_llama()  # no head installed, the copy's weights
+    plain.load_state_dict(copied.state_dict())
+    original = _tiny_llama()
+    ids = batch["input_ids"][:1]
+    with torch.no_grad():
+        assert_close(copied(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6, rtol=1e-5, name="copy")
+        assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-6, rtol=1e-5,
+                     name="original")
+        expected = _dense_rpo_terms(plain, None, batch, RPOArguments(reference_free=True))["logps"]
+        assert_close(sequence_logps(copied, batch)[0], expected, atol=1e-5, rtol=1e-5, name="copy's head path")
+
+
 def test_missing_reference_is_an_error():
     """No reference is refused; reference_free=True gives the dense loss and rewards with s^ref = 0."""
     model = _tiny_llama()

@@ -252,6 +252,28 @@ def test_lora_on_the_lm_head_is_refused_and_modules_to_save_is_scored():
     assert_close(out.log_probs, expected, atol=1e-5, rtol=1e-5, name="log_probs")
 
 
+def test_deepcopy_of_an_installed_model_runs_on_its_own_weights():
+    """A deepcopy of a model with the fused head installed: its plain forward (generation) and its fused forward
+    run on the copy's weights, not on the original's (the saved previous forward was bound to the original)."""
+    model = _tiny_llama()
+    rpo_trl.install_fused_head(model)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    plain = _tiny_llama()  # no head installed, the copy's weights
+    plain.load_state_dict(copied.state_dict())
+    input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = plain(input_ids=input_ids).logits
+        assert_close(copied(input_ids=input_ids).logits, logits, atol=1e-6, rtol=1e-5, name="plain forward")
+        expected = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        fused = copied(input_ids=input_ids, labels=input_ids, fused_lm_head=True).log_probs
+        assert_close(fused, expected, atol=1e-5, rtol=1e-5, name="fused forward")
+        assert_close(model(input_ids=input_ids).logits, _tiny_llama()(input_ids=input_ids).logits, atol=1e-6,
+                     rtol=1e-5, name="original")
+
+
 def test_rejects_softcapped_heads():
     model = _tiny_llama()
     model.config.final_logit_softcapping = 30.0

@@ -7,6 +7,9 @@ chunks of `metrics_chunk_rows`.
 """
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 
 from ..autocast import autocast_dtype
@@ -17,6 +20,21 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed
     DTensor = ()
+
+def forward_function(module: torch.nn.Module):
+    """`module.forward` as a function of (module, *args, **kwargs), for a forward that an integration replaces and
+    calls on: a method bound to `module` becomes its function, called with the module it runs on, so that a
+    deepcopy of the module (whose `forward` the copy binds to itself) runs on the copy's weights, not on the
+    original's. Any other callable (not bound to `module`) is called as it is."""
+    forward = module.forward
+    if isinstance(forward, types.MethodType) and forward.__self__ is module:
+        return forward.__func__
+    return functools.partial(_call_unbound, forward)
+
+
+def _call_unbound(forward, module, *args, **kwargs):
+    return forward(*args, **kwargs)
+
 
 # One statistics chunk's fp32 logits: 2**25 x 4 B = 128 MiB, i.e. 261 tokens at a 128256-token vocab. Larger
 # than the op's own chunks because this pass is one GEMM per chunk (reads the whole head each time).

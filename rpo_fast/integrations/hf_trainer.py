@@ -48,7 +48,8 @@ import torch
 
 from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice, check_chunk_tokens, check_head_backward
 from ..loss import RPOOutput, segment_sum
-from ._model import head_logprobs, head_of, head_rpo_loss, lm_head_of, logit_scale_of, prepare_head_inputs
+from ._model import (forward_function, head_logprobs, head_of, head_rpo_loss, lm_head_of, logit_scale_of,
+                     prepare_head_inputs)
 from .padded import check_no_label_under_padding, pack_padded_pairs, pairs_from_padded
 
 
@@ -104,7 +105,8 @@ class HeadRequest(NamedTuple):
     loss: dict[str, Any] | None = None  # fused_linear_rpo_loss's keywords; None: per-token log-probs only
 
 
-# The attribute that marks a causal LM whose forward `install_head_forward` replaced: {"impl": ...}.
+# The attribute that marks a causal LM whose forward `install_head_forward` replaced: {"impl": the head's kernels,
+# "previous": the replaced forward as a function of (module, ...), see `forward_function`}.
 _HEAD_RECORD = "_rpo_fast_head"
 
 
@@ -129,13 +131,13 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
     if record is not None:
         record["impl"] = impl
         return
-    previous = target.forward
 
     @functools.wraps(type(target).forward)  # generate() validates its kwargs against the original signature
     def _rpo_fast_forward(self, *args, rpo_fast_head: HeadRequest | None = None, **kwargs):
+        record = getattr(self, _HEAD_RECORD)  # self's own (a deepcopy has its own copy), as is `previous`'s self
         if rpo_fast_head is None:
-            return previous(*args, **kwargs)
-        impl = getattr(self, _HEAD_RECORD)["impl"]
+            return record["previous"](self, *args, **kwargs)
+        impl = record["impl"]
         kwargs["use_cache"] = False  # with the cache on, transformers ignores packed position_ids
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         weight, bias, scale = head_of(self)
@@ -146,7 +148,7 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
             return head_logprobs(rows, weight, bias, request.targets, impl=impl)
         return head_rpo_loss(rows, weight, bias, request.targets, request.cu_seqlens, impl=impl, **request.loss)
 
-    setattr(target, _HEAD_RECORD, {"impl": impl})
+    setattr(target, _HEAD_RECORD, {"impl": impl, "previous": forward_function(target)})
     target.forward = types.MethodType(_rpo_fast_forward, target)
 
 

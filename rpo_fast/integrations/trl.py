@@ -45,10 +45,14 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("rpo_fast.integrations.trl needs TRL: pip install trl==1.16.0") from e
 
 from ..checks import IMPLS, check_choice
-from ._model import head_logprobs, head_of, head_statistics, lm_head_of, logit_scale_of, prepare_head_inputs
+from ._model import (forward_function, head_logprobs, head_of, head_statistics, lm_head_of, logit_scale_of,
+                     prepare_head_inputs)
 
 TESTED_TRL_VERSION = "1.16.0"
 _TOKEN_METRICS = ("entropy", "mean_token_accuracy")  # the logged names of the entropy / is_top1 statistics
+# The attribute that marks a model whose forward `install_fused_head` replaced: {"options": the head's options,
+# "previous": the replaced forward as a function of (module, ...), see `_model.forward_function`}.
+_FUSED_HEAD_RECORD = "_rpo_fast_fused_head"
 
 
 def install_fused_head(
@@ -91,25 +95,31 @@ def install_fused_head(
                          "where ZeRO-3 has partitioned it), got ZeRO-3")
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    text_config = model.config.get_text_config()
     logit_scale_of(model.config)  # validate the head (softcapping, a PEFT adapter on it) at install time,
     lm_head_of(model)  # not at the first step
-    previous = model.forward
-    previous = getattr(previous, "_rpo_fast_previous", previous)
     stats_wanted = frozenset(outputs) - {"log_probs"}
     if not token_metrics:
         stats_wanted -= {"entropy", "is_top1"}
+    options = {"temperature": temperature, "cast_lm_head_to_fp32": cast_lm_head_to_fp32, "outputs": tuple(outputs),
+               "impl": impl, "stats_wanted": stats_wanted, "metrics_chunk_size": metrics_chunk_size}
+    record = getattr(model, _FUSED_HEAD_RECORD, None)
+    if record is not None:  # installed: new options, and the forward (maybe wrapped since) left as it is
+        record["options"] = options
+        return
 
     @functools.wraps(type(model).forward)
     def _rpo_fast_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
                           num_items_in_batch=None, **kwargs):
+        record = getattr(self, _FUSED_HEAD_RECORD)  # self's own (a deepcopy has its own copy)
         if not fused_lm_head:
             for key, value in (("labels", labels), ("shift_labels", shift_labels),
                                ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
                     kwargs[key] = value
-            return previous(*args, **kwargs)
+            return record["previous"](self, *args, **kwargs)
 
+        options = record["options"]
+        outputs, text_config = options["outputs"], self.config.get_text_config()
         kwargs["use_cache"] = False  # a training forward: no KV cache
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
@@ -123,10 +133,11 @@ def install_fused_head(
         mask = labels != -100
         # Only completion positions reach the head: [N_resp, H], not [batch * seq_len, H].
         rows, targets = hidden[mask], labels[mask]
-        rows, weight, bias = prepare_head_inputs(rows, weight, bias, scale=logit_scale / temperature,
-                                                 cast_to_fp32=cast_lm_head_to_fp32)
-        lp = head_logprobs(rows, weight, bias, targets, impl=impl)
-        stats = head_statistics(rows, weight, bias, targets, stats_wanted, chunk_size=metrics_chunk_size)
+        rows, weight, bias = prepare_head_inputs(rows, weight, bias, scale=logit_scale / options["temperature"],
+                                                 cast_to_fp32=options["cast_lm_head_to_fp32"])
+        lp = head_logprobs(rows, weight, bias, targets, impl=options["impl"])
+        stats = head_statistics(rows, weight, bias, targets, options["stats_wanted"],
+                                chunk_size=options["metrics_chunk_size"])
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero).
         log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
         fields = {}
@@ -149,7 +160,7 @@ def install_fused_head(
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **fields)
 
-    _rpo_fast_forward._rpo_fast_previous = previous
+    setattr(model, _FUSED_HEAD_RECORD, {"options": options, "previous": forward_function(model)})
     model.forward = types.MethodType(_rpo_fast_forward, model)
 
 
@@ -157,7 +168,7 @@ def is_installed(model: torch.nn.Module) -> bool:
     """Whether `model.forward` is rpo_fast's fused head (on the base model under PEFT)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    return hasattr(getattr(model.forward, "__func__", None), "_rpo_fast_previous")
+    return getattr(model, _FUSED_HEAD_RECORD, None) is not None
 
 
 def _requested_outputs(trainer) -> tuple[str, ...]:
