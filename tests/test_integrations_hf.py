@@ -472,6 +472,26 @@ def test_left_padded_first_token_is_never_scored():
     assert_close(padded_logps, packed_logps, atol=1e-5, rtol=1e-5, name="sequence log-probs")
 
 
+def test_packed_attention_model_with_left_padding_and_packed_false():
+    """A model on rpo_fast's packed attention (the README's HF example) with the mixin's default packed=False and
+    left padding: transformers builds no mask for that attention, so padded rows ran plain causal attention over
+    their pads; the batch is packed instead. The loss and per-pair log-probs equal the dense loss of the same
+    weights on sdpa (the model's own logits, padding masked)."""
+    sdpa = _tiny_llama()
+    model = copy.deepcopy(sdpa)
+    model.set_attn_implementation(rpo_fast.attention.register())
+    examples = _examples(3, torch.Generator().manual_seed(21))
+    batch = PreferenceCollator(pad_token_id=PAD, padding_side="left")(examples)
+    assert bool((batch["attention_mask"][:, 0] == 0).any())  # some row really is left-padded
+    args = RPOArguments(reference_free=True, packed=False)
+    with torch.no_grad():
+        out = rpo_compute_loss(model, batch, **asdict(args))
+        expected = _dense_rpo_terms(sdpa, None, batch, args)
+    assert_close(out.loss, expected["loss"], atol=1e-6, rtol=1e-5, name="loss")
+    assert_close(torch.cat([out.chosen_logps, out.rejected_logps]), expected["logps"], atol=1e-5, rtol=1e-5,
+                 name="log-probs")
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_scaled_head_with_bias_equals_the_models_own_logits(packed):
     """A head that scales its logits and has a bias: Granite divides `lm_head(h)` by `logits_scaling`, and

@@ -25,7 +25,9 @@ design); a model whose attention ignores them must stay padded. With `share_prom
 default; `rpo_compute_loss`, `sequence_logps` and `head_layout` default to False) and a model on rpo_fast's
 packed attention (`attn_implementation=rpo_fast.attention.register()`), a pair whose two rows hold the same
 prompt before their labels is packed `[prompt][chosen][rejected]` (`rpo_fast.packing`): the prompt runs
-once, same numbers; otherwise the batch packs unshared (with a one-line warning for the model).
+once, same numbers; otherwise the batch packs unshared (with a one-line warning for the model). A model on that
+attention is packed (unshared) with `packed=False` too: it reads no padding mask, so padded rows would attend to
+their padding.
 
     class MyTrainer(RPOTrainerMixin, transformers.Trainer):
         pass
@@ -216,11 +218,23 @@ def _shared_prompt_batch(model: torch.nn.Module, input_ids, attention_mask, labe
     return None if examples is None else pack_pairs(examples, share_prompt=True).to(input_ids.device)
 
 
+def _on_packed_attention(model: torch.nn.Module) -> bool:
+    from ..attention import ATTN_IMPLEMENTATION
+
+    return getattr(_causal_lm(model).config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
 def head_layout(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool = False,
                 share_prompt: bool = False) -> tuple[dict[str, Any], HeadRequest]:
     """(the backbone's keyword arguments, the head's rows) of a padded preference batch (`sequence_logps`'s
-    arguments): padded rows, one packed row, or one shared-prompt row where `model` and the batch allow it."""
+    arguments): padded rows, one packed row, or one shared-prompt row where `model` and the batch allow it.
+
+    A model on rpo_fast's packed attention is always packed (unshared where `packed=False`): transformers builds
+    no attention mask for that attention, which reads sequence boundaries from a packed row only, so padded
+    rows would attend to their padding (left padding: every real token would see the pads before it)."""
     input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    if not packed and _on_packed_attention(model):
+        packed, share_prompt = True, False
     shared = _shared_prompt_batch(model, input_ids, attention_mask, labels) if packed and share_prompt else None
     if shared is not None:
         return ({"input_ids": shared.input_ids, "position_ids": shared.position_ids, **shared.attention_kwargs()},
