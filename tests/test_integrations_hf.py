@@ -492,6 +492,46 @@ def test_packed_attention_model_with_left_padding_and_packed_false():
                  name="log-probs")
 
 
+def _tiny_opt():
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, pad_token_id=PAD,
+                                    attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config).eval()  # OPT has dropout: eval mode, for the dense comparison
+
+
+def test_packed_refuses_a_model_whose_attention_mixes_packed_sequences(monkeypatch):
+    """OPT's attention ignores the restarting position_ids (its learned positions run on across the packed row, and
+    its mask is plain causal), so packed=True scored every sequence after the first with the ones before it in
+    view: refused on the first packed batch, naming the model type. packed=False matches the dense loss; a
+    model that keeps packed sequences apart is checked once and runs packed, also in training mode with dropout
+    (GPT-2: the check runs without it and leaves the mode as it was)."""
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
+    opt = _tiny_opt()
+    with pytest.raises(ValueError, match=r"^packed: expected a model whose attention keeps packed sequences apart.*"
+                                         r"got 'opt' .*use packed=False"):
+        rpo_compute_loss(opt, batch, reference_free=True, packed=True)
+    with pytest.raises(ValueError, match="got 'opt'"):
+        sequence_logps(opt, batch, packed=True)
+    args = RPOArguments(reference_free=True, packed=False)
+    with torch.no_grad():
+        out = rpo_compute_loss(opt, batch, **asdict(args))
+        assert_close(out.loss, _dense_rpo_loss(opt, None, batch, args), atol=1e-6, rtol=1e-5, name="padded OPT")
+        # unchecked, packed OPT gives other numbers: what the check is for
+        packed = rpo_compute_loss(opt, batch, reference_free=True, packed=True, check_packing=False)
+    assert abs(float(packed.loss - out.loss)) > 1e-3
+
+    checks = []
+    real_check = hf_trainer.check_packed_layout
+    monkeypatch.setattr(hf_trainer, "check_packed_layout", lambda *a: checks.append(1) or real_check(*a))
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4,
+                                                                 n_positions=64, pad_token_id=PAD)).train()
+    for _ in range(2):
+        sequence_logps(model, batch, packed=True)
+    assert checks == [1] and model.training and model.transformer.drop.training
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_scaled_head_with_bias_equals_the_models_own_logits(packed):
     """A head that scales its logits and has a bias: Granite divides `lm_head(h)` by `logits_scaling`, and
@@ -534,6 +574,8 @@ def test_mixin_step_head_matmuls(head_backward, products, tmp_path):
     batch = trainer.data_collator(examples)
     model.train()
     trainer.current_gradient_accumulation_steps = 1  # what train() sets before its first step
+    with torch.no_grad():  # a model's first packed batch also runs check_packed_layout's two passes, once
+        trainer.compute_loss(model, batch, num_items_in_batch=chosen_token_count(batch))
     with HeadMatmulCounter(VOCAB) as forward:
         loss = trainer.compute_loss(model, batch, num_items_in_batch=chosen_token_count(batch))
     with HeadMatmulCounter(VOCAB) as backward:

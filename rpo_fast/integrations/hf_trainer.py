@@ -21,7 +21,9 @@ and the micro-batch's loss weights before the policy runs: the reference goes fi
 `nll_weight`. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
 one row, position_ids restarting per sequence, no attention mask. transformers reads the sequence boundaries
 from those position_ids (tested: eager and sdpa, transformers 5.24; flash_attention_2 does the same by
-design); a model whose attention ignores them must stay padded. With `share_prompt` (`RPOArguments`'
+design); a model whose attention ignores them (OPT, MPT, Bloom, Mamba) must stay padded: on each model's first
+packed batch `check_packed_layout` compares the packed and padded log-probs and raises a ValueError for such a
+model (`check_packing=False` skips it). With `share_prompt` (`RPOArguments`'
 default; `rpo_compute_loss`, `sequence_logps` and `head_layout` default to False) and a model on rpo_fast's
 packed attention (`attn_implementation=rpo_fast.attention.register()`), a pair whose two rows hold the same
 prompt before their labels is packed `[prompt][chosen][rejected]` (`rpo_fast.packing`): the prompt runs
@@ -71,6 +73,7 @@ class RPOArguments:
     impl: str = "auto"  # the head's forward kernels (rpo_fast.fused_linear_rpo_loss's impl)
     head_backward: str = "auto"  # fused_linear_rpo_loss's backward: "auto" forms the gradient in forward
     head_chunk_tokens: int | None = None  # its chunk_tokens: rows per fwdgrad chunk; None: what fits a logits budget
+    check_packing: bool = True  # packed: refuse, on its first batch, a model whose attention mixes packed sequences
 
     def __post_init__(self):
         check_choice("sft_norm", self.sft_norm, SFT_NORMS)
@@ -146,6 +149,7 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
         request = _on_device(rpo_fast_head, weight.device)
         rows = hidden.to(weight.device).flatten(0, 1)[request.index]
         rows, weight, bias = prepare_head_inputs(rows, weight, bias, scale=scale)
+        record["compute_dtype"] = rows.dtype  # for check_packed_layout's bounds
         if request.loss is None:
             return head_logprobs(rows, weight, bias, request.targets, impl=impl)
         return head_rpo_loss(rows, weight, bias, request.targets, request.cu_seqlens, impl=impl, **request.loss)
@@ -243,6 +247,10 @@ def head_layout(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool 
         p = pack_padded_pairs(input_ids, attention_mask, labels)
         return ({"input_ids": p.input_ids, "position_ids": p.position_ids},
                 HeadRequest(p.response_index, p.targets, p.response_cu_seqlens))
+    return _padded_layout(input_ids, attention_mask, labels)
+
+
+def _padded_layout(input_ids, attention_mask, labels) -> tuple[dict[str, Any], HeadRequest]:
     next_labels = _next_token_labels(labels, attention_mask)
     scored = next_labels != -100
     cu_seqlens = torch.zeros(labels.shape[0] + 1, dtype=torch.int32, device=labels.device)
@@ -252,18 +260,73 @@ def head_layout(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool 
             HeadRequest(scored.flatten().nonzero().squeeze(1), next_labels[scored], cu_seqlens))
 
 
+# check_packed_layout's bounds on |packed - padded| per-token log-probs (nats), by the head's compute dtype. Measured on
+# tiny random models, first batch: float32 0 to 5e-7 where the attention restarts at position_ids (Llama, Qwen2,
+# GPT-2, NeoX, Falcon, Phi, Gemma 3), mean 4e-4 to 2e-2 where it does not (Bloom, OPT, MPT, Mamba); bf16 noise
+# up to 2e-3 (mean 3e-4) where it does, so in 16 bits only a larger leak is caught.
+PACKING_BOUNDS = {torch.float32: (1e-4, 1e-2), "16-bit": (3e-2, 1.0)}  # (mean, max)
+
+
+def check_packed_layout(model: torch.nn.Module, inputs: dict[str, Any], model_inputs: dict[str, Any],
+                        request: HeadRequest) -> bool:
+    """Refuses a model whose attention reads a packed row as one sequence (OPT, MPT, Bloom, Mamba: they ignore
+    the restarting position_ids), from the batch itself: the per-token log-probs of its packed layout
+    (`model_inputs`, `request`) against those of the same sequences right-padded, where no real token comes
+    after padding, so every causal model computes them exactly. No gradient, no dropout (eval mode, restored
+    after); through `model` as the loss calls it (its wrappers, autocast included).
+
+    Returns:
+        Whether it compared anything (False for a batch without a scored token).
+
+    Raises:
+        ValueError: naming the model type, when the two differ beyond `PACKING_BOUNDS`.
+    """
+    mask = inputs["attention_mask"].bool()
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # each row's attended tokens first
+    right = {key: inputs[key].gather(1, order) for key in ("input_ids", "attention_mask", "labels")}
+    padded_inputs, padded_request = _padded_layout(right["input_ids"], right["attention_mask"], right["labels"])
+    if not torch.equal(padded_request.cu_seqlens.cpu(), request.cu_seqlens.cpu()) or request.targets.numel() == 0:
+        return False  # not the same scored tokens (cannot happen for a batch _check_batch passed), or none
+    record = getattr(_causal_lm(model), _HEAD_RECORD)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()  # no dropout: the two passes must differ by the layout alone
+    try:
+        with torch.no_grad():
+            packed_lp = model(**model_inputs, rpo_fast_head=request._replace(loss=None))
+            padded_lp = model(**padded_inputs, rpo_fast_head=padded_request)
+    finally:
+        for module, training in modes:
+            module.training = training
+    diff = (packed_lp.float() - padded_lp.float().to(packed_lp.device)).abs()
+    mean_bound, max_bound = PACKING_BOUNDS.get(record.get("compute_dtype"), PACKING_BOUNDS["16-bit"])
+    mean, largest = float(diff.mean()), float(diff.max())
+    if mean > mean_bound or largest > max_bound:
+        config = _causal_lm(model).config
+        raise ValueError(f"packed: expected a model whose attention keeps packed sequences apart (transformers' "
+                         f"eager/sdpa/flash read the restarting position_ids), got {config.model_type!r} "
+                         f"({type(_causal_lm(model)).__name__}, attention {config._attn_implementation!r}), whose "
+                         f"packed log-probs differ from its padded ones by {mean:.3g} nats per token on average "
+                         f"(largest {largest:.3g}) on this batch: it lets a sequence see the ones before it; use "
+                         f"packed=False")
+    return True
+
+
 def _run_head(model: torch.nn.Module, inputs: dict[str, Any], loss: dict[str, Any] | None, *, packed: bool,
-              impl: str, share_prompt: bool):
+              impl: str, share_prompt: bool, check_packing: bool = True):
     """(the installed forward's result, its HeadRequest) on a padded batch that `_check_batch` passed; installs
-    the forward on first use."""
+    the forward on first use, and checks a packed layout once per model (`check_packed_layout`)."""
     if not _is_installed(model):
         install_head_forward(model, impl)
     model_inputs, request = head_layout(model, inputs, packed=packed, share_prompt=share_prompt)
+    record = getattr(_causal_lm(model), _HEAD_RECORD)
+    if check_packing and "attention_mask" not in model_inputs and not record.get("packing_checked"):
+        record["packing_checked"] = check_packed_layout(model, inputs, model_inputs, request)
     return model(**model_inputs, rpo_fast_head=request._replace(loss=loss)), request
 
 
 def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bool = False,
-                   impl: str = "auto", share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   impl: str = "auto", share_prompt: bool = False,
+                   check_packing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every row of a padded preference batch, through the fused head.
 
     For the reference, evaluation and precomputed columns: differentiable (`rpo_fast.linear_logprobs`,
@@ -274,12 +337,15 @@ def sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], *, packed: bo
             first use. Runs with the model's current grad mode and adapters.
         inputs: input_ids, attention_mask, labels [2B, T] (module docstring).
         packed, share_prompt: drop the padding; then pack each pair's prompt once where possible (module docstring).
+        check_packing: on the first packed batch of each model, compare its packed and padded log-probs and
+            refuse a model whose attention does not keep packed sequences apart (`check_packed_layout`).
 
     Returns:
         (logps [2B] float32, token_counts [2B] float32): `s_j` and `n_j` of the formulas in `rpo_fast.loss`.
     """
     _check_batch(inputs)
-    return _sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt)
+    return _sequence_logps(model, inputs, packed=packed, impl=impl, share_prompt=share_prompt,
+                           check_packing=check_packing)
 
 
 def _sequence_logps(model: torch.nn.Module, inputs: dict[str, Any], **layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,6 +374,7 @@ def rpo_compute_loss(
     head_chunk_tokens: int | None = None,
     pair_weight: float = 1.0,
     nll_weight: float = 1.0,
+    check_packing: bool = True,
 ) -> RPOOutput:
     """The RPO loss of one padded preference batch; a `compute_loss` body for any HF-style trainer.
 
@@ -322,6 +389,7 @@ def rpo_compute_loss(
         head_chunk_tokens: its `chunk_tokens` (rows per forward-time-gradient chunk; None: a logits budget).
         pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
             micro-batch weights, which must be known in forward); `pref_loss` and `nll` are unweighted.
+        check_packing: `sequence_logps`'.
 
     Returns:
         `rpo_fast.RPOOutput` (loss, pref_loss, nll, per-pair logps, rewards, token counts).
@@ -330,7 +398,7 @@ def rpo_compute_loss(
         ValueError: on a malformed batch, bad options, or no reference without `reference_free=True`.
     """
     n_seqs = _check_batch(inputs)[0]
-    layout = dict(packed=packed, impl=impl, share_prompt=share_prompt)
+    layout = dict(packed=packed, impl=impl, share_prompt=share_prompt, check_packing=check_packing)
     if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
         ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
         if ref_logps.shape != (n_seqs,):
