@@ -328,6 +328,32 @@ def test_deepcopy_of_an_installed_model_runs_on_its_own_weights():
         assert_close(sequence_logps(copied, batch)[0], expected, atol=1e-5, rtol=1e-5, name="copy's head path")
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_moe_router_aux_loss_is_in_the_loss(packed):
+    """A MoE model with output_router_logits (tiny Mixtral): its own training forward adds router_aux_loss_coef *
+    the load-balancing loss, and so does the mixin's loss (it was dropped): loss and every gradient, the
+    router's included, equal the dense RPO loss plus that term from the model's own forward (padding masked;
+    packed, the row has no padding)."""
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5,
+                                        pad_token_id=PAD, max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    dense_model = copy.deepcopy(model)
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(3, torch.Generator().manual_seed(5)))
+    args = RPOArguments(beta=0.2, alpha=0.5, reference_free=True, packed=packed, share_prompt=False)
+    fused = rpo_compute_loss(model, batch, **asdict(args)).loss
+    position_ids = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    aux = dense_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=position_ids).aux_loss
+    dense = _dense_rpo_loss(dense_model, None, batch, args) + 0.5 * aux
+    assert_close(fused, dense, atol=1e-6, rtol=1e-5, name="loss")
+    fused.backward()
+    dense.backward()
+    _assert_same_grads(model, dense_model)
+
+
 def test_missing_reference_is_an_error():
     """No reference is refused; reference_free=True gives the dense loss and rewards with s^ref = 0."""
     model = _tiny_llama()

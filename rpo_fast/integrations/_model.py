@@ -100,6 +100,24 @@ def head_of(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
     return weight, bias, logit_scale_of(model.config)
 
 
+def wants_router_logits(config) -> bool:
+    """Whether a MoE model's own training forward adds its router load-balancing loss (output_router_logits)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text_config, "output_router_logits", False))
+
+
+def router_aux_loss(config, router_logits, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """(the router load-balancing loss, its coefficient `router_aux_loss_coef`), as a MoE causal LM's own forward
+    adds them to its loss (transformers' `load_balancing_loss_func`, Mixtral's; the MoE families share it);
+    `attention_mask` [R, T] marks the tokens that count (None: all, as in a packed row)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    aux_loss = load_balancing_loss_func(router_logits, text_config.num_experts, text_config.num_experts_per_tok,
+                                        attention_mask)
+    return aux_loss, float(getattr(text_config, "router_aux_loss_coef", 0.0))
+
+
 def prepare_head_inputs(
     rows: torch.Tensor,
     weight: torch.Tensor,

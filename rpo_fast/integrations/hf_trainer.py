@@ -53,7 +53,7 @@ import torch
 from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice, check_chunk_tokens, check_head_backward
 from ..loss import RPOOutput, segment_sum
 from ._model import (forward_function, head_logprobs, head_of, head_rpo_loss, lm_head_of, logit_scale_of,
-                     prepare_head_inputs)
+                     prepare_head_inputs, router_aux_loss, wants_router_logits)
 from .padded import check_no_label_under_padding, pack_padded_pairs, pairs_from_padded
 
 
@@ -120,7 +120,9 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
 
     The backbone runs on the other keywords; then the head reads the request's rows of its last hidden states.
     With `request.loss` (the keywords of `rpo_fast.fused_linear_rpo_loss`: beta, ..., ref_logps, backward,
-    pair_weight, nll_weight) the call returns that op's `RPOOutput`; without, the rows' log-probs [N] float32
+    pair_weight, nll_weight) the call returns that op's `RPOOutput` (for a MoE model with
+    `config.output_router_logits`, its `loss` plus `router_aux_loss_coef` times the router load-balancing loss,
+    as the model's own training forward adds them); without, the rows' log-probs [N] float32
     (`rpo_fast.linear_logprobs`). Differentiable either way, and computed inside forward: a DDP/FSDP wrapper
     sees the LM head used in the forward it wraps, which its gradient hooks and parameter gathering rely on.
     Without the keyword the model's previous forward runs. Installs on the unwrapped causal LM (the base model
@@ -144,7 +146,11 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
             return record["previous"](self, *args, **kwargs)
         impl = record["impl"]
         kwargs["use_cache"] = False  # with the cache on, transformers ignores packed position_ids
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        with_aux = rpo_fast_head.loss is not None and wants_router_logits(self.config)
+        if with_aux:  # a MoE model's training loss includes its router load-balancing loss
+            kwargs.setdefault("output_router_logits", True)
+        backbone_out = self.base_model(*args, **kwargs)
+        hidden = backbone_out.last_hidden_state
         weight, bias, scale = head_of(self)
         request = _on_device(rpo_fast_head, weight.device)
         rows = hidden.to(weight.device).flatten(0, 1)[request.index]
@@ -152,7 +158,11 @@ def install_head_forward(model: torch.nn.Module, impl: str = "auto") -> None:
         record["compute_dtype"] = rows.dtype  # for check_packed_layout's bounds
         if request.loss is None:
             return head_logprobs(rows, weight, bias, request.targets, impl=impl)
-        return head_rpo_loss(rows, weight, bias, request.targets, request.cu_seqlens, impl=impl, **request.loss)
+        out = head_rpo_loss(rows, weight, bias, request.targets, request.cu_seqlens, impl=impl, **request.loss)
+        if with_aux and kwargs.get("output_router_logits"):
+            aux_loss, coef = router_aux_loss(self.config, backbone_out.router_logits, kwargs.get("attention_mask"))
+            out = out._replace(loss=out.loss + coef * aux_loss.to(out.loss.device))
+        return out
 
     setattr(target, _HEAD_RECORD, {"impl": impl, "previous": forward_function(target)})
     target.forward = types.MethodType(_rpo_fast_forward, target)
@@ -464,7 +474,9 @@ class RPOTrainerMixin:
     accumulation steps); with `sft_norm="token_mean"` the NLL part is weighted (`nll_weight`) so that the step
     optimizes the token mean over all its chosen tokens, across micro-batches and processes (TRL and Liger
     average per micro-batch). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
-    rewards/margins, logps/chosen, logps/rejected, plus nll and pref_loss. Formula: the module docstring;
+    rewards/margins, logps/chosen, logps/rejected, plus nll and pref_loss. A MoE model with
+    `output_router_logits` adds its router load-balancing loss (times `router_aux_loss_coef`), as its own forward
+    and TRL do. Formula: the module docstring;
     with the default `sft_norm="token_mean"` it is TRL's `loss_type=["sigmoid", "sft"]`,
     `loss_weights=[1, alpha]`.
     """

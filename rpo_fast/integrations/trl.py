@@ -46,7 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 
 from ..checks import IMPLS, check_choice
 from ._model import (forward_function, head_logprobs, head_of, head_statistics, lm_head_of, logit_scale_of,
-                     prepare_head_inputs)
+                     prepare_head_inputs, router_aux_loss, wants_router_logits)
 
 TESTED_TRL_VERSION = "1.16.0"
 _TOKEN_METRICS = ("entropy", "mean_token_accuracy")  # the logged names of the entropy / is_top1 statistics
@@ -121,7 +121,7 @@ def install_fused_head(
         options = record["options"]
         outputs, text_config = options["outputs"], self.config.get_text_config()
         kwargs["use_cache"] = False  # a training forward: no KV cache
-        if getattr(text_config, "output_router_logits", False):
+        if wants_router_logits(text_config):
             kwargs.setdefault("output_router_logits", True)
         backbone_out = self.base_model(*args, **kwargs)
         if shift_labels is None:
@@ -153,11 +153,8 @@ def install_fused_head(
         loss = -log_probs.sum() / count
         aux_loss = None
         if kwargs.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            aux_loss = load_balancing_loss_func(backbone_out.router_logits, text_config.num_experts,
-                                                text_config.num_experts_per_tok, kwargs.get("attention_mask"))
-            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+            aux_loss, coef = router_aux_loss(text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
+            loss = loss + coef * aux_loss
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **fields)
 
     setattr(model, _FUSED_HEAD_RECORD, {"options": options, "previous": forward_function(model)})
