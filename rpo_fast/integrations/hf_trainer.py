@@ -474,7 +474,8 @@ class RPOTrainerMixin:
     accumulation steps); with `sft_norm="token_mean"` the NLL part is weighted (`nll_weight`) so that the step
     optimizes the token mean over all its chosen tokens, across micro-batches and processes (TRL and Liger
     average per micro-batch). Logs TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies,
-    rewards/margins, logps/chosen, logps/rejected, plus nll and pref_loss. A MoE model with
+    rewards/margins, logps/chosen, logps/rejected, plus nll (the step's NLL: with "token_mean", the token mean
+    over the whole step, as optimized) and pref_loss. A MoE model with
     `output_router_logits` adds its router load-balancing loss (times `router_aux_loss_coef`), as its own forward
     and TRL do. Formula: the module docstring;
     with the default `sft_norm="token_mean"` it is TRL's `loss_type=["sigmoid", "sft"]`,
@@ -535,7 +536,9 @@ class RPOTrainerMixin:
                             ("rewards/accuracies", (margins > 0).float()), ("rewards/margins", margins),
                             ("logps/chosen", out.chosen_logps.detach()),
                             ("logps/rejected", out.rejected_logps.detach()),
-                            ("nll", out.nll.detach()[None]), ("pref_loss", out.pref_loss.detach()[None])):
+                            # nll times its weight: averaged over the step's micro-batches and processes (as the
+                            # logs do) that is the step's token mean, the NLL the step optimizes
+                            ("nll", out.nll.detach()[None] * nll_weight), ("pref_loss", out.pref_loss.detach()[None])):
             metrics[name].append(gather(value).mean().item())
         return (out.loss, out) if return_outputs else out.loss
 
