@@ -243,6 +243,46 @@ def test_mixin_loss_options_match_dense_trainer(reference, loss_type, label_smoo
     _assert_same_weights(ours_model, dense_model)
 
 
+def test_eval_metrics_are_pair_means_of_their_own_loop(tmp_path):
+    """evaluate() on 5 pairs in batches of 2, 2, 1: each RPO metric is the mean over the 5 pairs (nll and pref_loss
+    weighted by each batch's pairs), like eval_loss, not a mean of per-batch means; a predict() before it leaves
+    nothing behind in it; metric_key_prefix names them (test_rewards/margins, no eval_ keys), and predict()
+    returns them too. Against the dense reference on the same batches."""
+    base = _tiny_llama()
+    policy = _reference_unlike(base)  # a policy unlike its reference: rewards away from 0
+    other, eval_set = _examples(4, torch.Generator().manual_seed(11)), _examples(5, torch.Generator().manual_seed(12))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[],
+                                          use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    rpo_args = RPOArguments(beta=0.1, alpha=0.5)
+    trainer = RPOTrainer(model=policy, ref_model=copy.deepcopy(base), rpo_args=rpo_args, args=args,
+                         data_collator=PreferenceCollator(pad_token_id=PAD))
+    trainer.predict(other)
+    results = {"eval": trainer.evaluate(eval_set), "test": trainer.evaluate(eval_set, metric_key_prefix="test"),
+               "predict": trainer.predict(eval_set).metrics}
+
+    collate = PreferenceCollator(pad_token_id=PAD)
+    with torch.no_grad():
+        terms = [_dense_rpo_terms(policy, base, collate(eval_set[i:i + 2]), rpo_args) for i in (0, 2, 4)]
+    pairs = [2, 2, 1]
+    per_pair = {}  # name -> the 5 pairs' values
+    for t, n in zip(terms, pairs):
+        rewards, logps = t["rewards"], t["logps"]
+        for name, value in (("rewards/chosen", rewards[:n]), ("rewards/rejected", rewards[n:]),
+                            ("rewards/accuracies", (rewards[:n] > rewards[n:]).float()),
+                            ("rewards/margins", rewards[:n] - rewards[n:]), ("logps/chosen", logps[:n]),
+                            ("logps/rejected", logps[n:])):
+            per_pair.setdefault(name, []).append(value)
+    expected = {name: float(torch.cat(values).mean()) for name, values in per_pair.items()}
+    for name in ("nll", "pref_loss", "loss"):
+        expected[name] = float(sum(t[name] * n for t, n in zip(terms, pairs)) / sum(pairs))
+    assert expected["rewards/margins"] != 0.0
+    for label, metrics in results.items():
+        prefix = "eval_" if label == "eval" else "test_"
+        assert not any(k.startswith("eval_" if prefix == "test_" else "test_") for k in metrics), sorted(metrics)
+        for name, value in expected.items():
+            assert metrics[prefix + name] == pytest.approx(value, rel=LOSS_RTOL, abs=METRIC_ATOL), (label, name)
+
+
 def token_mean_runs(tmp_path, **train_kw):
     """{name: (logs, model)} for batches of 2 pairs accumulated twice ("ga2"), of 4 pairs ("ga1"), and the dense
     Trainer on batches of 4 ("dense"), all with the token-mean NLL; "base": (None, the starting model)."""

@@ -465,6 +465,10 @@ class PreferenceCollator:
         return batch
 
 
+def _means(metrics: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    return {name: sum(s for s, _ in parts) / sum(c for _, c in parts) for name, parts in metrics.items() if parts}
+
+
 class RPOTrainerMixin:
     """Adds the RPO loss to `transformers.Trainer`: `class MyTrainer(RPOTrainerMixin, Trainer)`.
 
@@ -529,18 +533,33 @@ class RPOTrainerMixin:
                                * self.accelerator.num_processes / num_items_in_batch)
         out = rpo_compute_loss(model, inputs, ref_model=self.ref_model, nll_weight=nll_weight,
                                **asdict(self.rpo_args))
-        metrics = self._rpo_metrics["train" if self.model.training else "eval"]
-        gather = self.accelerator.gather_for_metrics
+        self._record_metrics(out, nll_weight)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def _record_metrics(self, out: RPOOutput, nll_weight: float) -> None:
+        """Appends (sum, count) per metric: in training each micro-batch's mean with count 1 (the logs average the
+        micro-batches, as TRL does); in evaluation sums over the pairs and the pair count, so that the eval set's
+        metrics are pair means, weighted as eval_loss is."""
+        training = self.model.training
+        metrics = self._rpo_metrics["train" if training else "eval"]
         margins = out.chosen_rewards - out.rejected_rewards
         for name, value in (("rewards/chosen", out.chosen_rewards), ("rewards/rejected", out.rejected_rewards),
                             ("rewards/accuracies", (margins > 0).float()), ("rewards/margins", margins),
                             ("logps/chosen", out.chosen_logps.detach()),
-                            ("logps/rejected", out.rejected_logps.detach()),
-                            # nll times its weight: averaged over the step's micro-batches and processes (as the
-                            # logs do) that is the step's token mean, the NLL the step optimizes
-                            ("nll", out.nll.detach()[None] * nll_weight), ("pref_loss", out.pref_loss.detach()[None])):
-            metrics[name].append(gather(value).mean().item())
-        return (out.loss, out) if return_outputs else out.loss
+                            ("logps/rejected", out.rejected_logps.detach())):
+            value = self.accelerator.gather_for_metrics(value)
+            metrics[name].append((value.mean().item(), 1) if training else (value.sum().item(), value.numel()))
+        n_pairs = float(out.chosen_rewards.shape[0])
+        # nll times its weight: averaged over the step's micro-batches and processes (as the logs do) that is the
+        # step's token mean, the NLL the step optimizes (nll_weight is 1 in evaluation)
+        for name, value in (("nll", out.nll.detach() * nll_weight), ("pref_loss", out.pref_loss.detach())):
+            if training:
+                metrics[name].append((self.accelerator.gather_for_metrics(value[None]).mean().item(), 1))
+            else:  # per batch and process: weighted by its pairs
+                total, pairs = self.accelerator.gather(torch.stack([value.float() * n_pairs,
+                                                                    value.new_tensor(n_pairs, dtype=torch.float32)])
+                                                       [None]).sum(0).tolist()
+                metrics[name].append((total, pairs))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Preference batches have labels but no logits to return: always the loss only.
@@ -549,9 +568,23 @@ class RPOTrainerMixin:
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Transformers' loop (evaluate() and predict()), plus the RPO metrics of this loop alone: pair means over
+        the whole set, named with the loop's `metric_key_prefix` (eval_rewards/margins, test_rewards/margins)."""
+        metrics = self._rpo_metrics["eval"]
+        metrics.clear()  # nothing left from an interrupted loop
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                              ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            output.metrics.update({f"{metric_key_prefix}_{name}": value
+                                   for name, value in _means(metrics).items()})
+        finally:
+            metrics.clear()
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        logs.update({prefix + k: sum(v) / len(v) for k, v in self._rpo_metrics[mode].items() if v})
-        self._rpo_metrics[mode].clear()
+        if self.model.training:  # evaluation's metrics come with the loop's output (evaluation_loop)
+            logs.update(_means(self._rpo_metrics["train"]))
+            self._rpo_metrics["train"].clear()
         super().log(logs, start_time)
