@@ -26,7 +26,8 @@ class RPOLoss(torch.nn.Module):
     "discopop" loss is not implemented here); `impl`, `backward` and
     `chunk_tokens` are `fused_linear_rpo_loss`'s (by default the gradient is formed in forward, chunk by
     chunk of whole pairs: only the returned loss is differentiable, the other outputs are detached metrics). Unlike Liger 0.8.5,
-    `label_smoothing` applies to `loss_type="sigmoid"` (cDPO, as in TRL); Liger ignores it there.
+    `label_smoothing` applies to `loss_type="sigmoid"` (cDPO); Liger ignores it there, and so does TRL 1.16's
+    DPOTrainer (it smooths only its "robust", "exo_pair", "aot" and "aot_unpaired" losses).
 
     Raises:
         ValueError: for a Liger loss type that is not implemented here, or an unknown option.

@@ -483,7 +483,7 @@ class RPOTrainerMixin:
     `output_router_logits` adds its router load-balancing loss (times `router_aux_loss_coef`), as its own forward
     and TRL do. Formula: the module docstring;
     with the default `sft_norm="token_mean"` it is TRL's `loss_type=["sigmoid", "sft"]`,
-    `loss_weights=[1, alpha]`.
+    `loss_weights=[1, alpha]` (with `label_smoothing=0`: TRL 1.16 does not smooth its "sigmoid" loss, this does).
     """
 
     loss_is_scaled_for_ga = False
