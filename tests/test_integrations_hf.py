@@ -414,9 +414,14 @@ def test_missing_reference_is_an_error():
 
 @pytest.mark.parametrize("kwargs, name", [(dict(head_backward="fast"), "head_backward"),
                                          (dict(impl="dense", head_backward="fwdgrad"), "head_backward"),
-                                         (dict(head_chunk_tokens=0), "head_chunk_tokens")])
-def test_bad_head_arguments_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=f"^{name}: expected"):
+                                         (dict(head_chunk_tokens=0), "head_chunk_tokens"),
+                                         # refused when built, not at the first training step
+                                         (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"),
+                                         (dict(alpha=-1.0), "alpha"), (dict(label_smoothing=0.9), "label_smoothing"),
+                                         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
+                                         (dict(sft_norm="mean"), "sft_norm"), (dict(loss_type="kto"), "loss_type")])
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}: expected .*, got"):
         RPOArguments(**kwargs)
 
 

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..checks import IMPLS, LOSS_TYPES, SFT_NORMS, check_choice, check_chunk_tokens, check_head_backward
+from ..checks import IMPLS, check_choice, check_chunk_tokens, check_head_backward, check_loss_options
 from ..loss import RPOOutput, segment_sum
 from ._model import (forward_function, head_logprobs, head_of, head_rpo_loss, lm_head_of, logit_scale_of,
                      prepare_head_inputs, router_aux_loss, wants_router_logits)
@@ -76,8 +76,8 @@ class RPOArguments:
     check_packing: bool = True  # packed: refuse, on its first batch, a model whose attention mixes packed sequences
 
     def __post_init__(self):
-        check_choice("sft_norm", self.sft_norm, SFT_NORMS)
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        # beta, alpha and label_smoothing here, not at the first step (the loss checks them there too)
+        check_loss_options(self.beta, self.alpha, self.sft_norm, self.loss_type, self.label_smoothing)
         check_choice("impl", self.impl, IMPLS)
         check_head_backward(self.impl, self.head_backward, "head_backward")
         check_chunk_tokens(self.head_chunk_tokens, "head_chunk_tokens")
