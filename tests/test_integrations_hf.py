@@ -412,6 +412,21 @@ def test_missing_reference_is_an_error():
         rpo_compute_loss(model, {k: v[:3] for k, v in batch.items()}, reference_free=True)
 
 
+def test_a_reference_sharing_the_policys_parameters_is_refused(tmp_path):
+    """ref_model=model (or a model sharing a weight with it): the mixin freezes ref_model, which froze the policy
+    and crashed at the first backward; refused when the trainer is built, the policy left trainable."""
+    model = _tiny_llama()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          remove_unused_columns=False)
+    sharing = _tiny_llama()
+    sharing.lm_head.weight = model.lm_head.weight
+    for ref_model, what in ((model, "the policy itself"), (sharing, "a model sharing its parameters")):
+        with pytest.raises(ValueError, match=f"^ref_model: expected a frozen copy of the policy, separate from model, "
+                                             f"got {what}"):
+            RPOTrainer(model=model, ref_model=ref_model, args=args, data_collator=PreferenceCollator(pad_token_id=PAD))
+        assert all(p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("kwargs, name", [(dict(head_backward="fast"), "head_backward"),
                                          (dict(impl="dense", head_backward="fwdgrad"), "head_backward"),
                                          (dict(head_chunk_tokens=0), "head_chunk_tokens"),

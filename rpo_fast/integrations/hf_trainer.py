@@ -465,6 +465,25 @@ class PreferenceCollator:
         return batch
 
 
+def _check_separate_reference(model: torch.nn.Module, ref_model: torch.nn.Module) -> None:
+    """Refuses a ref_model that shares a parameter (the object or its memory) with the policy: the mixin freezes
+    the reference, which would freeze the policy too (ref_model=model crashed at the first backward with
+    "element 0 of tensors does not require grad")."""
+    policy = {}
+    for name, p in _unwrap(model).named_parameters():
+        policy[id(p)] = name
+        if p.data_ptr():
+            policy[("ptr", p.data_ptr())] = name
+    for name, p in _unwrap(ref_model).named_parameters():
+        shared = policy.get(id(p)) or (policy.get(("ptr", p.data_ptr())) if p.data_ptr() else None)
+        if shared is not None:
+            what = "the policy itself" if _unwrap(ref_model) is _unwrap(model) else "a model sharing its parameters"
+            raise ValueError(f"ref_model: expected a frozen copy of the policy, separate from model, got {what} "
+                             f"(its {name!r} is the policy's {shared!r}; the mixin freezes ref_model, which would "
+                             "freeze the policy); pass copy.deepcopy(model) before training, or no ref_model for a "
+                             "PEFT model (its disabled adapter is the reference)")
+
+
 def _means(metrics: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
     return {name: sum(s for s, _ in parts) / sum(c for _, c in parts) for name, parts in metrics.items() if parts}
 
@@ -500,6 +519,7 @@ class RPOTrainerMixin:
         install_head_forward(self.model, self.rpo_args.impl)
         self.ref_model = None
         if ref_model is not None:
+            _check_separate_reference(self.model, ref_model)  # before freezing it, which would freeze the policy
             ref_model.eval().requires_grad_(False)
             install_head_forward(ref_model, self.rpo_args.impl)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
