@@ -427,6 +427,27 @@ def test_a_reference_sharing_the_policys_parameters_is_refused(tmp_path):
         assert all(p.requires_grad for p in model.parameters())
 
 
+def test_collator_refuses_rows_it_cannot_batch():
+    """PreferenceCollator: TRL-format text rows (a bare KeyError 'prompt_ids' before) and reference columns in
+    some rows only (a KeyError when only the first row had them, silently dropped when only later rows did) are
+    ValueErrors naming the keys and rows; reference columns in every row are batched."""
+    rows = _examples(2, torch.Generator().manual_seed(5))
+    collate = PreferenceCollator(pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"^examples: expected keys \['prompt_ids', 'chosen_ids', 'rejected_ids'\].*"
+                                         r"row 0 lacks .*got keys \['chosen', 'prompt', 'rejected'\].*tokenize"):
+        collate([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
+    ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+    for batch, rows_with, rows_without in (([{**rows[0], **ref}, rows[1]], 0, 1), ([rows[0], {**rows[1], **ref}], 1, 0)):
+        with pytest.raises(ValueError, match=rf"in all rows of a batch or in none, got them in rows \[{rows_with}\] "
+                                             rf"and not in rows \[{rows_without}\]"):
+            collate(batch)
+    with pytest.raises(ValueError, match=r"both .* or neither in a row, row 1 has only \['ref_chosen_logps'\]"):
+        collate([{**rows[0], **ref}, {**rows[1], "ref_chosen_logps": -1.0}])
+    batch = collate([{**rows[0], **ref}, {**rows[1], "ref_chosen_logps": -3.0, "ref_rejected_logps": -4.0}])
+    assert batch["ref_chosen_logps"].tolist() == [-1.0, -3.0] and batch["ref_rejected_logps"].tolist() == [-2.0, -4.0]
+    assert "ref_chosen_logps" not in collate(rows)
+
+
 @pytest.mark.parametrize("kwargs, name", [(dict(head_backward="fast"), "head_backward"),
                                          (dict(impl="dense", head_backward="fwdgrad"), "head_backward"),
                                          (dict(head_chunk_tokens=0), "head_chunk_tokens"),

@@ -435,7 +435,8 @@ def rpo_compute_loss(
 @dataclass
 class PreferenceCollator:
     """Pads `{"prompt_ids", "chosen_ids", "rejected_ids"[, "ref_chosen_logps", "ref_rejected_logps"]}` examples
-    into the batch `rpo_compute_loss` reads: input_ids / attention_mask / labels [2B, T], chosen rows first."""
+    into the batch `rpo_compute_loss` reads: input_ids / attention_mask / labels [2B, T], chosen rows first.
+    The reference columns come with every row of a batch or with none (ValueError otherwise)."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -443,6 +444,7 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         check_choice("padding_side", self.padding_side, ("right", "left"))
+        reference = _check_examples(examples)
         seqs, labels = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for ex in examples:
@@ -459,10 +461,41 @@ class PreferenceCollator:
             batch["input_ids"][j, cols] = torch.tensor(seq)
             batch["attention_mask"][j, cols] = 1
             batch["labels"][j, cols] = torch.tensor(lab)
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([float(ex[key]) for ex in examples])
+        for key in reference:
+            batch[key] = torch.tensor([float(ex[key]) for ex in examples])
         return batch
+
+
+_TOKEN_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _check_examples(examples: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The reference columns the batch carries (both or none), after checking that every row has the token keys
+    and that all rows or none have both reference columns.
+
+    Raises:
+        ValueError: naming the first row that lacks a key (and what it holds), or the rows with and without the
+            reference columns.
+    """
+    for i, ex in enumerate(examples):
+        missing = [key for key in _TOKEN_KEYS if key not in ex]
+        if missing:
+            hint = (" (text rows, as TRL's datasets hold: tokenize prompt, chosen and rejected into token-id lists "
+                    "first)" if {"prompt", "chosen", "rejected"} & set(ex) else "")
+            raise ValueError(f"examples: expected keys {list(_TOKEN_KEYS)} (token-id lists) in every row, row {i} "
+                             f"lacks {missing}, got keys {sorted(ex)}{hint}")
+    carried = [[key for key in _REFERENCE_KEYS if key in ex] for ex in examples]
+    if any(len(keys) == 1 for keys in carried):
+        i = next(i for i, keys in enumerate(carried) if len(keys) == 1)
+        raise ValueError(f"examples: expected both {list(_REFERENCE_KEYS)} or neither in a row, row {i} has only "
+                         f"{carried[i]}")
+    with_reference = [i for i, keys in enumerate(carried) if keys]
+    if with_reference and len(with_reference) != len(examples):
+        without = [i for i, keys in enumerate(carried) if not keys]
+        raise ValueError(f"examples: expected {list(_REFERENCE_KEYS)} in all rows of a batch or in none, got them in "
+                         f"rows {with_reference} and not in rows {without}")
+    return _REFERENCE_KEYS if with_reference else ()
 
 
 def _check_separate_reference(model: torch.nn.Module, ref_model: torch.nn.Module) -> None:
