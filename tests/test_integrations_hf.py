@@ -427,6 +427,15 @@ def test_a_reference_sharing_the_policys_parameters_is_refused(tmp_path):
         assert all(p.requires_grad for p in model.parameters())
 
 
+def test_compute_metrics_is_refused(tmp_path):
+    """A compute_metrics was silently never called (the mixin's evaluation has no predictions to give it)."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          remove_unused_columns=False)
+    with pytest.raises(ValueError, match=r"^compute_metrics: expected None .*, got <function"):
+        RPOTrainer(model=_tiny_llama(), args=args, rpo_args=RPOArguments(reference_free=True),
+                   data_collator=PreferenceCollator(pad_token_id=PAD), compute_metrics=lambda prediction: {"mine": 1.0})
+
+
 def test_collator_refuses_rows_it_cannot_batch():
     """PreferenceCollator: TRL-format text rows (a bare KeyError 'prompt_ids' before) and reference columns in
     some rows only (a KeyError when only the first row had them, silently dropped when only later rows did) are

@@ -525,7 +525,8 @@ class RPOTrainerMixin:
     """Adds the RPO loss to `transformers.Trainer`: `class MyTrainer(RPOTrainerMixin, Trainer)`.
 
     Extra constructor keywords: `ref_model` (frozen reference; optional with PEFT or precomputed
-    `ref_*_logps` columns) and `rpo_args: RPOArguments` (beta, alpha, sft_norm, ...). `compute_loss`
+    `ref_*_logps` columns) and `rpo_args: RPOArguments` (beta, alpha, sft_norm, ...). `compute_metrics` is
+    refused (ValueError): there are no predictions to pass it; evaluate() returns the RPO metrics. `compute_loss`
     returns `rpo_compute_loss(...).loss`, a per-micro-batch mean (the Trainer divides it by the gradient
     accumulation steps); with `sft_norm="token_mean"` the NLL part is weighted (`nll_weight`) so that the step
     optimizes the token mean over all its chosen tokens, across micro-batches and processes (TRL and Liger
@@ -543,6 +544,12 @@ class RPOTrainerMixin:
     def __init__(self, *args, ref_model: torch.nn.Module | None = None, rpo_args: RPOArguments | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        if self.compute_metrics is not None:
+            # prediction_step has no logits or predictions to give it (a preference batch scores sequences), so the
+            # Trainer would never call it: refused rather than silently skipped.
+            raise ValueError(f"compute_metrics: expected None (RPOTrainerMixin's evaluation returns the loss and the "
+                             f"RPO metrics, eval_rewards/margins etc., and no predictions to pass it), got "
+                             f"{self.compute_metrics!r}")
         # compute_loss returns a per-micro-batch mean that the Trainer must divide by the accumulation steps:
         # `loss_is_scaled_for_ga = False` says so to a Trainer that reads that attribute (5.24 does; 5.17 has none
         # and divides only when the model does not take loss kwargs, which is true here: the model never sees
