@@ -590,12 +590,24 @@ def test_left_padded_first_token_is_never_scored():
     assert_close(padded_logps, packed_logps, atol=1e-5, rtol=1e-5, name="sequence log-probs")
 
 
-def test_packed_attention_model_with_left_padding_and_packed_false():
+def _tiny_qwen2_sliding():
+    """A tiny Qwen2 whose first layer has a 4-token sliding window."""
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      sliding_window=4, use_sliding_window=True, max_window_layers=1,
+                                      tie_word_embeddings=False, pad_token_id=PAD, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("make", [_tiny_llama, _tiny_qwen2_sliding], ids=["llama", "qwen2_sliding_window"])
+def test_packed_attention_model_with_left_padding_and_packed_false(make):
     """A model on rpo_fast's packed attention (the README's HF example) with the mixin's default packed=False and
     left padding: transformers builds no mask for that attention, so padded rows ran plain causal attention over
     their pads; the batch is packed instead. The loss and per-pair log-probs equal the dense loss of the same
-    weights on sdpa (the model's own logits, padding masked)."""
-    sdpa = _tiny_llama()
+    weights on sdpa (the model's own logits, padding masked), also with a sliding window (which that attention's
+    padded path ignores: the packing check compares against one sequence per call there)."""
+    sdpa = make()
     model = copy.deepcopy(sdpa)
     model.set_attn_implementation(rpo_fast.attention.register())
     examples = _examples(3, torch.Generator().manual_seed(21))

@@ -282,8 +282,10 @@ def check_packed_layout(model: torch.nn.Module, inputs: dict[str, Any], model_in
     """Refuses a model whose attention reads a packed row as one sequence (OPT, MPT, Bloom, Mamba: they ignore
     the restarting position_ids), from the batch itself: the per-token log-probs of its packed layout
     (`model_inputs`, `request`) against those of the same sequences right-padded, where no real token comes
-    after padding, so every causal model computes them exactly. No gradient, no dropout (eval mode, restored
-    after); through `model` as the loss calls it (its wrappers, autocast included).
+    after padding, so every causal model computes them exactly (on rpo_fast's packed attention, which runs a
+    padded batch as plain causal attention with no sliding window, one sequence per call instead). No gradient,
+    no dropout (eval mode, restored after); through `model` as the loss calls it (its wrappers, autocast
+    included).
 
     Returns:
         Whether it compared anything (False for a batch without a scored token).
@@ -303,7 +305,13 @@ def check_packed_layout(model: torch.nn.Module, inputs: dict[str, Any], model_in
     try:
         with torch.no_grad():
             packed_lp = model(**model_inputs, rpo_fast_head=request._replace(loss=None))
-            padded_lp = model(**padded_inputs, rpo_fast_head=padded_request)
+            if _on_packed_attention(model):
+                lengths = right["attention_mask"].sum(1).tolist()
+                padded_lp = torch.cat([model(**layout[0], rpo_fast_head=layout[1]) for layout in (
+                    _padded_layout(*(right[key][j:j + 1, :n] for key in ("input_ids", "attention_mask", "labels")))
+                    for j, n in enumerate(lengths))])
+            else:
+                padded_lp = model(**padded_inputs, rpo_fast_head=padded_request)
     finally:
         for module, training in modes:
             module.training = training
