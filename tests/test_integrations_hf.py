@@ -446,7 +446,8 @@ def test_collator_refuses_rows_it_cannot_batch():
                                          r"row 0 lacks .*got keys \['chosen', 'prompt', 'rejected'\].*tokenize"):
         collate([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
     ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
-    for batch, rows_with, rows_without in (([{**rows[0], **ref}, rows[1]], 0, 1), ([rows[0], {**rows[1], **ref}], 1, 0)):
+    for batch, rows_with, rows_without in (([{**rows[0], **ref}, rows[1]], 0, 1),
+                                           ([rows[0], {**rows[1], **ref}], 1, 0)):
         with pytest.raises(ValueError, match=rf"in all rows of a batch or in none, got them in rows \[{rows_with}\] "
                                              rf"and not in rows \[{rows_without}\]"):
             collate(batch)
@@ -624,8 +625,8 @@ def test_packed_attention_model_with_left_padding_and_packed_false(make):
 
 def _tiny_opt():
     config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, pad_token_id=PAD,
-                                    attn_implementation="sdpa")
+                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
+                                    pad_token_id=PAD, attn_implementation="sdpa")
     torch.manual_seed(0)
     return transformers.OPTForCausalLM(config).eval()  # OPT has dropout: eval mode, for the dense comparison
 
