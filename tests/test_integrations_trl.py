@@ -281,3 +281,21 @@ def test_rejects_softcapped_heads():
         rpo_trl.install_fused_head(model)
     with pytest.raises(ValueError, match="impl"):
         rpo_trl.install_fused_head(_tiny_llama(), impl="cuda")
+
+
+def test_patch_dpo_trainer_keeps_a_prepared_reference_under_autocast(tokenizer, dataset, tmp_path):
+    """Built with bf16, DPOTrainer has already wrapped its reference model's forward in accelerate's autocast when
+    patch_dpo_trainer installs the head: the reference must still run under it, as the policy does, so that a
+    policy equal to its reference starts with rewards of exactly 0, as in TRL."""
+    base = _tiny_llama()
+
+    def patched(*args, **kwargs):
+        return rpo_trl.patch_dpo_trainer(trl.DPOTrainer(*args, **kwargs))
+
+    ours, _ = _run(patched, base, "ref_model", tokenizer, dataset, tmp_path / "ours", bf16=True, max_steps=1)
+    stock, _ = _run(trl.DPOTrainer, base, "ref_model", tokenizer, dataset, tmp_path / "stock", bf16=True,
+                    max_steps=1)
+    assert stock[0]["rewards/chosen"] == stock[0]["rewards/rejected"] == 0.0
+    assert ours[0]["rewards/chosen"] == ours[0]["rewards/rejected"] == 0.0
+    for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert ours[0][key] == pytest.approx(stock[0][key], rel=2e-3), key

@@ -231,7 +231,27 @@ def _install_on_trainer(trainer, **options) -> None:
     install_fused_head(policy.get_base_model() if hasattr(policy, "get_base_model") else policy,
                        outputs=outputs, **options)
     if trainer.ref_model is not None:
-        install_fused_head(trainer.accelerator.unwrap_model(trainer.ref_model), **options)
+        ref_model = trainer.accelerator.unwrap_model(trainer.ref_model)
+        prepared = getattr(ref_model, "_original_forward", None) is not None  # accelerate wrapped its forward
+        before = ref_model.forward
+        install_fused_head(ref_model, **options)
+        if prepared and ref_model.forward is not before:
+            _under_autocast(ref_model, trainer.accelerator)
+
+
+def _under_autocast(model: torch.nn.Module, accelerator) -> None:
+    """Runs `model.forward` (just installed) under `accelerator`'s autocast. DPOTrainer prepares its reference
+    model in its constructor, where accelerate wraps the forward in its mixed-precision autocast; a head
+    installed after that replaces the wrapper, and the reference would run in fp32 while the policy (prepared
+    later, in train) runs in bf16: rewards of a policy equal to its reference would start away from 0."""
+    inner = model.forward.__func__  # bound to `model` by install_fused_head; a deepcopy rebinds the method
+
+    @functools.wraps(inner)
+    def forward_under_autocast(self, *args, **kwargs):
+        with accelerator.autocast():
+            return inner(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward_under_autocast, model)
 
 
 def patch_dpo_trainer(trainer: DPOTrainer, *, impl: str = "auto", token_metrics: bool = True,
