@@ -92,12 +92,26 @@ def kernel_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """position_ids [1, L] restarting at 0 per sequence -> cu_seqlens [S+1] int32 (0 ... L)."""
+    """position_ids [1, L] restarting at 0 per sequence -> cu_seqlens [S+1] int32 (0 ... L).
+
+    Raises:
+        ValueError: unless every position is 0 (a sequence starts) or the one before plus 1. A shared-prompt
+            row's responses continue from their prompt's length instead: a model whose layers drop the row's
+            segments (cu_seq_lens_q, rpo_key_index) on their way to attention gets here with such a row, and
+            would read it as one sequence.
+    """
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().reshape(-1)
     if starts.numel() == 0 or int(starts[0]) != 0:
         raise ValueError("position_ids: expected a packed row whose positions restart at 0 for each sequence "
                          f"(first position 0), got {flat[:8].tolist()}...")
+    follows = (flat[1:] == flat[:-1] + 1) | (flat[1:] == 0)
+    if not bool(follows.all()):
+        at = int((~follows).nonzero()[0]) + 1
+        raise ValueError(f"position_ids: expected each position to be 0 (a sequence starts) or the previous one plus "
+                         f"1, got {flat[at - 1].item()} then {flat[at].item()} at {at}: a shared-prompt row whose "
+                         "segments (cu_seq_lens_q, rpo_key_index) did not reach the attention; this model's layers "
+                         "do not pass them on, so train it with share_prompt: false")
     end = torch.tensor([flat.numel()], device=flat.device)
     return torch.cat([starts, end]).to(torch.int32)
 
@@ -270,8 +284,11 @@ def varlen_attention_forward(
     if batch > 1:  # an ordinary unpacked, unpadded batch: nothing to split
         if cu_seq_lens_q is not None:
             raise ValueError(f"cu_seq_lens_q: expected batch size 1 for a packed row, got batch {batch}")
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
-                                             enable_gqa=key.shape[1] != n_heads)
+        window = sliding_window is not None and length > sliding_window
+        out = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=not window, scale=scaling,
+            attn_mask=_causal_mask(length, length, sliding_window, query.device) if window else None,
+            enable_gqa=key.shape[1] != n_heads)
         return out.transpose(1, 2).contiguous(), None
 
     if rpo_key_index is not None and (cu_seq_lens_q is None or cu_seq_lens_k is None):

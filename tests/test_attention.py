@@ -81,6 +81,25 @@ def test_cu_seqlens_from_position_ids():
     assert got.tolist() == [0, 3, 4, 6] and got.dtype == torch.int32
     with pytest.raises(ValueError, match="position_ids"):
         attention.cu_seqlens_from_position_ids(torch.tensor([[3, 4, 0, 1]]))
+    # a shared-prompt row [prompt 0 1][chosen 2 3][rejected 2 3 4] read without its segments: refused, not one
+    # sequence of 7 tokens
+    with pytest.raises(ValueError, match="got 3 then 2 at 4: a shared-prompt row"):
+        attention.cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 3, 2, 3, 4]]))
+
+
+def test_sliding_window_in_an_unpacked_batch():
+    """A batch of several unpadded rows (no packing) on the packed attention keeps the sliding window too."""
+    model = tiny(MistralForCausalLM, MistralConfig, sliding_window=3)
+    input_ids = torch.randint(0, 97, (2, 9))
+    expected = model(input_ids=input_ids, use_cache=False).logits.detach()  # sdpa with transformers' window mask
+    model.set_attn_implementation(attention.register())
+    try:
+        got = model(input_ids=input_ids, use_cache=False).logits.detach()
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert_close(got, expected, atol=1e-5, rtol=1e-5, name="logits")
+    unwindowed = tiny(MistralForCausalLM, MistralConfig, sliding_window=None)(input_ids=input_ids, use_cache=False)
+    assert (unwindowed.logits.detach() - expected).abs().max() > 1e-3  # the window matters at this length
 
 
 def test_refuses_padding_mask_and_kv_cache():
