@@ -77,9 +77,12 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
     state dict is moved into a fresh `from_config` model.
 
     Raises:
-        ValueError: for an unknown dtype, a missing alias package, or an unsupported head (`check_head`).
+        ValueError: for an unknown dtype, a missing alias package, a model that packed rows would give wrong
+            numbers (`check_packable`), or an unsupported head (`check_head`).
     """
     from transformers import AutoModelForCausalLM
+
+    from transformers import AutoConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
@@ -89,6 +92,7 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
         with _loading(name):
             loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
         config = loaded.config
+        check_packable(config, name)
         for attr in ("quantization_config", "_pre_quantization_dtype"):  # or from_config would quantize again
             if hasattr(config, attr):
                 delattr(config, attr)
@@ -102,6 +106,7 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
         del loaded
     else:
         with _loading(name):
+            check_packable(AutoConfig.from_pretrained(path), name)  # before building: some would fail obscurely
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                          attn_implementation=attn_implementation)
     model = model.to(DTYPES[dtype])
@@ -230,8 +235,41 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 # Decoder layer kinds that mix tokens only through attention (config.layer_types); anything else (linear
-# attention, state-space or convolution layers) would read the shared-prompt row as one sequence.
+# attention, state-space or convolution layers) would read a packed row as one sequence.
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+TOKEN_LOCAL_LAYER_TYPES = {"mlp", "moe"}  # layer kinds that mix no tokens at all
+
+
+def check_packable(config, name: str | None = None) -> None:
+    """Refuses a model whose numbers a packed row (several sequences in one row, positions restarting at 0)
+    would make wrong, from its transformers config, before the model is built.
+
+    Packing needs every token mixing to happen in attention that goes through transformers' attention
+    interface (where rpo_fast's packed attention, or sdpa with restarting position_ids, keeps the sequences
+    apart). A model class that does not use that interface (`_supports_attention_backend` false: Bloom, XGLM,
+    StableLM, Falcon, GPT-Neo, MPT, Mamba, Jamba, ...) would run its own attention over the whole row, and
+    layers of other kinds (`layer_types` such as linear_attention, conv, hybrid: state-space, convolution and
+    linear-attention layers) would carry one sequence's state into the next.
+
+    Raises:
+        ValueError: naming the model and the reason.
+    """
+    from transformers import AutoModelForCausalLM
+
+    which = f"{name!r} ({config.model_type})" if name else repr(config.model_type)
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:  # not a causal LM transformers knows: from_pretrained says so
+        return
+    if not getattr(model_class, "_supports_attention_backend", False):
+        raise ValueError(f"model: expected a model whose attention goes through transformers' attention interface "
+                         f"(packed training keeps sequences apart there), got {which}: {model_class.__name__} runs "
+                         "its own attention, which would read a packed row of several sequences as one")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    other = set(getattr(text_config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES - TOKEN_LOCAL_LAYER_TYPES
+    if other:
+        raise ValueError(f"model: expected decoder layers that mix tokens only through attention, got {which} "
+                         f"with {sorted(other)} layers, which would carry one packed sequence's state into the next")
 
 
 def shared_prompt_unsupported(model: nn.Module) -> str | None:

@@ -223,6 +223,26 @@ def test_reference_cache_values_do_not_depend_on_the_layout():
     assert_close(shared, plain, atol=2e-5, rtol=1e-5, name="cached reference log-probs")
 
 
+@pytest.mark.parametrize("model_type, options, reason", [
+    ("bloom", {}, "BloomForCausalLM runs its own attention"),
+    ("falcon", {}, "FalconForCausalLM runs its own attention"),
+    ("stablelm", {}, "StableLmForCausalLM runs its own attention"),
+    ("lfm2", dict(layer_types=["conv", "full_attention"], num_hidden_layers=2), r"\['conv'\] layers"),
+    ("minimax", dict(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2), r"\['linear_attention'\] layers"),
+])
+def test_models_that_packing_would_get_wrong_are_refused_at_load(model_type, options, reason, tmp_path):
+    """Before the model is built (Falcon's own attention lookup would fail with a KeyError on the packed
+    attention's name): a ValueError naming the model and why a packed row would be read as one sequence."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **options).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"model: expected .*{model_type}.*{reason}"):
+        modeling.load_causal_lm(str(tmp_path))
+    for ok in ("llama", "qwen2", "gemma3_text"):
+        modeling.check_packable(AutoConfig.for_model(ok))
+    modeling.check_packable(AutoConfig.for_model("lfm2", layer_types=["full_attention"] * 2, num_hidden_layers=2))
+
+
 def test_unsupported_models_are_named():
     model = _tiny("llama")
     assert modeling.shared_prompt_unsupported(model) is None
