@@ -1,4 +1,5 @@
 """Shared fixtures: a seeded RNG for every test and a verbose closeness check."""
+import copy
 import os
 import random
 
@@ -70,3 +71,15 @@ class HeadMatmulCounter(LargestTensorRecorder):
         if str(func) in self.PRODUCTS and any(isinstance(a, torch.Tensor) and self.vocab in a.shape for a in args):
             self.products.append(tuple(out.shape))
         return out
+
+
+def perturbed_deepcopy(model: torch.nn.Module, build_plain) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(copy.deepcopy(model) with every weight moved by 0.1 N(0, 1), build_plain() holding the copy's weights):
+    the second, built fresh, is what the copy must compute."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    plain = build_plain()
+    plain.load_state_dict(copied.state_dict())
+    return copied, plain

@@ -17,7 +17,7 @@ from rpo_fast.integrations.hf_trainer import (  # noqa: E402
     PreferenceCollator, RPOArguments, RPOTrainerMixin, chosen_token_count, head_layout, rpo_compute_loss,
     sequence_logps)
 from rpo_fast.loss import reweighted_loss  # noqa: E402
-from conftest import HeadMatmulCounter, LargestTensorRecorder, assert_close  # noqa: E402
+from conftest import HeadMatmulCounter, LargestTensorRecorder, assert_close, perturbed_deepcopy  # noqa: E402
 
 VOCAB, HIDDEN, PAD = 211, 32, 0
 # Tolerances from measured run-to-run spread (tools/trainer_spread.py), not from one machine. Plain SGD: Adam's
@@ -354,12 +354,7 @@ def test_deepcopy_of_an_installed_model_runs_on_its_own_weights():
     model = _tiny_llama()
     batch = PreferenceCollator(pad_token_id=PAD)(_examples(2, torch.Generator().manual_seed(5)))
     sequence_logps(model, batch)  # installs the head forward
-    copied = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in copied.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    plain = _tiny_llama()  # no head installed, the copy's weights
-    plain.load_state_dict(copied.state_dict())
+    copied, plain = perturbed_deepcopy(model, _tiny_llama)  # plain: no head installed, the copy's weights
     original = _tiny_llama()
     ids = batch["input_ids"][:1]
     with torch.no_grad():

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 import rpo_fast.chunked  # noqa: E402
 from rpo_fast.integrations import trl as rpo_trl  # noqa: E402
-from conftest import LargestTensorRecorder, assert_close  # noqa: E402
+from conftest import LargestTensorRecorder, assert_close, perturbed_deepcopy  # noqa: E402
 
 VOCAB, HIDDEN = 257, 32
 # Logged values that depend on wall time, not on the computation.
@@ -257,12 +257,7 @@ def test_deepcopy_of_an_installed_model_runs_on_its_own_weights():
     run on the copy's weights, not on the original's (the saved previous forward was bound to the original)."""
     model = _tiny_llama()
     rpo_trl.install_fused_head(model)
-    copied = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in copied.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    plain = _tiny_llama()  # no head installed, the copy's weights
-    plain.load_state_dict(copied.state_dict())
+    copied, plain = perturbed_deepcopy(model, _tiny_llama)  # plain: no head installed, the copy's weights
     input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = plain(input_ids=input_ids).logits
