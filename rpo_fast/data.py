@@ -355,9 +355,13 @@ def _tokenize_plain(tokenizer, row: dict) -> tuple[list[int], list[int], list[in
     """TRL's plain-text rule: each part tokenized on its own, no special tokens added, EOS appended to
     each response (when the tokenizer has one)."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    tail = [eos] if eos is not None else []
-    return (_encode(tokenizer, row["prompt"]), _encode(tokenizer, row["chosen"]) + tail,
-            _encode(tokenizer, row["rejected"]) + tail)
+
+    def response(text: str) -> list[int]:
+        ids = _encode(tokenizer, text)
+        # a text that already ends with the EOS token keeps that one EOS (TRL 1.16 appends none then)
+        return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
+
+    return _encode(tokenizer, row["prompt"]), response(row["chosen"]), response(row["rejected"])
 
 
 def _is_blank(response: str | list[dict]) -> bool:

@@ -505,3 +505,17 @@ def test_blank_responses_are_trained_as_eos_and_counted():
     assert (no_eos.n_dropped_empty, no_eos.n_kept) == (1, 2)  # "" has no token; "  " has two
     _, clean = tokenize_pairs(rows[2:], tok, max_length=16, max_prompt_length=8)
     assert "blank" not in str(clean)
+
+
+def test_plain_response_ending_with_eos_gets_no_second_eos():
+    """A plain response whose text already ends with the EOS token keeps that one EOS, as in TRL 1.16."""
+    tok = CharTokenizer(bos=False)
+    [ex], _ = tokenize_pairs([{"prompt": "q", "chosen": "ab</s>", "rejected": "c"}], tok,
+                             max_length=16, max_prompt_length=8)
+    assert ex.chosen_ids == [ord("a") + 100, ord("b") + 100, 1]  # one EOS, not two
+    assert ex.rejected_ids == [ord("c") + 100, 1]
+    # an EOS in the middle is text like any other: EOS still appended at the end
+    [ex], _ = tokenize_pairs([{"prompt": "q", "chosen": "a</s>b", "rejected": "</s>"}], tok,
+                             max_length=16, max_prompt_length=8)
+    assert ex.chosen_ids == [ord("a") + 100, 1, ord("b") + 100, 1]
+    assert ex.rejected_ids == [1]
