@@ -351,7 +351,18 @@ def _tokenize_conversation(tokenizer, row: dict, where: str) -> tuple[list[int],
     return prompt_ids, responses[0], responses[1]
 
 
-def _tokenize_plain(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by default (Llama, Mistral, Gemma do; GPT-2-style
+    byte-level BPE tokenizers such as SmolLM2's do not): `tokenizer("x")` starts with BOS and the same
+    text without special tokens does not."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_specials = list(tokenizer("x")["input_ids"])
+    return with_specials[:1] == [bos] and _encode(tokenizer, "x")[:1] != [bos]
+
+
+def _tokenize_plain(tokenizer, row: dict, bos: int | None) -> tuple[list[int], list[int], list[int]]:
     """TRL's plain-text rule: each part tokenized on its own, no special tokens added, EOS appended to
     each response (when the tokenizer has one)."""
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -361,7 +372,10 @@ def _tokenize_plain(tokenizer, row: dict) -> tuple[list[int], list[int], list[in
         # a text that already ends with the EOS token keeps that one EOS (TRL 1.16 appends none then)
         return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
 
-    return _encode(tokenizer, row["prompt"]), response(row["chosen"]), response(row["rejected"])
+    prompt = _encode(tokenizer, row["prompt"])
+    if bos is not None and prompt[:1] != [bos]:
+        prompt = [bos] + prompt  # the BOS the tokenizer adds by default, as TRL 1.16 prepends it
+    return prompt, response(row["chosen"]), response(row["rejected"])
 
 
 def _is_blank(response: str | list[dict]) -> bool:
@@ -389,8 +403,9 @@ def tokenize_pairs(
     Conversational rows are rendered with `tokenizer.apply_chat_template` (see
     `_tokenize_conversation`): the prompt ends with the generation prompt, each response holds the
     assistant turn(s) including the template's end-of-turn tokens; no extra EOS is appended. Plain rows:
-    prompt and responses are tokenized separately without special tokens, and EOS is appended to each
-    response. A prompt that tokenizes to nothing becomes [BOS] (so the first response token has a
+    prompt and responses are tokenized separately without special tokens; the prompt then starts with BOS
+    when the tokenizer adds one by default (Llama, Mistral, Gemma), and EOS is appended to each response
+    that does not already end with it. A prompt that tokenizes to nothing becomes [BOS] (so the first response token has a
     position that predicts it), or the pair is dropped when there is no BOS.
 
     Truncation: the prompt keeps its last `max_prompt_length` tokens; then each response keeps its first
@@ -417,6 +432,7 @@ def tokenize_pairs(
     _check_length("max_prompt_length", max_prompt_length, 1)
     stats = TokenizeStats(source=source, max_length=max_length, max_prompt_length=max_prompt_length)
     bos = getattr(tokenizer, "bos_token_id", None)
+    plain_bos = bos if _adds_bos(tokenizer) else None  # asked once per call: the BOS plain prompts start with
     examples = []
     for index, row in enumerate(rows):
         where = f"{source}, row {index}"
@@ -425,7 +441,7 @@ def tokenize_pairs(
             stats.n_conversational += 1
             prompt_ids, chosen_ids, rejected_ids = _tokenize_conversation(tokenizer, row, where)
         else:
-            prompt_ids, chosen_ids, rejected_ids = _tokenize_plain(tokenizer, row)
+            prompt_ids, chosen_ids, rejected_ids = _tokenize_plain(tokenizer, row, plain_bos)
         if not prompt_ids:
             if bos is None:
                 stats.n_dropped_empty_prompt += 1

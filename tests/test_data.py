@@ -49,8 +49,9 @@ class CharTokenizer:
 
     SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
-    def __init__(self, eos: bool = True, bos: bool = True, think: bool = False):
+    def __init__(self, eos: bool = True, bos: bool = True, think: bool = False, add_bos: bool = True):
         self.bos_token_id = 0 if bos else None
+        self.add_bos = add_bos  # False: has a BOS token but does not add it (like SmolLM2's)
         self.eos_token_id = 1 if eos else None
         self.think = think
 
@@ -69,7 +70,7 @@ class CharTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         ids = self._split(text)
-        if add_special_tokens and self.bos_token_id is not None:
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
@@ -222,15 +223,25 @@ def test_validate_row_formats():
 # ---------------------------------------------------------------------------------------- tokenizing
 
 
-def test_plain_tokenization_appends_eos_and_adds_no_bos():
+def test_plain_tokenization_appends_eos_and_adds_bos_only_where_the_tokenizer_does():
+    row = {"prompt": "ab", "chosen": "xyz", "rejected": "q"}
+    for tok in (CharTokenizer(bos=False), CharTokenizer(add_bos=False)):  # no BOS, or one it does not add
+        [ex], stats = tokenize_pairs([row], tok, max_length=100, max_prompt_length=50)
+        assert tok.decode(ex.prompt_ids) == "ab"
+        assert tok.decode(ex.chosen_ids) == "xyz</s>"
+        assert tok.decode(ex.rejected_ids) == "q</s>"
+        assert (ex.index, ex.chosen_length, ex.rejected_length, ex.num_tokens) == (0, 6, 4, 10)
+        assert (stats.n_rows, stats.n_kept, stats.n_truncated, stats.max_pair_tokens) == (1, 1, 0, 10)
+    # a tokenizer that adds BOS by default (Llama/Mistral/Gemma style): the prompt starts with it, as in
+    # TRL 1.16 and as an empty prompt does
     tok = CharTokenizer()
-    [ex], stats = tokenize_pairs([{"prompt": "ab", "chosen": "xyz", "rejected": "q"}], tok,
-                                 max_length=100, max_prompt_length=50)
-    assert tok.decode(ex.prompt_ids) == "ab"
-    assert tok.decode(ex.chosen_ids) == "xyz</s>"
-    assert tok.decode(ex.rejected_ids) == "q</s>"
-    assert (ex.index, ex.chosen_length, ex.rejected_length, ex.num_tokens) == (0, 6, 4, 10)
-    assert (stats.n_rows, stats.n_kept, stats.n_truncated, stats.max_pair_tokens) == (1, 1, 0, 10)
+    [ex, empty, has_bos], _ = tokenize_pairs(
+        [row, {"prompt": "", "chosen": "x", "rejected": "y"}, {"prompt": "<s>ab", "chosen": "x", "rejected": "y"}],
+        tok, max_length=100, max_prompt_length=50)
+    assert ex.prompt_ids == [0, ord("a") + 100, ord("b") + 100]
+    assert ex.chosen_ids == [ord("x") + 100, ord("y") + 100, ord("z") + 100, 1]
+    assert empty.prompt_ids == [0]
+    assert has_bos.prompt_ids == [0, ord("a") + 100, ord("b") + 100]  # a BOS written in the text is not doubled
     [ex], _ = tokenize_pairs([{"prompt": "ab", "chosen": "xyz", "rejected": "q"}], CharTokenizer(eos=False),
                              max_length=100, max_prompt_length=50)
     assert (ex.chosen_ids, ex.rejected_ids) == (CharTokenizer()._split("xyz"), CharTokenizer()._split("q"))
@@ -252,7 +263,7 @@ TRUNCATION = [
 
 @pytest.mark.parametrize("max_prompt_length,max_length,expected,prompt_cut,response_cut", TRUNCATION)
 def test_truncation(max_prompt_length, max_length, expected, prompt_cut, response_cut):
-    tok = CharTokenizer()
+    tok = CharTokenizer(bos=False)
     examples, stats = tokenize_pairs([{"prompt": "abcdef", "chosen": "xyz", "rejected": "q"}], tok,
                                      max_length=max_length, max_prompt_length=max_prompt_length)
     if expected is None:
