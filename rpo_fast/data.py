@@ -408,7 +408,10 @@ def tokenize_pairs(
     that does not already end with it. A prompt that tokenizes to nothing becomes [BOS] (so the first response token has a
     position that predicts it), or the pair is dropped when there is no BOS.
 
-    Truncation: the prompt keeps its last `max_prompt_length` tokens; then each response keeps its first
+    Truncation: the prompt keeps its last `max_prompt_length` tokens (when the tokenizer adds BOS by default,
+    a prompt that starts with it, plain or rendered by the chat template, keeps it: BOS + its last
+    `max_prompt_length - 1` tokens; this left
+    truncation is pre-1.0 TRL's, TRL 1.16 cuts prompt + response at the end instead); then each response keeps its first
     `max_length - len(prompt)` tokens. A pair with an empty chosen or rejected response after that is
     dropped and counted in `TokenizeStats.n_dropped_empty`. A blank response text ("" or whitespace) is
     not empty once tokenized (EOS, or the template's end of turn): such kept pairs are counted in
@@ -432,7 +435,7 @@ def tokenize_pairs(
     _check_length("max_prompt_length", max_prompt_length, 1)
     stats = TokenizeStats(source=source, max_length=max_length, max_prompt_length=max_prompt_length)
     bos = getattr(tokenizer, "bos_token_id", None)
-    plain_bos = bos if _adds_bos(tokenizer) else None  # asked once per call: the BOS plain prompts start with
+    plain_bos = bos if _adds_bos(tokenizer) else None  # asked once per call: the BOS prompts start with
     examples = []
     for index, row in enumerate(rows):
         where = f"{source}, row {index}"
@@ -450,7 +453,13 @@ def tokenize_pairs(
             prompt_ids = [bos]
 
         prompt_cut = len(prompt_ids) > max_prompt_length
-        prompt_ids = prompt_ids[-max_prompt_length:]  # left truncation: keep the end, next to the response
+        if prompt_cut and plain_bos is not None and prompt_ids[0] == plain_bos:
+            # left truncation that keeps a leading BOS: BOS + the last max_prompt_length - 1 tokens. Only for
+            # tokenizers that add BOS themselves: SmolLM2's bos_token is <|im_start|>, which starts every
+            # ChatML turn and is no sequence start to keep
+            prompt_ids = [bos] + prompt_ids[len(prompt_ids) - max_prompt_length + 1:]
+        elif prompt_cut:
+            prompt_ids = prompt_ids[-max_prompt_length:]  # left truncation: keep the end, next to the response
         budget = max(max_length - len(prompt_ids), 0)
         response_cut = len(chosen_ids) > budget or len(rejected_ids) > budget
         chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]

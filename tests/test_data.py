@@ -49,7 +49,9 @@ class CharTokenizer:
 
     SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
-    def __init__(self, eos: bool = True, bos: bool = True, think: bool = False, add_bos: bool = True):
+    def __init__(self, eos: bool = True, bos: bool = True, think: bool = False, add_bos: bool = True,
+                 template_bos: bool = False):
+        self.template_bos = template_bos  # the chat template writes "<s>" first (Llama-3 style)
         self.bos_token_id = 0 if bos else None
         self.add_bos = add_bos  # False: has a BOS token but does not add it (like SmolLM2's)
         self.eos_token_id = 1 if eos else None
@@ -79,7 +81,8 @@ class CharTokenizer:
 
     def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
         assert tokenize is False, "rpo_fast must render text and tokenize it itself"
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        text = ("<s>" if self.template_bos else "") + "".join(
+            f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         if add_generation_prompt:
             text += "<|im_start|>assistant\n" + ("<think>\n" if self.think else "")
         return text
@@ -530,3 +533,31 @@ def test_plain_response_ending_with_eos_gets_no_second_eos():
                              max_length=16, max_prompt_length=8)
     assert ex.chosen_ids == [ord("a") + 100, 1, ord("b") + 100, 1]
     assert ex.rejected_ids == [1]
+
+
+def test_prompt_truncation_keeps_a_leading_bos():
+    """Left truncation keeps the prompt's BOS (the tokenizer's for plain rows, the template's for chat
+    rows): BOS + the prompt's last max_prompt_length - 1 tokens."""
+    c = lambda text: [ord(ch) + 100 for ch in text]  # noqa: E731
+    tok = CharTokenizer()
+    [ex], stats = tokenize_pairs([{"prompt": "abcdef", "chosen": "x", "rejected": "y"}], tok,
+                                 max_length=8, max_prompt_length=4)
+    assert ex.prompt_ids == [0] + c("def") and stats.n_prompt_truncated == 1
+    [ex], _ = tokenize_pairs([{"prompt": "abcdef", "chosen": "x", "rejected": "y"}], tok,
+                             max_length=8, max_prompt_length=7)  # [BOS] abcdef fits: not cut
+    assert ex.prompt_ids == [0] + c("abcdef")
+    [ex], _ = tokenize_pairs([{"prompt": "abcdef", "chosen": "x", "rejected": "y"}], tok,
+                             max_length=8, max_prompt_length=1)
+    assert ex.prompt_ids == [0]
+    tok = CharTokenizer(template_bos=True)
+    [ex], stats = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=15)
+    assert ex.prompt_ids == [0] + c("?") + [3] + c("\n") + [2] + c("assistant\n")
+    assert stats.n_prompt_truncated == 1
+    # a prompt that does not start with BOS is cut as before
+    [ex], _ = tokenize_pairs(CONV_ROWS[:1], CharTokenizer(), max_length=30, max_prompt_length=14)
+    assert ex.prompt_ids == c("?") + [3] + c("\n") + [2] + c("assistant\n")
+    # SmolLM2 style: bos_token is <|im_start|> (id 2 here), which the tokenizer does not add: no BOS to keep
+    tok = CharTokenizer(add_bos=False)
+    tok.bos_token_id = 2
+    [ex], _ = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=14)
+    assert ex.prompt_ids == c("?") + [3] + c("\n") + [2] + c("assistant\n")

@@ -34,7 +34,8 @@ def test_prompt_longer_than_max_length_keeps_its_end_and_the_response(tmp_path):
     examples, stats = tokenize(tmp_path, [{"prompt": prompt, "chosen": "4", "rejected": "5"}])
     ex = examples[0]
     assert len(ex.prompt_ids) == 20 and stats.n_prompt_truncated == 1  # left truncation to max_prompt_length
-    assert "".join(chr(i - 100) for i in ex.prompt_ids).endswith("2 + 2?")
+    assert ex.prompt_ids[0] == CharTokenizer().bos_token_id  # that keeps the BOS the tokenizer adds
+    assert "".join(chr(i - 100) for i in ex.prompt_ids[1:]).endswith("2 + 2?")
     assert len(ex.prompt_ids) + len(ex.chosen_ids) <= 40
 
 
