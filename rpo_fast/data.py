@@ -7,7 +7,8 @@ Row formats (TRL's), one per row, all three fields of one kind:
                       "chosen": [{"role": "assistant", "content": "..."}],
                       "rejected": [{"role": "assistant", "content": "..."}]}
 
-Extra fields are kept and ignored. Files: `.jsonl`, `.json` (a list of rows), `.parquet` (needs
+Conversational rows may also carry TRL's `tools` (a list of tool schemas, or a JSON string of one) and
+`chat_template_kwargs` (a dict), passed to the chat template. Other extra fields are kept and ignored. Files: `.jsonl`, `.json` (a list of rows), `.parquet` (needs
 pyarrow) or a folder written by `datasets.Dataset.save_to_disk` (needs datasets).
 
 Tokenization follows TRL's DPO preprocessing: conversational rows go through the tokenizer's chat
@@ -144,13 +145,54 @@ def _check_messages(messages: list, name: str, where: str) -> None:
                              f"got {_describe(message)}")
 
 
+_RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tools", "tokenize", "add_generation_prompt")
+
+
+def _template_extras(row: dict, where: str) -> dict:
+    """The keyword arguments that a conversational row's TRL columns `tools` (a list of tool schemas, or
+    a JSON string of one) and `chat_template_kwargs` (a dict) add to `apply_chat_template`; absent or
+    None columns add nothing.
+
+    Raises:
+        ValueError: naming `where` and the field, for a wrong type or a string `tools` that is not a JSON list.
+    """
+    extras = {}
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: field 'tools': a string must be a JSON list of tools, got invalid "
+                             f"JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(tools, list):
+            raise ValueError(f"{where}: field 'tools': a string must be a JSON list of tools, got JSON "
+                             f"{_describe(tools)}")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ValueError(f"{where}: field 'tools': expected a list of tools (or a JSON string of one), "
+                             f"got {_describe(tools)}")
+        extras["tools"] = tools
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ValueError(f"{where}: field 'chat_template_kwargs': expected an object with string keys, "
+                             f"got {_describe(kwargs)}")
+        reserved = [k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS]
+        if reserved:
+            raise ValueError(f"{where}: field 'chat_template_kwargs': key(s) {reserved} are set by rpo-fast "
+                             f"itself (tools go in the row's 'tools' field)")
+        extras.update(kwargs)
+    return extras
+
+
 def validate_row(row: Any, where: str) -> str:
     """Checks one row and returns its format, "plain" or "conversational".
 
     Raises:
         ValueError: starting with `where` (e.g. "train.jsonl, line 3"), naming the field, what was
             expected and what came: a non-object row, a missing field, a wrong type, mixed formats,
-            a malformed or empty message list.
+            a malformed or empty message list, a conversational row's malformed `tools` or
+            `chat_template_kwargs`.
     """
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with fields {list(FIELDS)}, got {_describe(row)}")
@@ -173,6 +215,7 @@ def validate_row(row: Any, where: str) -> str:
                 raise ValueError(f"{where}: field {name!r}: expected a list of messages like 'prompt' "
                                  f"(conversational format), got {_describe(row[name])}")
             _check_messages(row[name], name, where)
+        _template_extras(row, where)
         return "conversational"
     raise ValueError(f"{where}: field 'prompt': expected a string or a list of {{'role', 'content'}} messages, "
                      f"got {_describe(prompt)}")
@@ -306,9 +349,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str, extras: dict) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extras)
     except Exception as e:  # no template, template errors (e.g. role order rules), ...
         raise ValueError(f"{where}: tokenizer.apply_chat_template failed ({type(e).__name__}: {e}); "
                          f"conversational rows need a tokenizer with a chat template") from e
@@ -337,8 +381,10 @@ def _tokenize_conversation(tokenizer, row: dict, where: str) -> tuple[list[int],
     that follow (exactly what the model sees); otherwise (a token merged across the boundary) the
     response text is tokenized on its own, as TRL does.
     """
-    prompt_text = _render(tokenizer, row["prompt"], True, where)
-    full_texts = [_render(tokenizer, row["prompt"] + row[name], False, where) for name in ("chosen", "rejected")]
+    extras = _template_extras(row, where)  # the row's `tools` and `chat_template_kwargs`, as TRL passes them
+    prompt_text = _render(tokenizer, row["prompt"], True, where, extras)
+    full_texts = [_render(tokenizer, row["prompt"] + row[name], False, where, extras)
+                  for name in ("chosen", "rejected")]
     prompt_text = _common_prefix(prompt_text, *full_texts)
     prompt_ids = _encode(tokenizer, prompt_text)
     responses = []

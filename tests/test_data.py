@@ -561,3 +561,57 @@ def test_prompt_truncation_keeps_a_leading_bos():
     tok.bos_token_id = 2
     [ex], _ = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=14)
     assert ex.prompt_ids == c("?") + [3] + c("\n") + [2] + c("assistant\n")
+
+
+TOOLS_VOCAB = ["<unk>", "<end>", "TOOLS", "get_weather", "calc", "user", "assistant", ":", "hi", "yes", "no",
+               "formal"]
+TOOLS_TEMPLATE = ("{% if style %}{{ style }} {% endif %}"
+                  "{% if tools %}TOOLS {% for t in tools %}{{ t['name'] }} {% endfor %}{% endif %}"
+                  "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <end> {% endfor %}"
+                  "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def tools_tokenizer():
+    """A word-level Hugging Face tokenizer (id = position in TOOLS_VOCAB) whose chat template renders the
+    `tools` it is given and a `style` keyword."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOOLS_VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<end>")
+    tok.chat_template = TOOLS_TEMPLATE
+    return tok
+
+
+TOOLS_ROW = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]}
+
+
+def test_tools_and_chat_template_kwargs_reach_the_chat_template():
+    """TRL's `tools` (a list, or a JSON string of one) and `chat_template_kwargs` row fields are passed to
+    apply_chat_template, as TRL 1.16 does."""
+    tok = tools_tokenizer()
+    tools = [{"name": "get_weather"}, {"name": "calc"}]
+    rows = [TOOLS_ROW,
+            {**TOOLS_ROW, "tools": tools},
+            {**TOOLS_ROW, "tools": json.dumps(tools), "chat_template_kwargs": {"style": "formal"}},
+            {**TOOLS_ROW, "tools": None, "chat_template_kwargs": None}]
+    examples, _ = tokenize_pairs(rows, tok, max_length=64, max_prompt_length=32)
+    # user : hi <end> assistant :
+    plain_prompt = [5, 7, 8, 1, 6, 7]
+    assert [ex.prompt_ids for ex in examples] == [plain_prompt, [2, 3, 4] + plain_prompt,
+                                                 [11, 2, 3, 4] + plain_prompt, plain_prompt]
+    assert all(ex.chosen_ids == [9, 1] and ex.rejected_ids == [10, 1] for ex in examples)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"tools": {"name": "calc"}}, r"row 0: field 'tools': expected a list of tools"),
+    ({"tools": "[{"}, r"row 0: field 'tools': a string must be a JSON list of tools, got invalid JSON"),
+    ({"tools": '{"name": "calc"}'}, r"row 0: field 'tools': a string must be a JSON list of tools, got JSON dict"),
+    ({"chat_template_kwargs": ["style"]}, r"row 0: field 'chat_template_kwargs': expected an object"),
+    ({"chat_template_kwargs": {"tokenize": True}}, r"row 0: field 'chat_template_kwargs': key\(s\) \['tokenize'\]"),
+])
+def test_malformed_tools_and_chat_template_kwargs_are_value_errors(extra, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize_pairs([{**TOOLS_ROW, **extra}], CharTokenizer(), max_length=64, max_prompt_length=32)
