@@ -145,6 +145,24 @@ def _check_messages(messages: list, name: str, where: str) -> None:
                              f"got {_describe(message)}")
 
 
+def _check_utf8(value: Any, label: str, where: str, element: str = "item") -> None:
+    """Raises ValueError when a string in `value` (nested lists and dicts included) cannot be encoded as
+    UTF-8: a lone surrogate such as JSON's "\\ud83d", which loads but which no tokenizer accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: {label}: text not encodable as UTF-8 ({e.reason} "
+                             f"{value[e.start:e.end]!r} at character {e.start})") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_utf8(key, label, where)
+            _check_utf8(item, f"{label}, {key!r}" if isinstance(key, str) else label, where)
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            _check_utf8(item, f"{label}, {element} {k}", where)
+
+
 _RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tools", "tokenize", "add_generation_prompt")
 
 
@@ -192,7 +210,7 @@ def validate_row(row: Any, where: str) -> str:
         ValueError: starting with `where` (e.g. "train.jsonl, line 3"), naming the field, what was
             expected and what came: a non-object row, a missing field, a wrong type, mixed formats,
             a malformed or empty message list, a conversational row's malformed `tools` or
-            `chat_template_kwargs`.
+            `chat_template_kwargs`, text that cannot be encoded as UTF-8 (a lone surrogate).
     """
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with fields {list(FIELDS)}, got {_describe(row)}")
@@ -208,6 +226,8 @@ def validate_row(row: Any, where: str) -> str:
             if not isinstance(row[name], str):
                 raise ValueError(f"{where}: field {name!r}: expected a string like 'prompt' (plain format), "
                                  f"got {_describe(row[name])}")
+        for name in FIELDS:
+            _check_utf8(row[name], f"field {name!r}", where)
         return "plain"
     if isinstance(prompt, list):
         for name in FIELDS:
@@ -215,6 +235,9 @@ def validate_row(row: Any, where: str) -> str:
                 raise ValueError(f"{where}: field {name!r}: expected a list of messages like 'prompt' "
                                  f"(conversational format), got {_describe(row[name])}")
             _check_messages(row[name], name, where)
+            _check_utf8(row[name], f"field {name!r}", where, element="message")
+        for name in ("tools", "chat_template_kwargs"):
+            _check_utf8(row.get(name), f"field {name!r}", where)
         _template_extras(row, where)
         return "conversational"
     raise ValueError(f"{where}: field 'prompt': expected a string or a list of {{'role', 'content'}} messages, "

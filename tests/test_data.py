@@ -615,3 +615,21 @@ def test_tools_and_chat_template_kwargs_reach_the_chat_template():
 def test_malformed_tools_and_chat_template_kwargs_are_value_errors(extra, message):
     with pytest.raises(ValueError, match=message):
         tokenize_pairs([{**TOOLS_ROW, **extra}], CharTokenizer(), max_length=64, max_prompt_length=32)
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "Q \ud83d", "chosen": " a", "rejected": " b"}, r"line 2: field 'prompt': text not encodable as UTF-8"),
+    ({"prompt": "Q", "chosen": " a", "rejected": "\udc00"}, r"line 2: field 'rejected': text not encodable"),
+    ({**GOOD_CONV, "chosen": [{"role": "assistant", "content": "x\ud83d"}]},
+     r"line 2: field 'chosen', message 0, 'content': text not encodable as UTF-8 \(surrogates not allowed "
+     r"'\\ud83d' at character 1\)"),
+    ({**GOOD_CONV, "tools": [{"name": "\ud83d"}]}, r"line 2: field 'tools', item 0, 'name': text not encodable"),
+])
+def test_lone_surrogates_are_value_errors_naming_row_and_field(tmp_path, row, message):
+    """A JSON "\\ud83d" escape is valid JSON but no tokenizer takes it: a ValueError naming line and field at
+    load time (it was a bare TypeError from the tokenizer)."""
+    path = _write(tmp_path / "d.jsonl", GOOD + "\n" + json.dumps(row) + "\n")  # json.dumps writes the escape
+    with pytest.raises(ValueError, match=message):
+        load_preference_rows(path)
+    with pytest.raises(ValueError, match=r"<rows>, row 0: field"):
+        tokenize_pairs([row], CharTokenizer(), max_length=64, max_prompt_length=32)
