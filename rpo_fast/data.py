@@ -83,6 +83,8 @@ class TokenizeStats:
     n_response_truncated: int = 0  # kept pairs with the chosen or the rejected response cut
     n_conversational: int = 0  # rows rendered with the chat template
     n_blank_response: int = 0  # kept pairs with a blank chosen or rejected text: that response is EOS / end of turn
+    n_boundary_merged: int = 0  # kept chat pairs whose tokens merge across the prompt/response boundary: the
+    #                             trained prompt + response ids differ from the full conversation's ids
     prompt_tokens: int = 0  # sums over kept pairs (prompt counted once per pair)
     response_tokens: int = 0  # chosen + rejected
     max_prompt_tokens: int = 0
@@ -102,6 +104,9 @@ class TokenizeStats:
             f"{self.n_dropped_empty_prompt} empty prompt)"
             + (f", {self.n_blank_response} with a blank response in the row (trained as its whitespace, if any, "
                "then EOS / end of turn)" if self.n_blank_response else "")
+            + (f", {self.n_boundary_merged} conversational with tokens merged across the prompt/response "
+               "boundary (trained as prompt and response tokenized apart, not as the conversation's tokens)"
+               if self.n_boundary_merged else "")
             + f"; truncated {self.n_truncated} "
             f"(prompt {self.n_prompt_truncated}, response {self.n_response_truncated}) at "
             f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}; tokens per pair: "
@@ -394,15 +399,19 @@ def _common_prefix(*texts: str) -> str:
     return texts[0][:n]
 
 
-def _tokenize_conversation(tokenizer, row: dict, where: str) -> tuple[list[int], list[int], list[int]]:
+def _tokenize_conversation(tokenizer, row: dict, where: str) -> tuple[list[int], list[int], list[int], bool]:
     """Prompt and response ids of a conversational row, the way TRL's `maybe_apply_chat_template` does it:
     the prompt is the rendering with the generation prompt, a response is what the full conversation's
     rendering adds after it. The prompt text is cut back to the prefix that all three renderings share
     (templates like DeepSeek-R1's add a `<think>` to the generation prompt that the full rendering lacks).
 
     Tokens: when the prompt's ids are a prefix of the full conversation's ids, the response is the ids
-    that follow (exactly what the model sees); otherwise (a token merged across the boundary) the
-    response text is tokenized on its own, as TRL does.
+    that follow (exactly what the model sees); otherwise (a token merged across the boundary, e.g.
+    SmolLM2's generation prompt ends with "\n" and a response starting with "\n" makes "\n\n") the
+    response text is tokenized on its own, so the trained prompt + response ids differ from the full
+    conversation's. TRL 1.16 instead cuts the prompt back to the common token prefix and warns; here such
+    pairs are counted (`TokenizeStats.n_boundary_merged`, in the start-up report). The last value
+    returned says whether that happened.
     """
     extras = _template_extras(row, where)  # the row's `tools` and `chat_template_kwargs`, as TRL passes them
     prompt_text = _render(tokenizer, row["prompt"], True, where, extras)
@@ -410,14 +419,15 @@ def _tokenize_conversation(tokenizer, row: dict, where: str) -> tuple[list[int],
                   for name in ("chosen", "rejected")]
     prompt_text = _common_prefix(prompt_text, *full_texts)
     prompt_ids = _encode(tokenizer, prompt_text)
-    responses = []
+    responses, merged = [], False
     for full_text in full_texts:
         full_ids = _encode(tokenizer, full_text)
         if full_ids[:len(prompt_ids)] == prompt_ids:
             responses.append(full_ids[len(prompt_ids):])
         else:
             responses.append(_encode(tokenizer, full_text[len(prompt_text):]))
-    return prompt_ids, responses[0], responses[1]
+            merged = True
+    return prompt_ids, responses[0], responses[1], merged
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -511,9 +521,10 @@ def tokenize_pairs(
         stats.n_rows += 1
         if validate_row(row, where) == "conversational":
             stats.n_conversational += 1
-            prompt_ids, chosen_ids, rejected_ids = _tokenize_conversation(tokenizer, row, where)
+            prompt_ids, chosen_ids, rejected_ids, merged = _tokenize_conversation(tokenizer, row, where)
         else:
             prompt_ids, chosen_ids, rejected_ids = _tokenize_plain(tokenizer, row, plain_bos)
+            merged = False
         if not prompt_ids:
             if bos is None:
                 stats.n_dropped_empty_prompt += 1
@@ -542,6 +553,7 @@ def tokenize_pairs(
         examples.append(example)
         stats.n_kept += 1
         stats.n_blank_response += _is_blank(row["chosen"]) or _is_blank(row["rejected"])
+        stats.n_boundary_merged += merged
         stats.n_prompt_truncated += prompt_cut
         stats.n_response_truncated += response_cut
         stats.n_truncated += prompt_cut or response_cut

@@ -633,3 +633,18 @@ def test_lone_surrogates_are_value_errors_naming_row_and_field(tmp_path, row, me
         load_preference_rows(path)
     with pytest.raises(ValueError, match=r"<rows>, row 0: field"):
         tokenize_pairs([row], CharTokenizer(), max_length=64, max_prompt_length=32)
+
+
+def test_tokens_merged_across_the_chat_boundary_are_counted_and_reported():
+    """MergingTokenizer makes "\\nT" one token: a response starting with "T" after the generation prompt's
+    "\\n" trains ids that differ from the full conversation's; such pairs are counted and reported."""
+    tok = MergingTokenizer()
+    rows = [CONV_ROWS[0],  # "The answer ...": merges with the prompt's final "\n"
+            {**CONV_ROWS[0], "chosen": [{"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "assistant", "content": "5"}]}]  # no merge
+    examples, stats = tokenize_pairs(rows, tok, max_length=200, max_prompt_length=100)
+    assert stats.n_boundary_merged == 1
+    assert examples[0].chosen_ids[:2] == [ord("T") + 100, ord("h") + 100]  # tokenized apart from the prompt
+    assert "1 conversational with tokens merged across the prompt/response boundary" in str(stats)
+    _, clean = tokenize_pairs(rows[1:], tok, max_length=200, max_prompt_length=100)
+    assert clean.n_boundary_merged == 0 and "merged" not in str(clean)
