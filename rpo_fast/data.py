@@ -8,11 +8,19 @@ Row formats (TRL's), one per row, all three fields of one kind:
                       "rejected": [{"role": "assistant", "content": "..."}]}
 
 Conversational rows may also carry TRL's `tools` (a list of tool schemas, or a JSON string of one) and
-`chat_template_kwargs` (a dict), passed to the chat template. Other extra fields are kept and ignored. Files: `.jsonl`, `.json` (a list of rows), `.parquet` (needs
-pyarrow) or a folder written by `datasets.Dataset.save_to_disk` (needs datasets).
+`chat_template_kwargs` (a dict), passed to the chat template. Other extra fields are kept and ignored.
+Files: `.jsonl`, `.json` (a list of rows), `.parquet` (needs pyarrow) or a folder written by
+`datasets.Dataset.save_to_disk` (needs datasets).
 
-Tokenization follows TRL's DPO preprocessing: conversational rows go through the tokenizer's chat
-template, the prompt is left-truncated to `max_prompt_length`, then the responses are cut so that
+Tokenization (it is not TRL 1.16's, which tokenizes prompt + response together and cuts the end of the
+whole sequence, `keep_start`): conversational rows go through the tokenizer's chat template (see
+`_tokenize_conversation`). Plain rows: prompt and each response are tokenized separately, the prompt
+starts with BOS when the tokenizer adds one by default, EOS is appended to a response that does not end
+with it. Tokenizing apart means a token never spans the boundary: with SentencePiece/Metaspace tokenizers
+(Llama 2, Mistral, Gemma) a response is encoded as if it started a text, which can put a space at the
+boundary that `prompt + response` as one string would not have, and a response's leading space changes
+its tokens only with byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen). Then, as pre-1.0 TRL did, the
+prompt is left-truncated to `max_prompt_length` (a leading BOS kept), and the responses are cut so that
 prompt + response fits `max_length`; pairs left with no response token are dropped and counted. A blank
 response in a row ("" or whitespace) still has a token, as in TRL: EOS (plain rows) or the template's
 empty assistant turn; such pairs are trained on and counted in the report, so that they are seen.
@@ -442,8 +450,10 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def _tokenize_plain(tokenizer, row: dict, bos: int | None) -> tuple[list[int], list[int], list[int]]:
-    """TRL's plain-text rule: each part tokenized on its own, no special tokens added, EOS appended to
-    each response (when the tokenizer has one)."""
+    """Plain rows: each part tokenized on its own without special tokens (TRL 1.16 tokenizes prompt +
+    response jointly; see the module docstring for what tokenizing apart changes), `bos` (the tokenizer's
+    default BOS, or None) put first in the prompt unless already there, EOS appended to each response
+    that does not already end with it (when the tokenizer has one), as TRL 1.16 does."""
     eos = getattr(tokenizer, "eos_token_id", None)
 
     def response(text: str) -> list[int]:
@@ -477,7 +487,7 @@ def tokenize_pairs(
     max_prompt_length: int,
     source: str = "<rows>",
 ) -> tuple[list[PreferenceExample], TokenizeStats]:
-    """Tokenizes preference rows into examples, with TRL's truncation.
+    """Tokenizes preference rows into examples, truncating as pre-1.0 TRL did (the prompt from the left).
 
     Conversational rows are rendered with `tokenizer.apply_chat_template` (see
     `_tokenize_conversation`): the prompt ends with the generation prompt, each response holds the
