@@ -494,15 +494,15 @@ def tokenize_pairs(
     assistant turn(s) including the template's end-of-turn tokens; no extra EOS is appended. Plain rows:
     prompt and responses are tokenized separately without special tokens; the prompt then starts with BOS
     when the tokenizer adds one by default (Llama, Mistral, Gemma), and EOS is appended to each response
-    that does not already end with it. A prompt that tokenizes to nothing becomes [BOS] (so the first response token has a
-    position that predicts it), or the pair is dropped when there is no BOS.
+    that does not already end with it. A prompt that tokenizes to nothing becomes [BOS] (so the first
+    response token has a position that predicts it), or the pair is dropped when there is no BOS.
 
-    Truncation: the prompt keeps its last `max_prompt_length` tokens (when the tokenizer adds BOS by default,
-    a prompt that starts with it, plain or rendered by the chat template, keeps it: BOS + its last
-    `max_prompt_length - 1` tokens; this left
-    truncation is pre-1.0 TRL's, TRL 1.16 cuts prompt + response at the end instead); then each response keeps its first
-    `max_length - len(prompt)` tokens. A pair with an empty chosen or rejected response after that is
-    dropped and counted in `TokenizeStats.n_dropped_empty`. A blank response text ("" or whitespace) is
+    Truncation: the prompt keeps its last `max_prompt_length` tokens; when the tokenizer adds BOS by
+    default, a prompt that starts with it (plain, or rendered by the chat template) keeps it: BOS + its
+    last `max_prompt_length - 1` tokens. This left truncation is pre-1.0 TRL's (TRL 1.16 cuts prompt +
+    response at the end instead). Then each response keeps its first `max_length - len(prompt)` tokens. A
+    pair with an empty chosen or rejected response after that is dropped and counted in
+    `TokenizeStats.n_dropped_empty`. A blank response text ("" or whitespace) is
     not empty once tokenized (EOS, or the template's end of turn): such kept pairs are counted in
     `TokenizeStats.n_blank_response`.
 
