@@ -74,16 +74,13 @@ def choose_layout(n_tokens: int, vocab_size: int, hidden_size: int, want_dw: boo
 
 
 def _logits(h_rows: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 [rows, V'] logits of hidden rows against weight rows (plus bias, in place).
-
-    fp32 products of half-precision operands where the device has them (CUDA tensor cores). On CPU half
-    operands give the product rounded to their dtype, then fp32: CPU has no fp32-output half GEMM, and an
-    fp32 copy of the weight would cost 4*V*H bytes per call.
+    """fp32 [rows, V'] logits of hidden rows against weight rows (plus bias, in place): `gemm.mm_f32`, the
+    product the forward-time-gradient head (`rpo_fast.fwdgrad`) takes too, so that a policy and a reference
+    scored by the two heads differ by their inputs alone (fp32 products of half-precision operands on
+    CUDA tensor cores; elsewhere the operands in fp32, a transient fp32 copy of the weight rows, where
+    half-precision products rounded to their dtype would shift every half-precision log-prob).
     """
-    if h_rows.dtype == torch.float32 or fp32_out_on_tensor_cores(h_rows):
-        logits = mm_f32(h_rows, w_rows.T)
-    else:
-        logits = (h_rows @ w_rows.T).float()
+    logits = mm_f32(h_rows, w_rows.T)
     return logits if bias is None else logits.add_(bias)
 
 
