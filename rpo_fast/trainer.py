@@ -307,21 +307,28 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
     """Pair-weighted means of PAIR_METRICS over `examples` (no gradient), as {"eval/<name>": value}."""
     groups = batch_by_token_budget(examples, config.token_budget, max_pairs=config.max_pairs_per_micro_batch,
                                    shuffle=False, seed=0, epoch=0)
-    module = accelerator.unwrap_model(model)  # no DDP collectives: processes may get unequal shares
+    module = accelerator.unwrap_model(model)  # no DDP gradient sync in eval
     was_training = module.training
     module.eval()
     sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
     chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)
-    mine = groups[accelerator.process_index::accelerator.num_processes]
-    bar = metrics.progress_bar(len(mine), 0, enabled=config.progress and accelerator.is_main_process, desc=split,
+    world = accelerator.num_processes
+    mine = groups[accelerator.process_index::world]
+    # Every process makes the same number of forwards: under FSDP each forward is a collective (so is the DDP
+    # buffer sync of an adapter-off reference run through the wrapped model). One with fewer groups repeats
+    # the set's first group and drops its sums.
+    rounds = -(-len(groups) // world)
+    bar = metrics.progress_bar(rounds, 0, enabled=config.progress and accelerator.is_main_process, desc=split,
                                unit="batch", leave=False)  # the demo's eval: ~36 s on 2 cores
-    for group in mine:
+    for k in range(rounds):
+        group = mine[k] if k < len(mine) else groups[0]
         batch = pack_pairs([examples[i] for i in group], share_prompt=config.share_prompt).to(accelerator.device)
         with accelerator.autocast():
             out = module(batch, **reference.inputs(batch, split, accelerator.autocast))
-        batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
-        sums += metrics.pair_metric_sums(out, batch.n_pairs,
-                                         token_mean_nll_pairs(batch_chosen, config, len(examples), chosen_tokens))
+        if k < len(mine):
+            batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
+            sums += metrics.pair_metric_sums(out, batch.n_pairs, token_mean_nll_pairs(
+                batch_chosen, config, len(examples), chosen_tokens))
         bar.update(1)
     bar.close()
     module.train(was_training)

@@ -6,23 +6,36 @@ each forward (the gold-rule generations), and the adapter-off reference must run
 """
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from rpo_fast.config import load_config
+from rpo_fast.trainer import train
 from test_fsdp_resume import fsdp_and_one_process, launch_fsdp
-from tiny_lm import build_tiny_model_dir, load_json_lines, tiny_overrides
+from tiny_lm import build_tiny_model_dir, load_json_lines, tiny_overrides, write_rows
 
 
 def test_eval_and_gold_generations_under_fsdp(tmp_path):
+    """5 eval pairs, 2 per micro-batch: 3 micro-batches, 2 on one process and 1 on the other, whose forwards
+    must still pair up (the one with fewer repeats one, unused); the eval metrics are 1 process's."""
     model_dir = build_tiny_model_dir(tmp_path / "tiny")
     (tmp_path / "run").mkdir()
+    eval_file = write_rows(tmp_path / "eval5.jsonl", 5, "eval")
     overrides = tiny_overrides(model_dir, tmp_path / "run", sft_norm="sum", eval_every=2, gold_eval_samples=2,
-                               gold_max_new_tokens=4)
+                               gold_max_new_tokens=4, eval_file=str(eval_file))
     run = launch_fsdp(overrides, tmp_path / "run", timeout=240)  # a hang fails here, not after 10 minutes
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "distributed type DistributedType.FSDP" in run.stdout
     evals = [r for r in load_json_lines(tmp_path / "run" / "run" / "metrics.jsonl") if "eval/gold_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2, 4], json.dumps(evals)[:2000]
+
+    (tmp_path / "one").mkdir()  # the step-0 eval (the initial model) of one process
+    train(load_config(None, tiny_overrides(model_dir, tmp_path / "one", sft_norm="sum", max_steps=1,
+                                           eval_file=str(eval_file))))
+    one = next(r for r in load_json_lines(tmp_path / "one" / "run" / "metrics.jsonl") if r.get("step") == 0)
+    for key in ("eval/loss", "eval/rewards/margins", "eval/nll", "eval/logps/chosen"):
+        assert evals[0][key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 
 
 def test_lora_with_the_adapter_reference_under_fsdp_equals_one_process(tmp_path):
