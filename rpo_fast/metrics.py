@@ -44,10 +44,18 @@ def metrics_from_sums(sums: torch.Tensor, n_pairs: int, prefix: str = "") -> dic
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on `device`, or this process's peak resident set size on the CPU (MB)."""
+    """Peak CUDA memory allocated on `device` since the last `reset_peak_memory` (the trainer resets it at the
+    start of each step: the step's peak), or on the CPU this process's peak resident set size so far (MB;
+    it cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak for `peak_memory_mb` on a CUDA device (nothing to do on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class MetricsLogger:
@@ -69,7 +77,9 @@ class MetricsLogger:
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            # on resume, TensorBoard drops its events past the checkpoint too (purge_step), as the jsonl does
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -632,6 +632,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             continue
         start = time.perf_counter()
+        metrics.reset_peak_memory(accelerator.device)  # peak_mem_mb: this step's, not eval's or loading's
         sums, tokens, response_tokens = run_step(model, reference, train_examples, plan[state.step_in_epoch],
                                                  accelerator, config, state.step + 1, hooks)
         counts = torch.tensor([tokens, response_tokens], dtype=torch.float64)

@@ -54,3 +54,27 @@ def test_final_table_names_the_steps_each_column_averages():
     assert loss_row.split()[1:3] == ["3", "30"]
     header = final_table([dict(r, step=r["step"] + 9990) for r in records] * 2, None, None).splitlines()[0]
     assert "steps 9993-9996  " in header  # wide labels keep a gap between columns
+
+
+def test_tensorboard_drops_its_events_past_the_checkpoint_on_resume(tmp_path, monkeypatch):
+    """metrics.jsonl forgets the steps a crash lost after the last checkpoint; TensorBoard must too (purge_step),
+    or a resumed run shows those steps twice. The tensorboard package is not in the pinned set: a stand-in."""
+    import importlib.util
+    import sys
+    import types
+
+    from rpo_fast.metrics import MetricsLogger
+
+    made = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            made.append(purge_step)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorboard" else real_find_spec(name, *a))
+    MetricsLogger(tmp_path, tensorboard=True)
+    MetricsLogger(tmp_path, tensorboard=True, resume_step=4)
+    assert made == [None, 5]
