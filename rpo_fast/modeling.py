@@ -80,9 +80,7 @@ def load_causal_lm(name: str, gguf_file: str | None = None, *, dtype: str = "flo
         ValueError: for an unknown dtype, a missing alias package, a model that packed rows would give wrong
             numbers (`check_packable`), or an unsupported head (`check_head`).
     """
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
