@@ -201,11 +201,24 @@ def check_op_targets(hidden, weight, targets, ignore_index: int) -> None:
     check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
 
 
+def is_int(value) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_chunk_tokens(chunk_tokens, name: str = "chunk_tokens") -> None:
     """Rows per fused-head chunk: None (the op's default budget) or an int > 0; `name` is the caller's argument."""
-    if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and not isinstance(chunk_tokens, bool)
-                                         and chunk_tokens > 0):
+    if chunk_tokens is not None and not (is_int(chunk_tokens) and chunk_tokens > 0):
         raise ValueError(f"{name}: expected None or an int > 0, got {chunk_tokens!r}")
+
+
+def check_chunk_tokens_used(chunk_tokens, backward: str, impl: str, impl_name: str = "impl") -> None:
+    """A training run's `head_chunk_tokens` is None unless a forward-time-gradient backward uses it: `backward`
+    "auto" or "fwdgrad" with a fused `impl` (not "dense"); `impl_name` is the caller's name for `impl`."""
+    if chunk_tokens is not None and (backward not in ("auto", "fwdgrad") or impl == "dense"):
+        raise ValueError(f"head_chunk_tokens: expected None with head_backward={backward!r} and {impl_name}={impl!r} "
+                         "(it sizes the fwdgrad backward's chunks, which only head_backward 'auto' or 'fwdgrad' with "
+                         f"a fused impl uses), got {chunk_tokens!r}")
 
 
 def check_head_backward(impl: str, backward: str, name: str = "backward") -> None:

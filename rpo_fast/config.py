@@ -163,10 +163,7 @@ class TrainConfig:
         if self.head_chunk_tokens is not None:
             _require("head_chunk_tokens", self.head_chunk_tokens >= 1, "None or an integer >= 1",
                      self.head_chunk_tokens)
-            _require("head_chunk_tokens", self.head_backward in ("auto", "fwdgrad") and self.impl != "dense",
-                     f"None with head_backward={self.head_backward!r} and impl={self.impl!r} (it sizes the fwdgrad "
-                     "backward's chunks, which only head_backward 'auto' or 'fwdgrad' with a fused impl uses)",
-                     self.head_chunk_tokens)
+            checks.check_chunk_tokens_used(self.head_chunk_tokens, self.head_backward, self.impl)
         base_optimizer, in_backward = optim.parse_mode(self.optimizer)
         _require("optimizer_compile", not self.optimizer_compile or base_optimizer in ("adamw_bf16", "adamw_bf16_sr"),
                  f"false with optimizer={self.optimizer!r} (it compiles the adamw_bf16 modes' update)",

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import checks
 from .gold import gold_reward
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -475,7 +476,7 @@ def _is_blank(response: str | list[dict]) -> bool:
 
 
 def _check_length(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not checks.is_int(value) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 

@@ -275,10 +275,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
@@ -365,21 +361,19 @@ def plan_memory(
     opt_base, in_backward = optim.parse_mode(optimizer)
     for name, value in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes),
                         ("max_length", max_length), ("lora_rank", lora_rank)):
-        if not _is_int(value) or value < 1:
+        if not checks.is_int(value) or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     for name, value in (("micro_batch_pairs", micro_batch_pairs), ("tokens_per_micro_batch", tokens_per_micro_batch)):
-        if value is not None and not _is_int(value):
+        if value is not None and not checks.is_int(value):
             raise ValueError(f"{name}: expected an integer (or None), got {value!r}")
-    if not _is_int(prompt_tokens):
+    if not checks.is_int(prompt_tokens):
         raise ValueError(f"prompt_tokens: expected an integer, got {prompt_tokens!r}")
     if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
         raise ValueError(f"lora_dropout: expected a number in [0, 1), got {lora_dropout!r}")
     if isinstance(lora_targets, str):
         raise ValueError(f"lora_targets: expected a tuple of projection names, got the string {lora_targets!r}")
     checks.check_chunk_tokens(head_chunk_tokens, "head_chunk_tokens")
-    if head_chunk_tokens is not None and (loss_impl == "dense" or head_backward not in ("auto", "fwdgrad")):
-        raise ValueError(f"head_chunk_tokens: expected None with head_backward={head_backward!r} and "
-                         f"loss_impl={loss_impl!r} (it sizes the fwdgrad backward's chunks), got {head_chunk_tokens}")
+    checks.check_chunk_tokens_used(head_chunk_tokens, head_backward, loss_impl, "loss_impl")
     if fsdp_processes > 1 and ddp_processes > 1:
         raise ValueError(f"ddp_processes: expected 1 with fsdp_processes={fsdp_processes} (a run is DDP or FSDP), "
                          f"got {ddp_processes}")

@@ -47,6 +47,7 @@ from typing import Sequence
 
 import torch
 
+from . import checks
 from .data import PreferenceExample
 
 IGNORE_INDEX = -100
@@ -285,9 +286,9 @@ def batch_by_token_budget(
     Raises:
         ValueError: for token_budget < 1 or max_pairs < 1.
     """
-    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+    if not checks.is_int(token_budget) or token_budget < 1:
         raise ValueError(f"token_budget: expected an int >= 1, got {token_budget!r}")
-    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1):
+    if max_pairs is not None and (not checks.is_int(max_pairs) or max_pairs < 1):
         raise ValueError(f"max_pairs: expected None or an int >= 1, got {max_pairs!r}")
     order = list(range(len(examples)))
     if shuffle:
