@@ -791,12 +791,19 @@ class LiveTensorTracker(OutputRecorder):
 # The plan of a training config
 
 
+@dataclass(frozen=True)
+class World:
+    """A training run's processes: how many, and whether FSDP shards the model over them (else DDP, when > 1)."""
+
+    processes: int = 1
+    fsdp: bool = False
+
+
 TRAINER_REFERENCES = {"cache": "precomputed", "model": "model", "adapter": "lora_disabled", "none": "none"}
 TRAINER_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def plan_for_train_config(config, model=None, device: str = "cuda", processes: int = 1,
-                          fsdp: bool = False) -> MemoryPlan:
+def plan_for_train_config(config, model=None, device: str = "cuda", world: World = World()) -> MemoryPlan:
     """The planner's prediction for a `rpo_fast.config.TrainConfig` on `device`, at its worst micro-batch.
 
     The packer fills micro-batches up to `token_budget` tokens and `max_pairs_per_micro_batch` pairs, and
@@ -810,18 +817,18 @@ def plan_for_train_config(config, model=None, device: str = "cuda", processes: i
     Args:
         config: the training config.
         model: the model config to plan for (anything `load_model_config` takes) instead of `config.model`.
-        processes: the run's processes; with more than one, one process's memory under DDP, or FSDP when
-            `fsdp` (the launcher decides which, not the config).
+        world: the run's processes; with more than one, one process's memory under DDP, or FSDP when
+            `world.fsdp` (the launcher decides which, not the config).
 
     Raises:
         ValueError: when the model's config cannot be found (pass `model`), or for options the planner
             does not model (LoRA targets outside its projections).
     """
     return plan_memory(model if model is not None else config.model,
-                       **train_config_plan_options(config, device, processes, fsdp))
+                       **train_config_plan_options(config, device, world))
 
 
-def train_config_plan_options(config, device: str = "cuda", processes: int = 1, fsdp: bool = False) -> dict:
+def train_config_plan_options(config, device: str = "cuda", world: World = World()) -> dict:
     """`plan_memory` keyword arguments (all but the model) for a training config; see `plan_for_train_config`."""
     pair_tokens = 2 * config.max_length
     tokens = config.token_budget
@@ -841,7 +848,7 @@ def train_config_plan_options(config, device: str = "cuda", processes: int = 1, 
         dtype=TRAINER_DTYPES[config.dtype], gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer, reference=TRAINER_REFERENCES[config.reference],
         loss_impl="fused" if impl == "auto" else impl, attention="flash", device=device,
-        fsdp_processes=processes if fsdp else 1, ddp_processes=1 if fsdp else processes)
+        fsdp_processes=world.processes if world.fsdp else 1, ddp_processes=1 if world.fsdp else world.processes)
 
 
 def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, MemoryPlan]]:
@@ -884,12 +891,12 @@ def alternatives_text(model_config, gpu_bytes: int, **options) -> str:
     return "\n".join(lines)
 
 
-def forecast(config, model_config, gpu_bytes: int, processes: int = 1, fsdp: bool = False) -> str:
+def forecast(config, model_config, gpu_bytes: int, world: World = World()) -> str:
     """One log line for the start of training: the predicted peak of `config`'s worst micro-batch on a GPU of
-    `gpu_bytes` (one process's, of `processes` under DDP, or FSDP when `fsdp`), and whether it fits (with what
+    `gpu_bytes` (one process's of `world`), and whether it fits (with what
     to do when it does not)."""
     try:
-        options = train_config_plan_options(config, "cuda", processes, fsdp)
+        options = train_config_plan_options(config, "cuda", world)
         plan = plan_memory(model_config, **options)
     except Exception as err:  # noqa: BLE001 - an architecture the planner does not model: training goes on
         return f"memory plan: not available ({type(err).__name__}: {err})"

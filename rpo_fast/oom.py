@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from .config import TrainConfig
+from .memory_plan import World, plan_for_train_config
 
 GiB = 2**30
 
@@ -15,21 +16,11 @@ class TrainingOutOfMemoryError(RuntimeError):
     """A CUDA out-of-memory error in a training step, with the step, the batch and the planner's advice."""
 
 
-@dataclasses.dataclass(frozen=True)
-class World:
-    """The run's processes: how many, and whether FSDP shards the model over them (else DDP, when > 1)."""
-
-    processes: int = 1
-    fsdp: bool = False
-
-
 def _planned_peak(model_config, config: TrainConfig, token_budget: int, world: World) -> float | None:
     """The planner's predicted peak (bytes) for these settings at `token_budget`, or None if it cannot plan."""
-    from .memory_plan import plan_for_train_config
-
     try:
         return plan_for_train_config(dataclasses.replace(config, token_budget=token_budget), model=model_config,
-                                     processes=world.processes, fsdp=world.fsdp).peak_bytes
+                                     world=world).peak_bytes
     except Exception:  # an architecture or option the planner does not model: advise without numbers
         return None
 

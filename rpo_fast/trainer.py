@@ -381,9 +381,9 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def run_world(accelerator) -> oom.World:
+def run_world(accelerator) -> memory_plan.World:
     """The run's processes, as the memory planner sees them: how many, and whether FSDP shards the model."""
-    return oom.World(accelerator.num_processes, is_sharded(accelerator))
+    return memory_plan.World(accelerator.num_processes, is_sharded(accelerator))
 
 
 def gathered_state_dict(accelerator, module: torch.nn.Module) -> dict | None:
@@ -567,7 +567,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     config = resolve_share_prompt(config, policy, log)
     if accelerator.device.type == "cuda":
         log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device),
-                                 world, is_sharded(accelerator)))
+                                 run_world(accelerator)))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     reference = build_reference(config, policy, splits, accelerator, log)
     policy = finish_policy(policy, config)

@@ -6,8 +6,8 @@ forecast and out-of-memory advice plan the run's own world."""
 import pytest
 
 from rpo_fast.config import load_config, parse_overrides
-from rpo_fast.memory_plan import GiB, forecast, main, model_shape, plan_for_train_config, plan_memory
-from rpo_fast.oom import World, out_of_memory_message, update_out_of_memory_message
+from rpo_fast.memory_plan import GiB, World, forecast, main, model_shape, plan_for_train_config, plan_memory
+from rpo_fast.oom import out_of_memory_message, update_out_of_memory_message
 
 OPTIONS = dict(max_length=512, micro_batch_pairs=1, optimizer="adamw", reference="precomputed", device="cpu")
 
@@ -78,12 +78,12 @@ def test_the_trainer_forecast_and_out_of_memory_advice_plan_the_run_world():
     config = load_config("configs/mistral7b_full_80gb.yaml", {"optimizer": "adamw", "dtype": "float32",
                                                                "mixed_precision": "bf16"})
     gpu = int(79.1 * GiB)
-    fsdp = plan_for_train_config(config, processes=8, fsdp=True)
+    fsdp = plan_for_train_config(config, world=World(8, fsdp=True))
     assert fsdp.options["fsdp_processes"] == 8 and fsdp.fits(gpu)
-    assert plan_for_train_config(config, processes=8).options["ddp_processes"] == 8
-    assert forecast(config, "mistral-7b", gpu, processes=8, fsdp=True).startswith(
+    assert plan_for_train_config(config, world=World(8)).options["ddp_processes"] == 8
+    assert forecast(config, "mistral-7b", gpu, World(8, fsdp=True)).startswith(
         f"memory plan: predicted peak {fsdp.peak_bytes / GiB:.1f} GiB")
-    assert forecast(config, "mistral-7b", gpu, processes=8, fsdp=True).endswith(": fits")
+    assert forecast(config, "mistral-7b", gpu, World(8, fsdp=True)).endswith(": fits")
     assert "does NOT fit" in forecast(config, "mistral-7b", gpu)
 
     alone = update_out_of_memory_message(config, 3, "mistral-7b", gpu)
