@@ -32,7 +32,7 @@ import torch
 from . import providers as P
 from .memory import measure_memory
 from .shapes import Point, Suite
-from .timing import Candidate, Quantiles, failure_reason, time_interleaved
+from .timing import Candidate, Quantiles, failure_reason, is_oom, time_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,10 +51,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 # Relative differences from dense that rounding alone explains, (loss, gradients) per dtype: measured between
@@ -141,7 +137,7 @@ class LossBench:
                 try:
                     self._run_point(point, with_ref)
                 except Exception as exc:  # a broken point must not sink the whole run
-                    if not _is_oom(exc):
+                    if not is_oom(exc):
                         traceback.print_exc()
                     self.log(f"  point {tag} failed: {exc!r}"[:300])
                 _free(self.device)

@@ -59,11 +59,14 @@ def _time_once(cand: Candidate, device: torch.device, wall_clock: bool = False) 
     return elapsed
 
 
-def failure_reason(exc: BaseException) -> str:
-    """'out of memory', or 'Type: message' (at most 200 characters)."""
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return "out of memory"
-    return f"{type(exc).__name__}: {exc}"[:200]
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error (torch's, or one whose message says so, as some kernels raise it)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def failure_reason(exc: BaseException, limit: int = 200) -> str:
+    """'out of memory', or 'Type: message' (at most `limit` characters)."""
+    return "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {exc}"[:limit]
 
 
 def time_interleaved(candidates: Sequence[Candidate], device: torch.device, *, warmup: int = 1,

@@ -27,7 +27,7 @@ import torch
 from rpo_fast import fused_linear_rpo_loss, rpo_loss
 
 from .memory import quiet_stderr, measure_memory
-from .timing import quantiles
+from .timing import failure_reason, quantiles
 
 # Real shapes (random weights): Llama-3.2-1B and Mistral-7B-v0.1. The sliding window is off: the packed
 # sequences are shorter than Mistral's 4096-token window anyway.
@@ -177,10 +177,9 @@ def bench_model(name: str, shape: StepShape, device: torch.device, dtype: torch.
                 peak_abs = None
                 peak_extra = measure_memory(step, device).peak
         except Exception as exc:
-            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-            reason = "out of memory" if oom else f"{type(exc).__name__}: {exc}"
-            log(f"  {provider}: failed ({reason[:200]})")
-            emit(_row(provider, "failed", "", name, float("nan"), dict(config, reason=reason[:200])))
+            reason = failure_reason(exc)
+            log(f"  {provider}: failed ({reason})")
+            emit(_row(provider, "failed", "", name, float("nan"), dict(config, reason=reason)))
             times = None
         if times is None:  # after the except block, whose traceback pins the failed step's tensors
             opt.zero_grad(set_to_none=True)
@@ -208,10 +207,8 @@ def bench_model(name: str, shape: StepShape, device: torch.device, dtype: torch.
             _emit_provider(emit, log, "trl", name, dict(config, tokens_trl=tokens), times, shape.tokens, peak_extra,
                            peak_abs)
         except Exception as exc:
-            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-            reason = "out of memory" if oom else f"{type(exc).__name__}: {exc}"
-            log(f"  trl: failed ({reason[:300]})")
-            emit(_row("trl", "failed", "", name, float("nan"), dict(config, reason=reason[:200])))
+            log(f"  trl: failed ({failure_reason(exc, 300)})")
+            emit(_row("trl", "failed", "", name, float("nan"), dict(config, reason=failure_reason(exc))))
     model = None
     gc.collect()
     if device.type == "cuda":
