@@ -11,9 +11,9 @@ Products (`rpo_fast.gemm`): on CUDA every head GEMM is a bf16/fp16 tensor-core G
 accumulation (no fp32 x fp32 SGEMM): logits come out in fp32, so the log-softmax never sees logits rounded
 to bf16 (as in the Triton kernels), and the gradient GEMMs take dlogits cast to the input dtype. The weight
 gradient accumulates over chunks in fp32 on every device. fp32 inputs give fp32 products throughout. On CPU,
-bf16/fp16 inputs give input-dtype products for the logits (see `_logits`) and the token layout's dhidden (an
-fp32 weight copy would cost 4*V*H bytes per call), fp32 products of upcast operands for dweight and the vocab
-layout's dhidden.
+bf16/fp16 inputs give fp32 logits from upcast operands (see `_logits`: a transient fp32 copy of the weight
+rows, 4*V*H bytes, per chunk), fp32 products of upcast operands for dweight and the vocab layout's dhidden,
+and an input-dtype product for the token layout's dhidden.
 
 Two backward layouts:
     token chunks  (default) rows of tokens at a time, every chunk against the whole vocabulary; dweight
