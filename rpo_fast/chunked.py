@@ -11,9 +11,8 @@ Products (`rpo_fast.gemm`): on CUDA every head GEMM is a bf16/fp16 tensor-core G
 accumulation (no fp32 x fp32 SGEMM): logits come out in fp32, so the log-softmax never sees logits rounded
 to bf16 (as in the Triton kernels), and the gradient GEMMs take dlogits cast to the input dtype. The weight
 gradient accumulates over chunks in fp32 on every device. fp32 inputs give fp32 products throughout. On CPU,
-bf16/fp16 inputs give fp32 logits from upcast operands (see `_logits`: a transient fp32 copy of the weight
-rows, 4*V*H bytes, per chunk), fp32 products of upcast operands for dweight and the vocab layout's dhidden,
-and an input-dtype product for the token layout's dhidden.
+bf16/fp16 inputs are upcast: the token layout takes one fp32 copy of the weight (4*V*H bytes) for the whole
+call (`gemm_weight`), the vocab layout a copy of each slice, and every product is an fp32 one.
 
 Two backward layouts:
     token chunks  (default) rows of tokens at a time, every chunk against the whole vocabulary; dweight
@@ -73,6 +72,13 @@ def choose_layout(n_tokens: int, vocab_size: int, hidden_size: int, want_dw: boo
     return "vocab" if 4 * vocab_size * hidden_size > DW_BUFFER_SHARE * free else "tokens"
 
 
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [V, H] as the head GEMMs take it: itself where products of its dtype give fp32 results (fp32,
+    or bf16/fp16 on CUDA tensor cores); otherwise (bf16/fp16 on CPU) one fp32 copy, 4*V*H bytes, for the whole
+    call, rather than one per chunk inside `gemm.mm_f32`."""
+    return weight if weight.dtype == torch.float32 or fp32_out_on_tensor_cores(weight) else weight.float()
+
+
 def _logits(h_rows: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 [rows, V'] logits of hidden rows against weight rows (plus bias, in place): `gemm.mm_f32`, the
     product the forward-time-gradient head (`rpo_fast.fwdgrad`) takes too, so that a policy and a reference
@@ -107,10 +113,11 @@ def chunked_linear_logprobs_fwd(
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0)
+    w_op = gemm_weight(weight)
     step = chunk_rows(V, chunk_size, hidden.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
-        logits = _logits(hidden[rows], weight, bias)
+        logits = _logits(hidden[rows], w_op, bias)
         # torch's logsumexp returns +-inf for infinite logits; their log-probs are undefined: NaN, as in
         # the kernels' online softmax.
         chunk_lse = torch.logsumexp(logits, dim=-1)
@@ -196,17 +203,18 @@ def chunked_linear_logprobs_bwd(
     if layout == "tokens":
         grad_hidden = torch.empty_like(hidden) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
+        w_op = gemm_weight(weight)
         step = chunk_rows(V, chunk_size, hidden.device)
         for start in range(0, N, step):
             rows = slice(start, start + step)
-            probs = _logits(hidden[rows], weight, bias).sub_(lse[rows, None]).exp_()
+            probs = _logits(hidden[rows], w_op, bias).sub_(lse[rows, None]).exp_()
             dlogits = _dlogits(probs, safe_targets[rows], None, neg_g[rows], None if dead is None else dead[rows],
                                grad_bias, d_dtype)
             del probs
             if want_dw:
                 addmm_f32_(grad_weight, dlogits.T, hidden[rows].to(d_dtype))
-            if want_dh:  # a half-precision product on CPU too: an fp32 weight copy would cost 4*V*H bytes
-                grad_hidden[rows] = dlogits.to(weight.dtype) @ weight
+            if want_dh:  # dlogits is in w_op's dtype: halves on CUDA, fp32 elsewhere
+                grad_hidden[rows] = dlogits @ w_op
             del dlogits
         return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)
 
