@@ -173,6 +173,10 @@ def adamw_low_precision_update(w, comp, g, m, v, *, lr: float, weight_decay: flo
     return w32.to(w.dtype), None, m_new, v_new
 
 
+# The per-parameter states LowPrecisionAdamW keeps in bf16 whatever the parameter's dtype.
+BF16_STATES = ("exp_avg", "exp_avg_sq", "compensation")
+
+
 class LowPrecisionAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, torch's formula) with bf16 states and precision-preserving updates.
 
@@ -227,9 +231,18 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, then the bf16 states put back as saved: torch casts every floating-point state to its
+        parameter's dtype, which for fp16 weights flushes small second moments to 0 (the updates then blow up)
+        and for fp32 weights doubles the states' memory."""
         state_dict = dict(state_dict)
         generators = state_dict.pop("rounding_generators", {})
         super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(saved_ids, params):
+            for name, value in state_dict["state"].get(i, {}).items():
+                if name in BF16_STATES:
+                    self.state[p][name] = value.to(device=p.device, dtype=torch.bfloat16, copy=True)
         for device, generator_state in generators.items():
             if (gen := self._generator(torch.device(device))) is not None:
                 gen.set_state(generator_state)
@@ -253,7 +266,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         compensated = self.weight_update == "kahan" and p.dtype != torch.float32
         if not state:
             state["step"] = 0
-            for name in ("exp_avg", "exp_avg_sq") + (("compensation",) if compensated else ()):
+            for name in BF16_STATES[:3 if compensated else 2]:
                 state[name] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         state["step"] += 1
         beta1, beta2 = group["betas"]

@@ -115,6 +115,28 @@ def test_low_precision_state_dict_resumes_the_rounding_noise(mode):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("mode", ["adamw_bf16", "adamw_bf16_sr_in_backward"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_low_precision_states_stay_bf16_through_load_state_dict(mode, dtype):
+    """torch's load_state_dict casts floating states to the parameter's dtype: fp16 would flush small second
+    moments (a resumed fp16 run's updates blow up) and fp32 would double the states' memory. A reloaded
+    optimizer keeps its bf16 states and continues bit for bit."""
+    model = tiny_llama().to(dtype)
+    opt = build_optimizer(model, mode, lr=1e-3, seed=3)
+    train(model, opt, 2)
+    clone = copy.deepcopy(model)
+    opt_clone = build_optimizer(clone, mode, lr=1e-3, seed=3)
+    opt_clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    inners = list(opt_clone._inner.values()) if isinstance(opt_clone, InBackwardOptimizer) else [opt_clone]
+    states = [state for inner in inners for state in inner.state.values()]
+    assert states and all(value.dtype == torch.bfloat16 for state in states
+                          for name, value in state.items() if name != "step"), mode
+    train(model, opt, 2)
+    train(clone, opt_clone, 2)
+    for (name, p), q in zip(model.named_parameters(), clone.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_in_backward_halts_at_the_first_nonfinite_gradient():
     """A NaN entering the backward between two layers: the layer after it (whose gradient arrives first)
     is stepped, the layer before it is not; step() reports the partial update and re-arms the guard."""
