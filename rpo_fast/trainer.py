@@ -558,8 +558,11 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                          f"across processes: expected one process, got {world}; use "
                          f"{optim.parse_mode(config.optimizer)[0]!r}")
     steps = total_steps(train_examples, config, world)
+    left_over = len(train_examples) - sum(len(group) for step in epoch_steps(train_examples, config, 0, world)
+                                          for group in step)
     log(f"{len(train_examples)} training pairs, {steps} steps of {config.gradient_accumulation_steps} x {world} "
-        f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}")
+        f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}"
+        + (f"; {left_over} pairs of the first epoch left over (fewer micro-batches than a step)" if left_over else ""))
 
     # Models: the policy, the reference (before LoRA: the initial policy is the default reference).
     start = time.perf_counter()
@@ -571,6 +574,9 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     reference = build_reference(config, policy, splits, accelerator, log)
     policy = finish_policy(policy, config)
+    # Every process built the same weights from one seed; from here on each draws its own dropout masks (a
+    # resumed run restores each process's RNG state instead).
+    set_seed(config.seed + accelerator.process_index)
     if reference.mode == "adapter":
         reference.policy = policy
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)

@@ -2,6 +2,7 @@
 as 1 process that accumulates the same global batch (2 micro-batches per step), and keep their gradients in
 DDP's buckets."""
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -91,6 +92,9 @@ def test_ddp_gradients_stay_bucket_views_through_accumulation(tmp_path):
     for rank in (0, 1):  # 16 pairs, 2 per micro-batch, 4 micro-batches per step: 2 steps
         assert f"rank {rank} (DistributedType.MULTI_CPU): gradients were bucket views at step ends [True, True]" \
             in proc.stdout, proc.stdout[-3000:]
+    # one initialization, then each process its own dropout masks
+    seeds = {int(seed) for seed in re.findall(r"training seed (\d+)", proc.stdout)}
+    assert len(seeds) == 2, proc.stdout[-3000:]
 
     losses_one, losses_two = step_losses(tmp_path / "one" / "run"), step_losses(tmp_path / "two" / "run")
     assert len(losses_one) == len(losses_two) == 2

@@ -461,3 +461,16 @@ def test_out_of_memory_in_the_optimizer_update_is_reported_with_the_step(tiny_mo
     assert "--optimizer=adamw_bf16_sr" in message and "--reference=cache" in message
     assert "--token_budget=" not in message  # the batch size does not change the update's memory
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_start_up_line_counts_the_pairs_an_epoch_leaves_over(tiny_model_dir, tmp_path, capsys):
+    """16 pairs in micro-batches of at most 2, 3 micro-batches a step: the last micro-batches of the epoch make
+    no step, and the start-up line says how many pairs that leaves untrained."""
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, gradient_accumulation_steps=3,
+                                              max_steps=1, eval_file="none"))
+    examples = tokenize_pairs(load_preference_rows(config.train_file), modeling.load_tokenizer(config.model),
+                              max_length=96, max_prompt_length=64)[0]
+    used = sum(len(group) for step in epoch_steps(examples, config, 0, world_size=1) for group in step)
+    assert 0 < 16 - used
+    train(config)
+    assert f"; {16 - used} pairs of the first epoch left over" in capsys.readouterr().out
