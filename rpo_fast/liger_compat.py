@@ -24,8 +24,9 @@ class RPOLoss(torch.nn.Module):
     `"seq_mean"` its appendix / OpenRLHF's. `compiled` and `chunk_size` are accepted for compatibility and
     have no effect (the kernels neither compile per shape nor chunk by sequences), and so is `discopop_tau` (Liger's
     "discopop" loss is not implemented here); `impl`, `backward` and
-    `chunk_tokens` are `fused_linear_rpo_loss`'s (by default the gradient is formed in forward, chunk by
-    chunk of whole pairs: only the returned loss is differentiable, the other outputs are detached metrics). Unlike Liger 0.8.5,
+    `chunk_tokens` are `fused_linear_rpo_loss`'s (by default, for bf16/fp32 inputs, the gradient is formed in
+    forward, chunk by chunk of whole pairs: only the returned loss is differentiable, the other outputs are
+    detached metrics). Unlike Liger 0.8.5,
     `label_smoothing` applies to `loss_type="sigmoid"` (cDPO); Liger ignores it there, and so does TRL 1.16's
     DPOTrainer (it smooths only its "robust", "exo_pair", "aot" and "aot_unpaired" losses).
 

@@ -162,6 +162,20 @@ def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out.index_add(0, segment_ids, values.float())
 
 
+def resolve_head_backward(backward: str, impl: str, dtype: torch.dtype, needs_grad: bool) -> str:
+    """`fused_linear_rpo_loss`'s `backward` with "auto" resolved: "fwdgrad" when a gradient is needed, `impl`
+    is not "dense" and the inputs are not fp16; else "recompute". Other values are returned as given.
+
+    Not fwdgrad for fp16: it rounds the gradients to fp16 in forward, at the loss's scale of 1, and backward
+    only multiplies them by `grad_output`. Under loss scaling (a GradScaler's loss x 65536, which fp16 training
+    needs) the small entries have underflowed to 0 (or lost their bits as subnormals) before the scale comes;
+    recompute forms them in backward from the scaled `grad_output`, where they are normal fp16 numbers. bf16
+    has fp32's exponent range, and fp32 its own."""
+    if backward != "auto":
+        return backward
+    return "fwdgrad" if needs_grad and impl != "dense" and dtype != torch.float16 else "recompute"
+
+
 @outside_autocast("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 def fused_linear_rpo_loss(
     hidden: torch.Tensor,
@@ -208,16 +222,21 @@ def fused_linear_rpo_loss(
         backward: how the gradient is made.
             "fwdgrad": in forward, chunk by chunk of whole pairs (`rpo_fast.fwdgrad`): three head GEMMs, no
                 recompute; the loss's backward only scales the stored gradients. Only `loss` carries a
-                gradient; every other RPOOutput field is a detached metric.
+                gradient; every other RPOOutput field is a detached metric. Not for fp16 under loss scaling
+                (a GradScaler): the gradients are rounded to fp16 at scale 1, before the scale reaches them, so
+                small entries underflow to 0; "auto" does not pick it for fp16.
             "recompute": the `linear_logprobs` op, whose backward recomputes each chunk's logits (four GEMMs).
             "atomic": the same op with the Triton backward kernel (fp32 atomics; a GPU, or the CPU under
                 TRITON_INTERPRET=1; not deterministic).
             "auto": "fwdgrad" when a gradient is needed (grad mode on and hidden, weight or bias requires
-                grad), else "recompute" (whose forward is the `linear_logprobs` op's alone, with no gradient
-                buffers). Both are exact, and deterministic where PyTorch's ops are: on CUDA under
-                `torch.use_deterministic_algorithms(True)` (the per-sequence sums are `index_add`s).
+                grad) and the inputs are bf16 or fp32; else "recompute" (without a gradient its forward is the
+                `linear_logprobs` op's alone, with no gradient buffers; with fp16 inputs its gradients are formed
+                from the scaled `grad_output`: `resolve_head_backward`). Both are exact, and deterministic where
+                PyTorch's ops are: on CUDA under `torch.use_deterministic_algorithms(True)` (the per-sequence
+                sums are `index_add`s).
         chunk_tokens: rows per fwdgrad chunk (whole pairs; a longer pair is recomputed in pieces of this
-            many rows); None: as many as fit a logits budget (`fwdgrad.default_chunk_tokens`).
+            many rows); None: as many as fit a logits budget (`fwdgrad.default_chunk_tokens`). Unused where
+            the backward is not fwdgrad.
         pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
             micro-batch weights; they must be known in forward, where fwdgrad makes the gradient).
             `pref_loss` and `nll` are reported unweighted.
@@ -259,8 +278,7 @@ def fused_linear_rpo_loss(
     options = dict(beta=beta, alpha=alpha, sft_norm=sft_norm, loss_type=loss_type, label_smoothing=label_smoothing,
                    average_log_prob=average_log_prob)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if backward == "auto":
-        backward = "fwdgrad" if needs_grad and impl != "dense" else "recompute"
+    backward = resolve_head_backward(backward, impl, hidden.dtype, needs_grad)
     if backward == "fwdgrad":
         ref_logps = None if ref_logps is None else ref_logps.detach().float()
 

@@ -51,8 +51,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import checks, chunked, fwdgrad, optim
+from .loss import resolve_head_backward
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("full_ft", "lora")
 REFERENCES = ("precomputed", "model", "lora_disabled", "none")
 LOSS_IMPLS = ("fused", "triton", "torch", "dense")
@@ -326,7 +328,7 @@ def plan_memory(
         loss_impl: "fused" (= "triton" on CUDA, "torch" on CPU), "triton", "torch" (chunked) or
             "dense" (full [N, V] logits, the naive baseline).
         head_backward: the fused head's backward (`fused_linear_rpo_loss(backward=)`): "auto" (= "fwdgrad", a
-            training step needs the gradient), "fwdgrad" (gradients formed in forward, one chunk of logits at
+            training step needs the gradient; "recompute" for dtype="fp16"), "fwdgrad" (gradients formed in forward, one chunk of logits at
             a time), "recompute" (chunked logits recomputed in backward) or "atomic" (the Triton kernel's fp32
             accumulators). Not used with loss_impl="dense".
         head_chunk_tokens: fwdgrad's `chunk_tokens` (logit rows alive at a time; None: the device's default
@@ -471,8 +473,8 @@ def plan_memory(
     a_final = ctx.final_norm_saved() + held + response * H * b  # + the head's input rows
     a_layers = L * (a_ckpt if gradient_checkpointing else a_layer)
     transient = ctx.backward_transient()
-    backward_resolved = "dense" if loss_impl_resolved == "dense" else (
-        "fwdgrad" if head_backward == "auto" else head_backward)
+    backward_resolved = "dense" if loss_impl_resolved == "dense" else resolve_head_backward(
+        head_backward, loss_impl_resolved, TORCH_DTYPES[dtype], needs_grad=True)
     loss = _loss_memory(backward_resolved, response, V, H, b, not lora, device, head_chunk_tokens)
 
     phases: dict[str, dict[str, int]] = {}

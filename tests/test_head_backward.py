@@ -233,6 +233,29 @@ def test_auto_picks_by_whether_a_gradient_is_needed(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("backward", ["auto", "recompute"])
+def test_fp16_gradients_under_loss_scaling(backward):
+    """fp16 under a GradScaler (the loss times 2**16): no gradient entry whose scaled float64 value is a normal
+    fp16 number comes out 0. fwdgrad rounds its gradients to fp16 in forward, at the loss's scale of 1, where
+    such entries underflow (10.6% of dW's here) before the scale reaches them: "auto" does not pick it for fp16."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, v, scale = 960, 64, 2000, 2.0**16
+    cu = torch.arange(0, n + 1, 60, dtype=torch.int32)  # 8 pairs of 60-token responses
+    targets = torch.randint(0, v, (n,), generator=gen)
+    leaves = [torch.randn(n, h, generator=gen).half().requires_grad_(),
+              (torch.randn(v, h, generator=gen) * 3).half().requires_grad_()]
+    case = Case(bias=False, reference="none")
+    out = rpo_fast.fused_linear_rpo_loss(*leaves, targets, cu, **loss_options(case), backward=backward)
+    (out.loss * scale).backward()
+    _, exact_grads, _ = float64_loss(case, *leaves, None, targets, cu, {})
+    for name, leaf, exact in zip(("hidden", "weight"), leaves, exact_grads):
+        exact = exact * scale
+        assert float(exact.abs().max()) < torch.finfo(torch.float16).max  # no overflow: GradScaler keeps the step
+        normal = exact.abs() >= torch.finfo(torch.float16).tiny
+        zeroed = leaf.grad[normal] == 0
+        assert not zeroed.any(), (name, f"{float(zeroed.double().mean()):.1%} of the normal entries are 0")
+
+
 @pytest.mark.parametrize("kwargs,name", [(dict(backward="fast"), "backward"), (dict(chunk_tokens=0), "chunk_tokens"),
                                          (dict(chunk_tokens=2.5), "chunk_tokens"), (dict(pair_weight=-1.0), "pair_weight"),
                                          (dict(nll_weight=float("nan")), "nll_weight"),

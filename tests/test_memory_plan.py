@@ -298,6 +298,16 @@ def test_plan_orders_options_as_expected():
     assert tokens.tokens == 8192
 
 
+def test_plan_resolves_auto_head_backward_as_the_loss_does():
+    """"auto" is fwdgrad for bf16 and fp32 and recompute for fp16 (`loss.resolve_head_backward`)."""
+    kw = dict(max_length=1024, micro_batch_pairs=2)
+    phases = lambda **o: plan_memory("llama-3-8b", **kw, **o).phases  # noqa: E731
+    for dtype in ("bf16", "fp32"):
+        assert phases(dtype=dtype) == phases(dtype=dtype, head_backward="fwdgrad")
+    assert phases(dtype="fp16") == phases(dtype="fp16", head_backward="recompute")
+    assert phases(dtype="fp16") != phases(dtype="fp16", head_backward="fwdgrad")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(mode="qlora"), "mode"), (dict(dtype="int8"), "dtype"), (dict(optimizer="sgd"), "optimizer"),
     (dict(reference="lora_disabled"), "lora_disabled"), (dict(micro_batch_pairs=0), "micro_batch_pairs"),

@@ -15,7 +15,8 @@ The loss is RPO (formulas in `rpo_fast.loss`):
 The policy's loss is `rpo_fast.fused_linear_rpo_loss` on the response positions only, run inside the model's
 forward (so a DDP/FSDP wrapper sees the LM head used in its forward); the [tokens, V] logits never exist. Its
 default `head_backward="auto"` forms the gradient in that forward (`rpo_fast.fwdgrad`: three head GEMMs per
-token, no recompute; `loss.backward()` only scales the stored gradients), which needs the reference log-probs
+token, no recompute; `loss.backward()` only scales the stored gradients; not for fp16, whose loss scaling
+would come too late: there "auto" is the recompute backward), which needs the reference log-probs
 and the micro-batch's loss weights before the policy runs: the reference goes first (forward only, through
 `rpo_fast.linear_logprobs`), and the gradient-accumulation weights enter the op as `pair_weight` /
 `nll_weight`. `packed=True` drops the padding first (`rpo_fast.integrations.padded.pack_padded_pairs`):
@@ -402,9 +403,10 @@ def rpo_compute_loss(
     The reference runs first: its log-probs are an input of the policy's `rpo_fast.fused_linear_rpo_loss`.
 
     Args:
-        head_backward: `fused_linear_rpo_loss`'s `backward`. "auto" (with grad mode on) forms the gradient in
-            the forward, and then only `loss` is differentiable (the other fields are metrics); "recompute"
-            keeps every field differentiable, at one more head GEMM per token.
+        head_backward: `fused_linear_rpo_loss`'s `backward`. "auto" (with grad mode on, bf16 or fp32) forms the
+            gradient in the forward, and then only `loss` is differentiable (the other fields are metrics);
+            "recompute" (also "auto"'s choice for fp16) keeps every field differentiable, at one more head GEMM
+            per token.
         head_chunk_tokens: its `chunk_tokens` (rows per forward-time-gradient chunk; None: a logits budget).
         pair_weight, nll_weight: `loss = pair_weight * pref_loss + nll_weight * alpha * nll` (a trainer's
             micro-batch weights, which must be known in forward); `pref_loss` and `nll` are unweighted.
