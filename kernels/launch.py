@@ -128,7 +128,7 @@ def check_runnable(tensor: torch.Tensor, name: str = "hidden", choice: str = "im
 
 
 def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    """The head kernels' operands, checked ([N, H], [V, H], [V] or None, [N]) and made contiguous.
+    """The head kernels' operands, checked ([N, H], [V >= 1, H], [V] or None, [N]) and made contiguous.
 
     Contiguous because the kernels keep in-tile offsets int32 (`tiles.py`): a strided view with
     stride(0) >= 2**31 / BLOCK_N would overflow them; and because the JIT turns a unit inner stride into
@@ -138,6 +138,8 @@ def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden and weight: expected [N, H] and [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight: expected a vocabulary of at least one row [V >= 1, H], got {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets: expected shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:

@@ -84,7 +84,8 @@ def linear_logprobs_fwd(
     cfg = config or default_config(hidden, backward=False)
     n_blocks = triton.cdiv(N, cfg.block_n)
     v_tiles = triton.cdiv(V, cfg.block_v)
-    splits = max(1, min(v_tiles, triton.cdiv(num_programs_wanted(hidden.device), n_blocks)))
+    # max(1, n_blocks): no token blocks (N = 0) launches nothing below, but the split count must not divide by 0.
+    splits = max(1, min(v_tiles, triton.cdiv(num_programs_wanted(hidden.device), max(1, n_blocks))))
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
 

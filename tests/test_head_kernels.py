@@ -74,6 +74,10 @@ def test_launchers_copy_strided_operands_and_refuse_malformed_ones():
         linear_logprobs_fwd(hidden, weight, torch.zeros(V + 1), targets)
     with pytest.raises(ValueError, match="lse and grad_lp"):
         linear_logprobs_bwd(hidden, weight, None, targets, lse[:3], g)
+    for launcher in (lambda: linear_logprobs_fwd(hidden, weight[:0], None, targets),  # was a ZeroDivisionError
+                     lambda: linear_logprobs_bwd(hidden, weight[:0], None, targets, lse, g)):
+        with pytest.raises(ValueError, match=r"weight: expected a vocabulary of at least one row"):
+            launcher()
 
 
 @pytest.mark.parametrize("programs", [1, 16], ids=["one_split", "vocab_splits"])

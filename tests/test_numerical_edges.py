@@ -45,6 +45,22 @@ def test_vocabulary_of_one(impl):
     assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
 
 
+@pytest.mark.parametrize("impl,backward", [("triton", "recompute"), ("triton", "atomic"), ("torch", "recompute"),
+                                            ("dense", "auto")])
+def test_no_rows(impl, backward):
+    """N = 0 tokens: empty log-probs and all-zero gradients (the Triton forward's launcher divided by its 0 token
+    blocks when choosing how many vocabulary splits to run)."""
+    hidden = torch.randn(0, 5, requires_grad=True)
+    weight = torch.randn(9, 5, requires_grad=True)
+    bias = torch.randn(9, requires_grad=True)
+    lp = rpo_fast.linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.int64), bias, impl=impl,
+                                  backward=backward)
+    assert lp.shape == (0,) and lp.dtype == torch.float32
+    lp.sum().backward()
+    for leaf in (hidden, weight, bias):
+        assert leaf.grad.shape == leaf.shape and torch.all(leaf.grad == 0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rejected_response_with_all_tokens_ignored(impl):
     N, H, V = 12, 7, 40
