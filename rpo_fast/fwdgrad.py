@@ -193,8 +193,29 @@ def row_pieces(rows: int, chunk_tokens: int) -> list[slice]:
     return [slice(max(0, stop - chunk_tokens), stop) for stop in reversed(range(rows, 0, -chunk_tokens))]
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity (aliases, no copies) on the gradients `_StoredGradients.backward` returns under
+    `create_graph=True`, whose own backward raises."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(
+            "fused_linear_rpo_loss(backward='fwdgrad') has no second derivative: its gradients are formed in "
+            "forward and are constants to autograd, so a derivative of them (create_graph=True: a gradient "
+            "penalty, a Hessian-vector product) would be 0. impl='dense' differentiates twice.")
+
+
 class _StoredGradients(torch.autograd.Function):
-    """`value` as a function of `inputs` whose gradients were formed in forward: backward scales them."""
+    """`value` as a function of `inputs` whose gradients were formed in forward: backward scales them.
+
+    First order only. Under `create_graph=True` the gradients it returns carry a grad_fn that raises
+    (`_FirstOrderOnly`), so differentiating them is an error rather than a silent 0. (`once_differentiable`
+    would not do: it raises only where `grad_output` requires grad, and `autograd.grad(loss, x,
+    create_graph=True)` seeds a constant.)"""
 
     @staticmethod
     def forward(ctx, value, grads, *inputs):
@@ -206,7 +227,10 @@ class _StoredGradients(torch.autograd.Function):
         # A Python float, not grad_output.to(g.dtype): rounding e.g. 1/3 (gradient accumulation's scale) to bf16
         # would scale every bf16 gradient by 0.333984. The product is computed in fp32 and rounded once.
         scale = float(grad_output)
-        scaled = (None if g is None else g if scale == 1.0 else g * scale for g in ctx.saved_tensors)
+        scaled = [None if g is None else g if scale == 1.0 else g * scale for g in ctx.saved_tensors]
+        if torch.is_grad_enabled():  # create_graph=True
+            aliases = iter(_FirstOrderOnly.apply(*(g.detach().requires_grad_() for g in scaled if g is not None)))
+            scaled = [None if g is None else next(aliases) for g in scaled]
         return None, None, *scaled
 
 

@@ -171,6 +171,27 @@ def test_fwdgrad_backward_scales_half_gradients_in_fp32():
         assert float((third != exact).float().mean()) < 0.01
 
 
+def test_fwdgrad_refuses_a_second_derivative():
+    """create_graph=True: the first-order gradients are right, and differentiating them (a gradient penalty)
+    raises; before, the stored gradients were constants to autograd and the penalty's gradient was silently 0
+    (float64: nonzero). impl="dense" differentiates twice."""
+    case = Case(bias=False, reference="none")
+    hidden, weight, _, targets, cu, _ = make_problem(case, torch.float32)
+    _, exact_grads, _ = float64_loss(case, hidden, weight, None, targets, cu, {})
+    hidden.requires_grad_(), weight.requires_grad_()
+    out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, **loss_options(case), backward="fwdgrad")
+    grad_hidden, grad_weight = torch.autograd.grad(out.loss, (hidden, weight), create_graph=True)
+    torch.testing.assert_close(grad_hidden.double(), exact_grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_weight.double(), exact_grads[1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        grad_hidden.pow(2).sum().backward()
+
+    dense = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, **loss_options(case), impl="dense")
+    grad_hidden, = torch.autograd.grad(dense.loss, hidden, create_graph=True)
+    grad_hidden.pow(2).sum().backward()
+    assert weight.grad.abs().max() > 0
+
+
 def test_fwdgrad_pairs_without_response_tokens_before_a_long_pair():
     """Pairs whose responses are empty (cu_seqlens spans of 0 rows) next to a pair longer than the chunk: they
     plan as a chunk of no rows, which has log-probs 0 and no gradient (it used to crash in the first pass)."""
