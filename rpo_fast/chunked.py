@@ -174,8 +174,9 @@ def chunked_linear_logprobs_bwd(
             per chunk / vocab rows per slice of the two layouts.
 
     Returns:
-        (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the dtypes of hidden, weight and bias; sums
-        over chunks / slices accumulate in fp32. None for those not needed (grad_bias also when bias is None).
+        (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the dtypes of hidden, weight and bias, contiguous
+        whatever the inputs' strides (what the op's fake implementation reports to torch.compile); sums over
+        chunks / slices accumulate in fp32. None for those not needed (grad_bias also when bias is None).
     """
     if layout not in ("auto", *LAYOUTS):
         raise ValueError(f"layout: expected 'auto', 'tokens' or 'vocab', got {layout!r}")
@@ -201,7 +202,7 @@ def chunked_linear_logprobs_bwd(
     # gradient, a GEMV). The one-hot term is a scatter of one element per row. (Before: 4 passes and, on
     # CUDA, fp32 dlogits into fp32 x fp32 SGEMMs.)
     if layout == "tokens":
-        grad_hidden = torch.empty_like(hidden) if want_dh else None
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
         w_op = gemm_weight(weight)
         step = chunk_rows(V, chunk_size, hidden.device)
@@ -220,7 +221,7 @@ def chunked_linear_logprobs_bwd(
 
     # Vocab slices: dweight[slice] in one GEMM over all N tokens, dhidden summed over slices in fp32.
     grad_hidden32 = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if want_dh else None
-    grad_weight = torch.empty_like(weight) if want_dw else None
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if want_dw else None
     h_op = hidden.to(d_dtype)  # all N rows enter every slice's dweight GEMM: cast once (no-op but on CPU halves)
     step = slice_rows(N, slice_size, hidden.device)
     for start in range(0, V, step):

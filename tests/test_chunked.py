@@ -68,6 +68,20 @@ def test_only_requested_grads(layout):
                 assert max_abs_err(got, ref) <= 2e-5 * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["tokens", "vocab"])
+def test_gradients_are_contiguous_whatever_the_inputs_strides(layout, dtype):
+    """Column-major hidden and weight: contiguous gradients (what the op's fake implementation reports to
+    torch.compile; the token layout's dhidden and the vocab layout's dweight kept the inputs' strides), right."""
+    hidden, weight, b, targets, g = inputs(20, 8, 33, dtype, bias=True)
+    hidden, weight = hidden.T.contiguous().T, weight.T.contiguous().T
+    _, lse = chunked_linear_logprobs_fwd(hidden, weight, b, targets)
+    grads = chunked_linear_logprobs_bwd(hidden, weight, b, targets, lse, g, layout=layout, chunk_size=7,
+                                        slice_size=10)
+    assert all(t.is_contiguous() for t in grads), [t.stride() for t in grads]
+    check(grads, hidden, weight, b, targets, g, dtype)
+
+
 @pytest.fixture
 def tensor_core_products(monkeypatch):
     """The CUDA operand path on CPU: bf16 operands go to the GEMMs as they are and the products are fp32

@@ -216,18 +216,49 @@ def test_gradient_filter_is_within_dtype_error_and_off_by_default(dtype, monkeyp
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_custom_op_registration(impl, bias):
-    """Schema, fake (meta) outputs, autograd registration and AOT dispatch of the custom op agree with its real
-    outputs (torch.library.opcheck), so torch.compile can treat the fused head as one op."""
-    from rpo_fast.logprobs import linear_logprobs_fwd as op
+@pytest.mark.parametrize("layout", ["contiguous", "column-major"])
+def test_custom_op_registration(impl, bias, layout):
+    """Schema, fake (meta) outputs, autograd registration and AOT dispatch of the custom ops agree with their
+    real outputs, strides included (torch.library.opcheck), so torch.compile can treat the fused head as one op.
+    Column-major hidden and weight: the backward's gradients are contiguous, as its fake says (the chunked
+    backward's dhidden used to keep hidden's strides, and inductor then crashed on a column-major hidden)."""
+    from rpo_fast.logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
     hidden, weight, b, targets = make_inputs(23, 10, 37, torch.float32, bias=bias)
+    if layout == "column-major":
+        hidden, weight = hidden.T.contiguous().T, weight.T.contiguous().T
     hidden.requires_grad_()
     weight.requires_grad_()
     if b is not None:
         b.requires_grad_()
-    results = torch.library.opcheck(op, (hidden, weight, b, targets, -100, impl))
+    results = torch.library.opcheck(linear_logprobs_fwd, (hidden, weight, b, targets, -100, impl))
     assert set(results.values()) == {"SUCCESS"}, results
+    with torch.no_grad():
+        lse = linear_logprobs_fwd(hidden, weight, b, targets, -100, impl)[1]
+    args = (hidden.detach(), weight.detach(), None if b is None else b.detach(), targets, lse, torch.randn(23),
+            -100, impl, [True, True, bias])
+    results = torch.library.opcheck(linear_logprobs_bwd, args)
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_inductor_compiles_the_op_on_a_column_major_hidden():
+    """torch.compile's default backend over the op, with a hidden that is a transposed view of a tensor the graph
+    makes: same gradients as eager (the backward's real dhidden used to keep the view's column-major strides
+    where its fake says contiguous, and inductor's code read it with the wrong strides or failed)."""
+    N, H, V = 6, 8, 20
+    targets = torch.randint(0, V, (N,))
+    base, weight = torch.randn(H, N), torch.randn(V, H)
+
+    def f(base, w):
+        lp = torch.ops.rpo_fast.linear_logprobs_fwd((base * 1.0).T, w, None, targets, -100, "torch")[0]
+        return (lp * torch.arange(N)).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (base, weight)]
+    expected = torch.autograd.grad(f(*leaves), leaves)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*leaves), leaves)
+    for g, e in zip(got, expected):
+        assert max_abs_err(g, e) < 1e-5
 
 
 def test_compiled_graph_holds_the_op_whole():
