@@ -55,13 +55,19 @@ def check_targets(targets, n_rows: int, vocab: int, ignore_index: int, device) -
     if not isinstance(targets, torch.Tensor) or targets.shape != (n_rows,):
         got = _shape(targets) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets: expected shape ({n_rows},) (one per hidden row), got {got}")
+    check_target_values("targets", targets, vocab, ignore_index, device)
+
+
+def check_target_values(name: str, targets: torch.Tensor, vocab: int, ignore_index: int, device) -> None:
+    """`targets` of any shape: int32 or int64 on `device`, every entry in [0, vocab) or `ignore_index`. The
+    message names `name` and the first bad entry's position (an index; [row, column] in a 2-D tensor)."""
     if targets.dtype not in (torch.int64, torch.int32) or targets.device != device:
-        raise ValueError(f"targets: expected int32 or int64 on {device}, got {_shape(targets)}")
+        raise ValueError(f"{name}: expected int32 or int64 on {device}, got {_shape(targets)}")
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
-                         f"got {int(targets[i])} at position {i}")
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {int(targets[tuple(where)])} at position {where[0] if len(where) == 1 else where}")
 
 
 def check_cu_seqlens(cu_seqlens, n_rows: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ class RPOLoss(torch.nn.Module):
     DPOTrainer (it smooths only its "robust", "exo_pair", "aot" and "aot_unpaired" losses).
 
     Raises:
-        ValueError: for a Liger loss type that is not implemented here, or an unknown option.
+        ValueError: for a Liger loss type that is not implemented here, an unknown option, or (in forward) a
+            malformed input; `_input`, `target` and `ref_input` are named as passed, not as the packed tensors.
     """
 
     def __init__(
@@ -95,6 +96,9 @@ class RPOLoss(torch.nn.Module):
         if not isinstance(target, torch.Tensor) or target.shape != _input.shape[:2]:
             raise ValueError(f"target: expected shape {tuple(_input.shape[:2])} (the [2B, T] of _input), got "
                              f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+        if isinstance(lin_weight, torch.Tensor) and lin_weight.dim() == 2:  # else fused_linear_rpo_loss names it
+            # Checked here, where the message can name the caller's target [2B, T], not the packed targets (N,).
+            checks.check_target_values("target", target, lin_weight.shape[0], self.ignore_index, _input.device)
         if self.use_ref_model and (ref_input is None or ref_weight is None):
             raise ValueError("ref_input/ref_weight: expected tensors with use_ref_model=True, got None")
         if self.use_ref_model and (ref_input.dim() != 3 or ref_input.shape[:2] != _input.shape[:2]):

@@ -184,6 +184,13 @@ def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():
     with pytest.raises(ValueError, match=r"^ref_input: expected a \[2B, T, H'\] tensor"):
         rpo_fast.RPOLoss()(torch.randn(5, 3), torch.randn(4, 2, 3), torch.zeros(4, 2, dtype=torch.int64),
                            ref_input=torch.randn(4, 2), ref_weight=torch.randn(5, 3))
+    # The caller's target [2B, T] (the messages named the packed targets (N,) and a position among its scored entries).
+    target = torch.tensor([[1, -100], [2, 3], [4, -100], [7, 0]])
+    with pytest.raises(ValueError, match=r"^target: expected values in \[0, 5\) or ignore_index=-100, got 7 at "
+                                         r"position \[3, 0\]"):
+        loss(torch.randn(5, 3), torch.randn(4, 2, 3), target)
+    with pytest.raises(ValueError, match=r"^target: expected int32 or int64 on cpu, got \(4, 2\) float32"):
+        loss(torch.randn(5, 3), torch.randn(4, 2, 3), target.float())
 
 
 def sequence_logps(n=4):
