@@ -99,7 +99,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps between eval-set passes; 0 = only before and after training
     gold_eval_samples: int = 0  # eval prompts generated before/after training and scored by the gold rule
-    gold_max_new_tokens: int = 16
+    gold_max_new_tokens: int = 32  # enough for every chosen answer of data/eval.jsonl (at most 27 SmolLM2 tokens)
     tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True
     plot: bool = True

@@ -366,6 +366,31 @@ def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device,
     return sum(gold_reward(rows[ex.index], text) for ex, text in zip(chosen, texts)) / len(chosen), texts
 
 
+def gold_answer_tokens(tokenizer, example: PreferenceExample) -> int:
+    """New tokens a generation needs to hold `example`'s whole chosen answer: its chosen response's tokens up to
+    the last one that changes the decoded, stripped text (the end of turn and what follows it are not needed)."""
+    ids = example.chosen_ids
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    n = len(ids)
+    while n > 1 and tokenizer.decode(ids[:n - 1], skip_special_tokens=True).strip() == text:
+        n -= 1
+    return n
+
+
+def gold_length_warning(tokenizer, examples, samples: int, max_new_tokens: int) -> str | None:
+    """A warning when `max_new_tokens` (gold_max_new_tokens) cuts the chosen answer of a gold-eval prompt (the
+    first `samples` eval examples): a model that gives exactly that answer would be graded wrong. None when every
+    chosen answer fits."""
+    lengths = [(gold_answer_tokens(tokenizer, ex), ex.index) for ex in examples[:samples]]
+    need, row = max(lengths, default=(0, None))
+    if need <= max_new_tokens:
+        return None
+    cut = sum(n > max_new_tokens for n, _ in lengths)
+    return (f"warning: gold_max_new_tokens={max_new_tokens} is shorter than {cut} of the "
+            f"{len(lengths)} gold-eval prompts' chosen answers (the longest, eval row {row}, takes {need} tokens): "
+            f"a generation giving exactly that answer is cut and graded wrong; set gold_max_new_tokens >= {need}")
+
+
 def gold_question(row: dict) -> str:
     from .gold import question_text
 
@@ -552,6 +577,9 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     eval_rows, eval_examples = None, []
     if config.eval_file:
         eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
+        if warning := gold_length_warning(tokenizer, eval_examples, config.gold_eval_samples,
+                                          config.gold_max_new_tokens):
+            log(warning)
     world = accelerator.num_processes
     if config.steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
         raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "

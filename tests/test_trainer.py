@@ -248,11 +248,13 @@ def test_one_micro_batch_equals_two_accumulated(sharp_model_dir, tmp_path, sft_n
         assert_close(got[key], value, atol=1e-5, rtol=1e-4, name=key)
 
 
-def test_run_outputs(tiny_model_dir, tmp_path):
+def test_run_outputs(tiny_model_dir, tmp_path, capsys):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
                                               lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,
                                               gold_max_new_tokens=4, learning_rate=1e-3))
     result = train(config)
+    assert "warning: gold_max_new_tokens=4 is shorter than 4 of the 4 gold-eval prompts' chosen answers" \
+        in capsys.readouterr().out
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in lines if "loss" in r]
@@ -269,6 +271,39 @@ def test_run_outputs(tiny_model_dir, tmp_path):
     merged = result.model.state_dict()
     assert all(torch.equal(v, merged[k]) for k, v in saved.state_dict().items())
     assert (run / "model" / "tokenizer.json").is_file()
+
+
+def test_gold_max_new_tokens_fits_every_embedded_eval_answer(tiny_model_dir):
+    """The shipped gold_max_new_tokens (the default, the configs that grade the embedded eval set, the
+    overoptimization experiment) leave room for every chosen answer of data/eval.jsonl, counted as the answer
+    text's own tokens; the trainer warns when the setting would cut one."""
+    from bench.overopt.experiment import Setup
+    from rpo_fast.config import TrainConfig
+    from rpo_fast.trainer import gold_answer_tokens, gold_length_warning
+    from tiny_lm import REPO
+
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    rows = load_preference_rows(REPO / "data" / "eval.jsonl")
+    examples = tokenize_pairs(rows, tokenizer, max_length=128, max_prompt_length=96)[0]
+    assert len(examples) == len(rows)
+    answer_tokens = [len(tokenizer(rows[ex.index]["chosen"][0]["content"], add_special_tokens=False)["input_ids"])
+                     for ex in examples]
+    assert [gold_answer_tokens(tokenizer, ex) for ex in examples] == answer_tokens
+    need = max(answer_tokens)
+    assert need > 16  # the sort answers: what the old default of 16 cut
+    shipped = {"default": TrainConfig().gold_max_new_tokens, "overopt": Setup().gold_max_new_tokens,
+               **{name: load_config(str(REPO / "configs" / name), {}).gold_max_new_tokens
+                  for name in ("demo.yaml", "dpo_baseline.yaml")}}
+    assert all(n >= need for n in shipped.values()), (need, shipped)
+
+    assert gold_length_warning(tokenizer, examples, len(examples), need) is None
+    assert gold_length_warning(tokenizer, examples, 0, 1) is None
+    cut = sum(n > need - 1 for n in answer_tokens)
+    row = max(zip(answer_tokens, [ex.index for ex in examples]))[1]
+    assert gold_length_warning(tokenizer, examples, len(examples), need - 1) == (
+        f"warning: gold_max_new_tokens={need - 1} is shorter than {cut} of the {len(examples)} gold-eval prompts' "
+        f"chosen answers (the longest, eval row {row}, takes {need} tokens): a generation giving exactly that "
+        f"answer is cut and graded wrong; set gold_max_new_tokens >= {need}")
 
 
 def test_bf16_mixed_precision_runs(tiny_model_dir, tmp_path):

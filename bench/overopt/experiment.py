@@ -63,7 +63,7 @@ class Setup:
     train_pairs: int = 0  # first n training rows; 0 = all
     eval_pairs: int = 0  # first n eval pairs for the log-prob metrics; 0 = all
     gold_samples: int = 70  # first n eval prompts for the gold accuracy; 0 = off
-    gold_max_new_tokens: int = 12
+    gold_max_new_tokens: int = 32  # the longest chosen answer of data/eval.jsonl takes 27 (SmolLM2's tokens)
     pairs_per_step: int = 4
     num_epochs: int = 3
     max_steps: int = 0
@@ -170,6 +170,9 @@ class Experiment:
         n = setup.eval_pairs or len(self.eval_examples)
         self.logp_examples = self.eval_examples[:n]
         self.gold_samples = min(setup.gold_samples, len(self.eval_examples))
+        if warning := trainer.gold_length_warning(self.tokenizer, self.eval_examples, self.gold_samples,
+                                                  setup.gold_max_new_tokens):
+            self.log(warning)
 
     def baseline(self, config) -> dict:
         """Step 0 (the base model, shared by every variant and seed): reference log-probs and metrics."""
