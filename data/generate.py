@@ -13,7 +13,9 @@ Each row is a conversational preference pair in TRL's format:
 
 The chosen answer is computed here; the rejected one applies a typical mistake (`error`): off by one, a
 dropped carry or borrow, the wrong operation, a wrong conversion factor, a reversed or swapped order.
-Questions are unique across both files. Every pair is checked against the independent rule in
+Questions are unique across both files up to the order of their numbers where that order does not change the
+question (`canonical_key`): "What is 9 times 11?" and "What is 11 times 9?" are one question, and so are two sort
+or max questions over the same numbers. Every pair is checked against the independent rule in
 `rpo_fast.gold` (chosen scores 1.0, rejected 0.0) before anything is written.
 
 Deterministic: one `random.Random(SEED)`, fixed per-task counts, rows written with `json.dumps` in a
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -153,6 +156,18 @@ TASK_MAKERS = {"add": _add, "sub": _sub, "mul": _mul, "convert": _convert, "sort
                "count": _count}
 
 
+# Tasks whose question asks the same thing whatever the order of its numbers (a + b, a times b, sort, max).
+ORDER_FREE_TASKS = ("add", "mul", "sort", "max")
+
+
+def canonical_key(task: str, question: str) -> tuple:
+    """What makes a question the same as another: (task, its numbers sorted) for ORDER_FREE_TASKS, else
+    (task, the question text) (sub, convert and count change meaning with any other wording)."""
+    if task in ORDER_FREE_TASKS:
+        return task, tuple(sorted(int(n) for n in re.findall(r"\d+", question)))
+    return task, question
+
+
 def _row(task: str, question: str, right, wrong, error: str) -> dict:
     return {
         "prompt": [{"role": "user", "content": question}],
@@ -164,18 +179,20 @@ def _row(task: str, question: str, right, wrong, error: str) -> dict:
 
 
 def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
-    """{"train.jsonl": rows, "eval.jsonl": rows}: PAIRS_PER_TASK unique questions per task, the last
-    EVAL_PER_TASK of each task to eval, each split shuffled."""
+    """{"train.jsonl": rows, "eval.jsonl": rows}: PAIRS_PER_TASK questions per task, no two with the same
+    `canonical_key` (so none twice within or across the splits), the last EVAL_PER_TASK of each task to eval,
+    each split shuffled."""
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     train, held_out = [], []
     for task, make in TASK_MAKERS.items():
         rows = []
         while len(rows) < PAIRS_PER_TASK:
             question, right, wrong, error = make(rng)
-            if question in seen or str(right) == str(wrong):
+            key = canonical_key(task, question)
+            if key in seen or str(right) == str(wrong):
                 continue
-            seen.add(question)
+            seen.add(key)
             row = _row(task, question, right, wrong, error)
             # Cross-check against the independent rule before anything is written.
             assert solve(question)[0] == task, (question, solve(question))

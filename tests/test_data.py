@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -448,6 +449,28 @@ def test_embedded_dataset_shape_and_gold_reward():
         assert gold_reward(row, chosen) == 1.0, row
         assert gold_reward(row, rejected) == 0.0, row
         assert solve(row["prompt"][0]["content"])[0] == row["task"]
+
+
+def _same_question_key(row: dict) -> tuple:
+    """Two questions ask the same thing when they have the same task and the same numbers, in any order, for a
+    sum, a product, a sort or a maximum (37 + 48 is 48 + 37); a difference, a conversion or a letter count is
+    only the same question written identically."""
+    question = row["prompt"][0]["content"]
+    if row["task"] in ("add", "mul", "sort", "max"):
+        return row["task"], tuple(sorted(int(n) for n in re.findall(r"\d+", question)))
+    return row["task"], question
+
+
+def test_embedded_dataset_asks_no_question_twice():
+    """Not twice within a split (a duplicate weighs double) nor across the splits (a held-out question that was
+    trained on, e.g. "What is 11 times 9?" in eval and "What is 9 times 11?" in train)."""
+    seen = {}
+    for split in ("train", "eval"):
+        for k, row in enumerate(load_preference_rows(default_dataset_path(split))):
+            key = _same_question_key(row)
+            assert key not in seen, f"{split} row {k} {row['prompt'][0]['content']!r} asks {seen[key]} again"
+            seen[key] = (split, k, row["prompt"][0]["content"])
+    assert len(seen) == 350
 
 
 GOLD_CASES = [
