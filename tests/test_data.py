@@ -511,6 +511,54 @@ def test_gold_reward_hand_cases(question, generation, reward):
                        generation) == reward
 
 
+ADD, SUB, MUL = "What is 37 + 48?", "What is 48 - 37?", "What is 7 times 8?"
+HOURS, KM = "How many minutes are in 4 hours?", "How many meters are in 12 kilometers?"
+SORT, MAX = "Sort these numbers from smallest to largest: 42, 7, 19, 3.", "Which number is the largest: 12, 45, 7, 33?"
+COUNT = 'How many times does the letter "r" appear in the word "strawberry"?'
+GRADER_EDGE_CASES = [
+    # an audit's plausible answers, graded by hand (the rule in rpo_fast/gold.py's docstring)
+    (ADD, "85", 1.0), (ADD, " 85 ", 1.0), (ADD, "85.", 1.0), (ADD, "The answer is 85", 1.0),
+    (ADD, "The answer is 085.", 1.0), (ADD, "37 + 48 = 85", 1.0), (ADD, "The answer is: 85", 1.0),
+    (ADD, "**The answer is 85.**", 1.0), (ADD, "The answer is eighty-five.", 1.0), (ADD, "The answer is 85.0", 1.0),
+    (ADD, "The answer is 85.5", 0.0), (ADD, "The answer is 8.5", 0.0), (ADD, "The answer is 85 or 86", 0.0),
+    (ADD, "The answer is not 85, it is 84.", 0.0), (ADD, "37 + 48 = 84", 0.0), (ADD, "The answer is 1,085", 0.0),
+    (ADD, "The answer is\n85", 1.0), (ADD, "The answer is 85\nThe answer is", 1.0), (ADD, "The answer is -85", 0.0),
+    (ADD, "The answer is 84-85", 0.0), (ADD, "The answer is 85-84", 0.0),
+    (SUB, "The answer is 11", 1.0), (SUB, "The answer is \u221211", 0.0), (SUB, "48-37=11", 1.0),
+    (SUB, "48 - 37 = 11", 1.0),
+    (HOURS, "The answer is 240 minutes.", 1.0), (HOURS, "4 hours is 240 minutes", 1.0),
+    (HOURS, "240 minutes in 4 hours", 0.0),  # no phrase: the last number of the line
+    (KM, "The answer is 12,000.", 1.0), (KM, "The answer is 12 000.", 1.0),
+    (SORT, "3, 7, 19, 42", 1.0), (SORT, "The answer is [3, 7, 19, 42].", 1.0), (SORT, "The answer is 3 7 19 42", 1.0),
+    (SORT, "The answer is 3, 7, 19, and 42.", 1.0), (SORT, "The answer is 3 < 7 < 19 < 42", 1.0),
+    (SORT, "Sorted: 3, 7, 19, 42", 1.0), (SORT, "The sorted list is:\n3, 7, 19, 42", 1.0),
+    (SORT, "The answer is 3,7,19,42", 1.0), (SORT, "The answer is 3-7-19-42", 1.0),
+    (SORT, "1. 3\n2. 7\n3. 19\n4. 42", 1.0), (SORT, "3, 7, 19, 42.", 1.0),
+    (MAX, "45", 1.0), (MAX, "The largest number is 45.", 1.0), (MAX, "Among 12, 45, 7, 33 the largest is 45", 1.0),
+    pytest.param(MAX, "45 is the largest of the 4 numbers", 1.0, marks=pytest.mark.xfail(
+        strict=True, reason="without 'answer is' the last number of the line is read")),
+    (MAX, "The answer is 45, not 33.", 1.0), (MAX, "12, 45, 7, 33", 0.0),
+    (COUNT, "The answer is 3.", 1.0), (COUNT, "three", 1.0), (COUNT, "The letter r appears 3 times.", 1.0),
+    pytest.param(COUNT, "The letter r appears 3 times in the word strawberry (10 letters).", 1.0,
+                 marks=pytest.mark.xfail(strict=True, reason="without 'answer is' the last number of the line is read")),
+    (COUNT, "The answer is 3 times.", 1.0),
+    (MUL, "The answer is 56", 1.0), (MUL, "7x8=56", 1.0), (MUL, "7*8=56", 1.0), (MUL, "The answer is 7 * 8 = 56", 1.0),
+    (MUL, "The answer is 56. 7 times 8 equals 56.", 1.0), (MUL, "I think the answer is 56, but the answer is 54", 0.0),
+    (MUL, "", 0.0), ("What is 12 times 11?", "The answer is 132.", 1.0),
+    # more of the same rule
+    (MUL, "The answer is fifty-six.", 1.0), (MUL, "The answer is Fifty Six", 1.0), (MUL, "The answer isn't 56.", 0.0),
+    (COUNT, "The answer is three hundred.", 0.0), (COUNT, "The answer is 3 (three).", 1.0),
+    (SORT, "The answer is:\n3\n7\n19\n42\nHope this helps.", 1.0), (SORT, "Sorted:\n- 3\n- 7\n- 19\n- 42", 1.0),
+    (SORT, "1. 42\n2. 19\n3. 7\n4. 3", 0.0), (SORT, "1) 3\n2) 7\n3) 19\n4) 42", 1.0),
+    (SORT, "1. 3\n3. 7\n4. 19\n5. 42", 0.0),  # enumerators not 1, 2, 3, ...: no list of four
+]
+
+
+@pytest.mark.parametrize("question,generation,reward", GRADER_EDGE_CASES)
+def test_gold_reward_edge_cases(question, generation, reward):
+    assert gold_reward(question, generation) == reward
+
+
 def test_gold_reward_rejects_unknown_questions():
     with pytest.raises(ValueError, match="expected a question from the embedded dataset"):
         gold_reward("What is the capital of France?", "Paris")
