@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ FINETUNE_MODES = ("lora", "full")
 MIXED_PRECISION = ("no", "bf16")  # fp16 needs loss scaling, which the non-finite step skip would fight
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+# A lora_target_modules string with one of these is a regex (peft matches it against full module names, e.g.
+# r".*layers\.2[0-9]\..*_proj"); without, it is a module name or a comma-separated list of names.
+REGEX_CHARACTERS = frozenset("\\^$*+?()[]{}|")
+
+
+def is_module_regex(value) -> bool:
+    """Whether a lora_target_modules value is a regex over full module names (a string with a regex character)."""
+    return isinstance(value, str) and not REGEX_CHARACTERS.isdisjoint(value)
 
 
 @dataclass
@@ -44,7 +53,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"  # "all-linear", or a list / "q_proj,v_proj"
+    # "all-linear", a list / "q_proj,v_proj", or a regex over full module names (is_module_regex), passed to peft
+    lora_target_modules: list[str] | str = "all-linear"
     gradient_checkpointing: bool = False
     liger_kernels: bool = True  # Liger RMSNorm/RoPE/SwiGLU in the backbones (CUDA with liger-kernel only)
     # --- reference policy ---
@@ -150,12 +160,19 @@ class TrainConfig:
         _require("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)", self.adam_beta1)
         _require("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)", self.adam_beta2)
         _require("adam_eps", self.adam_eps > 0, "a number > 0", self.adam_eps)
-        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
-            self.lora_target_modules = [self.lora_target_modules]  # one module name (peft would read a regex)
+        if is_module_regex(self.lora_target_modules):
+            try:
+                re.compile(self.lora_target_modules)
+            except re.error as e:
+                raise ValueError(f"lora_target_modules: expected a valid regex (it has a regex character), got "
+                                 f"{self.lora_target_modules!r}: {e}") from None
+        elif isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            self.lora_target_modules = [self.lora_target_modules]  # one module name, matched as peft matches names
         if isinstance(self.lora_target_modules, list):
             _require("lora_target_modules", bool(self.lora_target_modules) and all(
                 all(part.isidentifier() for part in name.split(".")) for name in self.lora_target_modules),
-                "'all-linear' or module names like q_proj,v_proj", self.lora_target_modules)
+                "'all-linear', module names like q_proj,v_proj or a regex over full module names",
+                self.lora_target_modules)
         checks.check_head_backward(self.impl, self.head_backward, "head_backward")
         if self.deterministic and self.head_backward == "atomic":
             raise ValueError("head_backward: expected 'auto', 'fwdgrad' or 'recompute' with deterministic=true (the "
@@ -254,7 +271,8 @@ def _coerce_to(key: str, tp, value):
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is list:
-            items = value.split(",") if isinstance(value, str) and "," in value else value
+            items = value.split(",") if isinstance(value, str) and "," in value and not is_module_regex(value) \
+                else value  # a regex keeps its commas ("{1,2}")
             if isinstance(items, list) and all(isinstance(x, str) for x in items):
                 return [x.strip() for x in items]
     raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

@@ -51,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import checks, chunked, fwdgrad, optim
+from .config import is_module_regex
 from .loss import resolve_head_backward
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -837,7 +838,7 @@ def train_config_plan_options(config, device: str = "cuda", world: World = World
     if config.max_pairs_per_micro_batch is not None:
         tokens = min(tokens, pair_tokens * config.max_pairs_per_micro_batch)
     targets = config.lora_target_modules
-    if targets == "all-linear":
+    if targets == "all-linear" or is_module_regex(targets):  # a regex: planned as every projection (an upper bound)
         targets = LINEARS
     elif isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -192,13 +193,21 @@ def enable_liger_kernels(model: nn.Module) -> bool:
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules) -> nn.Module:
     """Wraps `model` in a peft LoRA model (the LM head and embeddings stay frozen).
 
+    `target_modules`: "all-linear", a list of module names (each matches a module whose full name is it or ends
+    with "." + it), or a regex string that peft matches against full module names (re.fullmatch).
+
     Raises:
-        ValueError: naming lora_target_modules when a listed name matches no module (peft would train the
-            others without a word).
+        ValueError: naming lora_target_modules when a listed name, or the regex, matches no module (peft would
+            train the others without a word).
     """
     from peft import LoraConfig, get_peft_model
 
-    if not isinstance(target_modules, str):
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+            raise ValueError(f"lora_target_modules: expected a regex matching the full name of a module in "
+                             f"{type(model).__name__} (e.g. 'model.layers.0.self_attn.q_proj'), got "
+                             f"{target_modules!r}, which matches none")
+    elif not isinstance(target_modules, str):
         names = [name for name, _ in model.named_modules()]
         missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]  # peft's rule
         if missing:

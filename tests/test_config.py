@@ -193,8 +193,33 @@ def test_every_lora_target_must_name_a_module():
     assert sum("lora_A" in name for name, _ in model.named_parameters()) == 2
     # a single name is a name, not a regex over full module paths
     assert load_config(None, {"lora_target_modules": "q_proj"}).lora_target_modules == ["q_proj"]
-    with pytest.raises(ValueError, match="lora_target_modules: expected 'all-linear' or module names"):
+    with pytest.raises(ValueError, match="lora_target_modules: expected 'all-linear', module names"):
         load_config(None, {"lora_target_modules": "q_proj,"})
+
+
+def test_lora_target_regex_passes_through_to_peft():
+    """A string with a regex character is a regex that peft matches against full module names (re.fullmatch):
+    kept as written (commas included), checked to compile and to match a module, and planned as every projection."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rpo_fast import memory_plan, modeling
+
+    regex = r"model\.layers\.(1|2)\.self_attn\.(q|v)_proj"
+    for value in (regex, r"model\.layers\.\d{1,2}\.mlp\.up_proj"):
+        assert load_config(None, {"lora_target_modules": value}).lora_target_modules == value
+    assert load_config(None, parse_overrides([f"--lora_target_modules={regex}"])).lora_target_modules == regex
+    with pytest.raises(ValueError, match=r"lora_target_modules: expected a valid regex .*got 'q_proj\('"):
+        load_config(None, {"lora_target_modules": "q_proj("})
+    config = load_config(None, {"lora_target_modules": regex})
+    assert memory_plan.train_config_plan_options(config)["lora_targets"] == memory_plan.LINEARS
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    model = modeling.add_lora(tiny, r=2, alpha=4, dropout=0.0, target_modules=config.lora_target_modules)
+    adapted = sorted(name.removeprefix("base_model.model.") for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    assert adapted == [f"model.layers.{i}.self_attn.{p}_proj.lora_A" for i in (1, 2) for p in ("q", "v")]
+    with pytest.raises(ValueError, match=r"lora_target_modules: expected a regex matching .*which matches none"):
+        modeling.add_lora(tiny, r=2, alpha=4, dropout=0.0, target_modules=r"model\.layers\.7\..*_proj")
 
 
 def test_config_file_that_is_a_folder_or_missing(tmp_path):

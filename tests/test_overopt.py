@@ -35,6 +35,27 @@ def test_variants_alpha_is_eta_times_beta():
     assert by_name["rpo_sum_paper_eta"].alpha == pytest.approx(0.0005)
 
 
+def test_default_setup_config_validates_and_adapts_blocks_20_to_29(tmp_path):
+    """`python -m bench.overopt.run` with no options: its LoRA target regex passes the config's validation unchanged
+    and puts adapters on exactly the 7 projections of blocks 20-29 of a 30-block Llama (SmolLM2-135M's depth)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.overopt.experiment import Setup, train_config
+    from rpo_fast import modeling
+
+    setup = Setup()
+    config = train_config(setup, make_variants(0.1, 1.0)[0], 0, tmp_path, setup.train_file)
+    assert config.lora_target_modules == setup.lora_target_modules
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    model = modeling.add_lora(tiny, r=2, alpha=4, dropout=0.0, target_modules=config.lora_target_modules)
+    adapted = sorted(name.removeprefix("base_model.model.") for name, _ in model.named_modules()
+                     if name.endswith(".lora_A"))
+    assert adapted == sorted(f"model.layers.{i}.{part}.lora_A" for i in range(20, 30) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"))
+
+
 def test_quick_run_end_to_end(tmp_path):
     model_dir = build_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "out"
