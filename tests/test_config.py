@@ -216,7 +216,8 @@ def test_lora_target_regex_passes_through_to_peft():
     tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                                         num_attention_heads=2, num_key_value_heads=1))
     model = modeling.add_lora(tiny, r=2, alpha=4, dropout=0.0, target_modules=config.lora_target_modules)
-    adapted = sorted(name.removeprefix("base_model.model.") for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    adapted = sorted(name.removeprefix("base_model.model.") for name, _ in model.named_modules()
+                     if name.endswith(".lora_A"))
     assert adapted == [f"model.layers.{i}.self_attn.{p}_proj.lora_A" for i in (1, 2) for p in ("q", "v")]
     with pytest.raises(ValueError, match=r"lora_target_modules: expected a regex matching .*which matches none"):
         modeling.add_lora(tiny, r=2, alpha=4, dropout=0.0, target_modules=r"model\.layers\.7\..*_proj")
