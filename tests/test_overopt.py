@@ -84,6 +84,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert (out / "overopt.png").stat().st_size > 10_000
     report = (out / "REPORT.md").read_text()
     assert "chosen log-prob change" in report and "dpo" in report
+    assert "Each answer is shown stripped and cut to its first 60 characters" in report  # not cut silently
 
     # --resume with nothing missing keeps every row and runs nothing
     (out / "REPORT.md").write_text(report.replace("(to be written after looking at the figure)", "kept"))
@@ -94,6 +95,11 @@ def test_quick_run_end_to_end(tmp_path):
         assert list(csv.DictReader(f)) == rows
     assert len(json.loads((out / "meta.json").read_text())["runs"]) == 2
     assert "kept" in (out / "REPORT.md").read_text()  # the hand-written discussion survives a rewrite
+
+
+def test_plot_labels_give_the_unit():
+    labels = dict(overopt_plot.PANELS)
+    assert "(nats)" in labels["eval/logp_chosen"] and "(nats)" in labels["eval/margin"]
 
 
 def test_series_mean_and_band():

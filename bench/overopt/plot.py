@@ -7,8 +7,8 @@ from pathlib import Path
 
 COLORS = {"dpo": "#d62728", "rpo_sum": "#1f77b4", "rpo_seq_mean": "#2ca02c", "rpo_sum_paper_eta": "#9467bd"}
 STYLES = {"dpo": "-", "rpo_sum": "--", "rpo_seq_mean": "-.", "rpo_sum_paper_eta": ":"}  # overlaps stay visible
-PANELS = (("eval/logp_chosen", "log-prob of preferred responses\n(held-out, summed over response tokens)"),
-          ("eval/margin", "reward margin  β·Δ log-ratio\n(held-out)"),
+PANELS = (("eval/logp_chosen", "log-prob of preferred responses (nats)\n(held-out, summed over response tokens)"),
+          ("eval/margin", "reward margin  β·Δ log-ratio (nats)\n(held-out)"),
           ("eval/gold_acc", "gold accuracy: greedy answers\ncorrect (held-out prompts)"))
 
 

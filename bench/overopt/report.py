@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 DISCUSSION = "## Discussion"
+SAMPLE_CHARS = 60  # sample answers are shown cut to this many characters (the report says so)
 
 
 def _by_run(rows: list[dict], metric: str) -> dict[tuple[str, int], dict[int, float]]:
@@ -185,13 +186,15 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> Path:
     answers = [r for r in runs if r.get("answers_final")]
     if answers:
         L.append("### Sample greedy answers (seed %d, first held-out prompts)\n" % answers[0]["seed"])
+        L.append(f"Each answer is shown stripped and cut to its first {SAMPLE_CHARS} characters (the generations "
+                 f"run up to {s['gold_max_new_tokens']} new tokens).\n")
         first = answers[0].get("answers_step0") or []
         if first:
-            L.append("- base model: " + " | ".join(f"`{a.strip()[:60]!r}`" for a in first[:4]))
+            L.append("- base model: " + " | ".join(f"`{a.strip()[:SAMPLE_CHARS]!r}`" for a in first[:4]))
         for r in answers:
             if r["seed"] == answers[0]["seed"]:
                 L.append(f"- `{r['variant']}` at the end: "
-                         + " | ".join(f"`{a.strip()[:60]!r}`" for a in r["answers_final"][:4]))
+                         + " | ".join(f"`{a.strip()[:SAMPLE_CHARS]!r}`" for a in r["answers_final"][:4]))
         L.append("")
     L.append("### Timing\n")
     L.append("| variant | seed | steps | wall (s) | s/step | held-out log-prob evals (s) | gold evals (s) |")
