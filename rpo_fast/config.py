@@ -202,6 +202,10 @@ class TrainConfig:
         if self.reference == "adapter" and self.finetune != "lora":
             raise ValueError(f"reference: 'adapter' (the policy with its LoRA adapter disabled) needs finetune='lora', "
                              f"got finetune={self.finetune!r}; use reference='model' or 'cache'")
+        if self.ref_model is not None and self.reference in ("adapter", "none"):
+            raise ValueError(f"ref_model: used only with reference='model' or 'cache' (the reference is then that "
+                             f"model), got ref_model={self.ref_model!r} with reference={self.reference!r}, which "
+                             "would ignore it; set reference: model or cache, or drop ref_model")
         # torch's AdamW keeps fp16 moments for fp16 weights: the second moment (and eps = 1e-8) underflow to 0 for
         # gradients below ~1e-3 while the first moment survives, so updates come out thousands of times the lr.
         _require("dtype", not (self.finetune == "full" and self.dtype == "float16" and base_optimizer == "adamw"),

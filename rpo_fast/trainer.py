@@ -756,10 +756,14 @@ def precompute_reference(config: TrainConfig) -> dict[str, Path]:
     """Fills the reference log-prob cache of the train (and eval) set for `config` (`rpo-fast precompute-ref`).
 
     The reference is `ref_model`, or else the initial `model`; the files land in `ref_cache_dir`, under
-    the key that `train` with `reference: cache` looks up. Returns {split: cache file}.
+    the key that `train` with `reference: cache` looks up (with another `reference` it warns: train would not
+    read them). Returns {split: cache file}.
     """
     preflight.check_sources(config)
     accelerator = make_accelerator(config)
+    if config.reference != "cache":
+        accelerator.print(f"warning: reference is {config.reference!r}: train reads these log-probs only with "
+                          "reference: cache (--reference=cache)")
     tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
     splits = {"train": load_examples(config.train_file, tokenizer, config, accelerator.print)[1]}
     if config.eval_file:

@@ -211,6 +211,19 @@ def test_out_of_memory_anywhere_exits_4_with_the_reason(command, entry, monkeypa
     assert "Traceback" not in err
 
 
+def test_precompute_ref_warns_when_train_would_not_read_the_cache(tiny_model_dir, tmp_path, capsys):
+    """precompute-ref under the default reference (adapter) writes a cache that train reads only with
+    reference: cache: it says so."""
+    from rpo_fast import cli
+
+    values = tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter", eval_file=None)
+    config = write_config(tmp_path / "tiny.yaml", values)
+    assert cli.main(["precompute-ref", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: reference is 'adapter': train reads these log-probs only with reference: cache" in out, out
+    assert len(list((tmp_path / "ref_cache").glob("ref-logps-*.pt"))) == 1
+
+
 def test_aot_has_help():
     proc = subprocess.run([sys.executable, "-m", "rpo_fast.aot", "--help"], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=60)

@@ -57,6 +57,10 @@ def test_paper_preset_sets_alpha_to_eta_times_beta():
     ({"sft_norm": "mean"}, r"sft_norm: expected one of"),
     ({"label_smoothing": "0.1", "loss_type": "ipo"}, r"label_smoothing: expected 0 with loss_type='ipo'"),
     ({"mixed_precision": "fp16"}, r"mixed_precision: expected one of \['no', 'bf16'\]"),
+    # a ref_model the reference mode would ignore (the default adapter, none) is refused, not dropped
+    ({"ref_model": "other"}, r"ref_model: used only with reference='model' or 'cache'.*reference='adapter'.*"
+                             r"set reference: model or cache"),
+    ({"ref_model": "other", "reference": "none"}, r"ref_model: .*reference='none'"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
