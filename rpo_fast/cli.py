@@ -7,8 +7,9 @@
 
 Keys are the fields of `rpo_fast.config.TrainConfig` (`rpo-fast train --help` lists them with their
 defaults); a bare `--flag` sets a boolean key to true. Exit status: 0 done, 2 a bad argument, config, data
-file or model path (one line naming the key, no traceback), 3 too many non-finite steps, 4 CUDA out of
-memory; plan-memory: 0 fits, 1 does not fit, 2 bad arguments.
+file or model path, or a path that cannot be read or written (one line naming the key or the path, no
+traceback), 3 too many non-finite steps, 4 CUDA out of memory; plan-memory: 0 fits, 1 does not fit, 2 bad
+arguments.
 Multi-process: on GPUs `accelerate launch --multi_gpu --num_processes N -m rpo_fast.cli train ...` (FSDP
 through an accelerate config file); on the CPU `torchrun --nproc_per_node N -m rpo_fast.cli train ...`
 (gloo; `accelerate launch --cpu` starts one process unless given an MPI hostfile).
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for split, path in trainer.precompute_reference(config).items():
                 print(f"{split}: {path}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as e:
+        # a path that cannot be read or written is a bad path argument; other OSErrors (a full disk, an I/O
+        # error) keep their traceback
         print(f"rpo-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except trainer.NonFiniteLossError as e:

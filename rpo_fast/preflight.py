@@ -3,7 +3,8 @@
 `TrainConfig.validate` checks the config's values on their own; this module checks them against the
 machine: that the model sources exist (a local folder with config.json, a .gguf file, the alias's
 package, or a hub id), the data files are there, the eval set fits the train set, the output folder is
-writable and free (`rpo_fast.run_dir`), and the chosen kernels can run here. A mistake is a ValueError
+writable and free (`rpo_fast.run_dir`), the reference cache folder is writable, and the chosen kernels
+can run here. A mistake is a ValueError
 (or FileNotFoundError for a missing data file) naming the key, seconds after start instead of after the
 models have loaded.
 """
@@ -143,7 +144,19 @@ def check_sources(config: TrainConfig) -> None:
     check_device(config)
 
 
+def check_ref_cache_dir(config: TrainConfig) -> None:
+    """`ref_cache_dir` is a folder this process can write or create: `reference: cache` and `precompute-ref`
+    write the reference log-probs there only after the models have loaded and the reference pass has run. A
+    folder that already holds caches is taken as it is (a read-only shared cache serves the runs it holds)."""
+    path = Path(config.ref_cache_dir)
+    if not (path.is_dir() and any(path.glob("ref-logps-*.pt"))):
+        run_dir.check_writable(path, "ref_cache_dir")
+
+
 def check_run(config: TrainConfig):
-    """`check_sources` plus the run-folder policy; returns the checkpoint `--resume` continues, or None."""
+    """`check_sources` plus `ref_cache_dir` (reference: cache) and the run-folder policy; returns the checkpoint
+    `--resume` continues, or None."""
     check_sources(config)
+    if config.reference == "cache":
+        check_ref_cache_dir(config)
     return run_dir.check(config)

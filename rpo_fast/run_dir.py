@@ -51,22 +51,23 @@ def earlier_run_files(output_dir: str | Path) -> list[str]:
     return found
 
 
-def check_writable(output_dir: str | Path) -> None:
+def check_writable(output_dir: str | Path, key: str = "output_dir") -> None:
     """Creates `output_dir` if needed and writes a probe file into it.
 
     Raises:
-        ValueError: naming output_dir when it is a file, sits under a file, or cannot be written.
+        ValueError: naming `key` (the config key of the folder) when it is a file, sits under a file, or cannot
+            be written.
     """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir: expected a folder (or a path to create one), got the file {path}")
+        raise ValueError(f"{key}: expected a folder (or a path to create one), got the file {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".rpo-fast-write-test-{os.getpid()}"  # one per process: ranks check at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"output_dir: expected a folder this process can write, got {str(path)!r} "
+        raise ValueError(f"{key}: expected a folder this process can write, got {str(path)!r} "
                          f"({e.strerror or type(e).__name__})") from None
 
 

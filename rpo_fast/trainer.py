@@ -760,6 +760,7 @@ def precompute_reference(config: TrainConfig) -> dict[str, Path]:
     read them). Returns {split: cache file}.
     """
     preflight.check_sources(config)
+    preflight.check_ref_cache_dir(config)
     accelerator = make_accelerator(config)
     if config.reference != "cache":
         accelerator.print(f"warning: reference is {config.reference!r}: train reads these log-probs only with "

@@ -106,6 +106,12 @@ def bad_input_cases(tmp: "Path") -> list[tuple[str, list[str], str]]:
         ("ref_model_empty_folder", [*train, "--reference=model", f"--ref_model={tmp / 'empty_model'}"], "ref_model"),
         ("output_dir_is_a_file", ["train", f"--output_dir={tmp / 'a_file'}"], "output_dir"),
         ("output_dir_unwritable", ["train", "--output_dir=/proc/rpo-fast-test-run"], "output_dir"),
+        ("ref_cache_dir_under_a_file", [*train, "--reference=cache", f"--ref_cache_dir={tmp / 'a_file' / 'cache'}"],
+         "ref_cache_dir"),
+        ("ref_cache_dir_unwritable", [*train, "--reference=cache", "--ref_cache_dir=/proc/rpo-fast-test-cache"],
+         "ref_cache_dir"),
+        ("precompute_ref_cache_dir_is_a_file", ["precompute-ref", f"--ref_cache_dir={tmp / 'a_file'}"],
+         "ref_cache_dir"),
         ("config_is_a_folder", ["train", "--config", str(tmp)], "config"),
         ("impl_triton_without_gpu", [*train, "--impl=triton"], "impl"),
         ("atomic_backward_without_gpu", [*train, "--head_backward=atomic"], "head_backward"),
@@ -144,7 +150,8 @@ def no_model_loading(monkeypatch):
 
 
 CASE_IDS = ["model_missing", "model_hub_id_offline", "model_empty_folder", "model_plain_file",
-            "ref_model_empty_folder", "output_dir_is_a_file", "output_dir_unwritable", "config_is_a_folder",
+            "ref_model_empty_folder", "output_dir_is_a_file", "output_dir_unwritable", "ref_cache_dir_under_a_file",
+            "ref_cache_dir_unwritable", "precompute_ref_cache_dir_is_a_file", "config_is_a_folder",
             "impl_triton_without_gpu", "atomic_backward_without_gpu", "head_backward_with_dense",
             "lora_target_not_a_name", "train_file_missing", "embedded_eval_for_own_data",
             "gold_rule_on_own_eval", "resume_and_overwrite", "demo_without_eval_file_keeps_gold",
@@ -222,6 +229,40 @@ def test_precompute_ref_warns_when_train_would_not_read_the_cache(tiny_model_dir
     out = capsys.readouterr().out
     assert "warning: reference is 'adapter': train reads these log-probs only with reference: cache" in out, out
     assert len(list((tmp_path / "ref_cache").glob("ref-logps-*.pt"))) == 1
+
+
+def test_a_read_only_ref_cache_dir_that_holds_caches_is_not_refused(tmp_path, monkeypatch):
+    """reference: cache only reads the files of a filled cache: a shared read-only one is checked for writing only
+    when it holds no cache yet."""
+    import pathlib
+
+    from rpo_fast import preflight
+    from rpo_fast.config import TrainConfig
+
+    def read_only(self, data):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", read_only)
+    config = TrainConfig(reference="cache", ref_cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="ref_cache_dir: expected a folder this process can write"):
+        preflight.check_ref_cache_dir(config)
+    (tmp_path / "ref-logps-0123.pt").touch()
+    preflight.check_ref_cache_dir(config)
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/srv/cache/ref-logps-x.pt"),
+                                   NotADirectoryError(20, "Not a directory", "/data/train.jsonl/cache")])
+def test_a_path_that_cannot_be_written_exits_2_in_one_line(error, monkeypatch, capsys):
+    """An unwritable path met after the start-up checks: one line with the path, exit 2, as for other bad paths."""
+    from rpo_fast import cli, trainer
+
+    def fail(config):
+        raise error
+
+    monkeypatch.setattr(trainer, "train", fail)
+    assert cli.main(["train"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rpo-fast train: error:") and error.filename in lines[0], lines
 
 
 def test_aot_has_help():
