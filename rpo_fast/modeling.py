@@ -58,13 +58,31 @@ def _loading(name: str):
         raise ValueError(f"model: could not load {name!r} ({str(e).strip().splitlines()[0]})") from e
 
 
+# The files a tokenizer is read from: a fast tokenizer's, a SentencePiece model, a BPE or WordPiece vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt")
+
+
 def load_tokenizer(name: str, gguf_file: str | None = None):
+    """The tokenizer of model `name` (see `resolve_model_source`), with a pad token.
+
+    Raises:
+        ValueError: naming `model`, for a source it cannot load, e.g. a folder saved without its tokenizer.
+    """
     from transformers import AutoTokenizer
 
     path, gguf_file = resolve_model_source(name, gguf_file)
     with _loading(name):
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
-            AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else \
+                AutoTokenizer.from_pretrained(path)
+        except ValueError as e:  # transformers' several-line "Couldn't instantiate the backend tokenizer ..."
+            if not gguf_file and os.path.isdir(path) and \
+                    not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+                raise ValueError(f"model: {name} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                                 "expected the tokenizer saved with the model (tokenizer.save_pretrained(folder)), "
+                                 "or copy those files from the model it came from") from e
+            raise ValueError(f"model: could not load the tokenizer of {name!r} ({' '.join(str(e).split())})") from e
     if tokenizer.pad_token_id is None:  # packing never pads; pad_pairs and generation still want an id
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -231,6 +231,25 @@ def test_precompute_ref_warns_when_train_would_not_read_the_cache(tiny_model_dir
     assert len(list((tmp_path / "ref_cache").glob("ref-logps-*.pt"))) == 1
 
 
+def test_a_model_folder_without_its_tokenizer_is_named_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A folder with the model's files but not the tokenizer's (save_pretrained of the model only): one line naming
+    model and the files it lacks, not transformers' five-line message."""
+    import shutil
+
+    from rpo_fast import cli
+
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(REPO)
+    assert cli.main(["train", f"--model={folder}", f"--output_dir={tmp_path / 'run'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"error: model: {folder} has no tokenizer files" in lines[0], lines
+    assert "tokenizer.json" in lines[0] and "save_pretrained" in lines[0]
+
+
 def test_a_read_only_ref_cache_dir_that_holds_caches_is_not_refused(tmp_path, monkeypatch):
     """reference: cache only reads the files of a filled cache: a shared read-only one is checked for writing only
     when it holds no cache yet."""
