@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -33,6 +34,7 @@ FINETUNE_MODES = ("lora", "full")
 MIXED_PRECISION = ("no", "bf16")  # fp16 needs loss scaling, which the non-finite step skip would fight
 SCHEDULERS = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+PATH_KEYS = ("model", "ref_model", "train_file", "eval_file", "output_dir", "ref_cache_dir")  # "~" expanded
 # A lora_target_modules string with one of these is a regex (peft matches it against full module names, e.g.
 # r".*layers\.2[0-9]\..*_proj"); without, it is a module name or a comma-separated list of names.
 REGEX_CHARACTERS = frozenset("\\^$*+?()[]{}|")
@@ -116,6 +118,14 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
     overwrite: bool = False  # delete an earlier run's files in output_dir first (without: such a folder is refused)
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        # A leading "~" is expanded once, here: the shell leaves it alone in --key=~/x and YAML knows nothing of it,
+        # and every reader of the config (start-up checks, loaders, the run folder) must see the same path.
+        for key in PATH_KEYS:
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, key, os.path.expanduser(value))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

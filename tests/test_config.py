@@ -232,3 +232,19 @@ def test_config_file_that_is_a_folder_or_missing(tmp_path):
         load_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="config: .*missing.yaml does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_leading_tilde_in_every_path_key_is_expanded_once(tmp_path, monkeypatch):
+    """`--output_dir=~/run` (the shell does not expand `~` after `=`) and `~` in a YAML file name the home folder
+    for every reader of the config; before, the run wrote into a folder named `~` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    keys = ("model", "ref_model", "train_file", "eval_file", "output_dir", "ref_cache_dir")
+    config = load_config(None, {**{key: f"~/{key}" for key in keys}, "reference": "model"})
+    assert {key: getattr(config, key) for key in keys} == {key: str(tmp_path / "home" / key) for key in keys}
+    from_file = load_config(write(tmp_path, "output_dir: ~/from_yaml\ntrain_file: ~/t.jsonl\n"))
+    assert (from_file.output_dir, from_file.train_file) == (str(tmp_path / "home" / "from_yaml"),
+                                                            str(tmp_path / "home" / "t.jsonl"))
+    assert TrainConfig(output_dir="~/direct").output_dir == str(tmp_path / "home" / "direct")
+    # a hub id, a relative path and YAML's null for an optional key stay as they are
+    plain = load_config(None, {"model": "org/name", "output_dir": "outputs/x~y", "eval_file": "~"})
+    assert (plain.model, plain.output_dir, plain.eval_file) == ("org/name", "outputs/x~y", None)
