@@ -275,6 +275,8 @@ def _coerce_to(key: str, tp, value):
         if type(None) in options:
             return None
         raise ValueError(f"{key}: expected {_type_name(tp)}, got None")
+    if isinstance(value, bool) and key == "mixed_precision" and not value:
+        return "no"  # the documented `mixed_precision: no`, which YAML 1.1 reads as false (off too)
     for option in options:
         if option is bool and isinstance(value, bool):
             return value
@@ -289,7 +291,9 @@ def _coerce_to(key: str, tp, value):
                 else value  # a regex keeps its commas ("{1,2}")
             if isinstance(items, list) and all(isinstance(x, str) for x in items):
                 return [x.strip() for x in items]
-    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    hint = " (YAML reads an unquoted yes/no/on/off as true/false: quote the word, e.g. 'no')" \
+        if isinstance(value, bool) and str in options else ""
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _is_type(tp, target) -> bool:

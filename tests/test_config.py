@@ -248,3 +248,15 @@ def test_a_leading_tilde_in_every_path_key_is_expanded_once(tmp_path, monkeypatc
     # a hub id, a relative path and YAML's null for an optional key stay as they are
     plain = load_config(None, {"model": "org/name", "output_dir": "outputs/x~y", "eval_file": "~"})
     assert (plain.model, plain.output_dir, plain.eval_file) == ("org/name", "outputs/x~y", None)
+
+
+def test_yaml_booleans_for_string_keys(tmp_path):
+    """YAML 1.1 reads an unquoted no/off as false: `mixed_precision: no` (the documented value) means "no", and a
+    boolean anywhere else a word is expected says to quote it."""
+    for text in ("mixed_precision: no\n", "mixed_precision: off\n", "mixed_precision: false\n"):
+        assert load_config(write(tmp_path, text)).mixed_precision == "no"
+    with pytest.raises(ValueError, match=r"mixed_precision: expected str, got True \(bool\) \(YAML reads an "
+                                         r"unquoted yes/no/on/off as true/false: quote the word"):
+        load_config(write(tmp_path, "mixed_precision: yes\n"))
+    with pytest.raises(ValueError, match=r"reference: expected str, got False \(bool\) \(YAML reads"):
+        load_config(write(tmp_path, "reference: off\n"))
