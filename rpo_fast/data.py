@@ -9,8 +9,8 @@ Row formats (TRL's), one per row, all three fields of one kind:
 
 Conversational rows may also carry TRL's `tools` (a list of tool schemas, or a JSON string of one) and
 `chat_template_kwargs` (a dict), passed to the chat template. Other extra fields are kept and ignored.
-Files: `.jsonl`, `.json` (a list of rows), `.parquet` (needs pyarrow) or a folder written by
-`datasets.Dataset.save_to_disk` (needs datasets).
+Files: `.jsonl`, `.json` (a list of rows, or JSON Lines as `datasets.Dataset.to_json` writes them),
+`.parquet` (needs pyarrow) or a folder written by `datasets.Dataset.save_to_disk` (needs datasets).
 
 Tokenization (it is not TRL 1.16's, which tokenizes prompt + response together and cuts the end of the
 whole sequence, `keep_start`): conversational rows go through the tokenizer's chat template (see
@@ -278,6 +278,17 @@ def _load_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _is_json_lines(text: str) -> bool:
+    """Whether every non-blank line of `text` is a JSON value of its own."""
+    try:
+        for line in text.split("\n"):
+            if line.strip():
+                json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def _load_json(path: Path) -> list[dict]:
     data = path.read_bytes()
     try:
@@ -288,7 +299,11 @@ def _load_json(path: Path) -> list[dict]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and _is_json_lines(text):
+            return _load_jsonl(path)  # JSON Lines, as datasets.Dataset.to_json writes a .json file by default
         raise ValueError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(rows, dict) and "\n" not in text.strip():
+        return _load_jsonl(path)  # one object on one line: the JSON Lines of a one-row dataset
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of rows (use .jsonl for one object per line), "
                          f"got {type(rows).__name__}")
@@ -346,7 +361,8 @@ def _load_saved_dataset(path: Path) -> list[dict]:
 
 
 def load_preference_rows(path: str | os.PathLike) -> list[dict]:
-    """Reads preference rows from `.jsonl`, `.json`, `.parquet` or a `save_to_disk` folder.
+    """Reads preference rows from `.jsonl`, `.json` (a list of rows, or JSON Lines: one row per line, as
+    `datasets.Dataset.to_json` writes it), `.parquet` or a `save_to_disk` folder.
 
     Returns:
         the rows, validated (see `validate_row`), in file order; blank JSONL lines are skipped, so a

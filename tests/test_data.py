@@ -16,6 +16,7 @@ import pytest
 
 from rpo_fast.data import (
     DATA_DIR,
+    FIELDS,
     PreferenceExample,
     default_dataset_path,
     load_preference_rows,
@@ -189,7 +190,11 @@ MALFORMED = [
      ["bad.jsonl", "line 2", "UTF-8"]),
     ("empty.jsonl", "", ["empty.jsonl", "no rows"]),
     ("blank.jsonl", "\n \n\n", ["blank.jsonl", "no rows"]),
-    ("bad.json", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}), ["bad.json", "expected a JSON list"]),
+    ("bad.json", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}, indent=1),
+     ["bad.json", "expected a JSON list"]),  # one object on one line is JSON Lines: test_json_lines_in_a_json_file
+    ("bad.json", GOOD + "\n{not json\n", ["bad.json", "line 2", "invalid JSON", "Extra data"]),
+    ("bad.json", GOOD + "\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n",
+     ["bad.json", "line 2", "missing field(s) ['rejected']"]),
     ("bad.json", '[\n  {"prompt": "a", "chosen": "b", "rejected": "c"},\n  {"prompt": oops}\n]',
      ["bad.json", "line 3", "invalid JSON"]),
     ("bad.json", json.dumps([PLAIN_ROWS[0], {"prompt": "a", "rejected": "c"}]), ["bad.json", "row 1", "'chosen'"]),
@@ -206,6 +211,18 @@ def test_malformed_input_names_file_and_line(tmp_path, name, content, expected):
         load_preference_rows(path)
     for text in expected:
         assert text in str(info.value), f"{text!r} not in {str(info.value)!r}"
+
+
+def test_json_lines_in_a_json_file(tmp_path):
+    """A .json file holding JSON Lines (datasets.Dataset.to_json's default, one row per line) is read as such;
+    a file of one row is one line."""
+    for rows in (PLAIN_ROWS, CONV_ROWS, PLAIN_ROWS[:1]):
+        path = _write(tmp_path / "exported.json", "".join(json.dumps(row) + "\n" for row in rows))
+        assert load_preference_rows(path) == rows
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(PLAIN_ROWS).to_json(tmp_path / "to_json.json")
+    assert [{k: row[k] for k in FIELDS} for row in load_preference_rows(tmp_path / "to_json.json")] == \
+        [{k: row[k] for k in FIELDS} for row in PLAIN_ROWS]
 
 
 def test_unreadable_parquet_is_a_value_error(tmp_path):
