@@ -7,6 +7,9 @@ Row formats (TRL's), one per row, all three fields of one kind:
                       "chosen": [{"role": "assistant", "content": "..."}],
                       "rejected": [{"role": "assistant", "content": "..."}]}
 
+A string prompt with whole conversations as chosen and rejected (UltraFeedback-binarized's layout) is read
+as TRL's `maybe_extract_prompt` reads it: the messages both conversations start with are the prompt, the
+rest the responses; the string must be the last shared user message's content.
 Conversational rows may also carry TRL's `tools` (a list of tool schemas, or a JSON string of one) and
 `chat_template_kwargs` (a dict), passed to the chat template. Other extra fields are kept and ignored.
 Files: `.jsonl`, `.json` (a list of rows, or JSON Lines as `datasets.Dataset.to_json` writes them),
@@ -218,7 +221,8 @@ def _template_extras(row: dict, where: str) -> dict:
 
 
 def validate_row(row: Any, where: str) -> str:
-    """Checks one row and returns its format, "plain" or "conversational".
+    """Checks one row and returns its format, "plain" or "conversational" (also for a string prompt with whole
+    conversations as chosen and rejected: see `_check_embedded_prompt`).
 
     Raises:
         ValueError: starting with `where` (e.g. "train.jsonl, line 3"), naming the field, what was
@@ -235,6 +239,9 @@ def validate_row(row: Any, where: str) -> str:
             hint = " (implicit-prompt rows are not supported: move the shared messages into 'prompt')"
         raise ValueError(f"{where}: missing field(s) {missing}; expected {list(FIELDS)}, got {sorted(row)}{hint}")
     prompt = row["prompt"]
+    if isinstance(prompt, str) and isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
+        _check_embedded_prompt(row, where)
+        return "conversational"
     if isinstance(prompt, str):
         for name in ("chosen", "rejected"):
             if not isinstance(row[name], str):
@@ -250,12 +257,58 @@ def validate_row(row: Any, where: str) -> str:
                                  f"(conversational format), got {_describe(row[name])}")
             _check_messages(row[name], name, where)
             _check_utf8(row[name], f"field {name!r}", where, element="message")
-        for name in ("tools", "chat_template_kwargs"):
-            _check_utf8(row.get(name), f"field {name!r}", where)
-        _template_extras(row, where)
+        _check_template_fields(row, where)
         return "conversational"
     raise ValueError(f"{where}: field 'prompt': expected a string or a list of {{'role', 'content'}} messages, "
                      f"got {_describe(prompt)}")
+
+
+def _check_template_fields(row: dict, where: str) -> None:
+    for name in ("tools", "chat_template_kwargs"):
+        _check_utf8(row.get(name), f"field {name!r}", where)
+    _template_extras(row, where)
+
+
+def _shared_messages(chosen: list, rejected: list) -> int:
+    """How many leading messages two conversations share."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def _check_embedded_prompt(row: dict, where: str) -> None:
+    """A string `prompt` with whole conversations as `chosen` and `rejected` (UltraFeedback-binarized's layout):
+    as TRL's `maybe_extract_prompt` does, the messages the two share are the prompt and the rest the responses;
+    the string must be the content of the last user message they share (else the columns do not belong together).
+    """
+    for name in ("chosen", "rejected"):
+        _check_messages(row[name], name, where)
+        _check_utf8(row[name], f"field {name!r}", where, element="message")
+    _check_utf8(row["prompt"], "field 'prompt'", where)
+    chosen, rejected = row["chosen"], row["rejected"]
+    n = _shared_messages(chosen, rejected)
+    users = [m["content"] for m in chosen[:n] if m["role"] == "user"]
+    layout = ("field 'prompt' is a string and 'chosen'/'rejected' are whole conversations (the UltraFeedback "
+              "layout; their shared leading messages are the prompt)")
+    if not users or users[-1].strip() != row["prompt"].strip():
+        shared = f"their last shared user message is {_describe(users[-1])}" if users else \
+            "they share no user message"
+        raise ValueError(f"{where}: {layout}: expected 'prompt' to be the last user message both conversations "
+                         f"start with, got {_describe(row['prompt'])} while {shared}")
+    if n == len(chosen) or n == len(rejected):
+        raise ValueError(f"{where}: {layout}: expected 'chosen' and 'rejected' to go on past their "
+                         f"{n} shared message(s) (the responses), got {len(chosen)} and {len(rejected)} messages")
+    _check_template_fields(row, where)
+
+
+def _with_prompt_messages(row: dict) -> dict:
+    """`row` with a list-of-messages prompt: an UltraFeedback-layout row (see `_check_embedded_prompt`) becomes
+    its shared messages as `prompt` and the rest as `chosen` / `rejected`; other rows come back as they are."""
+    if not isinstance(row["prompt"], str):
+        return row
+    n = _shared_messages(row["chosen"], row["rejected"])
+    return {**row, "prompt": row["chosen"][:n], "chosen": row["chosen"][n:], "rejected": row["rejected"][n:]}
 
 
 def _load_jsonl(path: Path) -> list[dict]:
@@ -547,6 +600,7 @@ def tokenize_pairs(
         where = f"{source}, row {index}"
         stats.n_rows += 1
         if validate_row(row, where) == "conversational":
+            row = _with_prompt_messages(row)
             stats.n_conversational += 1
             prompt_ids, chosen_ids, rejected_ids, merged = _tokenize_conversation(tokenizer, row, where)
         else:

@@ -347,6 +347,43 @@ def test_conversational_uses_chat_template(tok):
     assert tok.decode(ex2.chosen_ids) == "Hello.<|im_end|>\n"
 
 
+def _ultrafeedback(row: dict) -> dict:
+    """A CONV_ROWS row in UltraFeedback-binarized's layout: the user's text as `prompt`, whole conversations."""
+    return {"prompt": row["prompt"][-1]["content"], "chosen": row["prompt"] + row["chosen"],
+            "rejected": row["prompt"] + row["rejected"], "score_chosen": 8.0}
+
+
+def test_ultrafeedback_layout_is_read_as_its_conversations():
+    """A string prompt with whole conversations as chosen/rejected: the shared messages are the prompt, as TRL's
+    maybe_extract_prompt reads it; the pairs are those of the explicit conversational rows."""
+    rows = [_ultrafeedback(row) for row in CONV_ROWS]
+    assert [validate_row(row, "r") for row in rows] == ["conversational"] * 2
+    tok = CharTokenizer()
+    got, stats = tokenize_pairs(rows, tok, max_length=200, max_prompt_length=100)
+    expected, _ = tokenize_pairs(CONV_ROWS, tok, max_length=200, max_prompt_length=100)
+    assert got == expected and stats.n_conversational == 2
+    assert tok.decode(got[0].prompt_ids) == CHATML_PROMPT and tok.decode(got[0].chosen_ids) == \
+        "The answer is 4.<|im_end|>\n"
+    trl_data_utils = pytest.importorskip("trl.data_utils")
+    assert tokenize_pairs([trl_data_utils.maybe_extract_prompt(row) for row in rows], tok, max_length=200,
+                          max_prompt_length=100)[0] == got
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"prompt": "What is 3 + 3?"}, "expected 'prompt' to be the last user message both conversations start with, "
+                                   "got str 'What is 3 + 3?' while their last shared user message is str 'What is"),
+    ({"rejected": [{"role": "user", "content": "Other"}, {"role": "assistant", "content": "No."}]},
+     "they share no user message"),
+    ({"rejected": _ultrafeedback(CONV_ROWS[0])["chosen"]}, "expected 'chosen' and 'rejected' to go on past their 2 "
+                                                           "shared message(s)"),
+    ({"chosen": [{"role": "user"}]}, "field 'chosen', message 0"),
+])
+def test_ultrafeedback_layout_that_does_not_fit_together_is_refused(change, message):
+    with pytest.raises(ValueError, match="UltraFeedback layout" if "message 0" not in message else "chosen") as info:
+        validate_row({**_ultrafeedback(CONV_ROWS[0]), **change}, "uf.jsonl, line 1")
+    assert str(info.value).startswith("uf.jsonl, line 1: ") and message in str(info.value), str(info.value)
+
+
 def test_conversational_truncation_keeps_prompt_end():
     tok = CharTokenizer()
     [ex], stats = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=25)
