@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             trainer.train(config)
         else:
-            for split, path in trainer.precompute_reference(config).items():
-                print(f"{split}: {path}")
+            trainer.precompute_reference(config)  # it prints each cache file (on the main process)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as e:
         # a path that cannot be read or written is a bad path argument; other OSErrors (a full disk, an I/O
         # error) keep their traceback

@@ -59,7 +59,7 @@ def test_train_then_precompute_and_train_from_cache(tiny_model_dir, tmp_path):
     proc = cli("precompute-ref", "--config", config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     caches = sorted((tmp_path / "ref_cache").glob("ref-logps-*.pt"))
-    assert len(caches) == 2 and f"train: {tmp_path / 'ref_cache'}" in proc.stdout
+    assert len(caches) == 2 and f"reference log-probs (train): {tmp_path / 'ref_cache'}" in proc.stdout
     mtimes = [p.stat().st_mtime_ns for p in caches]
     proc = cli("train", "--config", config, "--reference=cache", f"--output_dir={tmp_path / 'cached'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,7 +228,8 @@ def test_precompute_ref_warns_when_train_would_not_read_the_cache(tiny_model_dir
     assert cli.main(["precompute-ref", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "warning: reference is 'adapter': train reads these log-probs only with reference: cache" in out, out
-    assert len(list((tmp_path / "ref_cache").glob("ref-logps-*.pt"))) == 1
+    [cache] = (tmp_path / "ref_cache").glob("ref-logps-*.pt")
+    assert out.count(str(cache)) == 1, out  # printed once (it was printed twice: a log line, then the CLI's)
 
 
 def test_a_model_folder_without_its_tokenizer_is_named_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
