@@ -216,6 +216,8 @@ class TrainConfig:
             raise ValueError(f"ref_model: used only with reference='model' or 'cache' (the reference is then that "
                              f"model), got ref_model={self.ref_model!r} with reference={self.reference!r}, which "
                              "would ignore it; set reference: model or cache, or drop ref_model")
+        _require("seed", checks.is_int(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32 - 1]",
+                 self.seed)
         # torch's AdamW keeps fp16 moments for fp16 weights: the second moment (and eps = 1e-8) underflow to 0 for
         # gradients below ~1e-3 while the first moment survives, so updates come out thousands of times the lr.
         _require("dtype", not (self.finetune == "full" and self.dtype == "float16" and base_optimizer == "adamw"),

@@ -61,6 +61,9 @@ def test_paper_preset_sets_alpha_to_eta_times_beta():
     ({"ref_model": "other"}, r"ref_model: used only with reference='model' or 'cache'.*reference='adapter'.*"
                              r"set reference: model or cache"),
     ({"ref_model": "other", "reference": "none"}, r"ref_model: .*reference='none'"),
+    # numpy's seed range, named by key (numpy said only "Seed must be between 0 and 2**32 - 1")
+    ({"seed": "-1"}, r"seed: expected an integer in \[0, 2\*\*32 - 1\], got -1"),
+    ({"seed": "99999999999"}, r"seed: expected an integer in \[0, 2\*\*32 - 1\], got 99999999999"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
