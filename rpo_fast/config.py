@@ -218,6 +218,12 @@ class TrainConfig:
                              "would ignore it; set reference: model or cache, or drop ref_model")
         _require("seed", checks.is_int(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32 - 1]",
                  self.seed)
+        for key in (*PATH_KEYS, "gguf_file"):  # an empty --train_file= would read the working directory
+            optional = key in ("ref_model", "eval_file", "gguf_file")
+            value = getattr(self, key)
+            _require(key, (value is None and optional) or (isinstance(value, str) and bool(value.strip())),
+                     ("a path or hub id" if key in ("model", "ref_model") else "a path") + (" or null" * optional),
+                     value)
         # torch's AdamW keeps fp16 moments for fp16 weights: the second moment (and eps = 1e-8) underflow to 0 for
         # gradients below ~1e-3 while the first moment survives, so updates come out thousands of times the lr.
         _require("dtype", not (self.finetune == "full" and self.dtype == "float16" and base_optimizer == "adamw"),

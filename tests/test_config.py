@@ -64,6 +64,14 @@ def test_paper_preset_sets_alpha_to_eta_times_beta():
     # numpy's seed range, named by key (numpy said only "Seed must be between 0 and 2**32 - 1")
     ({"seed": "-1"}, r"seed: expected an integer in \[0, 2\*\*32 - 1\], got -1"),
     ({"seed": "99999999999"}, r"seed: expected an integer in \[0, 2\*\*32 - 1\], got 99999999999"),
+    # an empty path (--train_file=) is refused by key, not read as the working directory
+    ({"train_file": ""}, r"train_file: expected a path, got ''"),
+    ({"output_dir": " "}, r"output_dir: expected a path, got ' '"),
+    ({"ref_cache_dir": ""}, r"ref_cache_dir: expected a path, got ''"),
+    ({"model": ""}, r"model: expected a path or hub id, got ''"),
+    ({"eval_file": ""}, r"eval_file: expected a path or null, got ''"),
+    ({"ref_model": "", "reference": "model"}, r"ref_model: expected a path or hub id or null, got ''"),
+    ({"gguf_file": ""}, r"gguf_file: expected a path or null, got ''"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
