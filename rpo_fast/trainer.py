@@ -604,7 +604,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     policy = finish_policy(policy, config)
     # Every process built the same weights from one seed; from here on each draws its own dropout masks (a
     # resumed run restores each process's RNG state instead).
-    set_seed(config.seed + accelerator.process_index)
+    set_seed((config.seed + accelerator.process_index) % 2**32)
     if reference.mode == "adapter":
         reference.policy = policy
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
