@@ -11,7 +11,9 @@ run prints and the README shows (`outputs/demo/model`) must stay where scripts a
 
 `--resume` continues only a run with the same config: the checkpoint's `config.yaml` must match the
 current config except in `RESUME_FREE_KEYS`, keys that change how long the run goes on, where it logs,
-how it reports or how a step's pairs are laid out, but not what a step computes.
+how it reports or how a step's pairs are laid out, but not what a step computes. The data itself is
+checked by the trainer once tokenized (`trainer.check_same_data`): a `train_file` edited in place keeps its
+path, so only the checkpoint's fingerprint of the tokenized pairs tells.
 """
 from __future__ import annotations
 

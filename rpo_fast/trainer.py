@@ -32,7 +32,7 @@ from . import checkpoint, memory_plan, metrics, modeling, oom, optim, preflight,
 from .config import TrainConfig, load_config, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
 from .packing import batch_by_token_budget, pack_pairs
-from .ref_cache import ReferenceCache, load_or_compute, model_fingerprint
+from .ref_cache import ReferenceCache, data_fingerprint, load_or_compute, model_fingerprint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +63,9 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     eval_history: list = field(default_factory=list)
+    # ref_cache.data_fingerprint of the tokenized training pairs: --resume refuses other data at the same path
+    # (None in checkpoints written before it was recorded: not checked then)
+    data_fingerprint: str | None = None
 
 
 @dataclass
@@ -530,6 +533,23 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, c
     return TrainState(**checkpoint.read_json(directory / "trainer_state.json"))
 
 
+def check_same_data(directory: Path, state: TrainState, fingerprint: str, config: TrainConfig) -> None:
+    """Refuses to continue the checkpoint in `directory` on other training data than it was trained on: its
+    data position (epoch, step in epoch) would point into another batch plan. The resume check compares the
+    `train_file` path (and a moved file's bytes); a file edited in place is caught here, by the fingerprint of
+    the tokenized pairs (`ref_cache.data_fingerprint`). A checkpoint without one (written before it was
+    recorded) is not checked.
+
+    Raises:
+        ValueError: naming train_file, the checkpoint and both fingerprints.
+    """
+    if state.data_fingerprint is not None and state.data_fingerprint != fingerprint:
+        raise ValueError(f"resume: train_file {config.train_file} holds other data than the checkpoint {directory} "
+                         f"was trained on (tokenized pairs' fingerprint {fingerprint[:12]}, the checkpoint's "
+                         f"{state.data_fingerprint[:12]}): its data position would point into other batches. "
+                         "Resume with the original data, or start a new run with --overwrite or another output_dir")
+
+
 def make_accelerator(config: TrainConfig):
     """An Accelerator for this run; on the CPU its processes talk over gloo (torchrun / accelerate launch)."""
     from accelerate import Accelerator
@@ -574,6 +594,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     # Data: tokenized once; the batch plan is a pure function of (examples, config, epoch, world size).
     tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
     _, train_examples = load_examples(config.train_file, tokenizer, config, log)
+    train_fingerprint = data_fingerprint(train_examples)
     eval_rows, eval_examples = None, []
     if config.eval_file:
         eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
@@ -624,9 +645,11 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     state, resumed_from = TrainState(), None
     if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:
         state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler, config)
+        check_same_data(resumed_from, state, train_fingerprint, config)
         log(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch})")
     elif config.resume:
         log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
+    state.data_fingerprint = train_fingerprint
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
     logger = metrics.MetricsLogger(output_dir, tensorboard=config.tensorboard,

@@ -157,3 +157,37 @@ def test_resuming_a_run_that_already_reached_its_steps_trains_and_logs_nothing_n
         assert f"the checkpoint is at step 2, and this run has {max_steps} steps: nothing to train" in out
         assert evals() == [0, 2] and loss_steps(run) == [1, 2]
         assert "eval" in (run / "final_metrics.txt").read_text()
+
+
+def test_resume_refuses_a_train_file_edited_in_place(tiny_model_dir, tmp_path, capsys):
+    """The resume check compares the train_file path, and a moved file's bytes: other rows at the same path passed
+    it, and the run continued its data position in another batch plan. The checkpoint now holds the tokenized
+    pairs' fingerprint; a checkpoint without one (written before) still resumes, unchecked."""
+    import json
+
+    from tiny_lm import write_rows
+
+    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, max_steps=2)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    run = tmp_path / "run"
+    code, _, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+    original = (tmp_path / "train.jsonl").read_bytes()
+    write_rows(tmp_path / "train.jsonl", 16, offset=100)  # same path, other rows
+    code, _, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)
+    assert code == 2 and "error: resume: train_file" in err and "holds other data than the checkpoint" in err, err
+    assert loss_steps(run) == [1, 2]  # nothing ran, the log is untouched
+
+    # a checkpoint from before the fingerprint: resumed, unchecked (as before)
+    latest = checkpoint.latest_checkpoint(run)
+    state = json.loads((latest / "trainer_state.json").read_text())
+    del state["data_fingerprint"]
+    (latest / "trainer_state.json").write_text(json.dumps(state))
+    (latest / checkpoint.MARKER).unlink()
+    latest.rename(latest.parent / f".tmp-{latest.name}")
+    checkpoint.commit(latest.parent / f".tmp-{latest.name}", 2)
+    (tmp_path / "train.jsonl").write_bytes(original)
+    code, out, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert loss_steps(run) == [1, 2, 3]
