@@ -6,6 +6,11 @@ deleted), a later `--resume` would continue the old run, and `metrics.jsonl` wou
 says what they mean: `--resume` continues the earlier run, `--overwrite` deletes its files first (only
 the files a run writes, never anything else in the folder), or another `output_dir` keeps both.
 
+A run marks its folder with `RUN_MARKER` when it starts. Files that merely have a run file's name (a user's
+own `model/` or `config.yaml`) in a folder without the marker are not deleted by `--overwrite`, nor taken
+over by a fresh run: both are refused, naming them. A run folder from before the marker is recognised by its
+`config.yaml`, which loads as the trainer's config.
+
 A run folder is reused rather than a new one made per run (a timestamped subfolder) because the paths a
 run prints and the README shows (`outputs/demo/model`) must stay where scripts and people look for them.
 
@@ -22,11 +27,16 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from . import checkpoint
 from .config import TrainConfig, load_config
 
 # What a training run writes into output_dir (rpo_fast/trainer.py, metrics.py, checkpoint.py).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final_metrics.txt", "metrics.png", "model", "tensorboard")
+# Written into output_dir when a run starts (`claim`): the folder's RUN_FILES are a run's. Not among RUN_FILES:
+# `--overwrite` keeps it (the folder stays a run folder), and alone it is no earlier run.
+RUN_MARKER = ".rpo-fast-run"
 
 # Keys that may differ between a checkpoint's config and the run resuming from it. Steps already taken are
 # not redone: a longer max_steps / num_epochs continues on the new schedule's curve from the saved step.
@@ -51,6 +61,34 @@ def earlier_run_files(output_dir: str | Path) -> list[str]:
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
             found.append(name)
     return found
+
+
+def claim(output_dir: str | Path) -> None:
+    """Marks `output_dir` (which exists) as a run folder: writes RUN_MARKER unless present."""
+    marker = Path(output_dir) / RUN_MARKER
+    if not marker.is_file():
+        marker.write_text("This folder holds an rpo-fast training run (rpo_fast/run_dir.py).\n", encoding="utf-8")
+
+
+def is_run_folder(output_dir: str | Path) -> bool:
+    """Whether `output_dir`'s RUN_FILES are a run's: it holds RUN_MARKER, or (a run from before the marker) a
+    `config.yaml` that loads as the trainer's config (a non-empty mapping of its keys)."""
+    root = Path(output_dir)
+    if (root / RUN_MARKER).is_file():
+        return True
+    try:
+        return bool(yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))) \
+            and load_config(root / "config.yaml") is not None
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+
+
+def _refuse_foreign(output_dir: str | Path, found: list[str]) -> None:
+    """Raises the error for a folder whose run-file names (`found`) are not a run's (see `is_run_folder`)."""
+    raise ValueError(f"output_dir: {output_dir} holds {', '.join(found)}, which rpo-fast did not write (no "
+                     f"{RUN_MARKER} marker of a run, and no config.yaml of the trainer's); expected an empty folder "
+                     "or a run folder: move them elsewhere or choose another output_dir (--overwrite deletes only "
+                     "a run's files)")
 
 
 def check_writable(output_dir: str | Path, key: str = "output_dir") -> None:
@@ -111,7 +149,8 @@ def check(config: TrainConfig) -> Path | None:
 
     Raises:
         ValueError: naming output_dir for an unwritable folder or an earlier run without --resume or
-            --overwrite; naming the input (model, train_file, ...) that --overwrite would delete; naming
+            --overwrite, or with files of a run's names that no run wrote (`is_run_folder`); naming the input
+            (model, train_file, ...) that --overwrite would delete; naming
             resume for a checkpoint whose config differs outside RESUME_FREE_KEYS
             (listing each key with its saved and current value).
     """
@@ -122,6 +161,8 @@ def check(config: TrainConfig) -> Path | None:
             raise ValueError(f"{key}: {value} lies in {Path(config.output_dir) / name}, which --overwrite deletes "
                              "before the run starts; expected an input outside the earlier run's files: copy it "
                              "elsewhere first, or write the new run to another output_dir")
+        if (found := earlier_run_files(config.output_dir)) and not is_run_folder(config.output_dir):
+            _refuse_foreign(config.output_dir, found)
         return None
     if config.resume:
         # Sizes only: the trainer verifies the hashes when it loads; hashing a 7B checkpoint twice costs minutes.
@@ -142,6 +183,8 @@ def check(config: TrainConfig) -> Path | None:
                     "settings, or start a new run with --overwrite or another output_dir")
         return latest
     found = earlier_run_files(config.output_dir)
+    if found and not is_run_folder(config.output_dir):
+        _refuse_foreign(config.output_dir, found)
     if found:
         raise ValueError(f"output_dir: {config.output_dir} holds an earlier run ({', '.join(found)}); expected "
                          "--resume to continue it, --overwrite to delete it and start again, or another output_dir")
@@ -149,7 +192,13 @@ def check(config: TrainConfig) -> Path | None:
 
 
 def clear(output_dir: str | Path) -> list[str]:
-    """Deletes the earlier run's files in `output_dir` (RUN_FILES only; anything else stays). Returns their names."""
+    """Deletes the earlier run's files in `output_dir` (RUN_FILES only; anything else stays). Returns their names.
+
+    Raises:
+        ValueError: naming them, when the folder is not a run folder (`is_run_folder`); nothing is deleted.
+    """
+    if (present := earlier_run_files(output_dir)) and not is_run_folder(output_dir):
+        _refuse_foreign(output_dir, present)
     found = []
     for name in RUN_FILES:
         path = Path(output_dir) / name

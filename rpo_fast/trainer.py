@@ -579,6 +579,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     log = accelerator.print
     if config.overwrite and accelerator.is_main_process and (cleared := run_dir.clear(config.output_dir)):
         log(f"overwrite: deleted the earlier run's {', '.join(cleared)} in {config.output_dir}")
+    if accelerator.is_main_process:
+        run_dir.claim(config.output_dir)
     accelerator.wait_for_everyone()
     # A library may draw from the global RNGs when first imported (huggingface_hub 1.33 does, under peft).
     # Imported before seeding, the run's RNG states (and so its checkpoints) do not depend on what the process

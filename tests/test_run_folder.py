@@ -36,6 +36,7 @@ def test_stale_checkpoints_never_win(tiny_model_dir, tmp_path, capsys):
     code, _, err = train(config_file, capsys=capsys)
     assert code == 0, err[-2000:]
     assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2, 3] and loss_steps(run) == [1, 2, 3]
+    assert (run / run_dir.RUN_MARKER).is_file()  # the run marked its folder
 
     # A fresh run into the same folder: refused before any model loads, the earlier run untouched.
     code, _, err = train(config_file, "--max_steps=2", "--keep_checkpoints=1", capsys=capsys)
@@ -191,3 +192,42 @@ def test_resume_refuses_a_train_file_edited_in_place(tiny_model_dir, tmp_path, c
     code, out, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)
     assert code == 0, err[-2000:]
     assert loss_steps(run) == [1, 2, 3]
+
+
+def test_overwrite_deletes_only_a_runs_files(tmp_path):
+    """--overwrite deleted anything named like a run file (a user's own model/, config.yaml) in output_dir. Now
+    only a folder a run marked, or a run folder from before the marker (its config.yaml is the trainer's), is
+    cleared; otherwise a fresh run and --overwrite are both refused, naming the files, and nothing is deleted."""
+    from rpo_fast.config import TrainConfig, save_config
+
+    project = tmp_path / "myproject"
+    (project / "model").mkdir(parents=True)
+    (project / "model" / "my_notes.py").write_text("# the user's own code\n")
+    (project / "config.yaml").write_text("# the user's own CI config\n")
+    (project / "train.jsonl").write_text("{}\n")
+    config = TrainConfig(output_dir=str(project), train_file=str(project / "train.jsonl"))
+    for overwrite in (False, True):
+        config.overwrite = overwrite
+        with pytest.raises(ValueError, match=r"output_dir: .*myproject holds config.yaml, model, which rpo-fast did "
+                                             r"not write \(no \.rpo-fast-run marker"):
+            run_dir.check(config)
+    with pytest.raises(ValueError, match="which rpo-fast did not write"):
+        run_dir.clear(project)
+    assert (project / "model" / "my_notes.py").is_file() and (project / "config.yaml").is_file()
+
+    # a run folder from before the marker: its config.yaml loads as the trainer's, so --overwrite clears it
+    old_run = tmp_path / "old_run"
+    (old_run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (old_run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")
+    save_config(TrainConfig(), old_run / "config.yaml")
+    (old_run / "notes.txt").write_text("mine")
+    config = TrainConfig(output_dir=str(old_run), train_file=str(project / "train.jsonl"), overwrite=True)
+    assert run_dir.check(config) is None
+    assert run_dir.clear(old_run) == ["checkpoints", "config.yaml"]
+    assert sorted(p.name for p in old_run.iterdir()) == ["notes.txt"]
+    # a marked folder (a run wrote the marker at its start) is a run's, whatever its config.yaml holds
+    (project / run_dir.RUN_MARKER).write_text("")
+    config = TrainConfig(output_dir=str(project), train_file=str(project / "train.jsonl"))
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        run_dir.check(config)
+
