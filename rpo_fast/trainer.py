@@ -746,14 +746,20 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     bar.close()
     log(f"{state.step - first_step} steps in {time.perf_counter() - loop_start:.0f} s")
     # A resumed run whose checkpoint already reached its steps (a finished run, or a shorter max_steps) trains
-    # nothing: its final eval is the one logged at that step, not a second record of the same model.
+    # nothing: its checkpoint is the final one (not written again), and its final eval the one logged at that
+    # step, not a second record of the same model; none is logged when the run was killed after its final
+    # checkpoint but before its final eval, which then runs now.
     nothing_ran = resumed_from is not None and state.step == first_step
+    after = None
     if nothing_ran:
         log(f"the checkpoint is at step {state.step}, and this run has {steps} steps: nothing to train")
+        after = logged_eval(logger, state.step, accelerator) if eval_examples else None
 
     # The end: final checkpoint, eval, the model for use, the report.
-    save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
-    after = run_eval(state.step) if eval_examples and not nothing_ran else None
+    if not nothing_ran:
+        save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+    if eval_examples and after is None:
+        after = run_eval(state.step)
     policy = accelerator.unwrap_model(model).model
     if config.finetune == "lora":
         policy = policy.merge_and_unload()
@@ -763,8 +769,6 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if accelerator.is_main_process:
         modeling.save_pretrained(policy, tokenizer, output_dir / "model", state_dict=weights)
         before = state.eval_history[0] if state.eval_history and state.eval_history[0]["step"] == 0 else None
-        if nothing_ran and eval_examples:
-            after = next((r for r in reversed(records) if r.get("step") == state.step and "eval/loss" in r), None)
         table = metrics.final_table([r for r in records if "loss" in r], before, after)
         (output_dir / "final_metrics.txt").write_text(table + "\n", encoding="utf-8")
         log("\n" + table)
@@ -775,6 +779,22 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         logger.close()
     accelerator.wait_for_everyone()
     return TrainResult(model=policy, state=state, records=records, table=table, output_dir=output_dir)
+
+
+def logged_eval(logger, step: int, accelerator) -> dict | None:
+    """The eval record logged at `step` in metrics.jsonl (read on the main process), or None. Every process gets
+    None when the main process found none (they then run the eval together), the record's presence being
+    agreed across processes; only the main process gets the record itself."""
+    found = None
+    if logger is not None:
+        found = next((r for r in reversed(metrics.read_records(logger.path))
+                      if r.get("step") == step and "eval/loss" in r), None)
+    if accelerator.num_processes > 1:
+        missing = torch.tensor([float(accelerator.is_main_process and found is None)], dtype=torch.float64)
+        if accelerator.reduce(missing.to(accelerator.device), "sum").item() > 0:
+            return None
+        return found if found is not None else {}
+    return found
 
 
 def precompute_reference(config: TrainConfig) -> dict[str, Path]:

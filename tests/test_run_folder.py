@@ -231,3 +231,34 @@ def test_overwrite_deletes_only_a_runs_files(tmp_path):
     with pytest.raises(ValueError, match="holds an earlier run"):
         run_dir.check(config)
 
+
+def test_a_kill_between_the_final_checkpoint_and_the_final_eval_is_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    """The final checkpoint is written before the final eval: a kill in between left a checkpoint at the last
+    step, so --resume trained nothing and never ran the final eval ('eval after' stayed '-' for good), and it
+    wrote the same checkpoint again. Now the missing final eval runs, and the checkpoint is not rewritten."""
+    from rpo_fast import trainer
+
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, save_every=1))
+    evaluate, calls = trainer.evaluate, []
+
+    def dying_eval(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # 1: eval before training; 2: the final eval, after the final checkpoint
+            raise KeyboardInterrupt("killed during the final eval")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", dying_eval)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config)
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    run = tmp_path / "run"
+    assert checkpoint.latest_checkpoint(run).name == "step-000002"
+    commits = []
+    monkeypatch.setattr(checkpoint, "commit", lambda *args: commits.append(args))
+    config.resume = True
+    result = trainer.train(config)
+    assert [r["step"] for r in load_json_lines(run / "metrics.jsonl") if "eval/loss" in r] == [0, 2]
+    after = next(r for r in result.records if r["step"] == 2 and "eval/loss" in r)
+    loss_row = next(line for line in result.table.splitlines() if line.startswith("loss "))
+    assert loss_row.split()[-1] == f"{after['eval/loss']:.4g}", result.table
+    assert commits == []  # the step-2 checkpoint is the final one already
