@@ -94,9 +94,26 @@ class MetricsLogger:
             self.writer.close()
 
 
-def read_records(path: str | Path) -> list[dict]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def read_records(path: str | Path, log=print) -> list[dict]:
+    """The records of a metrics.jsonl file. An unparsable last line (the torn tail of a record being appended
+    when the process was killed) is dropped, with a notice through `log`.
+
+    Raises:
+        ValueError: naming the file and line, for an unparsable line before the last.
+    """
+    lines = [(k, line) for k, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if position < len(lines) - 1:
+                raise ValueError(f"{path}: line {number} is not a JSON record ({e}); expected one record per "
+                                 "line, as the trainer writes them") from None
+            log(f"notice: {path}: dropped its last line {number}, cut short ({len(line)} characters, not a "
+                "JSON record): the tail of a record being written when the run stopped")
+    return records
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "rpo", unit: str = "step",

@@ -78,3 +78,21 @@ def test_tensorboard_drops_its_events_past_the_checkpoint_on_resume(tmp_path, mo
     MetricsLogger(tmp_path, tensorboard=True)
     MetricsLogger(tmp_path, tensorboard=True, resume_step=4)
     assert made == [None, 5]
+
+
+def test_read_records_drops_a_torn_last_line_and_names_a_bad_line_elsewhere(tmp_path, capsys):
+    """A run killed while appending to metrics.jsonl leaves a partial last line: --resume crashed on it with a
+    JSONDecodeError that named no file. It is dropped now, with a notice; a bad line before the last is a
+    ValueError naming the file and the line."""
+    from rpo_fast.metrics import MetricsLogger, read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_records(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert f"notice: {path}: dropped its last line 4, cut short" in capsys.readouterr().out
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=2)  # what --resume does: the torn line goes
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"{path}: line 2 is not a JSON record"):
+        read_records(path)
