@@ -122,22 +122,30 @@ def commit(tmp: Path, step: int) -> Path:
     return final
 
 
-def is_complete(directory: Path, verify_hashes: bool = True) -> bool:
-    """Whether `directory` holds a COMPLETE manifest that matches its files (sizes, and hashes if asked)."""
+def problem(directory: Path, verify_hashes: bool = True) -> str | None:
+    """Why `directory` is not a complete checkpoint (its COMPLETE manifest missing, or not matching a file's size
+    or, if asked, hash), in words naming the file; None when it is complete."""
     try:
         manifest = json.loads((directory / MARKER).read_text(encoding="utf-8"))
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return f"no readable {MARKER} manifest"
     if not files:
-        return False
+        return f"an empty {MARKER} manifest"
     for rel, (size, digest) in files.items():
         path = directory / rel
-        if not path.is_file() or path.stat().st_size != size:
-            return False
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, its manifest says {size}"
         if verify_hashes and _sha256(path) != digest:
-            return False
-    return True
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+def is_complete(directory: Path, verify_hashes: bool = True) -> bool:
+    """Whether `directory` holds a COMPLETE manifest that matches its files (sizes, and hashes if asked)."""
+    return problem(directory, verify_hashes) is None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -157,8 +165,14 @@ def latest_checkpoint(output_dir: str | Path, verify_hashes: bool = True) -> Pat
     return None
 
 
-def prune(output_dir: str | Path, keep: int) -> None:
-    """Deletes all but the `keep` newest complete checkpoints, incomplete ones, and stale temp dirs."""
+def prune(output_dir: str | Path, keep: int, protect: Path | None = None) -> None:
+    """Deletes all but the `keep` newest complete checkpoints, incomplete ones, and stale temp dirs; never
+    `protect`, the checkpoint just committed.
+
+    Completeness is judged by sizes (hashing every checkpoint at each save would cost minutes on a large model),
+    so a damaged higher-numbered checkpoint (skipped by `--resume`, which continued from an older one) counts
+    as complete: without `protect`, the resumed run's new checkpoints would be the ones deleted.
+    """
     root = checkpoint_root(output_dir)
     complete = [d for _, d in list_checkpoints(output_dir) if is_complete(d, verify_hashes=False)]
     doomed = complete[:-keep] if keep > 0 else complete
@@ -166,7 +180,8 @@ def prune(output_dir: str | Path, keep: int) -> None:
     if root.is_dir():
         doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-")) and p.is_dir()]
     for directory in doomed:
-        shutil.rmtree(directory, ignore_errors=True)
+        if protect is None or directory != Path(protect):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- training state --------------------------------------------------------------------------------------

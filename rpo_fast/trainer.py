@@ -447,8 +447,8 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: 
         save_config(config, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.commit(tmp, state.step)
-        checkpoint.prune(config.output_dir, config.keep_checkpoints)
+        final = checkpoint.commit(tmp, state.step)
+        checkpoint.prune(config.output_dir, config.keep_checkpoints, protect=final)
     accelerator.wait_for_everyone()
 
 
@@ -531,6 +531,22 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, c
     rng = directory / f"rng-rank{accelerator.process_index}.pt"
     checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))
     return TrainState(**checkpoint.read_json(directory / "trainer_state.json"))
+
+
+def refuse_damaged_checkpoints(output_dir) -> None:
+    """For --resume without a complete checkpoint: starting fresh is right when no checkpoint was ever committed,
+    but not when there are some and none verifies (a damaged file): a fresh run would empty metrics.jsonl and
+    its own checkpoints would be pruned in favour of the damaged higher-numbered ones.
+
+    Raises:
+        ValueError: naming each checkpoint and what is wrong with it.
+    """
+    found = checkpoint.list_checkpoints(output_dir)
+    if found:
+        listed = "; ".join(f"{d.name}: {checkpoint.problem(d)}" for _, d in found)
+        raise ValueError(f"resume: no checkpoint in {checkpoint.checkpoint_root(output_dir)} verifies ({listed}); "
+                         "expected one whose files match its manifest. Restore the damaged file, or start a new "
+                         "run with --overwrite or another output_dir")
 
 
 def check_same_data(directory: Path, state: TrainState, fingerprint: str, config: TrainConfig) -> None:
@@ -650,6 +666,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         check_same_data(resumed_from, state, train_fingerprint, config)
         log(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch})")
     elif config.resume:
+        refuse_damaged_checkpoints(config.output_dir)
         log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
     state.data_fingerprint = train_fingerprint
     if accelerator.is_main_process:

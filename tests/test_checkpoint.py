@@ -178,3 +178,43 @@ def test_resume_with_longer_max_steps_runs_its_first_step_on_the_new_schedule(ti
     assert changes[9] > 0  # step 9 trained
     for step in (10, 11, 12):  # and the rest of the new schedule follows
         assert logged[step] == fresh_lr[step], step
+
+
+def flip_a_byte(path):
+    """Same size, other bytes: only the manifest's hash tells."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_resume_past_damaged_checkpoints(tiny_model_dir, tmp_path):
+    """A damaged checkpoint (a flipped byte: its sizes still match the manifest) is skipped by --resume; the
+    pruning, which checks sizes only, then kept it and deleted the resumed run's newer checkpoints (each
+    lower-numbered). Now the checkpoint just written is never pruned. With no checkpoint left that verifies,
+    --resume started fresh (emptying metrics.jsonl); now it is refused, naming the checkpoint and the file."""
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=6, save_every=2, eval_file="none"))
+
+    def crash(step, record, policy):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, TrainHooks(on_step_end=crash))
+    run = tmp_path / "run"
+    flip_a_byte(run / "checkpoints" / "step-000004" / "optimizer.pt")
+    seen = {}
+
+    def watch(step, record, policy):
+        seen[step] = [s for s, _ in checkpoint.list_checkpoints(run)]
+
+    config.resume, config.save_every, config.keep_checkpoints = True, 1, 1
+    assert train(config, TrainHooks(on_step_end=watch)).state.step == 6
+    assert seen[3] == [3, 4]  # resumed from step 2; step 3's checkpoint stays beside the damaged step 4
+    assert seen[4] == [4] and checkpoint.latest_checkpoint(run).name == "step-000006"  # then step 4 replaced it
+
+    flip_a_byte(run / "checkpoints" / "step-000006" / "optimizer.pt")  # the only checkpoint left
+    log = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"resume: no checkpoint in .*checkpoints verifies \(step-000006: "
+                                         r"optimizer\.pt does not match its sha256 in the manifest\)"):
+        train(config)
+    assert (run / "metrics.jsonl").read_text() == log
