@@ -97,8 +97,9 @@ def begin(output_dir: str | Path, step: int) -> Path:
 def commit(tmp: Path, step: int) -> Path:
     """Fsyncs every file in `tmp`, writes the COMPLETE manifest last and renames `tmp` into place.
 
-    Returns the final directory. An existing checkpoint of the same step is replaced (moved aside first,
-    so a crash in between leaves at worst the previous step's checkpoint as the newest complete one).
+    Returns the final directory. An existing checkpoint of the same step is replaced: moved aside, the new one
+    renamed into place, then the old one deleted (a crash while deleting leaves the new one in place, and the
+    `.old-` leftover for `prune`).
     """
     manifest = {"step": step, "files": {}}
     for path in _files(tmp):
@@ -113,12 +114,14 @@ def commit(tmp: Path, step: int) -> Path:
         os.fsync(f.fileno())
     _fsync_dir(tmp)
     final = tmp.parent / step_dir_name(step)
+    trash = None
     if final.exists():
         trash = tmp.parent / f".old-{final.name}-{os.getpid()}"
         final.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
     tmp.rename(final)
     _fsync_dir(tmp.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     return final
 
 

@@ -5,6 +5,7 @@ corrupted checkpoints are never picked as the latest. The end-to-end test interr
 and resumes it: the final weights must equal an uninterrupted run's bit for bit.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,29 @@ def test_recommit_same_step_replaces(tmp_path):
     write_checkpoint(tmp_path, 1, b"a" * 10)
     final = write_checkpoint(tmp_path, 1, b"b" * 20)
     assert (final / "model" / "weights.bin").read_bytes() == b"b" * 20 and checkpoint.is_complete(final)
+
+
+def test_recommit_deletes_the_old_copy_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """Re-committing a step moved the old checkpoint aside and deleted it before renaming the new one in: a kill
+    while deleting left no checkpoint of that step (with keep_checkpoints=1, none at all)."""
+    import shutil
+
+    write_checkpoint(tmp_path, 3, b"a" * 10)
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if Path(path).name.startswith(".old-"):
+            raise SystemExit("killed while deleting the old copy")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(SystemExit):
+        write_checkpoint(tmp_path, 3, b"b" * 20)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    assert latest is not None and (latest / "model" / "weights.bin").read_bytes() == b"b" * 20
+    checkpoint.prune(tmp_path, keep=1)  # the next save's pruning removes the leftover
+    assert [p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()] == ["step-000003"]
 
 
 def test_prune_keeps_newest_complete(tmp_path):
