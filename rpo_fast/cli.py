@@ -8,8 +8,8 @@
 Keys are the fields of `rpo_fast.config.TrainConfig` (`rpo-fast train --help` lists them with their
 defaults); a bare `--flag` sets a boolean key to true. Exit status: 0 done, 2 a bad argument, config, data
 file or model path, or a path that cannot be read or written (one line naming the key or the path, no
-traceback), 3 too many non-finite steps, 4 CUDA out of memory; plan-memory: 0 fits, 1 does not fit, 2 bad
-arguments.
+traceback), 3 too many non-finite steps, 4 CUDA out of memory, 143 / 130 stopped by SIGTERM / SIGINT (a
+checkpoint saved at the step's end; --resume continues); plan-memory: 0 fits, 1 does not fit, 2 bad arguments.
 Multi-process: on GPUs `accelerate launch --multi_gpu --num_processes N -m rpo_fast.cli train ...` (FSDP
 through an accelerate config file); on the CPU `torchrun --nproc_per_node N -m rpo_fast.cli train ...`
 (gloo; `accelerate launch --cpu` starts one process unless given an MPI hostfile).
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "key to true);\nprecedence, lowest first: defaults < preset < --config file < --key=value.",
             epilog="config keys (defaults shown):\n" + describe_keys()
                    + "\n\nexit status: 0 done, 2 bad argument/config/data/model path, 3 too many non-finite steps, "
-                     "4 CUDA out of memory")
+                     "4 CUDA out of memory, 143 / 130 stopped by SIGTERM / SIGINT (checkpoint saved)")
         sub.add_argument("--config", help="YAML config file (optional: defaults and overrides alone also work)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser

@@ -12,7 +12,8 @@ token by the size of the micro-batch it landed in; transformers fixed the same b
 `num_items_in_batch`).
 
 Resuming restores weights, optimizer, scheduler, RNG states and the data position (epoch, step in
-epoch), and rebuilds the same batch plan, so a resumed run continues bit for bit on the CPU.
+epoch), and rebuilds the same batch plan, so a resumed run continues bit for bit on the CPU. SIGTERM or SIGINT
+during the step loop saves a checkpoint at the end of the step and stops (`StopRequest`, `TrainingStopped`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import contextlib
 import copy
 import dataclasses
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,55 @@ from .ref_cache import ReferenceCache, data_fingerprint, load_or_compute, model_
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `max_nonfinite_steps` consecutive steps with a NaN/Inf loss or gradient norm."""
+
+
+class TrainingStopped(SystemExit):
+    """Training stopped by SIGTERM or SIGINT, after saving a checkpoint at a step boundary; `code` is the exit
+    status (128 + the signal's number: 143 for SIGTERM, 130 for SIGINT), which the process exits with unless
+    caught."""
+
+
+class StopRequest:
+    """SIGTERM and SIGINT during the step loop: the handlers only record the signal, and the loop saves a
+    checkpoint and stops at the next step boundary. A second signal stops at once (the previous handlers, which
+    `installed` restores on the way out, get it). Handlers can only be set in the main thread: elsewhere
+    nothing is installed and signals behave as before."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: stop now
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self.previous = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def agreed(self, accelerator) -> int | None:
+        """The signal to stop for, the same on every process (any process that got one stops them all: SIGTERM
+        if any got SIGTERM); None to go on. One all-reduce when there are several processes."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        got = torch.tensor([float(self.signum == s) for s in self.SIGNALS], dtype=torch.float64)
+        got = accelerator.reduce(got.to(accelerator.device), "sum").cpu()
+        return next((int(s) for s, n in zip(self.SIGNALS, got.tolist()) if n > 0), None)
 
 
 @dataclass
@@ -701,65 +753,77 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     bar = metrics.progress_bar(steps, state.step, enabled=config.progress and accelerator.is_main_process)
     loop_start, first_step = time.perf_counter(), state.step
     plan_epoch, plan = None, []
-    while state.step < steps:
-        if plan_epoch != state.epoch:
-            plan, plan_epoch = epoch_steps(train_examples, config, state.epoch, world), state.epoch
-        if state.step_in_epoch >= len(plan):
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            continue
-        start = time.perf_counter()
-        metrics.reset_peak_memory(accelerator.device)  # peak_mem_mb: this step's, not eval's or loading's
-        sums, tokens, response_tokens = run_step(model, reference, train_examples, plan[state.step_in_epoch],
-                                                 accelerator, config, state.step + 1, hooks)
-        counts = torch.tensor([tokens, response_tokens], dtype=torch.float64)
-        reduced = accelerator.reduce(torch.cat([sums, counts]).to(accelerator.device), "sum").cpu()
-        sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
-        step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
-        record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),
-                  "lr": scheduler.get_last_lr()[0]}  # the lr this step runs at (the scheduler moves on below)
-        try:
-            finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
-        except torch.OutOfMemoryError as e:
-            raise oom.TrainingOutOfMemoryError(oom.update_out_of_memory_message(
-                config, state.step + 1, getattr(accelerator.unwrap_model(model).model, "config", None),
-                oom.device_memory_bytes(accelerator.device), run_world(accelerator))) from e
-        if finite:
-            scheduler.step()
-            state.consecutive_nonfinite = 0
-        else:  # skipped: move on to the next batch
-            state.skipped_steps += 1
-            state.consecutive_nonfinite += 1
-            if params_updated is not None:
-                record["params_updated"] = params_updated
-        state.step += 1
-        state.step_in_epoch += 1
-        elapsed = time.perf_counter() - start
-        record.update({"grad_norm": grad_norm, "pairs": step_pairs,
-                       "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
-                       "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
-                       "skipped": not finite, "skipped_steps": state.skipped_steps})
-        if logger and (state.step % config.log_every == 0 or not finite or state.step == steps):
-            logger.log(record)
-        bar.set_postfix(metrics.progress_postfix(record), refresh=False)
-        bar.update(1)
-        if not finite:
-            partly = record.get("params_updated")
-            log(f"step {state.step}: non-finite loss or gradient (loss {record['loss']}, grad norm {grad_norm}): "
-                f"skipped ({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
-                + (f"; {partly} parameter tensors nearer the output had been updated in backward before the "
-                   "first non-finite gradient" if partly else ""))
-            if state.consecutive_nonfinite >= config.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"stopping at step {state.step}: {state.consecutive_nonfinite} consecutive steps had a non-finite "
-                    f"loss or gradient (max_nonfinite_steps={config.max_nonfinite_steps}); last loss "
-                    f"{record['loss']}, grad norm {grad_norm}. Lower learning_rate, check the data, or use "
-                    "gradient clipping (max_grad_norm)")
-        if config.eval_every and eval_examples and state.step % config.eval_every == 0 and state.step < steps:
-            run_eval(state.step)
-        if config.save_every and state.step % config.save_every == 0 and state.step < steps:
-            save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
-        if hooks.on_step_end is not None:
-            hooks.on_step_end(state.step, record, accelerator.unwrap_model(model).model)
+    with StopRequest().installed() as stop:
+        while state.step < steps:
+            if plan_epoch != state.epoch:
+                plan, plan_epoch = epoch_steps(train_examples, config, state.epoch, world), state.epoch
+            if state.step_in_epoch >= len(plan):
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                continue
+            start = time.perf_counter()
+            metrics.reset_peak_memory(accelerator.device)  # peak_mem_mb: this step's, not eval's or loading's
+            sums, tokens, response_tokens = run_step(model, reference, train_examples, plan[state.step_in_epoch],
+                                                     accelerator, config, state.step + 1, hooks)
+            counts = torch.tensor([tokens, response_tokens], dtype=torch.float64)
+            reduced = accelerator.reduce(torch.cat([sums, counts]).to(accelerator.device), "sum").cpu()
+            sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
+            step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
+            record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),
+                      "lr": scheduler.get_last_lr()[0]}  # the lr this step runs at (the scheduler moves on below)
+            try:
+                finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
+            except torch.OutOfMemoryError as e:
+                raise oom.TrainingOutOfMemoryError(oom.update_out_of_memory_message(
+                    config, state.step + 1, getattr(accelerator.unwrap_model(model).model, "config", None),
+                    oom.device_memory_bytes(accelerator.device), run_world(accelerator))) from e
+            if finite:
+                scheduler.step()
+                state.consecutive_nonfinite = 0
+            else:  # skipped: move on to the next batch
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                if params_updated is not None:
+                    record["params_updated"] = params_updated
+            state.step += 1
+            state.step_in_epoch += 1
+            elapsed = time.perf_counter() - start
+            record.update({"grad_norm": grad_norm, "pairs": step_pairs,
+                           "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
+                           "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
+                           "skipped": not finite, "skipped_steps": state.skipped_steps})
+            if logger and (state.step % config.log_every == 0 or not finite or state.step == steps):
+                logger.log(record)
+            bar.set_postfix(metrics.progress_postfix(record), refresh=False)
+            bar.update(1)
+            if not finite:
+                partly = record.get("params_updated")
+                log(f"step {state.step}: non-finite loss or gradient (loss {record['loss']}, grad norm {grad_norm}): "
+                    f"skipped ({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
+                    + (f"; {partly} parameter tensors nearer the output had been updated in backward before the "
+                       "first non-finite gradient" if partly else ""))
+                if state.consecutive_nonfinite >= config.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"stopping at step {state.step}: {state.consecutive_nonfinite} consecutive steps had a "
+                        f"non-finite loss or gradient (max_nonfinite_steps={config.max_nonfinite_steps}); last loss "
+                        f"{record['loss']}, grad norm {grad_norm}. Lower learning_rate, check the data, or use "
+                        "gradient clipping (max_grad_norm)")
+            if config.eval_every and eval_examples and state.step % config.eval_every == 0 and state.step < steps:
+                run_eval(state.step)
+            saved = config.save_every and state.step % config.save_every == 0 and state.step < steps
+            if saved:
+                save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+            if hooks.on_step_end is not None:
+                hooks.on_step_end(state.step, record, accelerator.unwrap_model(model).model)
+            if (signum := stop.agreed(accelerator)) is not None:  # SIGTERM / SIGINT: save, then exit
+                if not saved:
+                    save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+                bar.close()
+                if logger:
+                    logger.close()
+                saved_dir = checkpoint.checkpoint_root(config.output_dir) / checkpoint.step_dir_name(state.step)
+                log(f"stopped by {signal.Signals(signum).name} after step {state.step} of {steps}: saved the "
+                    f"checkpoint {saved_dir}; run the same command with --resume to continue")
+                raise TrainingStopped(128 + signum)
     bar.close()
     log(f"{state.step - first_step} steps in {time.perf_counter() - loop_start:.0f} s")
     # A resumed run whose checkpoint already reached its steps (a finished run, or a shorter max_steps) trains

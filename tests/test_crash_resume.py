@@ -21,6 +21,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -153,8 +154,8 @@ def tiny_model_dir(tmp_path_factory):
 
 def run_overrides(tiny_model_dir, tmp_path, **extra):
     # LoRA with dropout: the RNG states must be restored too; a checkpoint after every step.
-    return tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter", lora_r=4, lora_dropout=0.1,
-                          max_steps=STEPS, save_every=1, eval_file="none", **extra)
+    return tiny_overrides(tiny_model_dir, tmp_path, **{**dict(finetune="lora", reference="adapter", lora_r=4,
+                          lora_dropout=0.1, max_steps=STEPS, save_every=1, eval_file="none"), **extra})
 
 
 def model_state(directory):
@@ -289,3 +290,90 @@ def test_checkpointed_rng_states_do_not_depend_on_earlier_imports(tiny_model_dir
     assert str(_flat(saved["python"])) == str(_flat(random.getstate()))
     np.random.seed(seed)
     assert str(_flat(saved["numpy"])) == str(_flat(np.random.get_state()))
+
+
+STOPPED_RUN = r'''
+import json, sys, time
+from pathlib import Path
+
+from rpo_fast.config import load_config
+from rpo_fast.trainer import TrainHooks, train
+
+overrides, ready, sent = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), Path(sys.argv[3])
+
+
+def wait_for_the_signal(step, record, policy):
+    if step == 3:  # the parent signals this process now; its handler runs while the hook waits
+        ready.write_text("")
+        deadline = time.time() + 60
+        while not sent.exists() and time.time() < deadline:
+            time.sleep(0.05)
+
+
+train(load_config(None, overrides), TrainHooks(on_step_end=wait_for_the_signal))
+'''
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(tiny_model_dir, tmp_path, sig, code):
+    """SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) saved nothing: the run died and lost every step since
+    its last checkpoint (with save_every=0, all of them). Now the step loop stops at the next step boundary,
+    saves a checkpoint whatever save_every says, and exits 143 / 130; --resume then ends where an
+    uninterrupted run does."""
+    (tmp_path / "whole").mkdir()
+    train(load_config(None, run_overrides(tiny_model_dir, tmp_path / "whole", save_every=0)))
+
+    (tmp_path / "stopped").mkdir()
+    overrides = run_overrides(tiny_model_dir, tmp_path / "stopped", save_every=0)
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    (tmp_path / "run.py").write_text(STOPPED_RUN)
+    ready, sent = tmp_path / "ready", tmp_path / "sent"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "overrides.json"), str(ready),
+                             str(sent)], env=subprocess_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=60)
+        proc.send_signal(sig)
+        sent.write_text("")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    out_dir = tmp_path / "stopped" / "run"
+    assert f"stopped by {sig.name} after step 3 of {STEPS}: saved the checkpoint {out_dir / 'checkpoints'}" in out
+    assert "--resume" in out
+    assert [s for s, _ in checkpoint.list_checkpoints(out_dir)] == [3]
+    assert checkpoint.latest_checkpoint(out_dir).name == "step-000003"
+
+    train(load_config(None, {**overrides, "resume": True}))
+    assert_same_tensors(model_state(out_dir / "model"), model_state(tmp_path / "whole" / "run" / "model"),
+                        "final model")
+    steps = [r["step"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_stop_request_restores_the_handlers_and_stays_out_of_other_threads():
+    import threading
+
+    from rpo_fast.trainer import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest().installed() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.raise_signal(signal.SIGTERM)  # recorded, not fatal
+        assert stop.signum == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+    seen = []
+
+    def in_a_thread():  # signal.signal raises ValueError outside the main thread
+        with StopRequest().installed() as stop:
+            seen.append((stop.previous, signal.getsignal(signal.SIGTERM)))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [({}, before[0])]

@@ -104,3 +104,46 @@ def test_ddp_gradients_stay_bucket_views_through_accumulation(tmp_path):
     w2 = load_file(tmp_path / "two" / "run" / "model" / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+SIGNALLED_RANK = r'''
+import json, os, signal, sys
+from pathlib import Path
+
+from accelerate.state import PartialState
+
+from rpo_fast import trainer
+from rpo_fast.config import load_config
+
+
+def on_step_end(step, record, policy):
+    if step == 2 and PartialState().process_index == 1:  # only one process gets the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+trainer.train(load_config(None, json.loads(Path(sys.argv[1]).read_text())), trainer.TrainHooks(on_step_end))
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="needs torchrun")
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """SIGTERM to one DDP process: every process stops after the same step, the checkpoint is written by all
+    (a collective) and each exits 143. Without agreement the signalled process would save while the others
+    went on to the next step's collectives."""
+    from rpo_fast import checkpoint
+
+    model_dir = build_tiny_model_dir(tmp_path / "tiny")
+    overrides = tiny_overrides(model_dir, tmp_path, finetune="full", reference="model", max_pairs_per_micro_batch=2,
+                               eval_file="none", save_every=0, max_steps=4)
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    (tmp_path / "driver.py").write_text(SIGNALLED_RANK)
+    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(tmp_path / "driver.py"), str(tmp_path / "overrides.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "stopped by SIGTERM after step 2 of 4: saved the checkpoint" in proc.stdout, \
+        output[-3000:]
+    assert output.count("exitcode  : 143") == 2, output[-3000:]  # torchrun's report: both processes
+    run = tmp_path / "run"
+    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2] and checkpoint.latest_checkpoint(run) is not None
+    assert len(list((run / "checkpoints" / "step-000002").glob("rng-rank*.pt"))) == 2
