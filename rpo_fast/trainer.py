@@ -114,6 +114,7 @@ class TrainState:
     step_in_epoch: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    # eval records, each with the `data_fingerprint` of the eval pairs it ran on (eval_file may change on resume)
     eval_history: list = field(default_factory=list)
     # ref_cache.data_fingerprint of the tokenized training pairs: --resume refuses other data at the same path
     # (None in checkpoints written before it was recorded: not checked then)
@@ -671,6 +672,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         if warning := gold_length_warning(tokenizer, eval_examples, config.gold_eval_samples,
                                           config.gold_max_new_tokens):
             log(warning)
+    eval_fingerprint = data_fingerprint(eval_examples) if eval_examples else None
     world = accelerator.num_processes
     if config.steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
         raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "
@@ -740,7 +742,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     log(f"  step {step}: {gold_question(eval_rows[ex.index])!r} -> {answer.strip()!r}")
             accelerator.wait_for_everyone()
         record["eval/time_s"] = time.perf_counter() - start
-        state.eval_history.append(record)
+        state.eval_history.append({**record, "data_fingerprint": eval_fingerprint})
         if logger:
             logger.log(record)
         return record
@@ -850,6 +852,10 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     if accelerator.is_main_process:
         modeling.save_pretrained(policy, tokenizer, output_dir / "model", state_dict=weights)
         before = state.eval_history[0] if state.eval_history and state.eval_history[0]["step"] == 0 else None
+        if before is not None and before.get("data_fingerprint") not in (None, eval_fingerprint):
+            log(f"note: eval_file {config.eval_file} holds other pairs than the eval before training ran on (it "
+                "changed on --resume): the table leaves 'eval before' blank rather than compare two eval sets")
+            before = None
         table = metrics.final_table([r for r in records if "loss" in r], before, after)
         (output_dir / "final_metrics.txt").write_text(table + "\n", encoding="utf-8")
         log("\n" + table)

@@ -262,3 +262,28 @@ def test_a_kill_between_the_final_checkpoint_and_the_final_eval_is_resumed(tiny_
     loss_row = next(line for line in result.table.splitlines() if line.startswith("loss "))
     assert loss_row.split()[-1] == f"{after['eval/loss']:.4g}", result.table
     assert commits == []  # the step-2 checkpoint is the final one already
+
+
+def test_eval_before_is_blank_when_resume_changed_the_eval_file(tiny_model_dir, tmp_path, capsys):
+    """eval_file may change on --resume; the final table then showed 'eval before' from the old set beside
+    'eval after' from the new one. The eval history records each eval set's fingerprint, and the table leaves
+    'eval before' blank (with a note) when the set changed."""
+    from rpo_fast import trainer
+    from tiny_lm import write_rows
+
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, save_every=1))
+
+    def crash(step, record, policy):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config, trainer.TrainHooks(on_step_end=crash))
+    config.resume, config.eval_file = True, str(write_rows(tmp_path / "other_eval.jsonl", 8, "eval", offset=8))
+    capsys.readouterr()
+    result = trainer.train(config)
+    out = capsys.readouterr().out
+    assert "note: eval_file" in out and "leaves 'eval before' blank" in out, out
+    loss_row = next(line for line in result.table.splitlines() if line.startswith("loss "))
+    after = next(r for r in result.records if r["step"] == 2 and "eval/loss" in r)
+    assert loss_row.split()[-2:] == ["-", f"{after['eval/loss']:.4g}"], result.table
