@@ -89,6 +89,12 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
 
+    def flush(self) -> None:
+        """Writes TensorBoard's buffered events to disk (metrics.jsonl is written record by record); the trainer
+        calls it with each checkpoint, so a crash loses no event the checkpoint covers."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

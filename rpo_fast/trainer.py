@@ -480,8 +480,10 @@ def gathered_state_dict(accelerator, module: torch.nn.Module) -> dict | None:
     return {name: tensor for name, tensor in weights.items() if name not in tied}
 
 
-def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: TrainState, config: TrainConfig):
-    """Atomic checkpoint of the whole training state (see rpo_fast/checkpoint.py)."""
+def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: TrainState, config: TrainConfig,
+                    logger: metrics.MetricsLogger | None = None):
+    """Atomic checkpoint of the whole training state (see rpo_fast/checkpoint.py); flushes `logger`'s TensorBoard
+    events first."""
     if accelerator.is_main_process:
         checkpoint.begin(config.output_dir, state.step)
     accelerator.wait_for_everyone()
@@ -500,6 +502,8 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: 
         save_config(config, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if logger is not None:
+            logger.flush()
         final = checkpoint.commit(tmp, state.step)
         checkpoint.prune(config.output_dir, config.keep_checkpoints, protect=final)
     accelerator.wait_for_everyone()
@@ -813,12 +817,12 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                 run_eval(state.step)
             saved = config.save_every and state.step % config.save_every == 0 and state.step < steps
             if saved:
-                save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+                save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config, logger)
             if hooks.on_step_end is not None:
                 hooks.on_step_end(state.step, record, accelerator.unwrap_model(model).model)
             if (signum := stop.agreed(accelerator)) is not None:  # SIGTERM / SIGINT: save, then exit
                 if not saved:
-                    save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+                    save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config, logger)
                 bar.close()
                 if logger:
                     logger.close()
@@ -840,7 +844,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     # The end: final checkpoint, eval, the model for use, the report.
     if not nothing_ran:
-        save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config)
+        save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config, logger)
     if eval_examples and after is None:
         after = run_eval(state.step)
     policy = accelerator.unwrap_model(model).model
