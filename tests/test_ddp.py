@@ -143,7 +143,10 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "stopped by SIGTERM after step 2 of 4: saved the checkpoint" in proc.stdout, \
         output[-3000:]
-    assert output.count("exitcode  : 143") == 2, output[-3000:]  # torchrun's report: both processes
+    # torchrun's report: the first process out exits 143; torchrun then sends SIGTERM to the other, which (its
+    # checkpoint part done) exits 143 too or, caught by that second signal on its way out, -15
+    codes = re.findall(r"exitcode  : (-?\d+)", output)
+    assert "143" in codes and set(codes) <= {"143", "-15"}, output[-3000:]
     run = tmp_path / "run"
     assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2] and checkpoint.latest_checkpoint(run) is not None
     assert len(list((run / "checkpoints" / "step-000002").glob("rng-rank*.pt"))) == 2
