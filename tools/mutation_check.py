@@ -95,10 +95,11 @@ MUTATIONS = [
         "gradient flows into given reference log-probs"),
     # The SFT term.
     Mutation("seq_mean_wrong_count", LOSS, ((
-        "return -(chosen_logps / chosen_counts).mean()", "return -(chosen_logps / chosen_counts.mean()).mean()"),),
+        "if empty_ok else chosen_counts)).mean()", "if empty_ok else chosen_counts).float().mean()).mean()"),),
         "seq_mean divides every sequence by the mean count"),
     Mutation("token_mean_per_sequence", LOSS, ((
-        "return -chosen_logps.sum() / chosen_counts.sum()", "return -(chosen_logps / chosen_counts).mean()"),),
+        "return -chosen_logps.sum() / (total.clamp(min=1) if empty_ok else total)",
+        "return -(chosen_logps / chosen_counts.clamp(min=1)).mean()"),),
         "token_mean computed as a mean of per-sequence means"),
     Mutation("sum_norm_summed", LOSS, (("return -chosen_logps.mean()", "return -chosen_logps.sum()"),),
              'sft_norm="sum" summed over pairs instead of averaged'),
@@ -147,6 +148,9 @@ MUTATIONS = [
         "fwdgrad: tokens with ignored targets get their sequence's gradient"),
     Mutation("fwdgrad_bias_gradient_dropped", FWDGRAD, ((
         "db32 += dlogits.sum(0, dtype=torch.float32)", "db32 += 0"),), "fwdgrad: bias gradient left at zero"),
+    Mutation("fp16_auto_takes_fwdgrad", LOSS, ((
+        "and dtype != torch.float16 else", "else"),),
+        "backward='auto' forms fp16 gradients in forward, before a loss scale can reach them"),
     Mutation("fwdgrad_lse_off_by_constant", FWDGRAD, ((
         "lse = row_max + row_sum.log()", "lse = row_max + row_sum.log() - 0.01"),),
         "fwdgrad: log-probs from a logsumexp off by 0.01"),
@@ -237,7 +241,7 @@ MUTATIONS = [
         "prompt_ids = prompt_ids[-max_prompt_length:]", "prompt_ids = prompt_ids[:max_prompt_length]"),),
         "data: the prompt keeps its beginning instead of its end (next to the response)", PIPELINE),
     Mutation("plain_responses_without_eos", "rpo_fast/data.py", ((
-        "tail = [eos] if eos is not None else []", "tail = []"),),
+        "return ids if eos is None or ids[-1:] == [eos] else ids + [eos]", "return ids"),),
         "data: plain-text responses without the EOS TRL appends (the model never learns to stop)", DATA),
     Mutation("template_prompt_not_cut_to_common_prefix", "rpo_fast/data.py", ((
         "prompt_text = _common_prefix(prompt_text, *full_texts)", "pass"),),
@@ -286,6 +290,10 @@ MUTATIONS = [
     Mutation("nearest_rounding_ties_up", OPTIM, ((
         "bits.add(lsb).add_(0x7FFF)", "bits.add(0x8000)"),),
         "nearest bf16 rounding: ties away from zero instead of to even", ("tests/test_optim.py",)),
+    Mutation("bf16_states_cast_on_load", OPTIM, ((
+        "                if name in BF16_STATES:", "                if False:"),),
+        "low-precision AdamW: a loaded state dict leaves its states in the parameters' dtype (fp16: underflow)",
+        ("tests/test_optim.py",)),
     Mutation("accuracy_counts_ties", "rpo_fast/metrics.py", ((
         "(c > r).double().sum()", "(c >= r).double().sum()"),),
         "metrics: a pair with equal rewards counted as ranked right (accuracy 1 before any training)",
@@ -341,8 +349,8 @@ MUTATIONS = [
         "TRL: WPO's log_sum_sq_probs sums the probabilities instead of their squares", INTEGRATIONS[-1:]),
     # ignore_index other than -100.
     Mutation("chunked_fwd_ignore_index_fixed", CHUNKED, ((
-        "    ignored = targets == ignore_index\n    safe_targets = targets.masked_fill(ignored, 0)\n    step =",
-        "    ignored = targets == -100\n    safe_targets = targets.masked_fill(ignored, 0)\n    step ="),),
+        "    ignored = targets == ignore_index\n    safe_targets = targets.masked_fill(ignored, 0)\n    w_op =",
+        "    ignored = targets == -100\n    safe_targets = targets.masked_fill(ignored, 0)\n    w_op ="),),
         "chunked forward: ignored targets found by -100, not by ignore_index"),
     Mutation("fwdgrad_grad_ignore_index_fixed", FWDGRAD, ((
         "counted = targets != ignore_index", "counted = targets != -100"),),
