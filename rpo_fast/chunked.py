@@ -117,7 +117,7 @@ def chunked_linear_logprobs_fwd(
     step = chunk_rows(V, chunk_size, hidden.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
-        logits = _logits(hidden[rows], w_op, bias)
+        logits = _logits(hidden[rows].to(w_op.dtype), w_op, bias)
         # torch's logsumexp returns +-inf for infinite logits; their log-probs are undefined: NaN, as in
         # the kernels' online softmax.
         chunk_lse = torch.logsumexp(logits, dim=-1)
@@ -208,12 +208,13 @@ def chunked_linear_logprobs_bwd(
         step = chunk_rows(V, chunk_size, hidden.device)
         for start in range(0, N, step):
             rows = slice(start, start + step)
-            probs = _logits(hidden[rows], w_op, bias).sub_(lse[rows, None]).exp_()
+            h = hidden[rows].to(w_op.dtype)  # cast once for the logits and dweight (a no-op but on CPU halves)
+            probs = _logits(h, w_op, bias).sub_(lse[rows, None]).exp_()
             dlogits = _dlogits(probs, safe_targets[rows], None, neg_g[rows], None if dead is None else dead[rows],
                                grad_bias, d_dtype)
             del probs
             if want_dw:
-                addmm_f32_(grad_weight, dlogits.T, hidden[rows].to(d_dtype))
+                addmm_f32_(grad_weight, dlogits.T, h)
             if want_dh:  # dlogits is in w_op's dtype: halves on CUDA, fp32 elsewhere
                 grad_hidden[rows] = dlogits @ w_op
             del dlogits

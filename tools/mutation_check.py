@@ -128,7 +128,7 @@ MUTATIONS = [
     Mutation("dw_accumulated_in_input_dtype", CHUNKED, (
         ("grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None",
          "grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if want_dw else None"),
-        ("addmm_f32_(grad_weight, dlogits.T, hidden[rows].to(d_dtype))",
+        ("addmm_f32_(grad_weight, dlogits.T, h)",
          "grad_weight.addmm_(dlogits.T.to(weight.dtype), hidden[rows])")),
         "the weight gradient accumulated across chunks in bf16/fp16"),
     Mutation("bias_gradient_dropped", CHUNKED, (("grad_bias.addmv_(probs.T, neg_g)", "grad_bias.add_(0)"),),
