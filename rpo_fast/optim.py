@@ -266,7 +266,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         compensated = self.weight_update == "kahan" and p.dtype != torch.float32
         if not state:
             state["step"] = 0
-            for name in BF16_STATES[:3 if compensated else 2]:
+            for name in (n for n in BF16_STATES if compensated or n != "compensation"):
                 state[name] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         state["step"] += 1
         beta1, beta2 = group["betas"]
