@@ -16,7 +16,8 @@ run prints and the README shows (`outputs/demo/model`) must stay where scripts a
 
 `--resume` continues only a run with the same config: the checkpoint's `config.yaml` must match the
 current config except in `RESUME_FREE_KEYS`, keys that change how long the run goes on, where it logs,
-how it reports or how a step's pairs are laid out, but not what a step computes. The data itself is
+how it reports, how a step's pairs are laid out or how the same numbers are computed (the head's backward,
+checkpointing, where the reference log-probs come from), but not what a step computes. The data itself is
 checked by the trainer once tokenized (`trainer.check_same_data`): a `train_file` edited in place keeps its
 path, so only the checkpoint's fingerprint of the tokenized pairs tells.
 """
@@ -49,7 +50,15 @@ RESUME_FREE_KEYS = frozenset({
     # A layout: steps hold the same pairs either way, and the numbers differ only by rounding. A model that
     # cannot run shared-prompt rows turns it off, so its checkpoints record false where the user asked true.
     "share_prompt",
+    # How the same step is computed: exact, or equal up to rounding (the head's backward and chunking, the
+    # backbone's kernels and checkpointing). The out-of-memory advice names some of them: a run that ran out of
+    # memory at step N can resume with them.
+    "gradient_checkpointing", "impl", "head_backward", "head_chunk_tokens", "liger_kernels", "deterministic",
 })
+# Ways to get the same reference log-probs: a frozen copy of `ref_model` (default: the policy's `model`, the LoRA
+# base), its precomputed log-probs, or the LoRA base with the adapter off. A change among them is free when
+# ref_model stays the same (it is compared as any other key); `none` (no reference) changes the loss.
+SAME_REFERENCE = frozenset({"model", "cache", "adapter"})
 
 
 def earlier_run_files(output_dir: str | Path) -> list[str]:
@@ -119,10 +128,12 @@ def _same_file(a, b) -> bool:
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tuple]:
     """{key: (saved value, current value)} for every key outside RESUME_FREE_KEYS whose value changed
-    (train_file: a path to a file with the same bytes counts as unchanged)."""
+    (train_file: a path to a file with the same bytes counts as unchanged; reference: a move within
+    SAME_REFERENCE too)."""
     old, new = saved.to_dict(), current.to_dict()
     return {k: (old.get(k), v) for k, v in new.items() if k not in RESUME_FREE_KEYS and old.get(k) != v
-            and not (k == "train_file" and _same_file(old.get(k), v))}
+            and not (k == "train_file" and _same_file(old.get(k), v))
+            and not (k == "reference" and {old.get(k), v} <= SAME_REFERENCE)}
 
 
 # The config keys that name what a run reads: --overwrite must not delete any of them.

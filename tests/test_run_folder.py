@@ -287,3 +287,42 @@ def test_eval_before_is_blank_when_resume_changed_the_eval_file(tiny_model_dir, 
     loss_row = next(line for line in result.table.splitlines() if line.startswith("loss "))
     after = next(r for r in result.records if r["step"] == 2 and "eval/loss" in r)
     assert loss_row.split()[-2:] == ["-", f"{after['eval/loss']:.4g}"], result.table
+
+
+@pytest.mark.parametrize("change", [dict(gradient_checkpointing=True), dict(head_backward="recompute"),
+                                    dict(head_chunk_tokens=16), dict(impl="dense"), dict(deterministic=True),
+                                    dict(liger_kernels=False), dict(reference="cache"), dict(reference="model")])
+def test_resume_accepts_what_changes_only_how_a_step_is_computed(change):
+    """The out-of-memory advice (--gradient_checkpointing=true, --reference=cache) must not make the run's
+    checkpoints unusable: these keys change memory or speed, not the step's numbers beyond rounding."""
+    from rpo_fast.config import TrainConfig
+
+    saved = TrainConfig(finetune="lora", reference="adapter")
+    assert run_dir.config_differences(saved, TrainConfig(**{"finetune": "lora", "reference": "adapter", **change})) \
+        == {}
+
+
+def test_resume_refuses_another_reference():
+    from rpo_fast.config import TrainConfig
+
+    saved = TrainConfig(finetune="full", reference="model")
+    assert run_dir.config_differences(saved, TrainConfig(finetune="full", reference="none")) == \
+        {"reference": ("model", "none")}
+    assert run_dir.config_differences(saved, TrainConfig(finetune="full", reference="cache", ref_model="other")) == \
+        {"ref_model": (None, "other")}
+
+
+def test_a_run_resumes_with_the_out_of_memory_advice(tiny_model_dir, tmp_path, capsys):
+    """After an out-of-memory exit the advice is --gradient_checkpointing=true and --reference=cache: the run's
+    checkpoints must stay usable with them (before, --resume refused both as changed keys)."""
+    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, max_steps=2)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    run = tmp_path / "run"
+    code, _, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+    code, out, err = train(config_file, "--max_steps=3", "--resume", "--gradient_checkpointing=true",
+                           "--reference=cache", f"--ref_cache_dir={tmp_path / 'cache'}", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} at step 2" in out
+    assert loss_steps(run) == [1, 2, 3]
