@@ -44,6 +44,7 @@ chunk by chunk, so the fp32 temporaries stay bounded.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Callable, Iterable
 
@@ -460,6 +461,8 @@ def build_optimizer(
         weight_decay: decoupled; not applied to 1-D parameters (norms, biases) unless `decay_1d`.
         gradient_accumulation_steps, max_grad_norm: the training loop's settings, checked against
             the mode (in-backward modes allow neither accumulation nor global-norm clipping).
+        seed: adamw_bf16* only: seeds the stochastic rounding (in-backward modes: seed + k for the k-th
+            parameter's optimizer, so that no two parameters draw the same noise).
         compile: adamw_bf16* only: `torch.compile` each chunk's update (see `LowPrecisionAdamW`).
 
     Returns:
@@ -487,8 +490,11 @@ def build_optimizer(
         make = lambda g: torch.optim.AdamW(g, lr=lr, betas=betas, eps=eps, fused=True)  # noqa: E731
     elif base in ("adamw_bf16", "adamw_bf16_sr"):
         update = "kahan" if base == "adamw_bf16" else "stochastic"
+        # In-backward modes make one optimizer per parameter: each gets its own seed, so that parameters of one
+        # shape (every layer's q_proj) do not draw the same rounding noise.
+        seeds = itertools.count(seed)
         make = lambda g: LowPrecisionAdamW(g, lr=lr, betas=betas, eps=eps, weight_update=update,  # noqa: E731
-                                           seed=seed, compile=compile)
+                                           seed=next(seeds), compile=compile)
     else:
         off_cuda = [tuple(p.shape) for g in groups for p in g["params"] if p.device.type != "cuda"]
         if off_cuda:

@@ -345,3 +345,18 @@ def test_low_precision_step_workspace():
     transient = tracker.peak - base
     bound = optim.step_workspace_bytes("adamw_bf16", n)
     assert 0.75 * bound <= transient <= bound
+
+
+def test_in_backward_parameters_draw_independent_rounding_noise():
+    """In-backward modes make one optimizer per parameter; each must round with its own random stream. Two
+    equal bf16 parameters with equal gradients: stochastic rounding must not land them on the same values
+    everywhere (before, every inner optimizer was seeded alike, so every layer drew the same noise)."""
+    torch.manual_seed(0)
+    value = torch.randn(64, 64).to(torch.bfloat16)
+    a, b = (torch.nn.Parameter(value.clone()) for _ in range(2))
+    opt = build_optimizer([a, b], "adamw_bf16_sr_in_backward", lr=1e-3, seed=3)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    ((x @ a).square().sum() + (x @ b).square().sum()).backward()
+    opt.remove_hooks()
+    assert not torch.equal(a, value) and not torch.equal(b, value)  # both stepped
+    assert not torch.equal(a, b)
