@@ -51,27 +51,47 @@ def check_head(prefix: str, hidden, weight, bias, n_rows: int | None = None) -> 
                              f"{hidden.device}, got {got}")
 
 
-def check_targets(targets, n_rows: int, vocab: int, ignore_index: int, device) -> None:
+def check_targets(targets, n_rows: int, vocab: int, ignore_index: int, device, *, values: bool = True) -> None:
+    """targets [n_rows] (`check_target_values`); with `values=False` their values are left to the caller, which
+    reads them back together with something else (one host sync: `bad_targets`, `raise_bad_target`)."""
     if not isinstance(targets, torch.Tensor) or targets.shape != (n_rows,):
         got = _shape(targets) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets: expected shape ({n_rows},) (one per hidden row), got {got}")
-    check_target_values("targets", targets, vocab, ignore_index, device)
+    if values:
+        check_target_values("targets", targets, vocab, ignore_index, device)
+    else:
+        check_target_dtype("targets", targets, device)
 
 
 def check_target_values(name: str, targets: torch.Tensor, vocab: int, ignore_index: int, device) -> None:
     """`targets` of any shape: int32 or int64 on `device`, every entry in [0, vocab) or `ignore_index`. The
     message names `name` and the first bad entry's position (an index; [row, column] in a 2-D tensor)."""
+    check_target_dtype(name, targets, device)
+    bad = bad_targets(targets, vocab, ignore_index)
+    if bool(bad.any()):
+        raise_bad_target(name, targets, bad, vocab, ignore_index)
+
+
+def check_target_dtype(name: str, targets: torch.Tensor, device) -> None:
     if targets.dtype not in (torch.int64, torch.int32) or targets.device != device:
         raise ValueError(f"{name}: expected int32 or int64 on {device}, got {_shape(targets)}")
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if bool(bad.any()):
-        where = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
-                         f"got {int(targets[tuple(where)])} at position {where[0] if len(where) == 1 else where}")
 
 
-def check_cu_seqlens(cu_seqlens, n_rows: int) -> torch.Tensor:
-    """Returns the sequence lengths [2B] (int64, on cu_seqlens' device)."""
+def bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Where `targets` is outside [0, vocab) and not `ignore_index` (a bool tensor of its shape)."""
+    return ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+
+
+def raise_bad_target(name: str, targets: torch.Tensor, bad: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The ValueError of `check_target_values` for targets with a `bad` entry."""
+    where = bad.nonzero()[0].tolist()
+    raise ValueError(f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+                     f"got {int(targets[tuple(where)])} at position {where[0] if len(where) == 1 else where}")
+
+
+def check_cu_seqlens(cu_seqlens, n_rows: int) -> tuple[torch.Tensor, list[int]]:
+    """Returns the sequence lengths [2B] (int64, on cu_seqlens' device) and cu_seqlens as a list, read back once
+    for these checks and the caller's host-side plans (each read of a CUDA tensor waits for the GPU)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
         got = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise ValueError(f"cu_seqlens: expected a 1-D int32 or int64 tensor [2B+1], got {got}")
@@ -90,7 +110,7 @@ def check_cu_seqlens(cu_seqlens, n_rows: int) -> torch.Tensor:
         if values[i + 1] < values[i]:
             raise ValueError(f"cu_seqlens: expected non-decreasing values, got cu_seqlens[{i + 1}]={values[i + 1]} "
                              f"< cu_seqlens[{i}]={values[i]}")
-    return cu_seqlens.diff().long()
+    return cu_seqlens.diff().long(), values
 
 
 def check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows: int, vocab: int, n_seqs: int,
@@ -161,7 +181,12 @@ def check_token_counts(counts: torch.Tensor, n_pairs: int, sft_norm: str, alpha:
     """Refuses divisions by a zero token count, naming the first sequence (0..B-1 chosen) that has none, and a
     batch without any response token (its loss would come from the reference alone, with no gradient).
     `source` names the argument the counts come from (`COUNTS_GIVEN` or `COUNTS_FROM_TARGETS`)."""
-    empty = (counts == 0).tolist()
+    check_empty_sequences((counts == 0).tolist(), n_pairs, sft_norm, alpha, per_token_pref, source)
+
+
+def check_empty_sequences(empty: list[bool], n_pairs: int, sft_norm: str, alpha: float, per_token_pref: bool,
+                          source: str = COUNTS_GIVEN) -> None:
+    """`check_token_counts` of `empty` (counts == 0, read back by the caller, with other values in one read)."""
     if all(empty):
         raise ValueError(f"{source}: expected response tokens in some sequence, got none in all {len(empty)}: the "
                          "loss would be a number made of the reference log-probs alone, with zero gradient")

@@ -44,7 +44,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from . import gemm
+from . import gemm, host_sync
 
 # Elements of one chunk's fp32 logits when `chunk_tokens` is not given. CUDA: 2**28 (1 GiB, plus for bf16/fp16
 # inputs a 512 MiB dlogits copy in their dtype; none for fp32): ~2048 tokens at a 128k vocabulary, enough rows
@@ -109,7 +109,9 @@ def logit_grad_(probs: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g
     probs.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot
     # 0 * NaN is NaN: a row whose logsumexp is undefined but whose gradient weight is 0 must still be 0.
     dead = (g == 0) & ~lse.isfinite()
-    if bool(dead.any()):
+    if host_sync.waits_for_host_reads(probs.device):  # a fill, not a host read of dead.any() per piece
+        probs.masked_fill_(dead[:, None], 0.0)
+    elif bool(dead.any()):  # CPU: a read costs nothing, a pass over [C, V] does
         probs[dead] = 0.0
     return probs if out_dtype == torch.float32 else probs.to(out_dtype)
 
@@ -301,10 +303,10 @@ def fwdgrad_head_loss(
 
     chunks = plan_chunks(bounds, chunk_tokens)
     # Each chunk's sequences (chosen, then rejected) and their lengths, built on the host and copied to the device
-    # at once: a copy from pageable memory waits for the device, so once per call rather than twice per chunk.
+    # at once, through pinned memory on CUDA (a copy from pageable memory would wait for the device).
     seq_lists = [[*range(c.first, c.last), *range(n_seqs // 2 + c.first, n_seqs // 2 + c.last)] for c in chunks]
     flat = [j for seq_list in seq_lists for j in seq_list]
-    index = torch.tensor(flat + [bounds[j + 1] - bounds[j] for j in flat]).to(hidden.device)
+    index = host_sync.to_device(torch.tensor(flat + [bounds[j + 1] - bounds[j] for j in flat]), hidden.device)
     sizes = [len(seq_list) for seq_list in seq_lists]
     for chunk, seq_list, seqs, lengths in zip(chunks, seq_lists, index[:len(flat)].split(sizes),
                                               index[len(flat):].split(sizes)):

@@ -43,11 +43,14 @@ def _backend(impl: str) -> Backend:
 
 
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-             ignore_index: int, impl: str, backward: str = "recompute") -> tuple[torch.Tensor, torch.Tensor]:
+             ignore_index: int, impl: str, backward: str = "recompute",
+             targets_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch").
     `backward` ("recompute" or "atomic") only tells the autograd formula which backward to run. Runs with
-    autocast off, in the inputs' dtypes (`rpo_fast.autocast`)."""
-    checks.check_op_targets(hidden, weight, targets, ignore_index)  # the op may be called without linear_logprobs
+    autocast off, in the inputs' dtypes (`rpo_fast.autocast`). `targets_checked`: the caller (`head_logprobs`)
+    has checked the targets, which the op would check again (a host sync)."""
+    if not targets_checked:  # the op may be called without linear_logprobs
+        checks.check_op_targets(hidden, weight, targets, ignore_index)
     with torch.autocast(hidden.device.type, enabled=False):
         return _backend(impl).forward(hidden, weight, bias, targets, ignore_index)
 
@@ -80,7 +83,7 @@ def python_implementation(op) -> Callable | None:
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, targets, ignore_index, impl, backward="recompute"):
+def _(hidden, weight, bias, targets, ignore_index, impl, backward="recompute", targets_checked=False):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
@@ -104,7 +107,7 @@ def _backward(ctx, grad_lp, grad_lse):
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     grads = linear_logprobs_bwd(hidden, weight, bias, targets, lse, grad_lp.contiguous(), ctx.ignore_index,
                                 ctx.backward_impl, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
 
 
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -181,8 +184,15 @@ def linear_logprobs(
     impl = resolve_impl(impl, hidden.device)
     backward = resolve_op_backward(backward)
     check_kernels_runnable(impl, backward, hidden)
+    return head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward)
+
+
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
+                  ignore_index: int, impl: str, backward: str) -> torch.Tensor:
+    """`linear_logprobs` after its checks, for a caller that has made them (`fused_linear_rpo_loss`): `impl` and
+    `backward` resolved, the targets checked (the op does not read them back again), autocast off."""
     targets = targets.long().contiguous()
     if impl == "dense":
         return dense_linear_logprobs(hidden, weight, targets, bias, ignore_index)
     bias = None if bias is None else bias.contiguous()
-    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl, backward)[0]
+    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl, backward, True)[0]

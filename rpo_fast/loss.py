@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import checks
 from .autocast import outside_autocast
 from .fwdgrad import fwdgrad_head_loss
-from .logprobs import check_kernels_runnable, linear_logprobs, resolve_impl
+from .logprobs import check_kernels_runnable, head_logprobs, resolve_impl
 
 
 class RPOOutput(NamedTuple):
@@ -156,8 +156,10 @@ def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_
 
 
 def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sums a packed [N] tensor over consecutive segments of the given lengths [S] -> [S] float32."""
-    segment_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.to(values.device))
+    """Sums a packed [N] tensor over consecutive segments of the given lengths [S] (summing to N) -> [S] float32."""
+    # output_size: N is known, so repeat_interleave need not read the lengths' sum back (a sync on CUDA)
+    segment_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device),
+                                          output_size=values.shape[0], repeats=lengths.to(values.device))
     out = torch.zeros(lengths.numel(), dtype=torch.float32, device=values.device)
     return out.index_add(0, segment_ids, values.float())
 
@@ -265,17 +267,23 @@ def fused_linear_rpo_loss(
     impl = resolve_impl(impl, hidden.device)
     check_kernels_runnable(impl, backward, hidden)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device)
-    lengths = checks.check_cu_seqlens(cu_seqlens, n_rows)
+    checks.check_targets(targets, n_rows, vocab, ignore_index, hidden.device, values=False)  # values: below
+    lengths, bounds = checks.check_cu_seqlens(cu_seqlens, n_rows)
     checks.check_reference(ref_hidden, ref_weight, ref_bias, ref_logps, n_rows, vocab, lengths.numel(), hidden.device)
     counts = segment_sum((targets != ignore_index).float(), lengths)
     n_pairs = lengths.numel() // 2
     per_token = uses_per_token_logps(average_log_prob, loss_type)
-    checks.check_token_counts(counts, n_pairs, sft_norm, alpha, per_token, source=checks.COUNTS_FROM_TARGETS)
+    # The targets' values and the token counts, read back at once (each read of a CUDA tensor waits for the GPU).
+    bad = checks.bad_targets(targets, vocab, ignore_index)
+    any_bad, *empty = torch.cat([bad.any()[None], counts == 0]).tolist()
+    if any_bad:
+        checks.raise_bad_target("targets", targets, bad, vocab, ignore_index)
+    checks.check_empty_sequences(empty, n_pairs, sft_norm, alpha, per_token, source=checks.COUNTS_FROM_TARGETS)
 
+    # The heads and the loss below run without their own checks of what was checked above.
     if ref_hidden is not None:
         with torch.no_grad():
-            ref_lp = linear_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index=ignore_index, impl=impl)
+            ref_lp = head_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index, impl, "recompute")
         ref_logps = segment_sum(ref_lp, lengths)
     options = dict(beta=beta, alpha=alpha, sft_norm=sft_norm, loss_type=loss_type, label_smoothing=label_smoothing,
                    average_log_prob=average_log_prob)
@@ -288,14 +296,13 @@ def fused_linear_rpo_loss(
             out = rpo_terms(policy_logps, ref_logps, counts, **options)
             return reweighted_loss(out, pair_weight, nll_weight), out
 
-        loss, out = fwdgrad_head_loss(hidden, weight, bias, targets.long(), cu_seqlens.tolist(), sequence_loss,
+        loss, out = fwdgrad_head_loss(hidden, weight, bias, targets.long(), bounds, sequence_loss,
                                       ignore_index=ignore_index, chunk_tokens=chunk_tokens,
                                       use_kernels=hidden.is_cuda and impl == "triton")
         return out._replace(loss=loss)
 
-    lp = linear_logprobs(hidden, weight, targets, bias, ignore_index=ignore_index, impl=impl,
-                         backward="auto" if impl == "dense" else backward)
-    out = rpo_loss(segment_sum(lp, lengths), ref_logps, counts, **options)
+    lp = head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward)
+    out = rpo_terms(segment_sum(lp, lengths), ref_logps, counts, **options)
     if pair_weight == 1 and nll_weight == 1:
         return out
     return out._replace(loss=reweighted_loss(out, pair_weight, nll_weight))
