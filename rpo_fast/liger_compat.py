@@ -108,9 +108,12 @@ class RPOLoss(torch.nn.Module):
         scored = target != self.ignore_index
         cu_seqlens = torch.zeros(n_seqs + 1, dtype=torch.int32, device=target.device)
         cu_seqlens[1:] = scored.sum(1).cumsum(0)
+        # The scored positions found once (a boolean-mask index per tensor would each read the count back).
+        rows = scored.flatten().nonzero().squeeze(1)
         out = fused_linear_rpo_loss(
-            _input[scored], lin_weight, target[scored], cu_seqlens, bias=bias,
-            ref_hidden=ref_input[scored] if self.use_ref_model else None,
+            _input.flatten(0, 1).index_select(0, rows), lin_weight, target.flatten().index_select(0, rows),
+            cu_seqlens, bias=bias,
+            ref_hidden=ref_input.flatten(0, 1).index_select(0, rows) if self.use_ref_model else None,
             ref_weight=ref_weight if self.use_ref_model else None,
             ref_bias=ref_bias if self.use_ref_model else None,
             beta=self.beta, alpha=self.alpha if self.compute_nll_loss else 0.0, sft_norm=self.sft_norm,

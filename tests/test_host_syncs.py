@@ -22,6 +22,7 @@ import torch
 
 import rpo_fast
 from rpo_fast import host_sync
+from rpo_fast.liger_compat import RPOLoss
 from rpo_fast.loss import fused_linear_rpo_loss
 
 OURS = tuple(os.path.realpath(os.path.join(os.path.dirname(rpo_fast.__file__), d)) + os.sep
@@ -178,4 +179,20 @@ def test_fused_loss_recompute_checks_targets_once(reference):
         fused_linear_rpo_loss(hidden, weight, targets, cu_seqlens, impl="torch", backward="recompute",
                               **ref).loss.backward()
     assert syncs.total(where="checks.py") <= 3, str(syncs)
+    assert syncs.reads <= 5, str(syncs)
+
+
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_rpo_loss_module_reads(cuda_branches, use_ref):
+    """RPOLoss (Liger's interface): its own check of `target`, one index of the scored positions for every
+    packed input, and the fused loss's three."""
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 9, H, requires_grad=True)
+    target = torch.randint(0, V, (4, 9))
+    target[:, :3] = -100
+    weight = torch.randn(V, H, requires_grad=True)
+    ref = (torch.randn(4, 9, H), torch.randn(V, H)) if use_ref else (None, None)
+    with count_host_syncs() as syncs:
+        loss, _ = RPOLoss(use_ref_model=use_ref, compute_nll_loss=True)(weight, inputs, target, None, *ref)
+        loss.backward()
     assert syncs.reads <= 5, str(syncs)
