@@ -29,6 +29,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -126,20 +127,40 @@ def _causal_mask(n_q: int, n_k: int, sliding_window: int | None, device) -> torc
     return mask
 
 
-def _blocks(bounds: list[int], key_index: torch.Tensor | None, key_bounds: list[int] | None) -> list[list[int]]:
+class HostSegments(NamedTuple):
+    """A packed row's segments as host lists: `bounds` (cu_seq_lens_q), and for a shared-prompt row `key_bounds`
+    (cu_seq_lens_k) and `first_keys`, the row of each segment's first key (else None). The sdpa path plans its
+    calls with them; `PackedBatch` reads them while its tensors are on the host and passes them as the
+    `rpo_segments` kwarg, or else each layer's attention would read its device tensors back (a sync per layer)."""
+
+    bounds: list[int]
+    key_bounds: list[int] | None = None
+    first_keys: list[int] | None = None
+
+
+def host_segments(cu_seq_lens_q: torch.Tensor, key_index: torch.Tensor | None = None,
+                  cu_seq_lens_k: torch.Tensor | None = None) -> HostSegments:
+    """`HostSegments` of a row's segment tensors (read back: a sync for tensors on a GPU)."""
+    if key_index is None:
+        return HostSegments(cu_seq_lens_q.tolist())
+    key_bounds = cu_seq_lens_k.tolist()
+    return HostSegments(cu_seq_lens_q.tolist(), key_bounds, key_index[key_bounds[:-1]].tolist())
+
+
+def _blocks(bounds: list[int], first_keys: list[int] | None) -> list[list[int]]:
     """The query segments grouped into blocks of rows that attend only among themselves: [[segment, ...], ...].
 
-    Without `key_index` each segment is a block. With it, a segment whose keys start at its own first row
-    (a prompt: keys ascending, as `pack_pairs` lays them out) opens a block, and the segments after it
-    whose keys start inside the block (its responses) join it.
+    Without `first_keys` (each segment's first key row) each segment is a block. With them, a segment whose
+    keys start at its own first row (a prompt: keys ascending, as `pack_pairs` lays them out) opens a block,
+    and the segments after it whose keys start inside the block (its responses) join it.
 
     Raises:
         ValueError: for a segment with a key before the block it belongs to.
     """
-    if key_index is None:
+    if first_keys is None:
         return [[s] for s in range(len(bounds) - 1)]
     blocks: list[list[int]] = []
-    for s, first in enumerate(key_index[key_bounds[:-1]].tolist()):
+    for s, first in enumerate(first_keys):
         if first >= bounds[s]:
             blocks.append([s])
         elif blocks and first >= bounds[blocks[-1][0]]:
@@ -157,10 +178,10 @@ def _blocks(bounds: list[int], key_index: torch.Tensor | None, key_bounds: list[
 MAX_DROPPED_SCORES = 1024
 
 
-def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sliding_window, enable_gqa,
-                    key_index: torch.Tensor | None = None, key_bounds: list[int] | None = None):
+def _sdpa_per_block(query, key, value, host: HostSegments, *, scale, dropout, sliding_window, enable_gqa,
+                    key_index: torch.Tensor | None = None):
     """query [1, H, L, D], key/value [1, Hkv, L, D] -> [1, H, L, D]: causal attention inside each segment
-    [bounds[i], bounds[i+1]), or with `key_index` from segment i's queries to the keys at
+    [bounds[i], bounds[i+1]) of `host`, or with `key_index` from segment i's queries to the keys at
     key_index[key_bounds[i]:key_bounds[i+1]], causal aligned bottom-right.
 
     The row is split into blocks that attend only among themselves (`_blocks`: a sequence, or a prompt
@@ -172,7 +193,8 @@ def _sdpa_per_block(query, key, value, bounds: list[int], *, scale, dropout, sli
     shorter than a segment's keys narrows the masks. Inputs stay 4-D: sdpa's fused (flash) kernels take
     only 4-D tensors, and 3-D ones fall back to the math path, which saves each call's full [H, q, k]
     attention (in fp32 for bf16 inputs)."""
-    blocks = _blocks(bounds, key_index, key_bounds)
+    bounds, key_bounds = host.bounds, host.key_bounds
+    blocks = _blocks(bounds, host.first_keys if key_index is not None else None)
     lengths = [bounds[segments[-1] + 1] - bounds[segments[0]] for segments in blocks]
     device, outputs = query.device, []
 
@@ -247,6 +269,7 @@ def varlen_attention_forward(
     rpo_key_index: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
     max_length_k: int | None = None,
+    rpo_segments: HostSegments | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention restricted to each packed sequence (the `AttentionInterface` signature).
@@ -258,6 +281,8 @@ def varlen_attention_forward(
         max_length_q: longest sequence (a Python int), used by the CUDA kernels.
         rpo_key_index: None, or [K] int64 row positions of each segment's keys (a shared-prompt row), with
             cu_seq_lens_k [S+1] int32 their boundaries and max_length_k the longest (module docstring).
+        rpo_segments: None, or these segments as host lists (`HostSegments`), which the sdpa path would
+            otherwise read back from the tensors (a sync per layer on a GPU).
 
     Returns:
         ([1, L, H, D] attention output, None); from the CUDA kernels in `kernel_dtype` (bf16 under bf16
@@ -296,7 +321,7 @@ def varlen_attention_forward(
     if cu_seq_lens_q is None:
         cu_seq_lens_q = (cu_seqlens_from_position_ids(position_ids) if position_ids is not None
                          else torch.tensor([0, length], dtype=torch.int32, device=query.device))
-        max_length_q = None
+        max_length_q = rpo_segments = None
     if rpo_key_index is None:  # each segment attends to itself
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     max_k = int(cu_seq_lens_k.diff().max()) if max_length_k is None else int(max_length_k)
@@ -309,10 +334,11 @@ def varlen_attention_forward(
     if backend == "torch_varlen" and sliding_window is not None and not torch_varlen_takes_window():
         backend = "sdpa"  # a window that masks keys, which this torch's varlen kernel cannot do
     if backend == "sdpa":
-        out = _sdpa_per_block(query, key, value, cu_seq_lens_q.tolist(), scale=scaling, dropout=dropout,
-                                 sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads,
-                                 key_index=None if rpo_key_index is None else rpo_key_index.to(query.device),
-                                 key_bounds=None if rpo_key_index is None else cu_seq_lens_k.tolist())
+        key_index = None if rpo_key_index is None else rpo_key_index.to(query.device)
+        if rpo_segments is None:
+            rpo_segments = host_segments(cu_seq_lens_q, key_index, cu_seq_lens_k)
+        out = _sdpa_per_block(query, key, value, rpo_segments, scale=scaling, dropout=dropout,
+                              sliding_window=sliding_window, enable_gqa=key.shape[1] != n_heads, key_index=key_index)
         return out.transpose(1, 2).contiguous(), None
 
     # CUDA kernels take [total_tokens, heads, dim] (last dim contiguous) and int32 boundaries on the device.

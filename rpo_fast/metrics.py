@@ -21,7 +21,9 @@ PAIR_METRICS = ("loss", "pref_loss", "nll", "rewards/chosen", "rewards/rejected"
 
 
 def pair_metric_sums(out, n_pairs: int, nll_pairs: float | None = None) -> torch.Tensor:
-    """Sums over the pairs of one micro-batch, in PAIR_METRICS order: [len(PAIR_METRICS)] float64.
+    """Sums over the pairs of one micro-batch, in PAIR_METRICS order: [len(PAIR_METRICS)] float64, on the
+    device of `out` (the trainer adds them up there and reads them back once per step: a read per micro-batch
+    would wait for the GPU).
 
     Scalars (loss, pref_loss, nll) are per-pair means, so they are weighted by `n_pairs`; dividing the
     sum over micro-batches (and processes) by the total pair count gives pair-weighted means. The NLL
@@ -36,7 +38,7 @@ def pair_metric_sums(out, n_pairs: int, nll_pairs: float | None = None) -> torch
     values = [pref * n_pairs + sft * nll_pairs, pref * n_pairs,
               nll * nll_pairs, c.sum(), r.sum(), (c - r).sum(), (c > r).double().sum(),
               out.chosen_logps.detach().double().sum(), out.rejected_logps.detach().double().sum()]
-    return torch.stack([v.reshape(()).cpu() for v in values])
+    return torch.stack([v.reshape(()) for v in values])
 
 
 def metrics_from_sums(sums: torch.Tensor, n_pairs: int, prefix: str = "") -> dict[str, float]:

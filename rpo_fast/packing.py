@@ -47,7 +47,8 @@ from typing import Sequence
 
 import torch
 
-from . import checks
+from . import checks, host_sync
+from .attention import HostSegments, host_segments
 from .data import PreferenceExample
 
 IGNORE_INDEX = -100
@@ -77,6 +78,7 @@ class PackedBatch:
     key_index: torch.Tensor | None = None  # [K] int64 row positions of the gathered keys (shared prompt only)
     cu_seqlens_k: torch.Tensor | None = None  # [S+1] int32 boundaries in key_index, 0 .. K (shared prompt only)
     max_seqlen_k: int | None = None  # longest key segment (shared prompt only)
+    host_segments: HostSegments | None = None  # the segments above as host lists (set by `to` from host tensors)
 
     @property
     def shares_prompt(self) -> bool:
@@ -88,7 +90,7 @@ class PackedBatch:
         return {"cu_seq_lens_q": self.cu_seqlens, "max_length_q": self.max_seqlen,
                 "cu_seq_lens_k": self.cu_seqlens_k if shared else self.cu_seqlens,
                 "max_length_k": self.max_seqlen_k if shared else self.max_seqlen,
-                "rpo_key_index": self.key_index}
+                "rpo_key_index": self.key_index, "rpo_segments": self.host_segments}
 
     @property
     def num_tokens(self) -> int:
@@ -101,9 +103,12 @@ class PackedBatch:
         return self.targets.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        """A copy with every tensor on `device` (dtypes unchanged)."""
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+        """A copy with every tensor on `device` (dtypes unchanged). Host tensors bound for CUDA are copied from
+        pinned memory without blocking the host, whatever `non_blocking` says (`host_sync.to_device`)."""
+        moved = {f.name: host_sync.to_device(getattr(self, f.name), device, non_blocking=non_blocking)
                  for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.host_segments is None and self.cu_seqlens.device.type == "cpu":  # free to read here, not there
+            moved["host_segments"] = host_segments(self.cu_seqlens, self.key_index, self.cu_seqlens_k)
         return dataclasses.replace(self, **moved)
 
 

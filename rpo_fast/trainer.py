@@ -283,14 +283,14 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
              step: int, hooks: TrainHooks) -> tuple[torch.Tensor, int, int]:
     """Forward and backward of this process's share of one step's micro-batches.
 
-    Returns (metric sums over this process's pairs [len(PAIR_METRICS)], sequence tokens, response tokens);
-    sequence tokens count every pair's two full sequences, the prompt twice even when packed shared.
+    Returns (metric sums over this process's pairs [len(PAIR_METRICS)] on the device, sequence tokens, response
+    tokens); sequence tokens count every pair's two full sequences, the prompt twice even when packed shared.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     step_pairs = sum(len(g) for g in step_groups)
     step_chosen_tokens = sum(len(examples[i].chosen_ids) for g in step_groups for i in g)
     mine = step_groups[rank::world]
-    sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
+    sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64, device=accelerator.device)
     tokens = response_tokens = 0
     for k, group in enumerate(mine):
         batch = pack_pairs([examples[i] for i in group], share_prompt=config.share_prompt).to(accelerator.device)
@@ -366,7 +366,7 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
     module = accelerator.unwrap_model(model)  # no DDP gradient sync in eval
     was_training = module.training
     module.eval()
-    sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64)
+    sums = torch.zeros(len(metrics.PAIR_METRICS), dtype=torch.float64, device=accelerator.device)
     chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)
     world = accelerator.num_processes
     mine = groups[accelerator.process_index::world]
@@ -388,7 +388,7 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
         bar.update(1)
     bar.close()
     module.train(was_training)
-    sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    sums = accelerator.reduce(sums, "sum").cpu()
     return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")
 
 
@@ -770,8 +770,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             metrics.reset_peak_memory(accelerator.device)  # peak_mem_mb: this step's, not eval's or loading's
             sums, tokens, response_tokens = run_step(model, reference, train_examples, plan[state.step_in_epoch],
                                                      accelerator, config, state.step + 1, hooks)
-            counts = torch.tensor([tokens, response_tokens], dtype=torch.float64)
-            reduced = accelerator.reduce(torch.cat([sums, counts]).to(accelerator.device), "sum").cpu()
+            counts = torch.tensor([tokens, response_tokens], dtype=torch.float64, device=sums.device)
+            reduced = accelerator.reduce(torch.cat([sums, counts]), "sum").cpu()
             sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
             step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
             record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),

@@ -21,9 +21,11 @@ import pytest
 import torch
 
 import rpo_fast
-from rpo_fast import host_sync
+from rpo_fast import host_sync, trainer
+from rpo_fast.config import load_config
 from rpo_fast.liger_compat import RPOLoss
 from rpo_fast.loss import fused_linear_rpo_loss
+from tiny_lm import build_tiny_model_dir, tiny_overrides
 
 OURS = tuple(os.path.realpath(os.path.join(os.path.dirname(rpo_fast.__file__), d)) + os.sep
              for d in (".", "kernels", os.path.join("..", "kernels")))
@@ -196,3 +198,35 @@ def test_rpo_loss_module_reads(cuda_branches, use_ref):
         loss, _ = RPOLoss(use_ref_model=use_ref, compute_nll_loss=True)(weight, inputs, target, None, *ref)
         loss.backward()
     assert syncs.reads <= 5, str(syncs)
+
+
+# --- the trainer ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_trainer_micro_batch_reads(tiny_model_dir, tmp_path, monkeypatch, cuda_branches, share_prompt):
+    """One step of two micro-batches (policy and reference model forwards, the fused loss, backward, the
+    metrics): the fused loss's reads, no metric read back per micro-batch, no attention read per layer, and
+    the batches copied to the device without blocking."""
+    counted = []
+    run_step = trainer.run_step
+
+    def counted_run_step(*args, **kwargs):
+        with count_host_syncs() as syncs:
+            result = run_step(*args, **kwargs)
+        counted.append(syncs)
+        return result
+
+    monkeypatch.setattr(trainer, "run_step", counted_run_step)
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, max_steps=1, eval_file="none", share_prompt=share_prompt,
+                               gradient_accumulation_steps=2)
+    trainer.train(load_config(None, overrides))
+    (syncs,) = counted
+    micro_batches = 2
+    assert syncs.reads <= 3 * micro_batches, str(syncs)
+    assert syncs.total("copy", "packing.py") == 0 and cuda_branches, str(syncs)
