@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from collections import defaultdict
+from types import SimpleNamespace
 import functools
 import os
 import sys
@@ -24,7 +26,7 @@ import rpo_fast
 from rpo_fast import host_sync, trainer
 from rpo_fast.config import load_config
 from rpo_fast.liger_compat import RPOLoss
-from rpo_fast.loss import fused_linear_rpo_loss
+from rpo_fast.loss import fused_linear_rpo_loss, rpo_loss
 from tiny_lm import build_tiny_model_dir, tiny_overrides
 
 OURS = tuple(os.path.realpath(os.path.join(os.path.dirname(rpo_fast.__file__), d)) + os.sep
@@ -230,3 +232,22 @@ def test_trainer_micro_batch_reads(tiny_model_dir, tmp_path, monkeypatch, cuda_b
     micro_batches = 2
     assert syncs.reads <= 3 * micro_batches, str(syncs)
     assert syncs.total("copy", "packing.py") == 0 and cuda_branches, str(syncs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_hf_trainer_metrics_read_once(training):
+    """RPOTrainerMixin's metrics of one batch: the 8 means (training) or sums and pair counts (evaluation) read
+    back together, once."""
+    from rpo_fast.integrations.hf_trainer import RPOTrainerMixin
+
+    out = rpo_loss(torch.randn(6), torch.randn(6), torch.tensor([3.0, 4, 5, 6, 7, 8]))
+    gather = lambda t: t  # noqa: E731 - one process
+    trainer_state = SimpleNamespace(model=SimpleNamespace(training=training),
+                                    _rpo_metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+                                    accelerator=SimpleNamespace(gather_for_metrics=gather, gather=gather))
+    with count_host_syncs() as syncs:
+        RPOTrainerMixin._record_metrics(trainer_state, out, 1.0)
+    assert syncs.reads == 1, str(syncs)
+    recorded = trainer_state._rpo_metrics["train" if training else "eval"]
+    expected = out.chosen_rewards.mean() if training else out.chosen_rewards.sum()
+    assert recorded["rewards/chosen"] == [(expected.item(), 1 if training else 3)]

@@ -614,23 +614,28 @@ class RPOTrainerMixin:
         training = self.model.training
         metrics = self._rpo_metrics["train" if training else "eval"]
         margins = out.chosen_rewards - out.rejected_rewards
+        pending = []  # (name, sum, count), device scalars among them read back at once (each read waits for a GPU)
         for name, value in (("rewards/chosen", out.chosen_rewards), ("rewards/rejected", out.rejected_rewards),
                             ("rewards/accuracies", (margins > 0).float()), ("rewards/margins", margins),
                             ("logps/chosen", out.chosen_logps.detach()),
                             ("logps/rejected", out.rejected_logps.detach())):
             value = self.accelerator.gather_for_metrics(value)
-            metrics[name].append((value.mean().item(), 1) if training else (value.sum().item(), value.numel()))
+            pending.append((name, value.mean(), 1) if training else (name, value.sum(), value.numel()))
         n_pairs = float(out.chosen_rewards.shape[0])
         # nll times its weight: averaged over the step's micro-batches and processes (as the logs do) that is the
         # step's token mean, the NLL the step optimizes (nll_weight is 1 in evaluation)
         for name, value in (("nll", out.nll.detach() * nll_weight), ("pref_loss", out.pref_loss.detach())):
             if training:
-                metrics[name].append((self.accelerator.gather_for_metrics(value[None]).mean().item(), 1))
+                pending.append((name, self.accelerator.gather_for_metrics(value[None]).mean(), 1))
             else:  # per batch and process: weighted by its pairs
                 total, pairs = self.accelerator.gather(torch.stack([value.float() * n_pairs,
                                                                     value.new_tensor(n_pairs, dtype=torch.float32)])
-                                                       [None]).sum(0).tolist()
-                metrics[name].append((total, pairs))
+                                                       [None]).sum(0)
+                pending.append((name, total, pairs))
+        scalars = [t for entry in pending for t in entry[1:] if isinstance(t, torch.Tensor)]
+        read = iter(torch.stack([t.double() for t in scalars]).tolist())  # float32 values, exactly
+        for name, *entry in pending:
+            metrics[name].append(tuple(next(read) if isinstance(t, torch.Tensor) else t for t in entry))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Preference batches have labels but no logits to return: always the loss only.
