@@ -1,6 +1,7 @@
-"""Launch configuration shared by the kernel launchers: block sizes, interpreter switches, occupancy."""
+"""Launch configuration shared by the kernel launchers: block sizes, interpreter switches, occupancy, device."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -57,6 +58,13 @@ def default_row_config(logits: torch.Tensor) -> RowConfig:
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_device(tensor: torch.Tensor):
+    """Context for a kernel launch on `tensor`'s device: Triton launches on the *current* CUDA device and its
+    stream, so a head on cuda:1 while cuda:0 is current (device_map="auto") would read cuda:1 memory from a
+    cuda:0 kernel. A no-op for CPU tensors (the interpreter) and meta tensors (`rpo_fast.aot`)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def kernel_flags(hidden: torch.Tensor) -> dict:

@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TileConfig, check_runnable, default_config, grad_filter_eps, head_operands, kernel_flags
+from .launch import (
+    TileConfig, check_runnable, default_config, grad_filter_eps, head_operands, kernel_flags, on_device,
+)
 from .tiles import logit_tile
 
 
@@ -147,15 +149,16 @@ def linear_logprobs_bwd(
     grad_bias = torch.zeros((V,), **f32) if want_db else None
     if N > 0 and (want_dh or want_dw or want_db):
         grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),)
-        _linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias, targets, lse.float().contiguous(), grad_lp.float().contiguous(),
-            grad_hidden, grad_weight, grad_bias,
-            N, V, H, ignore_index, float(filter_eps or 0.0),
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            HAS_BIAS=bias is not None, EVEN_H=H % cfg.block_h == 0, **kernel_flags(hidden),
-            COMPUTE_DH=want_dh, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, FILTER_GRAD=bool(filter_eps),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        with on_device(hidden):
+            _linear_logprobs_bwd_kernel[grid](
+                hidden, weight, bias, targets, lse.float().contiguous(), grad_lp.float().contiguous(),
+                grad_hidden, grad_weight, grad_bias,
+                N, V, H, ignore_index, float(filter_eps or 0.0),
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                HAS_BIAS=bias is not None, EVEN_H=H % cfg.block_h == 0, **kernel_flags(hidden),
+                COMPUTE_DH=want_dh, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, FILTER_GRAD=bool(filter_eps),
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
     return cast(grad_hidden, hidden), cast(grad_weight, weight), cast(grad_bias, bias)

@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TileConfig, check_runnable, default_config, head_operands, kernel_flags, num_programs_wanted
+from .launch import (
+    TileConfig, check_runnable, default_config, head_operands, kernel_flags, num_programs_wanted, on_device,
+)
 from .tiles import logit_tile
 
 
@@ -92,14 +94,15 @@ def linear_logprobs_fwd(
     lse_part = torch.empty((splits, N), dtype=torch.float32, device=hidden.device)
     tgt_part = torch.empty((splits, N), dtype=torch.float32, device=hidden.device)
     if N > 0:
-        _linear_logprobs_fwd_kernel[(n_blocks, splits)](
-            hidden, weight, bias, targets, lse_part, tgt_part,
-            N, V, H, tiles_per_split,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            HAS_BIAS=bias is not None, EVEN_H=H % cfg.block_h == 0, **kernel_flags(hidden),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        with on_device(hidden):
+            _linear_logprobs_fwd_kernel[(n_blocks, splits)](
+                hidden, weight, bias, targets, lse_part, tgt_part,
+                N, V, H, tiles_per_split,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                HAS_BIAS=bias is not None, EVEN_H=H % cfg.block_h == 0, **kernel_flags(hidden),
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
     # A row whose logits are all -inf has lse -inf; a +inf or NaN logit gives NaN. The log-softmax is undefined
     # either way: NaN, as in the torch path (chunked.chunked_linear_logprobs_fwd).

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import RowConfig, check_runnable, default_row_config
+from .launch import RowConfig, check_runnable, default_row_config, on_device
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -112,10 +112,11 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
     lp = torch.empty(C, dtype=torch.float32, device=logits.device)
     lse = torch.empty(C, dtype=torch.float32, device=logits.device)
     if C > 0 and V > 0:
-        _row_logprobs_kernel[(C,)](
-            logits, targets.contiguous(), lp, lse, V, ignore_index,
-            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-        )
+        with on_device(logits):
+            _row_logprobs_kernel[(C,)](
+                logits, targets.contiguous(), lp, lse, V, ignore_index,
+                BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            )
     return lp, lse
 
 
@@ -140,8 +141,9 @@ def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, 
     cfg = config or default_row_config(logits)
     out = logits if out_dtype == torch.float32 else torch.empty((C, V), dtype=out_dtype, device=logits.device)
     if C > 0 and V > 0:
-        _logit_grad_kernel[(C,)](
-            logits, targets.contiguous(), lse.float().contiguous(), g.float().contiguous(), out, V, ignore_index,
-            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-        )
+        with on_device(logits):
+            _logit_grad_kernel[(C,)](
+                logits, targets.contiguous(), lse.float().contiguous(), g.float().contiguous(), out, V, ignore_index,
+                BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            )
     return out
