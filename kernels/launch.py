@@ -135,8 +135,19 @@ def check_runnable(tensor: torch.Tensor, name: str = "hidden", choice: str = "im
         )
 
 
+_HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TARGET_DTYPES = (torch.int64, torch.int32)
+
+
 def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    """The head kernels' operands, checked ([N, H], [V >= 1, H], [V] or None, [N]) and made contiguous.
+    """The head kernels' operands, checked and made contiguous: hidden [N, H] float32/float16/bfloat16, weight
+    [V >= 1, H] and bias [V] or None of hidden's dtype and device, targets [N] int32/int64 on that device.
+    Mixed dtypes would compile to no GPU kernel (tl.dot of bf16 and fp16) or silently mix precisions in the
+    interpreter.
+
+    The targets' values are the caller's job (the public API checks them, `checks.check_op_targets`): an
+    entry outside [0, V) that is not ignore_index reads nothing out of bounds (it matches no column) but
+    gets a meaningless log-prob (-inf or -logsumexp) and gradient.
 
     Contiguous because the kernels keep in-tile offsets int32 (`tiles.py`): a strided view with
     stride(0) >= 2**31 / BLOCK_N would overflow them; and because the JIT turns a unit inner stride into
@@ -152,4 +163,13 @@ def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"targets: expected shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if hidden.dtype not in _HEAD_DTYPES:
+        raise ValueError(f"hidden: expected dtype float32, float16 or bfloat16, got {hidden.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != hidden.dtype or t.device != hidden.device):
+            raise ValueError(f"{name}: expected {hidden.dtype} on {hidden.device} (as hidden), got {t.dtype} "
+                             f"on {t.device}")
+    if targets.dtype not in _TARGET_DTYPES or targets.device != hidden.device:
+        raise ValueError(f"targets: expected int64 or int32 on {hidden.device}, got {targets.dtype} on "
+                         f"{targets.device}")
     return tuple(None if t is None else t.contiguous() for t in (hidden, weight, bias, targets))

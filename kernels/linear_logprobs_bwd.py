@@ -123,7 +123,8 @@ def linear_logprobs_bwd(
 
     Args:
         hidden: [N, H], weight: [V, H], bias: [V] or None, all of one dtype (bf16/fp16/fp32).
-        targets: [N] int64. lse: [N] fp32 from the forward. grad_lp: [N], any float dtype.
+        targets: [N] int64/int32 in [0, V) or `ignore_index` (the range is the caller's job, as in the forward).
+            lse: [N] fp32 from the forward. grad_lp: [N], any float dtype. All on hidden's device.
         needs_grad: which of (hidden, weight, bias) need a gradient.
         filter_eps: skip tiles whose |onehot - softmax| < filter_eps everywhere (an approximation; 0.0 = off).
             None (default): the `RPO_FAST_GRAD_FILTER` environment switch (`launch.grad_filter_eps`; off when unset).
@@ -137,6 +138,10 @@ def linear_logprobs_bwd(
     if lse.shape != targets.shape or grad_lp.shape != targets.shape:
         raise ValueError(f"lse and grad_lp: expected shape ({targets.shape[0]},), got {tuple(lse.shape)} and "
                          f"{tuple(grad_lp.shape)}")
+    for name, t in (("lse", lse), ("grad_lp", grad_lp)):
+        if not t.is_floating_point() or t.device != hidden.device:
+            raise ValueError(f"{name}: expected a floating-point tensor on {hidden.device} (as hidden), got "
+                             f"{t.dtype} on {t.device}")
     (N, H), V = hidden.shape, weight.shape[0]
     want_dh, want_dw, want_db = needs_grad
     want_db = want_db and bias is not None

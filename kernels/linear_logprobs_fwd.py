@@ -74,7 +74,8 @@ def linear_logprobs_fwd(
 
     Args:
         hidden: [N, H] bf16/fp16/fp32. weight: [V, H], same dtype. bias: [V] or None.
-        targets: [N] int64; `ignore_index` marks tokens whose log-prob is reported as 0.
+        targets: [N] int64/int32 on hidden's device, in [0, V) or `ignore_index` (tokens whose log-prob is
+            reported as 0). The range is the caller's job, not checked here (`launch.head_operands`).
         config: block sizes; defaults suit Hopper on CUDA and the interpreter on CPU.
 
     Returns:

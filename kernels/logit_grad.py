@@ -87,11 +87,13 @@ def _check_rows(logits: torch.Tensor, targets: torch.Tensor, **rows: torch.Tenso
         raise ValueError(f"logits: expected a contiguous [C, V] float32 tensor, got {tuple(logits.shape)} "
                          f"{logits.dtype}{'' if logits.is_contiguous() else ' (not contiguous)'}")
     C, V = logits.shape
-    if targets.shape != (C,) or targets.dtype != torch.int64:
-        raise ValueError(f"targets: expected a [{C}] int64 tensor, got {tuple(targets.shape)} {targets.dtype}")
+    if targets.shape != (C,) or targets.dtype != torch.int64 or targets.device != logits.device:
+        raise ValueError(f"targets: expected a [{C}] int64 tensor on {logits.device}, got {tuple(targets.shape)} "
+                         f"{targets.dtype} on {targets.device}")
     for name, t in rows.items():
-        if t.shape != (C,) or not t.is_floating_point():
-            raise ValueError(f"{name}: expected a [{C}] floating-point tensor, got {tuple(t.shape)} {t.dtype}")
+        if t.shape != (C,) or not t.is_floating_point() or t.device != logits.device:
+            raise ValueError(f"{name}: expected a [{C}] floating-point tensor on {logits.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
     return C, V
 
 
@@ -100,7 +102,7 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
     """Per-row target log-probs and logsumexp of `logits`, in one read.
 
     Args:
-        logits: [C, V] float32, contiguous. targets: [C] int64 in [0, V), or `ignore_index`.
+        logits: [C, V] float32, contiguous. targets: [C] int64 in [0, V), or `ignore_index`, on logits' device.
         config: vocab tile and warps; defaults suit a GPU and the interpreter.
 
     Returns:
@@ -128,7 +130,8 @@ def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, 
 
     Args:
         logits: [C, V] float32, contiguous; overwritten with the result when `out_dtype` is float32.
-        targets: [C] int64. lse: [C], the rows' logsumexp (`row_logprobs`). g: [C], dL/dlp per row.
+        targets: [C] int64. lse: [C], the rows' logsumexp (`row_logprobs`). g: [C], dL/dlp per row. All on
+            logits' device.
         out_dtype: float32 (in place) or bfloat16/float16 (a new tensor, for the gradient GEMMs).
 
     Returns:

@@ -65,3 +65,75 @@ def test_on_device_selects_the_tensors_cuda_device():
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     for device in ("cpu", "meta"):
         assert isinstance(launch.on_device(torch.empty(0, device=device)), contextlib.nullcontext)
+
+
+def head_calls(hidden, weight, bias, targets):
+    lse, g = torch.zeros(N), torch.ones(N)
+    return [lambda: FWD.linear_logprobs_fwd(hidden, weight, bias, targets),
+            lambda: BWD.linear_logprobs_bwd(hidden, weight, bias, targets, lse, g)]
+
+
+BAD_HEAD_INPUTS = {
+    # name: (hidden, weight, bias, targets) -> the bad ones, and the message (after "^")
+    "fp64_hidden": (lambda h, w, b, t: (h.double(), w.double(), b.double(), t),
+                    r"hidden: expected dtype float32, float16 or bfloat16, got torch\.float64"),
+    "bf16_hidden_fp16_weight": (lambda h, w, b, t: (h.bfloat16(), w.half(), None, t),
+                                r"weight: expected torch\.bfloat16 on cpu \(as hidden\), got torch\.float16 on cpu"),
+    "weight_on_meta": (lambda h, w, b, t: (h, w.to("meta"), None, t),
+                       r"weight: expected torch\.float32 on cpu \(as hidden\), got torch\.float32 on meta"),
+    "fp16_bias_fp32_hidden": (lambda h, w, b, t: (h, w, b.half(), t),
+                              r"bias: expected torch\.float32 on cpu \(as hidden\), got torch\.float16 on cpu"),
+    "bias_on_meta": (lambda h, w, b, t: (h, w, b.to("meta"), t),
+                     r"bias: expected torch\.float32 on cpu \(as hidden\), got torch\.float32 on meta"),
+    "float_targets": (lambda h, w, b, t: (h, w, b, t.float()),
+                      r"targets: expected int64 or int32 on cpu, got torch\.float32 on cpu"),
+    "uint8_targets": (lambda h, w, b, t: (h, w, b, t.to(torch.uint8)),
+                      r"targets: expected int64 or int32 on cpu, got torch\.uint8 on cpu"),
+    "targets_on_meta": (lambda h, w, b, t: (h, w, b, t.to("meta")),
+                        r"targets: expected int64 or int32 on cpu, got torch\.int64 on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEAD_INPUTS))
+def test_head_launchers_refuse_mixed_dtypes_devices_and_non_integer_targets(case, monkeypatch):
+    """A dtype or device that differs from hidden's, or targets that are not int32/int64, is a ValueError
+    naming the argument, what was expected and what came, from both head launchers, before any launch (a bf16
+    hidden with an fp16 weight ran in the interpreter and is a compile error on sm_90; float targets gave
+    wrong log-probs silently)."""
+    make_bad, message = BAD_HEAD_INPUTS[case]
+    for kernel in (FWD._linear_logprobs_fwd_kernel, BWD._linear_logprobs_bwd_kernel):
+        monkeypatch.setattr(kernel, "run", lambda *a, **k: pytest.fail("launched on bad inputs"))
+    for call in head_calls(*make_bad(*head_inputs())):
+        with pytest.raises(ValueError, match="^" + message):
+            call()
+
+
+def test_head_launchers_accept_int32_targets_and_every_float_dtype():
+    """What the checks let through runs: int32 targets as the public API allows, fp32/fp16/bf16 operands."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        hidden, weight, bias, targets = head_inputs(dtype)
+        lp64, _ = FWD.linear_logprobs_fwd(hidden, weight, bias, targets)
+        lp32, _ = FWD.linear_logprobs_fwd(hidden, weight, bias, targets.int())
+        assert torch.equal(lp64, lp32)
+
+
+def test_head_backward_refuses_lse_or_grad_lp_elsewhere():
+    hidden, weight, bias, targets = head_inputs()
+    lse, g = torch.zeros(N), torch.ones(N)
+    with pytest.raises(ValueError, match=r"^lse: expected a floating-point tensor on cpu \(as hidden\), got "
+                                         r"torch\.float32 on meta"):
+        BWD.linear_logprobs_bwd(hidden, weight, bias, targets, lse.to("meta"), g)
+    with pytest.raises(ValueError, match=r"^grad_lp: expected a floating-point tensor on cpu \(as hidden\), got "
+                                         r"torch\.int64 on cpu"):
+        BWD.linear_logprobs_bwd(hidden, weight, bias, targets, lse, g.long())
+
+
+def test_row_launchers_refuse_operands_on_another_device():
+    logits, targets, lse, g = torch.randn(N, V), torch.randint(0, V, (N,)), torch.zeros(N), torch.ones(N)
+    with pytest.raises(ValueError, match=rf"^targets: expected a \[{N}\] int64 tensor on cpu, got \({N},\) "
+                                         r"torch\.int64 on meta"):
+        ROWS.row_logprobs(logits, targets.to("meta"))
+    for name, bad in (("lse", (lse.to("meta"), g)), ("g", (lse, g.to("meta")))):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a \[{N}\] floating-point tensor on cpu, got "
+                                             rf"\({N},\) torch\.float32 on meta"):
+            ROWS.logit_grad_(logits, targets, *bad)

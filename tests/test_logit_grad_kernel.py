@@ -170,9 +170,10 @@ def test_row_kernels_refuse_bad_inputs():
         row_logprobs(logits.T.contiguous().T, targets)
     with pytest.raises(ValueError, match=r"^targets: expected a \[4\] int64 tensor"):
         row_logprobs(logits, targets.int())
-    with pytest.raises(ValueError, match=r"^g: expected a \[4\] floating-point tensor, got \(3,\)"):
+    with pytest.raises(ValueError, match=r"^g: expected a \[4\] floating-point tensor on cpu, got \(3,\)"):
         logit_grad_(logits, targets, lse, g[:3])
-    with pytest.raises(ValueError, match=r"^lse: expected a \[4\] floating-point tensor, got \(4,\) torch\.int64"):
+    with pytest.raises(ValueError,
+                       match=r"^lse: expected a \[4\] floating-point tensor on cpu, got \(4,\) torch\.int64"):
         logit_grad_(logits, targets, lse.long(), g)
     with pytest.raises(ValueError, match=r"^out_dtype: expected one of"):
         logit_grad_(logits, targets, lse, g, torch.float64)
