@@ -7,6 +7,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import triton
 
 
 class TileConfig(NamedTuple):
@@ -55,9 +56,17 @@ def default_row_config(logits: torch.Tensor) -> RowConfig:
     return INTERPRETER_ROW_CONFIG if logits.device.type == "cpu" else GPU_ROW_CONFIG
 
 
+# `@triton.jit` builds each kernel once, when its module is imported, as an interpreted or a compiled function,
+# from TRITON_INTERPRET as it is then (`triton.knobs.runtime.interpret`); `rpo_fast.kernels` imports this module
+# first, so this is the kernels' state. Setting the variable later cannot turn the interpreter on.
+_BUILT_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 was set when `rpo_fast` was
+    imported (see `_BUILT_INTERPRETED`) and has not been unset since (tests unset it to stand for a CPU machine
+    without the interpreter)."""
+    return _BUILT_INTERPRETED and bool(triton.knobs.runtime.interpret)
 
 
 def on_device(tensor: torch.Tensor):
@@ -130,8 +139,8 @@ def check_runnable(tensor: torch.Tensor, name: str = "hidden", choice: str = "im
         option = choice.split("=")[0]
         raise ValueError(
             f"{choice} needs CUDA tensors or the Triton interpreter: expected {name} on a CUDA device "
-            f"or TRITON_INTERPRET=1, got a tensor on {tensor.device} without the interpreter "
-            f"(use {option}='auto' on CPU)"
+            f"or TRITON_INTERPRET=1 set before rpo_fast is imported (Triton builds the kernels at import), "
+            f"got a tensor on {tensor.device} without the interpreter (use {option}='auto' on CPU)"
         )
 
 

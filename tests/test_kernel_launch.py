@@ -3,6 +3,9 @@
 any kernel runs. The numbers are tested in test_linear_logprobs.py and test_logit_grad_kernel.py."""
 import contextlib
 import importlib
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -137,3 +140,45 @@ def test_row_launchers_refuse_operands_on_another_device():
         with pytest.raises(ValueError, match=rf"^{name}: expected a \[{N}\] floating-point tensor on cpu, got "
                                              rf"\({N},\) torch\.float32 on meta"):
             ROWS.logit_grad_(logits, targets, *bad)
+
+
+LATE_INTERPRETER = """
+import os, torch, rpo_fast
+h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+for attempt in range(2):  # the first call imports the kernels, built for a GPU
+    try:
+        rpo_fast.linear_logprobs(h, w, t, impl="triton")
+    except ValueError as e:
+        print("ValueError:", e)
+    os.environ["TRITON_INTERPRET"] = "1"  # following the advice, in the same process
+"""
+
+
+def test_interpreter_switched_on_after_import_is_refused_with_advice():
+    """TRITON_INTERPRET=1 set after `import rpo_fast` (a notebook following the CPU error's advice) cannot
+    take effect: @triton.jit built compiled kernels at import, which failed with "0 active drivers". The
+    launcher keeps refusing, and says the variable must be set before rpo_fast is imported."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        assert line.startswith("ValueError: impl='triton' needs CUDA tensors or the Triton interpreter"), line
+        assert "TRITON_INTERPRET=1 set before rpo_fast is imported" in line, line
+
+
+def test_interpreter_state_is_the_kernels_not_the_environment(monkeypatch):
+    """In this session the kernels are interpreted; a CPU launch is refused when they were built compiled
+    whatever the environment says now, and when the variable is unset afterwards (as tests do)."""
+    hidden, weight, bias, targets = head_inputs()
+    assert launch.interpreting()
+    FWD.linear_logprobs_fwd(hidden, weight, bias, targets)
+    monkeypatch.setattr(launch, "_BUILT_INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 set before rpo_fast is imported"):
+        FWD.linear_logprobs_fwd(hidden, weight, bias, targets)
+    monkeypatch.setattr(launch, "_BUILT_INTERPRETED", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"use impl='auto' on CPU"):
+        FWD.linear_logprobs_fwd(hidden, weight, bias, targets)
