@@ -87,6 +87,8 @@ def _check_rows(logits: torch.Tensor, targets: torch.Tensor, **rows: torch.Tenso
         raise ValueError(f"logits: expected a contiguous [C, V] float32 tensor, got {tuple(logits.shape)} "
                          f"{logits.dtype}{'' if logits.is_contiguous() else ' (not contiguous)'}")
     C, V = logits.shape
+    if V == 0:  # no log-softmax over an empty vocabulary; the launch would be skipped, leaving lp/lse unwritten
+        raise ValueError(f"logits: expected a vocabulary of at least one column [C, V >= 1], got {tuple(logits.shape)}")
     if targets.shape != (C,) or targets.dtype != torch.int64 or targets.device != logits.device:
         raise ValueError(f"targets: expected a [{C}] int64 tensor on {logits.device}, got {tuple(targets.shape)} "
                          f"{targets.dtype} on {targets.device}")
@@ -102,7 +104,7 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
     """Per-row target log-probs and logsumexp of `logits`, in one read.
 
     Args:
-        logits: [C, V] float32, contiguous. targets: [C] int64 in [0, V), or `ignore_index`, on logits' device.
+        logits: [C, V >= 1] float32, contiguous. targets: [C] int64 in [0, V), or `ignore_index`, on logits' device.
         config: vocab tile and warps; defaults suit a GPU and the interpreter.
 
     Returns:
@@ -113,7 +115,7 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
     cfg = config or default_row_config(logits)
     lp = torch.empty(C, dtype=torch.float32, device=logits.device)
     lse = torch.empty(C, dtype=torch.float32, device=logits.device)
-    if C > 0 and V > 0:
+    if C > 0:
         with on_device(logits):
             _row_logprobs_kernel[(C,)](
                 logits, targets.contiguous(), lp, lse, V, ignore_index,
@@ -129,7 +131,7 @@ def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, 
     `sum_n g[n] * lp[n]` with respect to the logits.
 
     Args:
-        logits: [C, V] float32, contiguous; overwritten with the result when `out_dtype` is float32.
+        logits: [C, V >= 1] float32, contiguous; overwritten with the result when `out_dtype` is float32.
         targets: [C] int64. lse: [C], the rows' logsumexp (`row_logprobs`). g: [C], dL/dlp per row. All on
             logits' device.
         out_dtype: float32 (in place) or bfloat16/float16 (a new tensor, for the gradient GEMMs).
@@ -143,7 +145,7 @@ def logit_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, 
         raise ValueError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
     cfg = config or default_row_config(logits)
     out = logits if out_dtype == torch.float32 else torch.empty((C, V), dtype=out_dtype, device=logits.device)
-    if C > 0 and V > 0:
+    if C > 0:
         with on_device(logits):
             _logit_grad_kernel[(C,)](
                 logits, targets.contiguous(), lse.float().contiguous(), g.float().contiguous(), out, V, ignore_index,

@@ -177,3 +177,14 @@ def test_row_kernels_refuse_bad_inputs():
         logit_grad_(logits, targets, lse.long(), g)
     with pytest.raises(ValueError, match=r"^out_dtype: expected one of"):
         logit_grad_(logits, targets, lse, g, torch.float64)
+
+
+def test_row_kernels_refuse_an_empty_vocabulary():
+    """[C, 0] logits have no log-softmax: row_logprobs returned its uninitialized lp/lse buffers (the launch
+    was skipped); both row kernels now refuse them, as the head kernels refuse a weight of no rows."""
+    logits, targets = torch.empty(3, 0), torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^logits: expected a vocabulary of at least one column \[C, V >= 1\], "
+                                         r"got \(3, 0\)"):
+        row_logprobs(logits, targets)
+    with pytest.raises(ValueError, match=r"^logits: expected a vocabulary of at least one column"):
+        logit_grad_(logits, targets, torch.zeros(3), torch.ones(3))
