@@ -6,7 +6,7 @@ by 16 (no data, no device) and its kernel call is recorded instead of launched; 
 then turns the recorded arguments into the signature, constexprs and attributes (`tt.divisibility=16`
 on aligned pointers and sizes, unit strides as `constexpr 1`) for the target, so this cannot drift from
 the launchers. `triton.compile` returns the cubin; Triton's bundled `cuobjdump` gives the registers,
-local memory (spills) and the SASS, in which we count what matters on a GPU:
+the stack and local memory (spills go to the stack) and the SASS, in which we count what matters on a GPU:
 
 - tensor-core instructions (HGMMA = wgmma on sm_90, HMMA = mma.sync on sm_80);
 - 16-byte loads (LDGSTS.128 = cp.async, LDG.E.128), narrower cp.async and sub-word loads;
@@ -53,7 +53,8 @@ class CompileReport:
     bias: bool
     arch: int
     registers: int
-    local_bytes: int  # per-thread local memory: spills (and stack arrays, which these kernels have none of)
+    stack_bytes: int  # per-thread stack frame (cuobjdump's STACK): where ptxas puts register spills
+    local_bytes: int  # other per-thread local memory (LOCAL: local arrays, which these kernels have none of)
     spill_instructions: int  # STL/LDL in the SASS
     tensor_core_ops: int  # HGMMA (sm_90 wgmma) or HMMA (mma.sync)
     has_wgmma: bool
@@ -166,18 +167,24 @@ def sass_opcodes(sass: str) -> list[str]:
     return ops
 
 
-def report(kernel: str, dtype: str, bias: bool, arch: int, cubin: bytes) -> CompileReport:
-    usage = _cuobjdump(cubin, "-res-usage")
-    regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
-    if regs is None or local is None:
+def resource_usage(usage: str) -> dict:
+    """registers, stack_bytes and local_bytes from `cuobjdump -res-usage` of a one-kernel cubin, e.g.
+    `REG:255 STACK:24 SHARED:0 LOCAL:0 ...`: a spill shows in STACK, not LOCAL."""
+    found = {key: re.search(rf"\b{field}:(\d+)", usage)
+             for key, field in (("registers", "REG"), ("stack_bytes", "STACK"), ("local_bytes", "LOCAL"))}
+    if None in found.values():
         raise RuntimeError(f"could not parse cuobjdump -res-usage output:\n{usage}")
+    return {key: int(m.group(1)) for key, m in found.items()}
+
+
+def report(kernel: str, dtype: str, bias: bool, arch: int, cubin: bytes) -> CompileReport:
+    usage = resource_usage(_cuobjdump(cubin, "-res-usage"))
     ops = sass_opcodes(_cuobjdump(cubin, "-sass"))
     if not ops:
         raise RuntimeError("no SASS instructions found in the cuobjdump output")
     count = lambda pattern: sum(1 for op in ops if re.fullmatch(pattern, op))  # noqa: E731
     return CompileReport(
-        kernel=kernel, dtype=dtype, bias=bias, arch=arch, registers=int(regs.group(1)),
-        local_bytes=int(local.group(1)), spill_instructions=count(r"(STL|LDL)(\..*)?"),
+        kernel=kernel, dtype=dtype, bias=bias, arch=arch, **usage, spill_instructions=count(r"(STL|LDL)(\..*)?"),
         tensor_core_ops=count(r"(HGMMA|HMMA)\..*"), has_wgmma=count(r"HGMMA\..*") > 0,
         wide_loads=count(r"LDGSTS\..*\.128(\..*)?|LDG\..*\.128(\..*)?"),
         cp_async_8b=count(r"LDGSTS\..*\.64(\..*)?"), scalar_cp_async=count(r"LDGSTS(?!.*\.(128|64)).*"),
