@@ -24,8 +24,10 @@ class TileConfig(NamedTuple):
 # Hopper/Ampere choices, keyed by (backward, fp32 inputs). 128x128 logit tiles with BLOCK_H=32 keep
 # wgmma busy and fit in registers. Registers per thread at 8 warps, as launched (contiguous inputs, sizes
 # divisible by 16; `python -m rpo_fast.aot`, Triton 3.7.1), 0 spills everywhere:
-#   sm_90: fwd 169-170 (bf16/fp16), 110 (fp32); bwd 138 (bf16), 204 (bf16 + bias), 241 (fp16 + bias), 124 (fp32)
-#   sm_80: fwd 223, 128 (fp32); bwd 214 (bf16), 255 (bf16/fp16 + bias: at the limit), 128 (fp32)
+#   sm_90: fwd 169-170 (bf16/fp16), 110 (fp32); bwd 138 (bf16/fp16), 204 (bf16 + bias), 241 (fp16 + bias),
+#          240 (bf16, dhidden only: a frozen head), 130 (bf16 + bias without dbias), 124 (fp32)
+#   sm_80: fwd 223, 128 (fp32); bwd 214 (bf16/fp16), 255 (bf16/fp16 + bias, with or without dbias: at the
+#          limit), 204 (dhidden only), 128 (fp32)
 # Broader tiles or BLOCK_H=64 spilled when these were chosen. tests/test_aot_compile.py checks the SASS.
 GPU_CONFIGS = {
     (False, False): TileConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3),

@@ -33,14 +33,23 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Launch sizes: multiples of 16, which the JIT marks divisible by 16 (tt.divisibility); Mistral-like H and V.
 N, H, V = 1024, 4096, 32000
-# (name, dtype, bias) of the head kernels, per arch. fp16 lowers like bf16, so one fp16 variant suffices.
+# (name, dtype, bias) of the head kernels, per arch. fp16 lowers like bf16 but not to the same registers.
 HEAD_VARIANTS = [
-    ("fwd", "bf16", False), ("fwd", "bf16", True), ("fwd", "fp16", True), ("fwd", "fp32", True),
-    ("bwd", "bf16", False), ("bwd", "bf16", True), ("bwd", "fp16", True), ("bwd", "fp32", True),
+    ("fwd", "bf16", False), ("fwd", "bf16", True), ("fwd", "fp16", False), ("fwd", "fp16", True), ("fwd", "fp32", True),
+    ("bwd", "bf16", False), ("bwd", "bf16", True), ("bwd", "fp16", False), ("bwd", "fp16", True), ("bwd", "fp32", True),
     ("bwd_filtered", "bf16", True), ("bwd_filtered", "fp32", True),
+    ("bwd_dh", "bf16", False), ("bwd_dh_dw", "bf16", True),
 ]
+# The backward variants: which of (dhidden, dweight, dbias) the launch asks for (COMPUTE_DH/DW/DB) and its
+# gradient-filter threshold (FILTER_GRAD when > 0).
+BACKWARDS = {
+    "bwd": ((True, True, True), 0.0),
+    "bwd_filtered": ((True, True, True), 1e-3),
+    "bwd_dh": ((True, False, False), 0.0),  # a frozen head (LoRA, or a tied embedding left out): dhidden only
+    "bwd_dh_dw": ((True, True, False), 0.0),  # a frozen bias
+}
 # (name, output dtype) of the row kernels over a chunk's fp32 logits.
-ROW_VARIANTS = [("row_logprobs", "fp32"), ("logit_grad", "fp32"), ("logit_grad", "bf16")]
+ROW_VARIANTS = [("row_logprobs", "fp32"), ("logit_grad", "fp32"), ("logit_grad", "bf16"), ("logit_grad", "fp16")]
 
 
 @dataclasses.dataclass
@@ -98,8 +107,8 @@ def _record(launcher: Callable[[], object], *kernels) -> Launch:
 
 
 def head_launch(kernel: str, dtype: str, bias: bool) -> Launch:
-    """The launch of the fwd / bwd / bwd_filtered head kernel that the real launcher makes for contiguous
-    CUDA-like inputs (meta tensors: aligned, not CPU, so no interpreter flags)."""
+    """The launch of the forward (`fwd`) or a `BACKWARDS` head kernel that the real launcher makes for
+    contiguous CUDA-like inputs (meta tensors: aligned, not CPU, so no interpreter flags)."""
     from rpo_fast.kernels import linear_logprobs_bwd, linear_logprobs_fwd
     from rpo_fast.kernels.linear_logprobs_bwd import _linear_logprobs_bwd_kernel
     from rpo_fast.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
@@ -112,9 +121,9 @@ def head_launch(kernel: str, dtype: str, bias: bool) -> Launch:
     if kernel == "fwd":
         return _record(lambda: linear_logprobs_fwd(hidden, weight, b, targets), _linear_logprobs_fwd_kernel)
     lse, g = torch.empty(N, **meta), torch.empty(N, **meta)
-    filter_eps = 1e-3 if kernel == "bwd_filtered" else 0.0
-    return _record(lambda: linear_logprobs_bwd(hidden, weight, b, targets, lse, g, filter_eps=filter_eps),
-                   _linear_logprobs_bwd_kernel)
+    needs_grad, filter_eps = BACKWARDS[kernel]
+    return _record(lambda: linear_logprobs_bwd(hidden, weight, b, targets, lse, g, needs_grad=needs_grad,
+                                               filter_eps=filter_eps), _linear_logprobs_bwd_kernel)
 
 
 def row_launch(kernel: str, out_dtype: str) -> Launch:
