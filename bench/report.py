@@ -516,17 +516,18 @@ def summary_markdown(rows, meta: dict, skipped: dict[str, str], extra_notes: lis
 
 def filter_caveat(rows, meta: dict) -> list[str]:
     """What the gradient-filtering providers' times mean here, when the run has any: on a GPU `cce` (Cut
-    Cross-Entropy's default) and `ours_atomic_filter` skip gradient tiles below bf16 resolution, and how many
-    they skip depends on the logits, which here are random."""
+    Cross-Entropy's default) and `ours_atomic_filter` skip gradient tiles whose every entry is below a bf16-scale
+    threshold, and how many they skip depends on the logits, which here are random."""
     on_gpu = (meta["device_type"] == "cuda" if "device_type" in meta  # a rebuild without meta.json: the rows' device
               else not str(meta.get("device", "")).startswith("CPU "))
     filtered = sorted({r["provider"] for r in rows if r["op"] == "rpo_head" and r["metric"] == "time"
                        and (r["provider"] == "ours_atomic_filter" or (r["provider"] == "cce" and on_gpu))})
     if not filtered:
         return []
-    return [f"Gradient filters: {' and '.join(f'`{p}`' for p in filtered)} skip the backward's tiles whose softmax "
-            "gradient is below bf16 resolution (Cut Cross-Entropy's default on a GPU; `RPO_FAST_GRAD_FILTER=auto` "
-            "for ours). The inputs here are random with unit-scale logits, so the softmax is nearly flat and few "
+    return [f"Gradient filters: {' and '.join(f'`{p}`' for p in filtered)} skip the backward's tiles in which "
+            "every entry of the softmax gradient is below a bf16-scale threshold (Cut Cross-Entropy's default on a "
+            "GPU; `RPO_FAST_GRAD_FILTER=auto` for ours): not exact, since the skipped entries can add up where the "
+            "softmax is flat. The inputs here are random with unit-scale logits, so the softmax is nearly flat and few "
             "tiles fall below that threshold (at the Llama-3-8B head, about 20-46% of the tiles depending on the "
             "tile shape, measured on these inputs); a trained model's peaked distributions leave far more of them "
             "below it. Their times here therefore understate what the filter saves in training; the exact "

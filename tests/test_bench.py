@@ -578,8 +578,9 @@ def test_liger_runs_compiled_on_cpu_as_by_default(monkeypatch):
 
 
 def test_the_summary_says_what_gradient_filters_skip_on_random_inputs():
-    """cce (on a GPU) and ours_atomic_filter skip tiles below bf16 resolution; on random unit-scale logits they
-    skip far fewer than in training, and the summary must say so wherever they were timed."""
+    """cce (on a GPU) and ours_atomic_filter skip tiles whose entries are all below a bf16-scale threshold; on
+    random unit-scale logits they skip far fewer than in training, and the summary must say so wherever they were
+    timed."""
     meta = dict(device="GPU", timestamp="", git_sha="abc", versions="", suite="gpu", command="", device_type="cuda")
     rows = [_loss_row("cce", "time", 0.02, label="llama-3-8b"), _loss_row("ours_atomic_filter", "time", 0.02,
                                                                            label="llama-3-8b")]
