@@ -15,6 +15,7 @@ the trainer computes whatever is missing itself before the first step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import host_sync
 from .autocast import autocast_dtype
 from .data import PreferenceExample
 from .logprobs import linear_logprobs
@@ -116,13 +118,17 @@ class ReferenceCache:
         Raises:
             KeyError: for an example the cache does not hold.
         """
-        position = {int(i): k for k, i in enumerate(self.example_index.tolist())}
         try:
-            rows = torch.tensor([position[int(i)] for i in example_index.tolist()], dtype=torch.int64)
+            rows = torch.tensor([self._positions[int(i)] for i in example_index.tolist()], dtype=torch.int64)
         except KeyError as e:
             raise KeyError(f"example_index: example {e.args[0]} is not in the reference cache {self.path}") from None
         picked = self.logps[rows]
-        return torch.cat([picked[:, 0], picked[:, 1]]).to(example_index.device)
+        return host_sync.to_device(torch.cat([picked[:, 0], picked[:, 1]]), example_index.device)
+
+    @functools.cached_property
+    def _positions(self) -> dict[int, int]:
+        """{example index: its row in `logps`}, built once (a dataset's worth of entries), not per batch."""
+        return {int(i): k for k, i in enumerate(self.example_index.tolist())}
 
     def save(self, path: Path) -> Path:
         """Writes atomically (temp file, fsync, rename)."""
