@@ -248,6 +248,41 @@ def test_one_micro_batch_equals_two_accumulated(sharp_model_dir, tmp_path, sft_n
         assert_close(got[key], value, atol=1e-5, rtol=1e-4, name=key)
 
 
+def test_token_mean_step_equals_the_formula(sharp_model_dir, tmp_path):
+    """One step, sft_norm=token_mean, alpha=2, one micro-batch of 3 pairs of unequal lengths, against the formulas
+    in float64 on full logits of each unpacked sequence: the logged nll is the chosen log-probs summed over the
+    chosen tokens (-sum s_i / sum n_i), the logged loss pref + alpha * nll, and grad_norm the norm of that loss's
+    gradient (an NLL normalized by other tokens, the rejected ones too, changes all three)."""
+    beta, alpha = 0.5, 2.0
+    config = load_config(None, tiny_overrides(sharp_model_dir, tmp_path, sft_norm="token_mean", alpha=alpha,
+                                              beta=beta, max_steps=1, max_grad_norm=0, shuffle=False,
+                                              max_pairs_per_micro_batch=3, token_budget=4000, eval_file=None))
+    tokenizer = modeling.load_tokenizer(str(sharp_model_dir))
+    examples = tokenize_pairs(load_preference_rows(config.train_file), tokenizer, max_length=config.max_length,
+                              max_prompt_length=config.max_prompt_length)[0]
+    first_step = epoch_steps(examples, config, 0, 1)[0]
+    assert len(first_step) == 1  # one micro-batch
+    pairs = [examples[i] for i in first_step[0]]
+    assert len(pairs) == 3 and len({len(ex.chosen_ids) for ex in pairs}) > 1
+    record, = records_of(train(config))
+
+    model = modeling.load_causal_lm(str(sharp_model_dir))
+    model.config._attn_implementation = "sdpa"
+    chosen = torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids) for ex in pairs])
+    rejected = torch.stack([unpacked_sequence_logps(model, ex, ex.rejected_ids) for ex in pairs])
+    ref_chosen, ref_rejected = chosen.detach(), rejected.detach()  # the reference is the starting model
+    z = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    pref = (-torch.nn.functional.logsigmoid(z)).mean()
+    nll = -chosen.sum() / sum(len(ex.chosen_ids) for ex in pairs)
+    loss = pref + alpha * nll
+    loss.backward()
+    expected = {"nll": nll.item(), "pref_loss": pref.item(), "loss": loss.item(),
+                "grad_norm": math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in model.parameters()))}
+    for key, value in expected.items():
+        assert math.isclose(record[key], value, rel_tol=1e-4 if key == "grad_norm" else 1e-5), \
+            (key, record[key], value)
+
+
 def test_run_outputs(tiny_model_dir, tmp_path, capsys):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
                                               lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,

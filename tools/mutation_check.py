@@ -267,6 +267,12 @@ MUTATIONS = [
         "return total_pairs * chosen_tokens / total_chosen_tokens", "return None"),),
         "trainer: sft_norm=token_mean weights a micro-batch's NLL by its pairs, not its chosen tokens",
         PIPELINE[-1:]),
+    Mutation("trainer_token_mean_counts_rejected", TRAINER, ((
+        "step_chosen_tokens = sum(len(examples[i].chosen_ids) for g in step_groups for i in g)",
+        "step_chosen_tokens = sum(len(examples[i].chosen_ids) + len(examples[i].rejected_ids) "
+        "for g in step_groups for i in g)"),),
+        "trainer: the token_mean NLL normalizer counts the rejected tokens too (alpha effectively halved)",
+        PIPELINE[-1:]),
     Mutation("resume_rng_not_restored", TRAINER, ((
         'checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))',
         "pass"),), "resume: the RNG states (dropout) start from the seed, not where the run stopped",
