@@ -285,12 +285,13 @@ def test_eval_metrics_are_pair_means_of_their_own_loop(tmp_path):
 
 def token_mean_runs(tmp_path, **train_kw):
     """{name: (logs, model)} for batches of 2 pairs accumulated twice ("ga2"), of 4 pairs ("ga1"), and the dense
-    Trainer on batches of 4 ("dense"), all with the token-mean NLL; "base": (None, the starting model)."""
+    Trainer on batches of 4 ("dense"), all with the token-mean NLL; "base": (None, the starting model). 10 pairs:
+    the third step is the epoch's last, shorter window (one batch of 2 pairs in each run: "ga2" accumulates one)."""
     base = _tiny_llama()
     with torch.no_grad():
         base.lm_head.weight.mul_(30.0)
     gen = torch.Generator().manual_seed(7)
-    examples = _examples(16, gen)
+    examples = _examples(10, gen)
     for i, ex in enumerate(examples):
         ex["chosen_ids"] = ex["chosen_ids"][:2] if i % 2 else ex["chosen_ids"] * 4
     rpo_args = RPOArguments(beta=0.1, alpha=1.0, sft_norm="token_mean")
@@ -308,8 +309,10 @@ def token_mean_runs(tmp_path, **train_kw):
 def test_token_mean_is_the_steps_token_mean_under_gradient_accumulation(tmp_path):
     """Batches of 2 pairs accumulated twice == batches of 4 pairs == the dense reference on batches of 4, for the
     token-mean NLL, with chosen responses of very different lengths and a model whose per-token log-probs
-    differ (so a mean of per-micro-batch means would not be the step's token mean)."""
+    differ (so a mean of per-micro-batch means would not be the step's token mean). The last step accumulates
+    one micro-batch, not two (the epoch's 5 batches of 2): its NLL weight counts the window's own micro-batches."""
     runs = token_mean_runs(tmp_path)
+    assert all(len(runs[name][0]) == 3 for name in ("ga2", "ga1", "dense"))
     for other in ("ga1", "dense"):
         for step, (a, b) in enumerate(zip(runs["ga2"][0], runs[other][0])):
             assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (other, step)

@@ -350,6 +350,10 @@ MUTATIONS = [
     Mutation("hf_loss_type_dropped", "rpo_fast/integrations/hf_trainer.py", ((
         "sft_norm=sft_norm, loss_type=loss_type,", 'sft_norm=sft_norm, loss_type="sigmoid",'),),
         "HF mixin: RPOArguments.loss_type not passed to the loss", INTEGRATIONS[-2:]),
+    Mutation("hf_nll_weight_static_accumulation", "rpo_fast/integrations/hf_trainer.py", ((
+        "float(chosen_token_count(inputs) * self.current_gradient_accumulation_steps",
+        "float(chosen_token_count(inputs) * self.args.gradient_accumulation_steps"),),
+        "HF mixin: a last, shorter accumulation window weights its NLL by the configured steps", INTEGRATIONS[-2:]),
     Mutation("wpo_probs_not_squared", MODEL_HEAD, ((
         "torch.logsumexp(2 * (z - lse[:, None]), dim=-1)", "torch.logsumexp(z - lse[:, None], dim=-1)"),),
         "TRL: WPO's log_sum_sq_probs sums the probabilities instead of their squares", INTEGRATIONS[-1:]),
