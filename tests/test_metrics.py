@@ -17,12 +17,16 @@ def _output(chosen_rewards, rejected_rewards, pref_loss, nll, alpha):
 
 
 def test_one_micro_batch():
-    """A tie (equal rewards, as every pair has before training) is not ranked right: accuracy counts c > r."""
-    out = _output([0.5, -0.25, 0.0], [0.25, 0.0, 0.0], pref_loss=0.7, nll=2.0, alpha=0.5)
-    got = dict(zip(PAIR_METRICS, pair_metric_sums(out, 3).tolist()))
-    expected = {"loss": 3 * (0.7 + 0.5 * 2.0), "pref_loss": 3 * 0.7, "nll": 3 * 2.0, "rewards/chosen": 0.25,
-                "rewards/rejected": 0.25, "rewards/margins": (0.5 - 0.25) + (-0.25 - 0.0) + (0.0 - 0.0),
-                "rewards/accuracies": 1.0, "logps/chosen": 2.5, "logps/rejected": 2.5}
+    """Each metric's sum over 4 pairs, by hand. Chosen and rejected differ in every sum (rewards, log-probs, ranked
+    right or wrong), so a metric read from the other half shows. A tie (equal rewards, as every pair has before
+    training) is not ranked right: accuracy counts c > r."""
+    out = _output([0.5, -0.25, 0.0, 1.0], [0.125, 0.5, 0.0, -1.0], pref_loss=0.7, nll=2.0, alpha=0.5)
+    out = out._replace(chosen_logps=torch.tensor([-3.0, -5.5, -7.0, -2.0]),
+                       rejected_logps=torch.tensor([-4.0, -9.0, -6.5, -11.0]))
+    got = dict(zip(PAIR_METRICS, pair_metric_sums(out, 4).tolist()))
+    expected = {"loss": 4 * (0.7 + 0.5 * 2.0), "pref_loss": 4 * 0.7, "nll": 4 * 2.0, "rewards/chosen": 1.25,
+                "rewards/rejected": -0.375, "rewards/margins": 0.375 - 0.75 + 0.0 + 2.0,
+                "rewards/accuracies": 2.0, "logps/chosen": -17.5, "logps/rejected": -30.5}
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
 

@@ -307,6 +307,12 @@ MUTATIONS = [
     Mutation("logged_nll_weighted_by_pairs", "rpo_fast/metrics.py", ((
         "nll * nll_pairs, c.sum()", "nll * n_pairs, c.sum()"),),
         "metrics: the logged token_mean NLL averages micro-batch means", ("tests/test_metrics.py",) + PIPELINE[-1:]),
+    Mutation("logged_rejected_logps_from_chosen", "rpo_fast/metrics.py", ((
+        "out.rejected_logps.detach().double().sum()]", "out.chosen_logps.detach().double().sum()]"),),
+        "metrics: logps/rejected summed from the chosen half", ("tests/test_metrics.py",) + PIPELINE[-1:]),
+    Mutation("logged_rewards_swapped", "rpo_fast/metrics.py", ((
+        "c.sum(), r.sum(), (c - r).sum()", "r.sum(), c.sum(), (c - r).sum()"),),
+        "metrics: rewards/chosen and rewards/rejected swapped", ("tests/test_metrics.py",) + PIPELINE[-1:]),
     # The memory planner's arithmetic.
     Mutation("adamw_state_counts_one_moment", OPTIM, ((
         "return 2 * param_bytes * numel", "return param_bytes * numel"),),
