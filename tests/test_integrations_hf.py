@@ -1,8 +1,10 @@
 """RPOTrainerMixin on transformers.Trainer: a few steps match a dense full-logits Trainer computing the same
 RPO loss, for each reference source and SFT normalization, and the fused path never builds [tokens, V] logits."""
 import copy
+import subprocess
 from collections import defaultdict
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from rpo_fast.integrations.hf_trainer import (  # noqa: E402
     sequence_logps)
 from rpo_fast.loss import reweighted_loss  # noqa: E402
 from conftest import HeadMatmulCounter, LargestTensorRecorder, assert_close, perturbed_deepcopy  # noqa: E402
+from test_ddp import TORCHRUN, free_port  # noqa: E402
+from tiny_lm import REPO, subprocess_env  # noqa: E402
 
 VOCAB, HIDDEN, PAD = 211, 32, 0
 # Tolerances from measured run-to-run spread (tools/trainer_spread.py), not from one machine. Plain SGD: Adam's
@@ -320,6 +324,45 @@ def test_token_mean_is_the_steps_token_mean_under_gradient_accumulation(tmp_path
             # the logged nll is the step's token mean too (it was the mean of the micro-batches' token means)
             _assert_same_metrics(a, b, f"{other} step {step}", skip=("rewards/accuracies",))
         _assert_same_weights(runs["ga2"][1], runs[other][1], f"{other} ")
+
+
+def hf_ddp_run(out_dir, gradient_accumulation_steps):
+    """3 token-mean mixin steps on batches of 2 pairs (of 3 to 8 chosen tokens) per process, plain SGD; under
+    torchrun (tests/hf_ddp_driver.py) one batch per process, alone `gradient_accumulation_steps` of them: (the
+    logged steps, the trained model, whether this is the main process)."""
+    base = _tiny_llama()
+    rpo_args = RPOArguments(beta=0.1, alpha=1.0, sft_norm="token_mean")
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=gradient_accumulation_steps,
+        max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        remove_unused_columns=False, seed=0, dataloader_num_workers=0, disable_tqdm=True, **TRAIN_KW)
+    trainer = RPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base).eval(), rpo_args=rpo_args, args=args,
+                         train_dataset=_examples(12, torch.Generator().manual_seed(3)),
+                         data_collator=PreferenceCollator(pad_token_id=PAD))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, trainer.model, trainer.accelerator.is_main_process
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="needs torchrun")
+def test_mixin_on_two_processes_equals_one_process_with_accumulation(tmp_path):
+    """DDP (torchrun, gloo on 2 CPU processes), a batch of 2 pairs per process == 1 process accumulating the same 2
+    batches, with the token-mean NLL: each process weights its NLL by its batch's share of both processes' chosen
+    tokens, times the process count (DDP averages the gradients over the processes). The same losses, grad
+    norms, logged NLLs and weights after 3 steps."""
+    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(Path(__file__).with_name("hf_ddp_driver.py")), str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "result.pt")
+    one_logs, one_model = hf_ddp_run(tmp_path / "one", gradient_accumulation_steps=2)[:2]
+    assert len(one_logs) == len(two["logs"]) == 3
+    for step, (a, b) in enumerate(zip(two["logs"], one_logs)):
+        for key in ("loss", "grad_norm", "nll", "pref_loss"):
+            assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), (step, key)
+    for name, value in one_model.state_dict().items():
+        torch.testing.assert_close(two["weights"][name], value, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_bf16_trainer_runs_policy_and_reference_under_autocast(tmp_path, monkeypatch):

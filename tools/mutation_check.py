@@ -360,6 +360,9 @@ MUTATIONS = [
         "float(chosen_token_count(inputs) * self.current_gradient_accumulation_steps",
         "float(chosen_token_count(inputs) * self.args.gradient_accumulation_steps"),),
         "HF mixin: a last, shorter accumulation window weights its NLL by the configured steps", INTEGRATIONS[-2:]),
+    Mutation("hf_nll_weight_without_world", "rpo_fast/integrations/hf_trainer.py", ((
+        "* self.accelerator.num_processes / num_items_in_batch)", "/ num_items_in_batch)"),),
+        "HF mixin: nll_weight ignores the process count (DDP halves the NLL on 2 GPUs)", INTEGRATIONS[-2:]),
     Mutation("wpo_probs_not_squared", MODEL_HEAD, ((
         "torch.logsumexp(2 * (z - lse[:, None]), dim=-1)", "torch.logsumexp(z - lse[:, None], dim=-1)"),),
         "TRL: WPO's log_sum_sq_probs sums the probabilities instead of their squares", INTEGRATIONS[-1:]),
