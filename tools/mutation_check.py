@@ -363,6 +363,9 @@ MUTATIONS = [
     Mutation("hf_nll_weight_without_world", "rpo_fast/integrations/hf_trainer.py", ((
         "* self.accelerator.num_processes / num_items_in_batch)", "/ num_items_in_batch)"),),
         "HF mixin: nll_weight ignores the process count (DDP halves the NLL on 2 GPUs)", INTEGRATIONS[-2:]),
+    Mutation("hf_accuracy_counts_ties", "rpo_fast/integrations/hf_trainer.py", ((
+        '("rewards/accuracies", (margins > 0).float())', '("rewards/accuracies", (margins >= 0).float())'),),
+        "HF mixin: a pair with equal rewards counted as ranked right (accuracy 1 before training)", INTEGRATIONS[-2:]),
     Mutation("wpo_probs_not_squared", MODEL_HEAD, ((
         "torch.logsumexp(2 * (z - lse[:, None]), dim=-1)", "torch.logsumexp(z - lse[:, None], dim=-1)"),),
         "TRL: WPO's log_sum_sq_probs sums the probabilities instead of their squares", INTEGRATIONS[-1:]),
