@@ -1,6 +1,6 @@
 """Numerical edges: huge and tiny logits, a vocabulary of one, a rejected response with every token
-ignored, a zero-length sequence (with gradients, and refused where a normalization divides by it), extreme beta,
-label smoothing 0.5. Outputs are finite and equal the float64 reference."""
+ignored, a zero-length sequence (with gradients, and refused where a normalization divides by it), plain DPO without
+a chosen token, extreme beta, label smoothing 0.5. Outputs are finite and equal the float64 reference."""
 import math
 
 import pytest
@@ -169,6 +169,39 @@ def test_zero_length_sequence_a_normalization_divides_by_is_refused_with_gradien
     with pytest.raises(ValueError, match=rf"^targets \(counted per cu_seqlens span.*{message}"):
         rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, torch.tensor(cu, dtype=torch.int32),
                                        backward=backward, **options)
+
+
+@pytest.mark.parametrize("path", ["fwdgrad", "recompute", "rpo_loss"])
+def test_plain_dpo_without_chosen_tokens_reports_an_nll_of_0(path):
+    """alpha=0 (plain DPO), token_mean, no chosen token counted (one chosen sequence of length 0, the others every
+    target ignored): the NLL is only a metric there and is 0, not 0/0 = NaN; the loss is the preference term,
+    the rewards and the gradient as float64's (the NLL takes no part)."""
+    N, H, V = 15, 6, 29
+    hidden, weight = torch.randn(N, H), torch.randn(V, H) / H**0.5
+    targets = torch.randint(0, V, (N,))
+    targets[:5] = -100
+    cu = torch.tensor([0, 2, 2, 5, 8, 13, 15], dtype=torch.int32)  # chosen 0-2, rejected 3-5
+    ref_logps = -torch.rand(6) * 10
+    opts = dict(beta=0.3, alpha=0.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
+                average_log_prob=False)
+    leaf = hidden.clone().requires_grad_()
+    if path == "rpo_loss":  # from per-sequence log-probs
+        lp = torch.log_softmax(leaf @ weight.T, -1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        seq_logps = torch.stack([lp[a:b][targets[a:b] != -100].sum() for a, b in zip(cu[:-1], cu[1:])])
+        counts = torch.tensor([int((targets[a:b] != -100).sum()) for a, b in zip(cu[:-1], cu[1:])])
+        out = rpo_fast.rpo_loss(seq_logps, ref_logps, counts, **opts)
+    else:
+        out = rpo_fast.fused_linear_rpo_loss(leaf, weight, targets, cu, ref_logps=ref_logps, backward=path, **opts)
+    out.loss.backward()
+    h64 = hidden.double().requires_grad_()
+    exp = rpo64(logprobs64(h64, weight.double(), None, targets), ref_logps.double(), targets, cu, **opts)
+    exp["pref_loss"].backward()  # rpo64's own nll here is 0/0
+    assert out.nll == 0 and out.chosen_token_counts.tolist() == [0, 0, 0]
+    for name in ("loss", "pref_loss"):
+        assert_close(getattr(out, name), exp["pref_loss"], atol=1e-6, rtol=1e-5, name=name)
+    for name in ("rejected_logps", "chosen_rewards", "rejected_rewards"):
+        assert_close(getattr(out, name), exp[name], atol=1e-5, rtol=1e-5, name=name)
+    assert_close(leaf.grad, h64.grad, atol=1e-6, rtol=1e-4, name="d_hidden")
 
 
 @pytest.mark.parametrize("backward, layout", [("recompute", "tokens"), ("recompute", "vocab"), ("atomic", None)])

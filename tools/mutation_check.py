@@ -382,6 +382,10 @@ MUTATIONS = [
         "dead = dead if bool(dead.any()) else None", "dead = None"),),
         "recompute backward: an ignored row with overflowing logits puts NaN into all of dW",
         ("tests/test_numerical_edges.py",)),
+    Mutation("dpo_nll_metric_divides_by_zero", LOSS, ((
+        "return -chosen_logps.sum() / (total.clamp(min=1) if empty_ok else total)",
+        "return -chosen_logps.sum() / total"),),
+        "alpha=0 token_mean nll metric NaN when no chosen token counts", ("tests/test_numerical_edges.py",)),
     Mutation("row_kernel_minus_inf_unguarded", ROW_KERNELS, ((
         'm_safe = tl.where(m_new == float("-inf"), 0.0, m_new)', "m_safe = m_new"),),
         "row kernel: a row whose first vocab tile is all -inf gets NaN (exp(-inf - -inf))", ROW_TESTS),
