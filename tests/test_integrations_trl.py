@@ -228,6 +228,31 @@ def test_fused_head_shift_labels_and_fp32_head_match_trls_head():
     assert_close(grad, expected_grad, atol=1e-5 * float(expected_grad.abs().max()), rtol=1e-4, name="lm_head grad")
 
 
+def test_head_statistics_equal_their_float64_definitions():
+    """head_statistics on a head with a bias, odd sizes, chunks of rows that do not divide them: each statistic
+    alone (mean_logits alone takes a path without a vocabulary pass, (h . sum_v W_v + sum_v b_v) / V, as with
+    patch_dpo_trainer(token_metrics=False)) and all together equal TRL's definitions in float64 on full logits."""
+    from rpo_fast.integrations._model import head_statistics
+
+    g = torch.Generator().manual_seed(4)
+    rows, weight = torch.randn(13, 7, generator=g), torch.randn(37, 7, generator=g)
+    bias, targets = torch.randn(37, generator=g) + 2.0, torch.randint(0, 37, (13,), generator=g)
+    logits = rows.double() @ weight.double().T + bias.double()
+    targets[::3] = logits.argmax(-1)[::3]  # some targets are the top token
+    logp = logits.log_softmax(-1)
+    expected = {"mean_logits": logits.mean(-1), "entropy": -(logp.exp() * logp).sum(-1),
+                "log_sum_sq_probs": torch.logsumexp(2 * logp, -1), "is_top1": logits.argmax(-1) == targets}
+    assert 0 < int(expected["is_top1"].sum()) < 13
+    for wanted in [{name} for name in expected] + [set(expected)]:
+        got = head_statistics(rows, weight, bias, targets, wanted, chunk_size=4)
+        assert set(got) == wanted
+        for name in wanted:
+            if name == "is_top1":
+                assert torch.equal(got[name], expected[name]), wanted
+            else:
+                assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, name=f"{name} of {sorted(wanted)}")
+
+
 def test_lora_on_the_lm_head_is_refused_and_modules_to_save_is_scored():
     """install_fused_head on a PEFT base model whose lm_head is a LoRA layer: refused (the fused head would read the
     base weight alone; TRL's own add_fused_lm_head silently does). With modules_to_save=["lm_head"] the fused

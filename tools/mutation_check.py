@@ -369,6 +369,10 @@ MUTATIONS = [
     Mutation("wpo_probs_not_squared", MODEL_HEAD, ((
         "torch.logsumexp(2 * (z - lse[:, None]), dim=-1)", "torch.logsumexp(z - lse[:, None], dim=-1)"),),
         "TRL: WPO's log_sum_sq_probs sums the probabilities instead of their squares", INTEGRATIONS[-1:]),
+    Mutation("mean_logits_fast_path_no_bias", MODEL_HEAD, ((
+        'out["mean_logits"] = (rows.float() @ weight.sum(0, dtype=torch.float32) + bias_sum) / vocab',
+        'out["mean_logits"] = (rows.float() @ weight.sum(0, dtype=torch.float32)) / vocab'),),
+        "TRL stats: mean_logits alone (token_metrics=False) drops the head bias", INTEGRATIONS[-1:]),
     # ignore_index other than -100.
     Mutation("chunked_fwd_ignore_index_fixed", CHUNKED, ((
         "    ignored = targets == ignore_index\n    safe_targets = targets.masked_fill(ignored, 0)\n    w_op =",
