@@ -253,6 +253,28 @@ def test_head_statistics_equal_their_float64_definitions():
                 assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, name=f"{name} of {sorted(wanted)}")
 
 
+def test_install_fused_head_divides_the_logits_by_the_temperature():
+    """install_fused_head(temperature=2.5): log_probs, entropy and mean_logits are those of the model's own logits
+    divided by 2.5 (TRL's temperature-scaled distribution), in float64, at the scored positions."""
+    fields = ("log_probs", "entropy", "mean_logits")
+    model = _tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)  # logits of order 1 after the temperature
+    input_ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(6))
+    labels = input_ids.clone()
+    labels[0, :3] = labels[1, :5] = -100
+    scored = labels[:, 1:] != -100
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :-1].double() / 2.5
+        logp = logits.log_softmax(-1)
+        expected = {"log_probs": logp.gather(-1, input_ids[:, 1:, None])[..., 0],
+                    "entropy": -(logp.exp() * logp).sum(-1), "mean_logits": logits.mean(-1)}
+        rpo_trl.install_fused_head(model, temperature=2.5, outputs=fields)
+        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    for name in fields:
+        assert_close(getattr(out, name)[scored], expected[name][scored], atol=1e-5, rtol=1e-5, name=name)
+
+
 def test_lora_on_the_lm_head_is_refused_and_modules_to_save_is_scored():
     """install_fused_head on a PEFT base model whose lm_head is a LoRA layer: refused (the fused head would read the
     base weight alone; TRL's own add_fused_lm_head silently does). With modules_to_save=["lm_head"] the fused

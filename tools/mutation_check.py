@@ -373,6 +373,9 @@ MUTATIONS = [
         'out["mean_logits"] = (rows.float() @ weight.sum(0, dtype=torch.float32) + bias_sum) / vocab',
         'out["mean_logits"] = (rows.float() @ weight.sum(0, dtype=torch.float32)) / vocab'),),
         "TRL stats: mean_logits alone (token_metrics=False) drops the head bias", INTEGRATIONS[-1:]),
+    Mutation("trl_temperature_multiplies", "rpo_fast/integrations/trl.py", ((
+        'scale=logit_scale / options["temperature"]', 'scale=logit_scale * options["temperature"]'),),
+        "TRL: install_fused_head's temperature multiplies the logits", INTEGRATIONS[-1:]),
     # ignore_index other than -100.
     Mutation("chunked_fwd_ignore_index_fixed", CHUNKED, ((
         "    ignored = targets == ignore_index\n    safe_targets = targets.masked_fill(ignored, 0)\n    w_op =",
