@@ -1,6 +1,6 @@
 """Numerical edges: huge and tiny logits, a vocabulary of one, a rejected response with every token
 ignored, a zero-length sequence (with gradients, and refused where a normalization divides by it), plain DPO without
-a chosen token, extreme beta, label smoothing 0.5. Outputs are finite and equal the float64 reference."""
+a chosen token, extreme beta, label smoothing 0.5, an ignored position with overflowing logits. Outputs are finite and equal the float64 reference."""
 import math
 
 import pytest
@@ -232,3 +232,37 @@ def test_an_ignored_position_with_overflowing_logits_gets_no_gradient(backward, 
                   rowwise=True, min_scale=1e-3)
     assert_within("d_weight", leaves[1].grad, ref_leaves[1].grad, naive_leaves[1].grad, torch.float32,
                   rowwise=True, min_scale=1e-3)
+
+
+@pytest.mark.parametrize("cuda_branch", [False, True])
+def test_fwdgrad_ignores_a_position_with_overflowing_logits(cuda_branch, monkeypatch):
+    """The same position in the fused loss's default backward (fwdgrad): its gradient row (weight 0, undefined
+    log-softmax) must be zeroed before the dW product, by the CPU's read-and-index and by the fill CUDA runs
+    instead (`rpo_fast.host_sync`: taken here by answering as for CUDA; pinning is CUDA-only, so a no-op)."""
+    from rpo_fast import host_sync
+
+    if cuda_branch:
+        monkeypatch.setattr(host_sync, "waits_for_host_reads", lambda device: True)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    N, H, V = 9, 6, 37
+    gen = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) / H**0.5
+    hidden[2], weight[3] = 1e38, 1.0  # row 2's logit 3 overflows to +inf
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[2] = -100
+    cu_seqlens = torch.tensor([0, 3, 5, 7, 9], dtype=torch.int32)  # 2 pairs; row 2 in the first chosen response
+    options = dict(beta=0.5, alpha=1.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
+                   average_log_prob=False)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    out = rpo_fast.fused_linear_rpo_loss(*leaves, targets, cu_seqlens, impl="torch", backward="fwdgrad",
+                                         chunk_tokens=4, **options)
+    out.loss.backward()
+    kept = torch.arange(N) != 2
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp64 = torch.zeros(N, dtype=torch.float64).masked_scatter(kept, logprobs64(h64[kept], w64, None, targets[kept]))
+    exp = rpo64(lp64, None, targets, cu_seqlens, **options)
+    exp["loss"].backward()
+    assert_close(out.loss, exp["loss"], atol=1e-6, rtol=1e-5, name="loss")
+    assert torch.all(leaves[0].grad[2] == 0) and torch.isfinite(leaves[1].grad).all()
+    assert_close(leaves[0].grad[kept], h64.grad[kept], atol=1e-5, rtol=1e-4, name="d_hidden")
+    assert_close(leaves[1].grad, w64.grad, atol=1e-5, rtol=1e-4, name="d_weight")

@@ -257,7 +257,7 @@ MUTATIONS = [
         'digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")',
         "pass"),), "reference cache: the key hashes names and shapes, not the weights", PIPELINE[-1:]),
     Mutation("reference_cache_interleaved", "rpo_fast/ref_cache.py", ((
-        "return torch.cat([picked[:, 0], picked[:, 1]])", "return picked.reshape(-1)"),),
+        "torch.cat([picked[:, 0], picked[:, 1]])", "picked.reshape(-1)"),),
         "reference cache: a batch's log-probs interleaved (c0 r0 c1 r1) instead of chosen first", PIPELINE),
     Mutation("micro_batches_weighted_equally", TRAINER, ((
         "pair_weight=batch.n_pairs * world / step_pairs", "pair_weight=world / len(step_groups)"),),
@@ -389,6 +389,21 @@ MUTATIONS = [
         "dead = dead if bool(dead.any()) else None", "dead = None"),),
         "recompute backward: an ignored row with overflowing logits puts NaN into all of dW",
         ("tests/test_numerical_edges.py",)),
+    Mutation("fwdgrad_dead_rows_kept_on_cuda", FWDGRAD, ((
+        "        probs.masked_fill_(dead[:, None], 0.0)", "        pass"),),
+        "fwdgrad on CUDA: an ignored row with overflowing logits puts NaN into dW (the fill that avoids a sync)",
+        ("tests/test_numerical_edges.py",)),
+    Mutation("fwdgrad_dead_rows_kept_on_cpu", FWDGRAD, ((
+        "        probs[dead] = 0.0", "        pass"),),
+        "fwdgrad on CPU: an ignored row with overflowing logits puts NaN into dW", ("tests/test_numerical_edges.py",)),
+    Mutation("in_backward_optimizers_seeded_alike", OPTIM, ((
+        "seed=next(seeds), compile=compile)", "seed=seed, compile=compile)"),),
+        "in-backward low-precision modes: every parameter's optimizer draws the same rounding noise",
+        ("tests/test_optim.py",)),
+    Mutation("resume_refuses_the_memory_savers", "rpo_fast/run_dir.py", ((
+        '    "gradient_checkpointing", "impl", "head_backward",', '    "impl", "head_backward",'),),
+        "resume: --gradient_checkpointing=true (the out-of-memory advice) refused as a changed key",
+        ("tests/test_run_folder.py",)),
     Mutation("dpo_nll_metric_divides_by_zero", LOSS, ((
         "return -chosen_logps.sum() / (total.clamp(min=1) if empty_ok else total)",
         "return -chosen_logps.sum() / total"),),
