@@ -1,6 +1,7 @@
 """Numerical edges: huge and tiny logits, a vocabulary of one, a rejected response with every token
 ignored, a zero-length sequence (with gradients, and refused where a normalization divides by it), plain DPO without
-a chosen token, extreme beta, label smoothing 0.5, an ignored position with overflowing logits. Outputs are finite and equal the float64 reference."""
+a chosen token, extreme beta, label smoothing 0.5, an ignored position with overflowing logits. Outputs are finite
+and equal the float64 reference."""
 import math
 
 import pytest
