@@ -16,11 +16,14 @@ setup(
     package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
     package_data={"rpo_fast": ["model_configs/*.json"]},
     # torch is deliberately a lower bound only: the CPU CI set pins it exactly in requirements.txt,
-    # and an unpinned install would pull a multi-GB CUDA build on a CPU machine.
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    # and an unpinned install would pull a multi-GB CUDA build on a CPU machine. The floors are what the code
+    # needs: torch 2.7 for the custom op's schema (`list[bool]` arguments, string annotations), Triton 3.2 for
+    # the kernels (3.0/3.1 cannot compile the fp32 ones for sm_90). Triton only where it has wheels (Linux):
+    # the CPU path does not import it.
+    install_requires=["torch>=2.7", "triton>=3.2; platform_system == 'Linux'", "numpy"],
     extras_require={
         # the trainer, CLI and demo
-        "train": ["transformers>=5.0", "accelerate>=1.0", "peft>=0.15", "safetensors", "gguf", "pyyaml", "tqdm",
+        "train": ["transformers>=5.0", "accelerate>=1.3", "peft>=0.15", "safetensors", "gguf", "pyyaml", "tqdm",
                   "matplotlib"],
         # data formats beyond JSON: .parquet files and datasets.Dataset.save_to_disk folders
         "data": ["pyarrow", "datasets"],

@@ -58,17 +58,26 @@ def default_row_config(logits: torch.Tensor) -> RowConfig:
     return INTERPRETER_ROW_CONFIG if logits.device.type == "cpu" else GPU_ROW_CONFIG
 
 
+def interpret_switch() -> bool:
+    """TRITON_INTERPRET as Triton reads it: `triton.knobs.runtime.interpret` (Triton >= 3.4), or before `knobs`
+    existed the variable equal to "1" (what Triton 3.2/3.3's `triton.jit` checks)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 # `@triton.jit` builds each kernel once, when its module is imported, as an interpreted or a compiled function,
-# from TRITON_INTERPRET as it is then (`triton.knobs.runtime.interpret`); `rpo_fast.kernels` imports this module
-# first, so this is the kernels' state. Setting the variable later cannot turn the interpreter on.
-_BUILT_INTERPRETED = bool(triton.knobs.runtime.interpret)
+# from TRITON_INTERPRET as it is then; `rpo_fast.kernels` imports this module first, so this is the kernels'
+# state. Setting the variable later cannot turn the interpreter on.
+_BUILT_INTERPRETED = interpret_switch()
 
 
 def interpreting() -> bool:
     """True when the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 was set when `rpo_fast` was
     imported (see `_BUILT_INTERPRETED`) and has not been unset since (tests unset it to stand for a CPU machine
     without the interpreter)."""
-    return _BUILT_INTERPRETED and bool(triton.knobs.runtime.interpret)
+    return _BUILT_INTERPRETED and interpret_switch()
 
 
 def on_device(tensor: torch.Tensor):

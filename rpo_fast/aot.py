@@ -149,6 +149,9 @@ def compile_launch(launch: Launch, arch: int):
     from triton.runtime.jit import create_function_from_signature
 
     fn, kwargs = launch.kernel, dict(launch.kwargs)
+    if not hasattr(fn, "_pack_args"):  # JITFunction's internals, which this mirrors, as of Triton 3.6
+        raise RuntimeError(f"rpo_fast.aot needs Triton >= 3.6 (it specializes as JITFunction.run does), got "
+                           f"Triton {triton.__version__}; the kernels themselves run on Triton >= 3.2")
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     target = GPUTarget("cuda", arch, 32)

@@ -12,8 +12,12 @@ import subprocess
 import sys
 
 import pytest
+from triton.runtime.jit import JITFunction
 
 from rpo_fast.aot import BACKWARDS, HEAD_VARIANTS, ROW_VARIANTS, head_launch, resource_usage
+
+if not hasattr(JITFunction, "_pack_args"):  # CI pins Triton 3.7.1; rpo_fast.aot mirrors 3.6+'s internals
+    pytest.skip("rpo_fast.aot needs Triton >= 3.6", allow_module_level=True)
 
 ARCHS = (90, 80)
 
@@ -108,3 +112,12 @@ def test_atomics_are_unfenced_reductions(reports):
                 f"{name(r)}: expected only fire-and-forget RED/REDG reductions, got {r['atomics']}"
         else:
             assert not r["atomics"], f"{name(r)}: unexpected atomics {r['atomics']}"
+
+
+def test_an_older_triton_is_named_not_a_missing_attribute():
+    """rpo_fast.aot mirrors JITFunction internals of Triton >= 3.6 (`_pack_args`); on an older Triton it says so
+    instead of failing with an AttributeError deep inside."""
+    from rpo_fast.aot import Launch, compile_launch
+
+    with pytest.raises(RuntimeError, match=r"needs Triton >= 3.6 .* the kernels themselves run on Triton >= 3.2"):
+        compile_launch(Launch(kernel=object(), args=(), kwargs={}), 90)

@@ -182,3 +182,53 @@ def test_interpreter_state_is_the_kernels_not_the_environment(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"use impl='auto' on CPU"):
         FWD.linear_logprobs_fwd(hidden, weight, bias, targets)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (None, False)])
+def test_interpreter_switch_without_triton_knobs(monkeypatch, value, expected):
+    """Triton before 3.4 has no `triton.knobs` (torch 2.7 pins Triton 3.3): the switch is then read from the
+    variable as those versions' `triton.jit` reads it, instead of failing with an AttributeError at the first
+    kernel launch."""
+    import triton
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert launch.interpret_switch() is expected
+
+
+WITHOUT_TRITON = """
+import sys
+import importlib.abc
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton is not installed (blocked by the test)")
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import rpo_fast
+
+torch.manual_seed(0)
+hidden = torch.randn(10, 8, requires_grad=True)
+weight = torch.randn(30, 8, requires_grad=True)
+targets = torch.randint(0, 30, (10,))
+cu_seqlens = torch.tensor([0, 3, 5, 8, 10], dtype=torch.int32)
+out = rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu_seqlens)
+out.loss.backward()
+rpo_fast.linear_logprobs(hidden, weight, targets).sum().backward()
+assert torch.isfinite(hidden.grad).all() and "triton" not in sys.modules
+print("ok")
+"""
+
+
+def test_the_cpu_path_runs_without_triton():
+    """setup.py installs Triton on Linux only (it has no macOS or Windows wheels): importing rpo_fast and the
+    CPU loss and op, forward and backward, must not need it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
