@@ -32,7 +32,8 @@ from tiny_lm import build_tiny_model_dir, tiny_overrides
 OURS = tuple(os.path.realpath(os.path.join(os.path.dirname(rpo_fast.__file__), d)) + os.sep
              for d in (".", "kernels", os.path.join("..", "kernels")))
 # Functions that build or read a batch on the host, before it goes to the device: their reads wait for nothing.
-HOST_SIDE = {("packing.py", "pack_pairs"), ("packing.py", "_pack_shared_prompt"), ("packing.py", "PackedBatch.to")}
+# (By co_name, which Python 3.10 has too: packing.py's only `to` is PackedBatch.to.)
+HOST_SIDE = {("packing.py", "pack_pairs"), ("packing.py", "_pack_shared_prompt"), ("packing.py", "to")}
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero", "unique",
          "unique_consecutive", "masked_select")
 
@@ -44,7 +45,7 @@ def _is_ours(filename: str) -> bool:
 
 def _host_side(frame) -> bool:
     while frame is not None:
-        if (os.path.basename(frame.f_code.co_filename), frame.f_code.co_qualname) in HOST_SIDE:
+        if (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name) in HOST_SIDE:
             return True
         frame = frame.f_back
     return False
