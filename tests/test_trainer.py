@@ -81,6 +81,27 @@ def test_packed_step_equals_unpacked_dense(tiny_model_dir, examples, head_bias, 
         assert_close(got_grads[name], param.grad, atol=1e-5, rtol=1e-3, name=f"grad {name}")
 
 
+def test_reference_log_probs_go_through_a_biased_head(tiny_model_dir, examples):
+    """A reference with an untied head and a bias (the cache and the frozen copy both take its head from
+    reference_head_inputs): its log-probs are those of each unpacked sequence's full logits (bias included), in
+    float64, not those of the head without its bias."""
+    from rpo_fast.ref_cache import compute_reference_logps
+
+    model = modeling.load_causal_lm(str(tiny_model_dir))
+    weight = model.lm_head.weight.detach().clone()
+    model.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    model.lm_head.weight.data.copy_(weight)
+    torch.nn.init.normal_(model.lm_head.bias, std=0.5)
+    model.config.tie_word_embeddings = False
+    got = compute_reference_logps(model, examples[:4], token_budget=4000, impl="torch")
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        expected = torch.stack([torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids),
+                                             unpacked_sequence_logps(model, ex, ex.rejected_ids)])
+                                for ex in examples[:4]])
+    assert_close(got.double(), expected, atol=1e-3, rtol=1e-5, name="reference logps")
+
+
 def test_epoch_steps_partition(tiny_model_dir, examples):
     config = load_config(None, {"token_budget": "300", "max_pairs_per_micro_batch": "1",
                                 "gradient_accumulation_steps": "2", "max_length": "96", "max_prompt_length": "64"})

@@ -277,6 +277,11 @@ MUTATIONS = [
         'checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))',
         "pass"),), "resume: the RNG states (dropout) start from the seed, not where the run stopped",
         ("tests/test_checkpoint.py",)),
+    Mutation("reference_head_bias_dropped", "rpo_fast/modeling.py", ((
+        "return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)",
+        "return hidden.to(dtype), weight.to(dtype), None"),),
+        "reference: the frozen reference's LM-head bias dropped (ref log-probs of biased heads wrong)",
+        PIPELINE[-1:]),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
