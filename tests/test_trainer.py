@@ -304,6 +304,30 @@ def test_token_mean_step_equals_the_formula(sharp_model_dir, tmp_path):
             (key, record[key], value)
 
 
+def test_each_epoch_runs_its_own_shuffle(tiny_model_dir, tmp_path, monkeypatch):
+    """Two shuffled epochs (4 steps of 2 micro-batches each): the trainer runs epoch e's plan, epoch_steps(...,
+    e, ...), in epoch e. Replaying epoch 0's order in every epoch would leave, whenever an epoch has a left-over,
+    the same pairs out of every epoch."""
+    from rpo_fast import trainer
+
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, num_epochs=2, shuffle=True,
+                                              gradient_accumulation_steps=2, eval_file="none", learning_rate=1e-4))
+    examples = trainer.load_examples(config.train_file, modeling.load_tokenizer(config.model), config,
+                                     lambda *_: None)[1]
+    seen = []
+    run_step = trainer.run_step
+
+    def recording_run_step(model, reference, train_examples, step_groups, *args, **kwargs):
+        seen.append(step_groups)
+        return run_step(model, reference, train_examples, step_groups, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_step", recording_run_step)
+    train(config)
+    plans = [epoch_steps(examples, config, epoch, 1) for epoch in (0, 1)]
+    assert plans[0] != plans[1] and 0 < len(plans[0]) == len(plans[1])
+    assert seen == plans[0] + plans[1]
+
+
 def test_run_outputs(tiny_model_dir, tmp_path, capsys):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
                                               lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,

@@ -282,6 +282,10 @@ MUTATIONS = [
         "return hidden.to(dtype), weight.to(dtype), None"),),
         "reference: the frozen reference's LM-head bias dropped (ref log-probs of biased heads wrong)",
         PIPELINE[-1:]),
+    Mutation("every_epoch_planned_as_epoch_0", TRAINER, ((
+        "plan, plan_epoch = epoch_steps(train_examples, config, state.epoch, world), state.epoch",
+        "plan, plan_epoch = epoch_steps(train_examples, config, 0, world), state.epoch"),),
+        "trainer: every epoch replays epoch 0's shuffle (the same pairs left over each epoch)", PIPELINE[-1:]),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
