@@ -328,6 +328,25 @@ def test_each_epoch_runs_its_own_shuffle(tiny_model_dir, tmp_path, monkeypatch):
     assert seen == plans[0] + plans[1]
 
 
+def test_token_mean_eval_nll_equals_the_formula(sharp_model_dir, tmp_path):
+    """sft_norm=token_mean: the eval before training logs eval/nll = -(sum of the eval set's chosen log-probs) /
+    (its chosen tokens), the starting model's float64 log-probs of each unpacked sequence."""
+    from rpo_fast import trainer
+
+    config = load_config(None, tiny_overrides(sharp_model_dir, tmp_path, sft_norm="token_mean", max_steps=1,
+                                              max_pairs_per_micro_batch=3))
+    result = train(config)
+    before, = [r for r in result.state.eval_history if r["step"] == 0]
+    examples = trainer.load_examples(config.eval_file, modeling.load_tokenizer(config.model), config,
+                                     lambda *_: None)[1]
+    model = modeling.load_causal_lm(str(sharp_model_dir))
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        chosen = sum(unpacked_sequence_logps(model, ex, ex.chosen_ids).item() for ex in examples)
+    nll = -chosen / sum(len(ex.chosen_ids) for ex in examples)
+    assert math.isclose(before["eval/nll"], nll, rel_tol=1e-5), (before["eval/nll"], nll)
+
+
 def test_run_outputs(tiny_model_dir, tmp_path, capsys):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
                                               lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,

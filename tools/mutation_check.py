@@ -286,6 +286,10 @@ MUTATIONS = [
         "plan, plan_epoch = epoch_steps(train_examples, config, state.epoch, world), state.epoch",
         "plan, plan_epoch = epoch_steps(train_examples, config, 0, world), state.epoch"),),
         "trainer: every epoch replays epoch 0's shuffle (the same pairs left over each epoch)", PIPELINE[-1:]),
+    Mutation("eval_token_mean_total_wrong", TRAINER, ((
+        "    chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)\n    world = accelerator.num_processes",
+        "    chosen_tokens = sum(len(ex.chosen_ids) for ex in examples[:1])\n    world = accelerator.num_processes"),),
+        "evaluate: token_mean eval/nll normalized by another total (scaled uniformly)", PIPELINE[-1:]),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
