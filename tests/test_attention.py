@@ -102,6 +102,24 @@ def test_sliding_window_in_an_unpacked_batch():
     assert (unwindowed.logits.detach() - expected).abs().max() > 1e-3  # the window matters at this length
 
 
+def test_a_window_one_key_short_of_the_longest_segment():
+    """sliding_window = the longest segment's length - 1: only that segment's last query loses a key (its first),
+    and the window must still apply. Against softmax with the causal window mask written out, in float64."""
+    torch.manual_seed(0)
+    heads, dim, lengths, window = 2, 8, [5, 4], 4
+    q, k, v = (torch.randn(1, heads, sum(lengths), dim, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    expected = torch.zeros_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+        scores = q[0, :, start:end] @ k[0, :, start:end].transpose(-1, -2) / dim ** 0.5
+        allowed = (j <= i) & (i - j < window)
+        expected[0, :, start:end] = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v[0, :, start:end]
+    got = attention.varlen_attention_forward(torch.nn.Module().eval(), q, k, v, None, sliding_window=window,
+                                             cu_seq_lens_q=cu, max_length_q=max(lengths))[0]
+    assert_close(got, expected.transpose(1, 2), atol=1e-10, rtol=1e-10, name="attention")
+
+
 def test_refuses_padding_mask_and_kv_cache():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 5, 8)

@@ -290,6 +290,10 @@ MUTATIONS = [
         "    chosen_tokens = sum(len(ex.chosen_ids) for ex in examples)\n    world = accelerator.num_processes",
         "    chosen_tokens = sum(len(ex.chosen_ids) for ex in examples[:1])\n    world = accelerator.num_processes"),),
         "evaluate: token_mean eval/nll normalized by another total (scaled uniformly)", PIPELINE[-1:]),
+    Mutation("window_dropped_one_early", "rpo_fast/attention.py", ((
+        "if sliding_window is not None and max_k <= sliding_window:",
+        "if sliding_window is not None and max_k <= sliding_window + 1:"),),
+        "attention: a sliding window that masks exactly one key is dropped", ("tests/test_attention.py",)),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
