@@ -102,6 +102,9 @@ def test_resume_free_keys_are_config_keys():
 
     assert run_dir.RESUME_FREE_KEYS <= set(TrainConfig.__dataclass_fields__)
     assert not {"beta", "alpha", "learning_rate", "model", "train_file", "seed"} & run_dir.RESUME_FREE_KEYS
+    # keys that change the batch plan (which pairs each step holds) or the objective
+    assert not {"token_budget", "max_pairs_per_micro_batch", "shuffle", "max_length", "max_prompt_length",
+                "sft_norm"} & run_dir.RESUME_FREE_KEYS
 
 
 def test_resume_check_compares_the_train_file_by_content(tmp_path):

@@ -294,6 +294,10 @@ MUTATIONS = [
         "if sliding_window is not None and max_k <= sliding_window:",
         "if sliding_window is not None and max_k <= sliding_window + 1:"),),
         "attention: a sliding window that masks exactly one key is dropped", ("tests/test_attention.py",)),
+    Mutation("token_budget_resume_free", "rpo_fast/run_dir.py", ((
+        '"resume", "overwrite", "output_dir",  # how this invocation was asked for',
+        '"resume", "overwrite", "output_dir", "token_budget",  # how this invocation was asked for'),),
+        "resume: another token_budget (another batch plan) accepted", ("tests/test_run_folder.py",)),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
