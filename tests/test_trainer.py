@@ -350,7 +350,7 @@ def test_token_mean_eval_nll_equals_the_formula(sharp_model_dir, tmp_path):
 def test_run_outputs(tiny_model_dir, tmp_path, capsys):
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, finetune="lora", reference="adapter",
                                               lora_r=4, max_steps=3, plot=True, gold_eval_samples=4,
-                                              gold_max_new_tokens=4, learning_rate=1e-3))
+                                              gold_max_new_tokens=4, learning_rate=1e-3, eval_every=1))
     result = train(config)
     assert "warning: gold_max_new_tokens=4 is shorter than 4 of the 4 gold-eval prompts' chosen answers" \
         in capsys.readouterr().out
@@ -361,7 +361,8 @@ def test_run_outputs(tiny_model_dir, tmp_path, capsys):
     for key in (*PAIR_METRICS, "tokens/s", "peak_mem_mb", "lr", "grad_norm"):
         assert all(math.isfinite(r[key]) for r in train_records), key
     evals = [r for r in lines if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [0, 3] and all(0 <= r["eval/gold_accuracy"] <= 1 for r in evals)
+    # eval_every=1: after each step, the last step once (by the loop or after it)
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and all(0 <= r["eval/gold_accuracy"] <= 1 for r in evals)
     assert (run / "metrics.png").stat().st_size > 10_000
     assert "rewards/margins" in result.table and "eval after" in result.table
     assert (run / "final_metrics.txt").read_text().strip() == result.table

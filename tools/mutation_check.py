@@ -298,6 +298,10 @@ MUTATIONS = [
         '"resume", "overwrite", "output_dir",  # how this invocation was asked for',
         '"resume", "overwrite", "output_dir", "token_budget",  # how this invocation was asked for'),),
         "resume: another token_budget (another batch plan) accepted", ("tests/test_run_folder.py",)),
+    Mutation("final_eval_twice", TRAINER, ((
+        "state.step % config.eval_every == 0 and state.step < steps:",
+        "state.step % config.eval_every == 0 and state.step <= steps:"),),
+        "trainer: the final step evaluated twice (a duplicate eval record)", PIPELINE[-1:]),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
