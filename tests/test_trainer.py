@@ -102,6 +102,27 @@ def test_reference_log_probs_go_through_a_biased_head(tiny_model_dir, examples):
     assert_close(got.double(), expected, atol=1e-3, rtol=1e-5, name="reference logps")
 
 
+def test_reference_log_probs_of_a_model_in_train_mode_have_no_dropout(tiny_model_dir, examples):
+    """compute_reference_logps on a model in train mode with attention dropout (the policy, for `reference:
+    cache`): the eval-mode log-probs of each unpacked sequence (float64), and the model left in train mode."""
+    from rpo_fast.ref_cache import compute_reference_logps
+
+    model = modeling.load_causal_lm(str(tiny_model_dir))
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    model.train()
+    torch.manual_seed(0)
+    got = compute_reference_logps(model, examples[:4], token_budget=4000, impl="torch")
+    assert model.training
+    model.eval()
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        expected = torch.stack([torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids),
+                                             unpacked_sequence_logps(model, ex, ex.rejected_ids)])
+                                for ex in examples[:4]])
+    assert_close(got.double(), expected, atol=1e-3, rtol=1e-5, name="reference logps")
+
+
 def test_epoch_steps_partition(tiny_model_dir, examples):
     config = load_config(None, {"token_budget": "300", "max_pairs_per_micro_batch": "1",
                                 "gradient_accumulation_steps": "2", "max_length": "96", "max_prompt_length": "64"})

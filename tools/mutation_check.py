@@ -302,6 +302,9 @@ MUTATIONS = [
         "state.step % config.eval_every == 0 and state.step < steps:",
         "state.step % config.eval_every == 0 and state.step <= steps:"),),
         "trainer: the final step evaluated twice (a duplicate eval record)", PIPELINE[-1:]),
+    Mutation("reference_cache_with_dropout", "rpo_fast/ref_cache.py", ((
+        "model.eval()  # no dropout in the reference", "pass"),),
+        "ref cache: reference log-probs computed with dropout on", PIPELINE[-1:]),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
