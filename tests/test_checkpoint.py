@@ -83,6 +83,29 @@ def test_recommit_deletes_the_old_copy_only_once_the_new_one_is_in_place(tmp_pat
     assert [p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()] == ["step-000003"]
 
 
+def test_rng_states_round_trip(tmp_path):
+    """rng_state, saved and loaded as a checkpoint's rng file, then set_rng_state: Python's, numpy's and torch's
+    generators draw again what they drew after the save."""
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    draws()
+    checkpoint.save_torch(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = draws()
+    draws()
+    checkpoint.set_rng_state(checkpoint.load_torch(tmp_path / "rng.pt"))
+    got = draws()
+    for name, a, b in zip(("python", "numpy", "torch"), got, expected):
+        assert a == b, name
+
+
 def test_prune_keeps_newest_complete(tmp_path):
     for step in (1, 2, 3, 4):
         write_checkpoint(tmp_path, step)

@@ -305,6 +305,10 @@ MUTATIONS = [
     Mutation("reference_cache_with_dropout", "rpo_fast/ref_cache.py", ((
         "model.eval()  # no dropout in the reference", "pass"),),
         "ref cache: reference log-probs computed with dropout on", PIPELINE[-1:]),
+    Mutation("python_rng_not_restored", "rpo_fast/checkpoint.py", (('random.setstate(state["python"])', "pass"),),
+        "resume: Python's RNG not restored (hooks diverge)", ("tests/test_checkpoint.py",)),
+    Mutation("numpy_rng_not_restored", "rpo_fast/checkpoint.py", (('np.random.set_state(state["numpy"])', "pass"),),
+        "resume: numpy's RNG not restored", ("tests/test_checkpoint.py",)),
     Mutation("resume_scheduler_not_restored", TRAINER, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
