@@ -298,6 +298,24 @@ def test_plan_orders_options_as_expected():
     assert tokens.tokens == 8192
 
 
+def test_plan_counts_shared_prompt_tokens_and_gathered_keys():
+    # share_prompt: each pair's prompt leaves one of its two rows (2 pairs x 256 = 512 fewer tokens), and
+    # attention gathers it back as key/value rows: every layer keeps k and v for T + 512 tokens instead of T.
+    # Against the unshared plan of the same packed tokens (3584) and scored tokens (3072: 4 x 128 prompt
+    # tokens), the only difference is the gathered rows' bf16 k and v in each of the L layers.
+    c = small_config()
+    kw = dict(dtype="bf16", gradient_checkpointing=False, device="cpu")
+    shared = plan_memory(c, max_length=1024, micro_batch_pairs=2, prompt_tokens=256, share_prompt=True, **kw)
+    plain = plan_memory(c, max_length=1024, micro_batch_pairs=None, tokens_per_micro_batch=3584,
+                        prompt_tokens=128, **kw)
+    assert shared.tokens == plain.tokens == 2 * 2 * 1024 - 2 * 256
+    assert shared.response_tokens == plain.response_tokens == 4 * (1024 - 256)
+    L, K, b = c["num_hidden_layers"], c["num_key_value_heads"] * c["head_dim"], 2
+    kv_rows = (2 * 2 * 1024 + 2 * 256) - 3584  # keys/values of T + prompts tokens, vs T
+    for phase in ("loss forward", "loss backward", "backward, last layer"):
+        assert shared.phases[phase] - plain.phases[phase] == L * kv_rows * 2 * K * b, phase
+
+
 def test_plan_resolves_auto_head_backward_as_the_loss_does():
     """"auto" is fwdgrad for bf16 and fp32 and recompute for fp16 (`loss.resolve_head_backward`)."""
     kw = dict(max_length=1024, micro_batch_pairs=2)

@@ -349,6 +349,9 @@ MUTATIONS = [
     Mutation("adamw_state_counts_one_moment", OPTIM, ((
         "return 2 * param_bytes * numel", "return param_bytes * numel"),),
         "memory: torch AdamW's state counted as one moment, not two", MEMORY),
+    Mutation("planner_shared_kv_not_counted", "rpo_fast/memory_plan.py", ((
+        "tokens, kv_tokens = tokens - prompts, tokens + prompts", "tokens, kv_tokens = tokens - prompts, tokens"),),
+        "planner: shared-prompt gathered key/value rows not counted", MEMORY[::-1]),
     Mutation("mlp_activations_undercounted", "rpo_fast/memory_plan.py", ((
         'per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))',
         'per_token += 2 * b * I + b * I * self._input_kept(("down_proj",))'),),
