@@ -298,6 +298,13 @@ def test_plan_orders_options_as_expected():
     assert tokens.tokens == 8192
 
 
+def _layer_params(c):
+    """A llama-style decoder layer's parameters by hand: q, k, v, o, gate, up, down and two RMSNorm weights."""
+    H, I = c["hidden_size"], c["intermediate_size"]
+    Q, K = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    return H * Q + 2 * H * K + Q * H + 3 * H * I + 2 * H
+
+
 def test_plan_counts_shared_prompt_tokens_and_gathered_keys():
     # share_prompt: each pair's prompt leaves one of its two rows (2 pairs x 256 = 512 fewer tokens), and
     # attention gathers it back as key/value rows: every layer keeps k and v for T + 512 tokens instead of T.
@@ -314,6 +321,48 @@ def test_plan_counts_shared_prompt_tokens_and_gathered_keys():
     kv_rows = (2 * 2 * 1024 + 2 * 256) - 3584  # keys/values of T + prompts tokens, vs T
     for phase in ("loss forward", "loss backward", "backward, last layer"):
         assert shared.phases[phase] - plain.phases[phase] == L * kv_rows * 2 * K * b, phase
+
+
+def test_plan_tied_gradients_summed_out_of_place():
+    # A tied model's head gradient waits for the embedding's; at the end of backward the two [V, H] gradients
+    # and their out-of-place sum are alive at once. Full FT, bf16, torch AdamW, on CPU (no kernel workspace):
+    # weights n*b + AdamW m, v 2*n*b + gradients n*b + the two extra [V, H] + the last hidden state [T, H].
+    c = small_config(tied=True)
+    plan = plan_memory(c, max_length=1024, micro_batch_pairs=2, dtype="bf16", optimizer="adamw", device="cpu")
+    V, H, L, T, b = c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], 4096, 2
+    n = L * _layer_params(c) + V * H + H  # layers, the (tied) embedding, the final norm
+    assert plan.n_params == n
+    assert plan.phases["backward end"] == n * b + 2 * n * b + n * b + 2 * V * H * b + T * H * b
+
+
+def test_plan_flash_keeps_gqa_keys_unrepeated():
+    # Flash attention saves k and v at their GQA width K; against the same model with K = Q (MHA) each
+    # layer saves 2 x T x (Q - K) more bf16 values and holds 2 x H x (Q - K) more weights. LoRA on q_proj
+    # only, so the adapters, their states and every other activation are the same in both.
+    gqa, mha = small_config(kv=2), small_config(kv=8)
+    kw = dict(max_length=1024, micro_batch_pairs=2, mode="lora", lora_targets=("q_proj",), dtype="bf16",
+              gradient_checkpointing=False, attention="flash", device="cpu")
+    L, H, T, b = gqa["num_hidden_layers"], gqa["hidden_size"], 4096, 2
+    Q, K = 8 * gqa["head_dim"], 2 * gqa["head_dim"]
+    diff = plan_memory(mha, **kw).phases["loss forward"] - plan_memory(gqa, **kw).phases["loss forward"]
+    assert diff == L * 2 * H * (Q - K) * b + L * T * 2 * (Q - K) * b
+
+
+def test_plan_checkpointed_layer_keeps_its_input_in_the_model_dtype():
+    # With gradient checkpointing a layer keeps only its bf16 input [T, H] until backward. Two more layers
+    # (4 vs 2) add, at the loss forward: their bf16 weights, torch AdamW's bf16 m and v, and two inputs.
+    kw = dict(max_length=1024, micro_batch_pairs=2, dtype="bf16", optimizer="adamw", gradient_checkpointing=True,
+              device="cpu")
+    four, two = small_config(layers=4), small_config(layers=2)
+    H, T, b, layer = four["hidden_size"], 4096, 2, _layer_params(four)
+    diff = plan_memory(four, **kw).phases["loss forward"] - plan_memory(two, **kw).phases["loss forward"]
+    assert diff == 2 * (layer * b + 2 * layer * b + T * H * b)
+
+
+def test_plan_needs_no_cuda_context_on_cpu():
+    plan = plan_memory(small_config(), device="cpu")
+    assert plan.required_bytes(headroom=0.0) == plan.peak_bytes
+    assert plan.required_bytes() == -(-plan.peak_bytes * 100 // 95)  # ceil(peak / 0.95)
 
 
 def test_plan_resolves_auto_head_backward_as_the_loss_does():

@@ -352,6 +352,19 @@ MUTATIONS = [
     Mutation("planner_shared_kv_not_counted", "rpo_fast/memory_plan.py", ((
         "tokens, kv_tokens = tokens - prompts, tokens + prompts", "tokens, kv_tokens = tokens - prompts, tokens"),),
         "planner: shared-prompt gathered key/value rows not counted", MEMORY[::-1]),
+    Mutation("planner_tied_sum_once", "rpo_fast/memory_plan.py", ((
+        "gradients=g_head + shard(g_all - g_head) + 2 * g_tied,",
+        "gradients=g_head + shard(g_all - g_head) + g_tied,"),),
+        "planner: tied head+embedding gradients' out-of-place sum counted once", MEMORY[::-1]),
+    Mutation("planner_flash_repeats_kv", "rpo_fast/memory_plan.py", ((
+        'repeat = self.attention != "flash" and K != Q', "repeat = K != Q"),),
+        "planner: flash attention counted with repeated GQA keys/values", MEMORY[::-1]),
+    Mutation("planner_checkpoint_input_fp32", "rpo_fast/memory_plan.py", ((
+        "a_ckpt = tokens * H * b  # a checkpointed layer keeps its input", "a_ckpt = tokens * H * 4"),),
+        "planner: a checkpointed layer's input counted in fp32", MEMORY[::-1]),
+    Mutation("planner_cuda_context_on_cpu", "rpo_fast/memory_plan.py", ((
+        'context = CUDA_CONTEXT if self.options["device"] == "cuda" else 0', "context = CUDA_CONTEXT"),),
+        "planner: the CUDA context counted on the CPU", MEMORY[::-1]),
     Mutation("mlp_activations_undercounted", "rpo_fast/memory_plan.py", ((
         'per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))',
         'per_token += 2 * b * I + b * I * self._input_kept(("down_proj",))'),),
