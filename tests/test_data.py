@@ -347,6 +347,19 @@ def test_conversational_uses_chat_template(tok):
     assert tok.decode(ex2.chosen_ids) == "Hello.<|im_end|>\n"
 
 
+def test_think_prefixed_chosen_keeps_its_tag_and_rejected_its_start():
+    """A DeepSeek-R1-style chosen response that itself starts with "<think>\n" (as the generation prompt ends):
+    the prompt is cut to what BOTH full renderings share, so the tag stays in the chosen response and the
+    rejected one (no tag) keeps its first characters."""
+    tok = CharTokenizer(think=True)
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+           "chosen": [{"role": "assistant", "content": "<think>\n2 and 2 make 4</think>The answer is 4."}],
+           "rejected": [{"role": "assistant", "content": "The answer is 5."}]}
+    [ex], _ = tokenize_pairs([row], tok, max_length=400, max_prompt_length=300)
+    assert tok.decode(ex.prompt_ids) == CHATML_PROMPT
+    assert tok.decode(ex.chosen_ids) == "<think>\n2 and 2 make 4</think>The answer is 4.<|im_end|>\n"
+    assert tok.decode(ex.rejected_ids) == "The answer is 5.<|im_end|>\n"
+
 def _ultrafeedback(row: dict) -> dict:
     """A CONV_ROWS row in UltraFeedback-binarized's layout: the user's text as `prompt`, whole conversations."""
     return {"prompt": row["prompt"][-1]["content"], "chosen": row["prompt"] + row["chosen"],

@@ -249,6 +249,10 @@ MUTATIONS = [
     Mutation("response_budget_ignores_prompt", "rpo_fast/data.py", ((
         "budget = max(max_length - len(prompt_ids), 0)", "budget = max_length"),),
         "data: responses cut to max_length instead of max_length minus the prompt", DATA),
+    Mutation("template_prefix_from_chosen_only", "rpo_fast/data.py", ((
+        "prompt_text = _common_prefix(prompt_text, *full_texts)",
+        "prompt_text = _common_prefix(prompt_text, full_texts[0])"),),
+        "data: prompt cut to the prefix shared with the chosen rendering only (rejected loses its start)", DATA),
     Mutation("data_fingerprint_without_rejected", "rpo_fast/ref_cache.py", ((
         "repr((ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids))",
         "repr((ex.index, ex.prompt_ids, ex.chosen_ids))"),),
