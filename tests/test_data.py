@@ -597,6 +597,8 @@ GRADER_EDGE_CASES = [
     (HOURS, "The answer is 240 minutes.", 1.0), (HOURS, "4 hours is 240 minutes", 1.0),
     (HOURS, "240 minutes in 4 hours", 0.0),  # no phrase: the last number of the line
     (KM, "The answer is 12,000.", 1.0), (KM, "The answer is 12 000.", 1.0),
+    # only 3-digit groups join: "8 5", "8,5" and "5 6" are two numbers, not 85 or 56
+    (ADD, "The answer is 8 5.", 0.0), (ADD, "The answer is 8,5.", 0.0), (MUL, "The answer is 5 6", 0.0),
     (SORT, "3, 7, 19, 42", 1.0), (SORT, "The answer is [3, 7, 19, 42].", 1.0), (SORT, "The answer is 3 7 19 42", 1.0),
     (SORT, "The answer is 3, 7, 19, and 42.", 1.0), (SORT, "The answer is 3 < 7 < 19 < 42", 1.0),
     (SORT, "Sorted: 3, 7, 19, 42", 1.0), (SORT, "The sorted list is:\n3, 7, 19, 42", 1.0),

@@ -253,6 +253,10 @@ MUTATIONS = [
         "prompt_text = _common_prefix(prompt_text, *full_texts)",
         "prompt_text = _common_prefix(prompt_text, full_texts[0])"),),
         "data: prompt cut to the prefix shared with the chosen rendering only (rejected loses its start)", DATA),
+    Mutation("gold_joins_any_digit_groups", "rpo_fast/gold.py", ((
+        r'_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)[, ](?=\d{3}(?!\d))")',
+        r'_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)[, ](?=\d)")'),),
+        "gold: '8 5' graded as 85", DATA),
     Mutation("data_fingerprint_without_rejected", "rpo_fast/ref_cache.py", ((
         "repr((ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids))",
         "repr((ex.index, ex.prompt_ids, ex.chosen_ids))"),),
