@@ -617,6 +617,8 @@ GRADER_EDGE_CASES = [
     # more of the same rule
     (MUL, "The answer is fifty-six.", 1.0), (MUL, "The answer is Fifty Six", 1.0), (MUL, "The answer isn't 56.", 0.0),
     (COUNT, "The answer is three hundred.", 0.0), (COUNT, "The answer is 3 (three).", 1.0),
+    # number words are read only when the answer text has no digits
+    (COUNT, "There are 3 r's here, one of them alone", 1.0), (MUL, "The answer is 56 or fifty-seven", 1.0),
     (SORT, "The answer is:\n3\n7\n19\n42\nHope this helps.", 1.0), (SORT, "Sorted:\n- 3\n- 7\n- 19\n- 42", 1.0),
     (SORT, "1. 42\n2. 19\n3. 7\n4. 3", 0.0), (SORT, "1) 3\n2) 7\n3) 19\n4) 42", 1.0),
     (SORT, "1. 3\n3. 7\n4. 19\n5. 42", 0.0),  # enumerators not 1, 2, 3, ...: no list of four

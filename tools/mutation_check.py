@@ -257,6 +257,10 @@ MUTATIONS = [
         r'_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)[, ](?=\d{3}(?!\d))")',
         r'_THOUSANDS_SEPARATOR = re.compile(r"(?<=\d)[, ](?=\d)")'),),
         "gold: '8 5' graded as 85", DATA),
+    Mutation("gold_words_read_beside_digits", "rpo_fast/gold.py", ((
+        "    if not re.search(r\"\\d\", segment):\n        segment = _NUMBER_WORD",
+        "    if True:\n        segment = _NUMBER_WORD"),),
+        "gold: number words read even when the answer text has digits", DATA),
     Mutation("data_fingerprint_without_rejected", "rpo_fast/ref_cache.py", ((
         "repr((ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids))",
         "repr((ex.index, ex.prompt_ids, ex.chosen_ids))"),),
