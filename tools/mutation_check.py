@@ -377,6 +377,10 @@ MUTATIONS = [
     Mutation("planner_cuda_context_on_cpu", "rpo_fast/memory_plan.py", ((
         'context = CUDA_CONTEXT if self.options["device"] == "cuda" else 0', "context = CUDA_CONTEXT"),),
         "planner: the CUDA context counted on the CPU", MEMORY[::-1]),
+    Mutation("planner_headroom_multiplied", "rpo_fast/memory_plan.py", ((
+        "return math.ceil((self.peak_bytes + context) / (1 - headroom))",
+        "return math.ceil((self.peak_bytes + context) * (1 + headroom))"),),
+        "planner: the fragmentation headroom added as peak x 1.05, not peak / 0.95", MEMORY[::-1]),
     Mutation("mlp_activations_undercounted", "rpo_fast/memory_plan.py", ((
         'per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))',
         'per_token += 2 * b * I + b * I * self._input_kept(("down_proj",))'),),
