@@ -81,6 +81,15 @@ def test_packed_step_equals_unpacked_dense(tiny_model_dir, examples, head_bias, 
         assert_close(got_grads[name], param.grad, atol=1e-5, rtol=1e-3, name=f"grad {name}")
 
 
+def unpacked_pair_logps(model, pairs) -> torch.Tensor:
+    """[len(pairs), 2] float64: each pair's (chosen, rejected) summed log-probs, each sequence run alone through
+    `model` with sdpa (the reference the packed paths are judged against)."""
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        return torch.stack([torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids),
+                                         unpacked_sequence_logps(model, ex, ex.rejected_ids)]) for ex in pairs])
+
+
 def test_reference_log_probs_go_through_a_biased_head(tiny_model_dir, examples):
     """A reference with an untied head and a bias (the cache and the frozen copy both take its head from
     reference_head_inputs): its log-probs are those of each unpacked sequence's full logits (bias included), in
@@ -94,12 +103,8 @@ def test_reference_log_probs_go_through_a_biased_head(tiny_model_dir, examples):
     torch.nn.init.normal_(model.lm_head.bias, std=0.5)
     model.config.tie_word_embeddings = False
     got = compute_reference_logps(model, examples[:4], token_budget=4000, impl="torch")
-    model.config._attn_implementation = "sdpa"
-    with torch.no_grad():
-        expected = torch.stack([torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids),
-                                             unpacked_sequence_logps(model, ex, ex.rejected_ids)])
-                                for ex in examples[:4]])
-    assert_close(got.double(), expected, atol=1e-3, rtol=1e-5, name="reference logps")
+    assert_close(got.double(), unpacked_pair_logps(model, examples[:4]), atol=1e-3, rtol=1e-5,
+                 name="reference logps")
 
 
 def test_reference_log_probs_of_a_model_in_train_mode_have_no_dropout(tiny_model_dir, examples):
@@ -115,12 +120,8 @@ def test_reference_log_probs_of_a_model_in_train_mode_have_no_dropout(tiny_model
     got = compute_reference_logps(model, examples[:4], token_budget=4000, impl="torch")
     assert model.training
     model.eval()
-    model.config._attn_implementation = "sdpa"
-    with torch.no_grad():
-        expected = torch.stack([torch.stack([unpacked_sequence_logps(model, ex, ex.chosen_ids),
-                                             unpacked_sequence_logps(model, ex, ex.rejected_ids)])
-                                for ex in examples[:4]])
-    assert_close(got.double(), expected, atol=1e-3, rtol=1e-5, name="reference logps")
+    assert_close(got.double(), unpacked_pair_logps(model, examples[:4]), atol=1e-3, rtol=1e-5,
+                 name="reference logps")
 
 
 def test_epoch_steps_partition(tiny_model_dir, examples):
