@@ -24,17 +24,24 @@ def loss_steps(run):
     return [r["step"] for r in load_json_lines(run / "metrics.jsonl") if "loss" in r]
 
 
+def first_run(tiny_model_dir, tmp_path, capsys, **overrides):
+    """Writes tmp_path/tiny.yaml (the tiny run with `overrides`, into tmp_path/run) and trains it once, which must
+    succeed: (the config file, its values, what the run printed)."""
+    values = tiny_overrides(tiny_model_dir, tmp_path, **overrides)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    code, out, err = train(config_file, capsys=capsys)
+    assert code == 0, err[-2000:]
+    return config_file, values, out + err
+
+
 def test_stale_checkpoints_never_win(tiny_model_dir, tmp_path, capsys):
     """The sequence of the README's old walkthrough: a 3-step run, then a fresh 2-step run in the same folder
     (keeping one checkpoint), then --resume to step 3. Before, the old run's step-3 checkpoint survived the
     pruning and the "resumed" run continued it; now the fresh run is refused until asked to overwrite."""
-    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, beta=0.2, max_steps=3)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(values))
+    config_file, _, _ = first_run(tiny_model_dir, tmp_path, capsys, eval_file=None, save_every=1, beta=0.2,
+                                  max_steps=3)
     run = tmp_path / "run"
-
-    code, _, err = train(config_file, capsys=capsys)
-    assert code == 0, err[-2000:]
     assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2, 3] and loss_steps(run) == [1, 2, 3]
     assert (run / run_dir.RUN_MARKER).is_file()  # the run marked its folder
 
@@ -72,13 +79,10 @@ def test_resume_when_the_model_turned_share_prompt_off(tiny_model_dir, tmp_path,
     from rpo_fast import modeling
 
     monkeypatch.setattr(modeling, "shared_prompt_unsupported", lambda model: "the test says it mixes tokens")
-    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, max_steps=2, share_prompt=True)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(values))
+    config_file, _, printed = first_run(tiny_model_dir, tmp_path, capsys, eval_file=None, save_every=1, max_steps=2,
+                                        share_prompt=True)
     run = tmp_path / "run"
-    code, out, err = train(config_file, capsys=capsys)
-    assert code == 0, err[-2000:]
-    assert "notice: share_prompt is off" in out + err
+    assert "notice: share_prompt is off" in printed
     assert load_config(run / "checkpoints" / "step-000002" / "config.yaml").share_prompt is False
     code, out, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)
     assert code == 0, err[-2000:]
@@ -88,11 +92,7 @@ def test_resume_when_the_model_turned_share_prompt_off(tiny_model_dir, tmp_path,
 
 def test_logged_lr_is_the_lr_the_step_ran_at(tiny_model_dir, tmp_path, capsys):
     # warmup_steps=1 (tiny_overrides): step 1 runs at lr 0, step 2 at the full rate (cosine starts at 1)
-    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, max_steps=3, lr_scheduler="constant")
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(values))
-    code, _, err = train(config_file, capsys=capsys)
-    assert code == 0, err[-2000:]
+    _, values, _ = first_run(tiny_model_dir, tmp_path, capsys, eval_file=None, max_steps=3, lr_scheduler="constant")
     lrs = [r["lr"] for r in load_json_lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert lrs == [0.0, values["learning_rate"], values["learning_rate"]]
 
@@ -144,12 +144,8 @@ def test_resuming_a_run_that_already_reached_its_steps_trains_and_logs_nothing_n
     """--resume of a finished run (or with max_steps below the checkpoint's step) trains nothing, and adds no
     second eval record of the same model (before: a duplicate at the same step, or one labelled max_steps);
     the final table still shows the eval logged at the checkpoint's step."""
-    values = tiny_overrides(tiny_model_dir, tmp_path, max_steps=2)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(values))
+    config_file, _, _ = first_run(tiny_model_dir, tmp_path, capsys, max_steps=2)
     run = tmp_path / "run"
-    code, _, err = train(config_file, capsys=capsys)
-    assert code == 0, err[-2000:]
 
     def evals():
         return [r["step"] for r in load_json_lines(run / "metrics.jsonl") if "eval/loss" in r]
@@ -171,12 +167,8 @@ def test_resume_refuses_a_train_file_edited_in_place(tiny_model_dir, tmp_path, c
 
     from tiny_lm import write_rows
 
-    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, max_steps=2)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(values))
+    config_file, _, _ = first_run(tiny_model_dir, tmp_path, capsys, eval_file=None, save_every=1, max_steps=2)
     run = tmp_path / "run"
-    code, _, err = train(config_file, capsys=capsys)
-    assert code == 0, err[-2000:]
     original = (tmp_path / "train.jsonl").read_bytes()
     write_rows(tmp_path / "train.jsonl", 16, offset=100)  # same path, other rows
     code, _, err = train(config_file, "--max_steps=3", "--resume", capsys=capsys)
@@ -318,12 +310,8 @@ def test_resume_refuses_another_reference():
 def test_a_run_resumes_with_the_out_of_memory_advice(tiny_model_dir, tmp_path, capsys):
     """After an out-of-memory exit the advice is --gradient_checkpointing=true and --reference=cache: the run's
     checkpoints must stay usable with them (before, --resume refused both as changed keys)."""
-    values = tiny_overrides(tiny_model_dir, tmp_path, eval_file=None, save_every=1, max_steps=2)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(values))
+    config_file, _, _ = first_run(tiny_model_dir, tmp_path, capsys, eval_file=None, save_every=1, max_steps=2)
     run = tmp_path / "run"
-    code, _, err = train(config_file, capsys=capsys)
-    assert code == 0, err[-2000:]
     code, out, err = train(config_file, "--max_steps=3", "--resume", "--gradient_checkpointing=true",
                            "--reference=cache", f"--ref_cache_dir={tmp_path / 'cache'}", capsys=capsys)
     assert code == 0, err[-2000:]
