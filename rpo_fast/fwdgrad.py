@@ -45,6 +45,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import gemm, host_sync
+from .segments import sum_by_index
 
 # Elements of one chunk's fp32 logits when `chunk_tokens` is not given. CUDA: 2**28 (1 GiB, plus for bf16/fp16
 # inputs a 512 MiB dlogits copy in their dtype; none for fp32): ~2048 tokens at a 128k vocabulary, enough rows
@@ -327,7 +328,7 @@ def fwdgrad_head_loss(
             lp.append(piece_lp)
             lse.append(piece_lse)
         lp, lse = torch.cat(lp), torch.cat(lse)
-        s = torch.zeros(len(seq_list), dtype=torch.float32, device=hidden.device).index_add_(0, token_seq, lp)
+        s = sum_by_index(lp, token_seq, len(seq_list))
         policy_logps[seqs] = s
         if not (want_dh or want_dw or want_db):
             continue

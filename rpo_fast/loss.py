@@ -25,6 +25,7 @@ from . import checks
 from .autocast import outside_autocast
 from .fwdgrad import fwdgrad_head_loss
 from .logprobs import check_kernels_runnable, head_logprobs, resolve_impl
+from .segments import segment_sum
 
 
 class RPOOutput(NamedTuple):
@@ -153,15 +154,6 @@ def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_
         chosen_token_counts=counts[:n_pairs],
         rejected_token_counts=counts[n_pairs:],
     )
-
-
-def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sums a packed [N] tensor over consecutive segments of the given lengths [S] (summing to N) -> [S] float32."""
-    # output_size: N is known, so repeat_interleave need not read the lengths' sum back (a sync on CUDA)
-    segment_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device),
-                                          output_size=values.shape[0], repeats=lengths.to(values.device))
-    out = torch.zeros(lengths.numel(), dtype=torch.float32, device=values.device)
-    return out.index_add(0, segment_ids, values.float())
 
 
 def resolve_head_backward(backward: str, impl: str, dtype: torch.dtype, needs_grad: bool) -> str:

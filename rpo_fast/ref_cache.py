@@ -28,7 +28,7 @@ from . import host_sync
 from .autocast import autocast_dtype
 from .data import PreferenceExample
 from .logprobs import linear_logprobs
-from .loss import segment_sum
+from .segments import segment_sum
 from .modeling import reference_head_inputs
 from .packing import batch_by_token_budget, pack_pairs
 

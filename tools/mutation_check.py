@@ -58,6 +58,7 @@ FWD_KERNEL, BWD_KERNEL = "kernels/linear_logprobs_fwd.py", "kernels/linear_logpr
 TILES, ROW_KERNELS, TRAINER = "kernels/tiles.py", "kernels/logit_grad.py", "rpo_fast/trainer.py"
 MODEL_HEAD = "rpo_fast/integrations/_model.py"
 OPTIM = "rpo_fast/optim.py"
+SEGMENTS = "rpo_fast/segments.py"
 MUTATIONS = [
     # The preference term.
     Mutation("smoothing_dropped", LOSS, ((
@@ -113,9 +114,13 @@ MUTATIONS = [
     Mutation("counts_include_ignored", LOSS, ((
         "counts = segment_sum((targets != ignore_index).float(), lengths)", "counts = lengths.float()"),),
         "token counts include ignored tokens"),
-    Mutation("segments_shifted", LOSS, ((
+    Mutation("segments_shifted", SEGMENTS, ((
         "lengths.to(values.device))", "lengths.roll(1).to(values.device))"),),
         "segment_sum uses the wrong sequence boundaries"),
+    Mutation("segment_sums_in_fp32", SEGMENTS, ((
+        "torch.zeros(size, dtype=torch.float64", "torch.zeros(size, dtype=torch.float32"),
+        ("values.double()).float()", "values.float())")),
+        "per-sequence sums accumulated one token at a time in fp32", ("tests/test_numerical_edges.py",)),
     # The chunked head.
     Mutation("ignored_logprob_kept", CHUNKED, (("return lp.masked_fill_(ignored, 0.0), lse", "return lp, lse"),),
              "log-probs of ignored targets not zeroed"),

@@ -52,7 +52,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..checks import IMPLS, check_choice, check_chunk_tokens, check_head_backward, check_loss_options
-from ..loss import RPOOutput, segment_sum
+from ..loss import RPOOutput
+from ..segments import segment_sum
 from ._model import (forward_function, head_logprobs, head_of, head_rpo_loss, lm_head_of, logit_scale_of,
                      prepare_head_inputs, router_aux_loss, wants_router_logits)
 from .padded import check_no_label_under_padding, pack_padded_pairs, pairs_from_padded
