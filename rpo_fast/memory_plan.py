@@ -476,7 +476,8 @@ def plan_memory(
     transient = ctx.backward_transient()
     backward_resolved = "dense" if loss_impl_resolved == "dense" else resolve_head_backward(
         head_backward, loss_impl_resolved, TORCH_DTYPES[dtype], needs_grad=True)
-    loss = _loss_memory(backward_resolved, response, V, H, b, not lora, device, head_chunk_tokens)
+    loss = _loss_memory(backward_resolved, response, V, H, b, not lora, device, head_chunk_tokens,
+                        pair_rows=2 * (max_length - prompt_tokens))
 
     phases: dict[str, dict[str, int]] = {}
     static = dict(weights=shard(weights), optimizer_state=state, reference=ref_weights)
@@ -652,11 +653,12 @@ class LossMemory(NamedTuple):
 
 
 def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str,
-                 chunk_tokens: int | None = None) -> LossMemory:
+                 chunk_tokens: int | None = None, pair_rows: int = 0) -> LossMemory:
     """The head's workspace by how its gradient is made: "dense", "fwdgrad", "recompute" or "atomic".
 
-    The head's gradient (b x V x H) is part of `end` and `returned` (of `saved` for fwdgrad); `plan_memory`
-    does not count it again among the gradients."""
+    `pair_rows`: the longest pair's response rows (chosen + rejected), which fwdgrad copies whole when they
+    exceed its chunk. The head's gradient (b x V x H) is part of `end` and `returned` (of `saved` for fwdgrad);
+    `plan_memory` does not count it again among the gradients."""
     head_grad = b * V * H if trainable_head else 0
     returned = N * H * b + head_grad
     if backward == "dense":  # full logits: b-byte matmul output, fp32 log-softmax saved, fp32 grads
@@ -667,13 +669,17 @@ def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: 
         # The gradients are made in forward and held until backward hands them back as they are: `saved`, with
         # nothing more `returned`. Forward, per chunk: its fp32 logits (+ the b-byte dlogits on CUDA), its hidden
         # rows and dhidden rows in fp32, beside the fp32 dweight accumulator (in fp32 it is the gradient; else
-        # it is cast at the end, both alive) and, on CPU, the weight's fp32 copy for the products. A chunk of
-        # whole pairs or a piece of a longer pair: at most chunk_tokens rows.
+        # it is cast at the end, both alive) and, on CPU, the weight's fp32 copy for the products. Logits: a
+        # chunk of whole pairs or a piece of a longer pair, at most chunk_tokens rows. Hidden and dhidden rows
+        # (the GEMM operand dtype: b on CUDA, fp32 on CPU): the chunk's, or a longer pair's whole.
         rows = min(N, chunk_tokens or fwdgrad.default_chunk_tokens(V, torch.device(device)))
         chunk = rows * V
+        copied_rows = max(rows, min(N, pair_rows))
+        operand = b if device == "cuda" else 4
         extra_acc = (4 - b) * V * H if trainable_head else 0
         weight_copy = 4 * V * H if device == "cpu" and b != 4 else 0
-        loop = 4 * chunk + (b * chunk if device == "cuda" and b != 4 else 0) + 2 * 4 * rows * H + weight_copy + 8 * N
+        loop = (4 * chunk + (b * chunk if device == "cuda" and b != 4 else 0) + 2 * operand * copied_rows * H
+                + weight_copy + 8 * N)
         fwd = max(loop + extra_acc, (4 * V * H if trainable_head and b != 4 else 0))
         return LossMemory(fwd, 0, 0, 0, returned)
     if backward == "atomic":  # per-split partial lse / target logits; fp32 dhidden and dweight accumulators

@@ -237,6 +237,33 @@ def test_tracker_sees_autograd_saved_tensors_and_grads():
     assert tracker.peak >= 23200 + 20000 + 1600
 
 
+@pytest.mark.parametrize("response", [96, 1024, 3072], ids=["pairs-in-a-chunk", "pair-of-4-chunks", "pair-of-12"])
+def test_plan_fwdgrad_workspace_of_short_and_long_pairs(response):
+    """The fwdgrad loss's forward workspace, planned from the shapes alone (`_loss_memory`) vs measured, for
+    pairs that share a chunk and for one pair longer than the chunk, which fwdgrad copies whole (its hidden and
+    dhidden rows: the plan counted a chunk's, 1/12 of them for the longest pair here)."""
+    from rpo_fast.memory_plan import _loss_memory
+
+    H, V, chunk = 256, 512, 256
+    pairs = max(1, 384 // (2 * response))
+    N = 2 * pairs * response
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(N, H, generator=g) * 0.05).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.05).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    cu = torch.arange(2 * pairs + 1, dtype=torch.int32) * response
+    ref = torch.randn(2 * pairs, generator=g)
+    tracker = LiveTensorTracker().track(hidden, weight, targets, cu, ref)
+    inputs = tracker.live
+    with tracker:
+        out = fused_linear_rpo_loss(hidden, weight, targets, cu, ref_logps=ref, backward="fwdgrad",
+                                    chunk_tokens=chunk)
+    plan = _loss_memory("fwdgrad", N, V, H, 4, True, "cpu", chunk, pair_rows=2 * response)
+    measured = tracker.peak - inputs
+    assert out.loss.isfinite()
+    assert abs((plan.forward + plan.saved) / measured - 1) <= PEAK_TOLERANCE, (plan, measured)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Configs, plan options and the CLI
 
