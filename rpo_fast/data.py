@@ -36,9 +36,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from . import checks
 from .gold import gold_reward
@@ -53,12 +54,28 @@ __all__ = ["PreferenceExample", "TokenizeStats", "load_preference_rows", "valida
 @dataclass(frozen=True)
 class PreferenceExample:
     """One tokenized preference pair. The model sees `prompt_ids + chosen_ids` and
-    `prompt_ids + rejected_ids`; only the response tokens are scored."""
+    `prompt_ids + rejected_ids`; only the response tokens are scored.
 
-    prompt_ids: list[int]  # prompt tokens (after chat template / truncation), non-empty
-    chosen_ids: list[int]  # chosen response tokens, non-empty
-    rejected_ids: list[int]  # rejected response tokens, non-empty
+    The three id sequences are stored as `array("i")` (int32, 4 bytes a token; a list of Python ints takes
+    about 36, and every process of a distributed run holds the whole tokenized set). The constructor takes
+    any sequence of ints (a list, a tuple, an array) and converts it. An array concatenates with an array,
+    not with a list, and never compares equal to a list: use `.tolist()` for those."""
+
+    prompt_ids: Sequence[int]  # prompt tokens (after chat template / truncation), non-empty; stored as array("i")
+    chosen_ids: Sequence[int]  # chosen response tokens, non-empty; stored as array("i")
+    rejected_ids: Sequence[int]  # rejected response tokens, non-empty; stored as array("i")
     index: int  # row index in the source dataset: a stable id (the reference-logp cache key)
+
+    def __post_init__(self):
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            ids = getattr(self, name)
+            if isinstance(ids, array) and ids.typecode == "i":
+                continue
+            try:
+                object.__setattr__(self, name, array("i", ids))  # frozen dataclass
+            except (TypeError, OverflowError) as e:
+                raise ValueError(f"{name}: expected a sequence of int token ids in [-2**31, 2**31), got "
+                                 f"{type(ids).__name__} ({e})") from e
 
     @property
     def chosen_length(self) -> int:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from array import array
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -124,10 +125,19 @@ def _check_examples(examples: Sequence[PreferenceExample]) -> None:
                                  f"needs a token before it to be predicted, and at least one token to score)")
 
 
-def _sequences(examples: Sequence[PreferenceExample]) -> tuple[list[list[int]], list[int]]:
-    """The 2B token lists (chosen first, then rejected) and their prompt lengths."""
+def _sequences(examples: Sequence[PreferenceExample]) -> tuple[list[array], list[int]]:
+    """The 2B token arrays (chosen first, then rejected) and their prompt lengths."""
     seqs = [ex.prompt_ids + ex.chosen_ids for ex in examples] + [ex.prompt_ids + ex.rejected_ids for ex in examples]
     return seqs, [len(ex.prompt_ids) for ex in examples] * 2
+
+
+def _ids_tensor(seqs: Sequence[array]) -> torch.Tensor:
+    """The int64 tensor of the token ids of `seqs` (non-empty `array("i")`s, as `PreferenceExample` stores
+    them) one after the other."""
+    flat = array("i")
+    for seq in seqs:
+        flat += seq
+    return torch.frombuffer(flat, dtype=torch.int32).to(torch.int64)
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
@@ -161,7 +171,7 @@ def pack_pairs(examples: Sequence[PreferenceExample], *, share_prompt: bool = Fa
     starts = cu_seqlens[:-1].long()
     total = int(cu_seqlens[-1])
 
-    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).unsqueeze(0)
+    input_ids = _ids_tensor(seqs).unsqueeze(0)
     position_ids = (torch.arange(total) - torch.repeat_interleave(starts, lengths)).unsqueeze(0)
     # head row r of sequence j: position start_j + P_j - 1 + (r - first row of j)
     seq_of_row = torch.repeat_interleave(torch.arange(lengths.numel()), response_lengths)
@@ -183,7 +193,7 @@ def pack_pairs(examples: Sequence[PreferenceExample], *, share_prompt: bool = Fa
 
 def _pack_shared_prompt(examples: Sequence[PreferenceExample]) -> PackedBatch:
     """`pack_pairs(examples, share_prompt=True)`: pair by pair [prompt][chosen][rejected] (module docstring)."""
-    tokens, positions, q_bounds, keys, k_bounds = [], [], [0], [], [0]
+    tokens, positions, q_bounds, keys, k_bounds = array("i"), [], [0], [], [0]
     rows = {"chosen": [], "rejected": []}  # head rows of each response, then their targets
     targets = {"chosen": [], "rejected": []}
     for ex in examples:
@@ -208,12 +218,12 @@ def _pack_shared_prompt(examples: Sequence[PreferenceExample]) -> PackedBatch:
     cu_seqlens = torch.tensor(q_bounds, dtype=torch.int32)
     cu_seqlens_k = torch.tensor(k_bounds, dtype=torch.int32)
     return PackedBatch(
-        input_ids=torch.tensor(tokens, dtype=torch.int64).unsqueeze(0),
+        input_ids=_ids_tensor([tokens]).unsqueeze(0),
         position_ids=torch.tensor(positions, dtype=torch.int64).unsqueeze(0),
         cu_seqlens=cu_seqlens,
         max_seqlen=int(cu_seqlens.diff().max()),
         response_index=torch.tensor([r for seq in head_rows for r in seq], dtype=torch.int64),
-        targets=torch.tensor([t for seq in targets["chosen"] + targets["rejected"] for t in seq], dtype=torch.int64),
+        targets=_ids_tensor(targets["chosen"] + targets["rejected"]),
         response_cu_seqlens=_cumulative(torch.tensor([len(seq) for seq in head_rows], dtype=torch.int64)),
         n_pairs=len(examples),
         example_index=torch.tensor([ex.index for ex in examples], dtype=torch.int64),
@@ -251,7 +261,7 @@ def pad_pairs(examples: Sequence[PreferenceExample], pad_id: int) -> dict[str, t
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.int64)
     position_ids = torch.zeros((len(seqs), width), dtype=torch.int64)
     for j, (seq, n_prompt) in enumerate(zip(seqs, prompt_lens)):
-        tokens = torch.tensor(seq, dtype=torch.int64)
+        tokens = _ids_tensor([seq])
         input_ids[j, :len(seq)] = tokens
         attention_mask[j, :len(seq)] = 1
         labels[j, n_prompt:len(seq)] = tokens[n_prompt:]

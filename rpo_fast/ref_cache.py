@@ -47,9 +47,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def data_fingerprint(examples: Sequence[PreferenceExample]) -> str:
+    """SHA-256 over each example's `repr((index, prompt_ids, chosen_ids, rejected_ids))`, the ids as lists (as
+    they were stored before they became arrays: the digest keys caches on disk and run folders' resume check)."""
     digest = hashlib.sha256()
     for ex in examples:
-        digest.update(repr((ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)).encode())
+        digest.update(repr((ex.index, ex.prompt_ids.tolist(), ex.chosen_ids.tolist(),
+                            ex.rejected_ids.tolist())).encode())
     return digest.hexdigest()
 
 

@@ -411,7 +411,8 @@ def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device,
     model.eval()
     width = max(len(ex.prompt_ids) for ex in chosen)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ex.prompt_ids)) + ex.prompt_ids for ex in chosen], device=device)
+    input_ids = torch.tensor([[pad] * (width - len(ex.prompt_ids)) + ex.prompt_ids.tolist() for ex in chosen],
+                             device=device)
     mask = torch.tensor([[0] * (width - len(ex.prompt_ids)) + [1] * len(ex.prompt_ids) for ex in chosen],
                         device=device)
     with generation_attention(lm):
@@ -425,7 +426,7 @@ def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device,
 def gold_answer_tokens(tokenizer, example: PreferenceExample) -> int:
     """New tokens a generation needs to hold `example`'s whole chosen answer: its chosen response's tokens up to
     the last one that changes the decoded, stripped text (the end of turn and what follows it are not needed)."""
-    ids = example.chosen_ids
+    ids = example.chosen_ids.tolist()
     text = tokenizer.decode(ids, skip_special_tokens=True).strip()
     n = len(ids)
     while n > 1 and tokenizer.decode(ids[:n - 1], skip_special_tokens=True).strip() == text:

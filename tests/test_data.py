@@ -259,13 +259,14 @@ def test_plain_tokenization_appends_eos_and_adds_bos_only_where_the_tokenizer_do
     [ex, empty, has_bos], _ = tokenize_pairs(
         [row, {"prompt": "", "chosen": "x", "rejected": "y"}, {"prompt": "<s>ab", "chosen": "x", "rejected": "y"}],
         tok, max_length=100, max_prompt_length=50)
-    assert ex.prompt_ids == [0, ord("a") + 100, ord("b") + 100]
-    assert ex.chosen_ids == [ord("x") + 100, ord("y") + 100, ord("z") + 100, 1]
-    assert empty.prompt_ids == [0]
-    assert has_bos.prompt_ids == [0, ord("a") + 100, ord("b") + 100]  # a BOS written in the text is not doubled
+    assert ex.prompt_ids.tolist() == [0, ord("a") + 100, ord("b") + 100]
+    assert ex.chosen_ids.tolist() == [ord("x") + 100, ord("y") + 100, ord("z") + 100, 1]
+    assert empty.prompt_ids.tolist() == [0]
+    assert has_bos.prompt_ids.tolist() == [0, ord("a") + 100, ord("b") + 100]  # a BOS in the text is not doubled
     [ex], _ = tokenize_pairs([{"prompt": "ab", "chosen": "xyz", "rejected": "q"}], CharTokenizer(eos=False),
                              max_length=100, max_prompt_length=50)
-    assert (ex.chosen_ids, ex.rejected_ids) == (CharTokenizer()._split("xyz"), CharTokenizer()._split("q"))
+    assert ex.chosen_ids.tolist() == CharTokenizer()._split("xyz")
+    assert ex.rejected_ids.tolist() == CharTokenizer()._split("q")
 
 
 # prompt "abcdef" (6 tokens), chosen "xyz</s>" (4), rejected "q</s>" (2)
@@ -327,7 +328,7 @@ def test_empty_prompt_becomes_bos():
     tok = CharTokenizer(eos=False, bos=True)
     [ex], stats = tokenize_pairs([{"prompt": "", "chosen": "x", "rejected": "y"}], tok, max_length=4,
                                  max_prompt_length=2)
-    assert ex.prompt_ids == [tok.bos_token_id] and stats.n_dropped == 0
+    assert ex.prompt_ids.tolist() == [tok.bos_token_id] and stats.n_dropped == 0
 
 
 CHATML_PROMPT = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
@@ -424,7 +425,7 @@ def test_tokenize_pack_labels_cover_only_responses():
     examples, _ = tokenize_pairs(PLAIN_ROWS + CONV_ROWS, tok, max_length=200, max_prompt_length=100)
     padded = pad_pairs(examples, pad_id=3)
     n = len(examples)
-    responses = [ex.chosen_ids for ex in examples] + [ex.rejected_ids for ex in examples]
+    responses = [ex.chosen_ids.tolist() for ex in examples] + [ex.rejected_ids.tolist() for ex in examples]
     for j in range(2 * n):
         labelled = padded["labels"][j][padded["labels"][j] != -100].tolist()
         assert labelled == responses[j]
@@ -459,7 +460,7 @@ def test_smollm_chat_template_tokenization(smollm_tokenizer):
     for row, ex in zip(rows, examples):
         for name, ids in (("chosen", ex.chosen_ids), ("rejected", ex.rejected_ids)):
             full = tok.apply_chat_template(row["prompt"] + row[name], tokenize=False)
-            assert ex.prompt_ids + ids == tok(full, add_special_tokens=False)["input_ids"]
+            assert (ex.prompt_ids + ids).tolist() == tok(full, add_special_tokens=False)["input_ids"]
             assert tok.decode(ids) == row[name][0]["content"] + "<|im_end|>\n"
         prompt = tok.decode(ex.prompt_ids)
         assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # default
@@ -655,7 +656,7 @@ def test_blank_responses_are_trained_as_eos_and_counted():
             {"prompt": "q", "chosen": "yes", "rejected": "  "},
             {"prompt": "q", "chosen": "yes", "rejected": "no"}]
     examples, stats = tokenize_pairs(rows, tok, max_length=16, max_prompt_length=8)
-    assert [ex.index for ex in examples] == [0, 1, 2] and examples[0].chosen_ids == [tok.eos_token_id]
+    assert [ex.index for ex in examples] == [0, 1, 2] and examples[0].chosen_ids.tolist() == [tok.eos_token_id]
     assert stats.n_blank_response == 2 and "2 with a blank response in the row" in str(stats)
     _, no_eos = tokenize_pairs(rows, CharTokenizer(eos=False), max_length=16, max_prompt_length=8)
     assert (no_eos.n_dropped_empty, no_eos.n_kept) == (1, 2)  # "" has no token; "  " has two
@@ -668,13 +669,13 @@ def test_plain_response_ending_with_eos_gets_no_second_eos():
     tok = CharTokenizer(bos=False)
     [ex], _ = tokenize_pairs([{"prompt": "q", "chosen": "ab</s>", "rejected": "c"}], tok,
                              max_length=16, max_prompt_length=8)
-    assert ex.chosen_ids == [ord("a") + 100, ord("b") + 100, 1]  # one EOS, not two
-    assert ex.rejected_ids == [ord("c") + 100, 1]
+    assert ex.chosen_ids.tolist() == [ord("a") + 100, ord("b") + 100, 1]  # one EOS, not two
+    assert ex.rejected_ids.tolist() == [ord("c") + 100, 1]
     # an EOS in the middle is text like any other: EOS still appended at the end
     [ex], _ = tokenize_pairs([{"prompt": "q", "chosen": "a</s>b", "rejected": "</s>"}], tok,
                              max_length=16, max_prompt_length=8)
-    assert ex.chosen_ids == [ord("a") + 100, 1, ord("b") + 100, 1]
-    assert ex.rejected_ids == [1]
+    assert ex.chosen_ids.tolist() == [ord("a") + 100, 1, ord("b") + 100, 1]
+    assert ex.rejected_ids.tolist() == [1]
 
 
 def test_prompt_truncation_keeps_a_leading_bos():
@@ -684,25 +685,25 @@ def test_prompt_truncation_keeps_a_leading_bos():
     tok = CharTokenizer()
     [ex], stats = tokenize_pairs([{"prompt": "abcdef", "chosen": "x", "rejected": "y"}], tok,
                                  max_length=8, max_prompt_length=4)
-    assert ex.prompt_ids == [0] + c("def") and stats.n_prompt_truncated == 1
+    assert ex.prompt_ids.tolist() == [0] + c("def") and stats.n_prompt_truncated == 1
     [ex], _ = tokenize_pairs([{"prompt": "abcdef", "chosen": "x", "rejected": "y"}], tok,
                              max_length=8, max_prompt_length=7)  # [BOS] abcdef fits: not cut
-    assert ex.prompt_ids == [0] + c("abcdef")
+    assert ex.prompt_ids.tolist() == [0] + c("abcdef")
     [ex], _ = tokenize_pairs([{"prompt": "abcdef", "chosen": "x", "rejected": "y"}], tok,
                              max_length=8, max_prompt_length=1)
-    assert ex.prompt_ids == [0]
+    assert ex.prompt_ids.tolist() == [0]
     tok = CharTokenizer(template_bos=True)
     [ex], stats = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=15)
-    assert ex.prompt_ids == [0] + c("?") + [3] + c("\n") + [2] + c("assistant\n")
+    assert ex.prompt_ids.tolist() == [0] + c("?") + [3] + c("\n") + [2] + c("assistant\n")
     assert stats.n_prompt_truncated == 1
     # a prompt that does not start with BOS is cut as before
     [ex], _ = tokenize_pairs(CONV_ROWS[:1], CharTokenizer(), max_length=30, max_prompt_length=14)
-    assert ex.prompt_ids == c("?") + [3] + c("\n") + [2] + c("assistant\n")
+    assert ex.prompt_ids.tolist() == c("?") + [3] + c("\n") + [2] + c("assistant\n")
     # SmolLM2 style: bos_token is <|im_start|> (id 2 here), which the tokenizer does not add: no BOS to keep
     tok = CharTokenizer(add_bos=False)
     tok.bos_token_id = 2
     [ex], _ = tokenize_pairs(CONV_ROWS[:1], tok, max_length=30, max_prompt_length=14)
-    assert ex.prompt_ids == c("?") + [3] + c("\n") + [2] + c("assistant\n")
+    assert ex.prompt_ids.tolist() == c("?") + [3] + c("\n") + [2] + c("assistant\n")
 
 
 TOOLS_VOCAB = ["<unk>", "<end>", "TOOLS", "get_weather", "calc", "user", "assistant", ":", "hi", "yes", "no",
@@ -742,9 +743,9 @@ def test_tools_and_chat_template_kwargs_reach_the_chat_template():
     examples, _ = tokenize_pairs(rows, tok, max_length=64, max_prompt_length=32)
     # user : hi <end> assistant :
     plain_prompt = [5, 7, 8, 1, 6, 7]
-    assert [ex.prompt_ids for ex in examples] == [plain_prompt, [2, 3, 4] + plain_prompt,
+    assert [ex.prompt_ids.tolist() for ex in examples] == [plain_prompt, [2, 3, 4] + plain_prompt,
                                                  [11, 2, 3, 4] + plain_prompt, plain_prompt]
-    assert all(ex.chosen_ids == [9, 1] and ex.rejected_ids == [10, 1] for ex in examples)
+    assert all(ex.chosen_ids.tolist() == [9, 1] and ex.rejected_ids.tolist() == [10, 1] for ex in examples)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -786,7 +787,44 @@ def test_tokens_merged_across_the_chat_boundary_are_counted_and_reported():
              "rejected": [{"role": "assistant", "content": "5"}]}]  # no merge
     examples, stats = tokenize_pairs(rows, tok, max_length=200, max_prompt_length=100)
     assert stats.n_boundary_merged == 1
-    assert examples[0].chosen_ids[:2] == [ord("T") + 100, ord("h") + 100]  # tokenized apart from the prompt
+    assert examples[0].chosen_ids[:2].tolist() == [ord("T") + 100, ord("h") + 100]  # tokenized apart from the prompt
     assert "1 conversational with tokens merged across the prompt/response boundary" in str(stats)
     _, clean = tokenize_pairs(rows[1:], tok, max_length=200, max_prompt_length=100)
     assert clean.n_boundary_merged == 0 and "merged" not in str(clean)
+
+
+def test_preference_example_stores_ids_as_int32_arrays():
+    """Every process of a distributed run holds the whole tokenized set: the ids take 4 bytes a token, not the
+    ~36 of a list of Python ints (an 8-byte pointer and a 28-byte int object per id above 256). The
+    constructor still takes lists, tuples and numpy arrays; equality and pickling (DataLoader workers,
+    spawn) keep working."""
+    import pickle
+    import tracemalloc
+    from array import array
+
+    import numpy as np
+
+    n = 3000  # tokens per sequence, ids as a tokenizer hands them back (Python ints, a 128k vocabulary)
+    tracemalloc.start()
+    try:
+        ex = PreferenceExample([100_000 + k for k in range(n)], [110_000 + k for k in range(n)],
+                               [120_000 + k for k in range(n)], 7)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 4.5 * 3 * n, f"{held / (3 * n):.1f} bytes per token"
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = getattr(ex, name)
+        assert isinstance(ids, array) and ids.itemsize == 4 and len(ids) == n
+    assert ex.prompt_ids.tolist() == [100_000 + k for k in range(n)] and ex.num_tokens == 4 * n
+    other = PreferenceExample((1, 2), np.array([3, 4], dtype=np.int64), array("i", [5]), 0)
+    assert (other.prompt_ids.tolist(), other.chosen_ids.tolist(), other.rejected_ids.tolist()) == ([1, 2], [3, 4], [5])
+    assert other == PreferenceExample([1, 2], [3, 4], [5], 0) != PreferenceExample([1, 2], [3, 4], [6], 0)
+    assert pickle.loads(pickle.dumps(ex)) == ex
+
+
+@pytest.mark.parametrize("ids, why", [([1.5], "float"), ([2**31], "greater than maximum"), ("abc", "str")])
+def test_preference_example_refuses_ids_an_int32_array_cannot_hold(ids, why):
+    expected = r"^chosen_ids: expected a sequence of int token ids in \[-2\*\*31, 2\*\*31\), got "
+    with pytest.raises(ValueError, match=expected + rf".*{why}"):
+        PreferenceExample([1], ids, [2], 0)

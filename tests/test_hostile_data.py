@@ -51,7 +51,7 @@ def test_empty_responses_are_dropped_and_counted_unless_eos_gives_them_a_token(t
     assert "dropped 1" in str(stats)
     # With an EOS token (as TRL does) the empty answer is the response [EOS]: a real, scoreable choice.
     examples, stats = tokenize(tmp_path, rows, max_length=21, max_prompt_length=20)
-    assert stats.n_dropped == 0 and examples[0].rejected_ids == [CharTokenizer().eos_token_id]
+    assert stats.n_dropped == 0 and examples[0].rejected_ids.tolist() == [CharTokenizer().eos_token_id]
 
 
 def test_dataset_smaller_than_one_step_is_a_clear_error(tmp_path):

@@ -50,9 +50,9 @@ def test_pack_reconstructs_examples(n_pairs, seed):
     assert b.input_ids.shape == b.position_ids.shape == (1, b.num_tokens)
     for j in range(2 * n_pairs):
         ex = examples[j % n_pairs]  # pair i = (i, B+i): chosen first, then rejected in the same order
-        response = ex.chosen_ids if j < n_pairs else ex.rejected_ids
+        response = (ex.chosen_ids if j < n_pairs else ex.rejected_ids).tolist()
         start, end = cu[j], cu[j + 1]
-        assert b.input_ids[0, start:end].tolist() == ex.prompt_ids + response
+        assert b.input_ids[0, start:end].tolist() == ex.prompt_ids.tolist() + response
         assert b.position_ids[0, start:end].tolist() == list(range(end - start))
         rows = b.response_index[rcu[j]:rcu[j + 1]]
         assert b.targets[rcu[j]:rcu[j + 1]].tolist() == response  # exactly the response, nothing else

@@ -59,15 +59,15 @@ def test_layout_reconstructs_the_unshared_sequences(n_pairs, seed):
     cq, ck = shared.cu_seqlens.tolist(), shared.cu_seqlens_k.tolist()
     assert len(cq) == len(ck) == 3 * n_pairs + 1 and cq[-1] == shared.num_tokens
     for i, ex in enumerate(examples):
-        for part, response in ((1, ex.chosen_ids), (2, ex.rejected_ids)):
+        for part, response in ((1, ex.chosen_ids.tolist()), (2, ex.rejected_ids.tolist())):
             s = 3 * i + part
             keys = shared.key_index[ck[s]:ck[s + 1]]
             # the keys are the whole unshared sequence, each at its position: prompt then this response only
-            assert ids[keys].tolist() == ex.prompt_ids + response
+            assert ids[keys].tolist() == ex.prompt_ids.tolist() + response
             assert pos[keys].tolist() == list(range(len(ex.prompt_ids) + len(response)))
             assert ids[cq[s]:cq[s + 1]].tolist() == response  # the queries are the response
         prompt_keys = shared.key_index[ck[3 * i]:ck[3 * i + 1]]
-        assert ids[prompt_keys].tolist() == ex.prompt_ids == ids[cq[3 * i]:cq[3 * i + 1]].tolist()
+        assert ids[prompt_keys].tolist() == ex.prompt_ids.tolist() == ids[cq[3 * i]:cq[3 * i + 1]].tolist()
     for j in range(2 * n_pairs):  # each head row predicts the next token of its own sequence
         rows = shared.response_index[shared.response_cu_seqlens[j]:shared.response_cu_seqlens[j + 1]]
         assert torch.equal(pos[rows] + 1, plain.position_ids[0, plain.response_index[

@@ -39,7 +39,7 @@ def examples(tiny_model_dir, tmp_path_factory):
 
 def unpacked_sequence_logps(model, ex, response):
     """Summed log-probs of `response` after ex.prompt_ids: one unpadded sequence, full logits, float64 softmax."""
-    ids = torch.tensor([ex.prompt_ids + response])
+    ids = torch.tensor([(ex.prompt_ids + response).tolist()])
     logits = model(input_ids=ids, use_cache=False).logits[0].double()
     logp = torch.log_softmax(logits[:-1], -1)
     start = len(ex.prompt_ids) - 1
@@ -541,7 +541,8 @@ def test_reference_cache_key_and_lookup(tmp_path, examples, tiny_model_dir):
     assert data_fingerprint(examples[:-1]) != data_fingerprint(examples)
     last = examples[-1]
     for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        changed = dataclasses.replace(last, **{field: getattr(last, field)[:-1] + [getattr(last, field)[-1] + 1]})
+        ids = getattr(last, field).tolist()
+        changed = dataclasses.replace(last, **{field: ids[:-1] + [ids[-1] + 1]})
         assert data_fingerprint(examples[:-1] + [changed]) != data_fingerprint(examples), field
     assert data_fingerprint(examples[:-1] + [dataclasses.replace(last, index=last.index + 1)]) \
         != data_fingerprint(examples)
@@ -566,6 +567,22 @@ def test_reference_cache_key_and_lookup(tmp_path, examples, tiny_model_dir):
     with pytest.raises(ValueError, match="expected key other"):
         ReferenceCache.load(tmp_path / "c.pt", "other")
 
+
+def test_data_fingerprint_is_the_digest_of_the_ids_as_lists():
+    """The digest keys reference caches on disk and the run folder's resume check: storing the ids as int32
+    arrays must not change it. Pinned to the digest the list-storing code gave for these examples (ids past
+    256 and at the int32 limit), and to an independent SHA-256 of the list reprs."""
+    import hashlib
+
+    from rpo_fast.data import PreferenceExample
+    from rpo_fast.ref_cache import data_fingerprint
+
+    rows = [(0, [0, 1, 128000, 128006], [300, 2**31 - 1, 128009], [7]),
+            (41, [128000], [5, 6], [128255, 256, 257, 128009])]
+    examples = [PreferenceExample(prompt, chosen, rejected, index) for index, prompt, chosen, rejected in rows]
+    pinned = "8d7efb938c05fd88eeee7d480aa7def46c808f5886f60220b60fccaa6be2b336"
+    assert hashlib.sha256(b"".join(repr(row).encode() for row in rows)).hexdigest() == pinned
+    assert data_fingerprint(examples) == pinned
 
 def test_out_of_memory_is_reported_with_step_batch_and_advice(tiny_model_dir, tmp_path):
     from rpo_fast.oom import TrainingOutOfMemoryError

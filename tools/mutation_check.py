@@ -267,8 +267,8 @@ MUTATIONS = [
         "    if True:\n        segment = _NUMBER_WORD"),),
         "gold: number words read even when the answer text has digits", DATA),
     Mutation("data_fingerprint_without_rejected", "rpo_fast/ref_cache.py", ((
-        "repr((ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids))",
-        "repr((ex.index, ex.prompt_ids, ex.chosen_ids))"),),
+        "ex.chosen_ids.tolist(),\n                            ex.rejected_ids.tolist()))",
+        "ex.chosen_ids.tolist()))"),),
         "reference cache: the key ignores the rejected responses (a stale cache is used)", PIPELINE[-1:]),
     Mutation("model_fingerprint_without_values", "rpo_fast/ref_cache.py", ((
         'digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")',
