@@ -22,8 +22,9 @@ class RPOLoss(torch.nn.Module):
     The SFT term is `alpha * nll` when `compute_nll_loss` (Liger's default form is `sft_norm="token_mean"`:
     NLL summed over chosen tokens / chosen token count); `sft_norm="sum"` is the paper's main form and
     `"seq_mean"` its appendix / OpenRLHF's. `compiled` and `chunk_size` are accepted for compatibility and
-    have no effect (the kernels neither compile per shape nor chunk by sequences), and so is `discopop_tau` (Liger's
-    "discopop" loss is not implemented here); `impl`, `backward` and
+    have no effect (nothing is compiled or chunked by sequences here; in a caller's `torch.compile`d code,
+    `forward` is opaque, one graph break that no batch shape recompiles, as `fused_linear_rpo_loss`), and so is
+    `discopop_tau` (Liger's "discopop" loss is not implemented here); `impl`, `backward` and
     `chunk_tokens` are `fused_linear_rpo_loss`'s (by default, for bf16/fp32 inputs, the gradient is formed in
     forward, chunk by chunk of whole pairs: only the returned loss is differentiable, the other outputs are
     detached metrics). Unlike Liger 0.8.5,
@@ -77,6 +78,7 @@ class RPOLoss(torch.nn.Module):
         self.backward = backward
         self.chunk_tokens = chunk_tokens
 
+    @torch.compiler.disable
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
         """
         Args:

@@ -170,6 +170,7 @@ def resolve_head_backward(backward: str, impl: str, dtype: torch.dtype, needs_gr
     return "fwdgrad" if needs_grad and impl != "dense" and dtype != torch.float16 else "recompute"
 
 
+@torch.compiler.disable
 @outside_autocast("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 def fused_linear_rpo_loss(
     hidden: torch.Tensor,
@@ -239,6 +240,11 @@ def fused_linear_rpo_loss(
 
     Under `torch.autocast`, the heads' inputs (hidden, weight, bias and the ref_ ones) are first cast to
     autocast's dtype, as a `Linear`'s would be; the head and the loss run with autocast off (`rpo_fast.autocast`).
+
+    Opaque to `torch.compile` (`torch.compiler.disable`): a compiled caller breaks its graph at this call, which
+    runs eagerly, and is not recompiled when N or B changes. Its checks and chunk plans read `cu_seqlens` and the
+    targets back on the host; traced, their values became guards that recompiled per batch shape, up to dynamo's
+    recompile limit (the heads are custom ops and the loss formulas work on [2B] tensors: compiling gains nothing).
 
     Returns:
         RPOOutput.
