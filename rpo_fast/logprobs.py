@@ -172,6 +172,9 @@ def linear_logprobs(
     Under `torch.autocast`, hidden, weight and bias are first cast to autocast's dtype, as a `Linear`'s inputs
     would be; the head then runs with autocast off (`rpo_fast.autocast`).
 
+    Under `torch.compile` it traces into one graph (`fullgraph=True` works): the targets' values, which eager
+    checks here, are checked by the op when the graph runs (same ValueError), except with impl="dense".
+
     Returns:
         [N] float32, 0.0 where `targets == ignore_index`. Differentiable in hidden, weight and bias.
 
@@ -180,19 +183,23 @@ def linear_logprobs(
             impl="triton" / backward="atomic" on CPU tensors without TRITON_INTERPRET=1 (raised in forward).
     """
     checks.check_head("", hidden, weight, bias)
-    checks.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
     impl = resolve_impl(impl, hidden.device)
+    # Traced by torch.compile, the targets' values are left to the op, whose implementation is opaque to the
+    # trace and checks them when the graph runs (a host read here would break the graph). impl="dense" has no op.
+    op_checks = torch.compiler.is_compiling() and impl != "dense"
+    checks.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device, values=not op_checks)
     backward = resolve_op_backward(backward)
     check_kernels_runnable(impl, backward, hidden)
-    return head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward)
+    return head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward, targets_checked=not op_checks)
 
 
 def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
-                  ignore_index: int, impl: str, backward: str) -> torch.Tensor:
+                  ignore_index: int, impl: str, backward: str, targets_checked: bool = True) -> torch.Tensor:
     """`linear_logprobs` after its checks, for a caller that has made them (`fused_linear_rpo_loss`): `impl` and
-    `backward` resolved, the targets checked (the op does not read them back again), autocast off."""
+    `backward` resolved, the targets checked (the op does not read them back again, unless `targets_checked` is
+    False), autocast off."""
     targets = targets.long().contiguous()
     if impl == "dense":
         return dense_linear_logprobs(hidden, weight, targets, bias, ignore_index)
     bias = None if bias is None else bias.contiguous()
-    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl, backward, True)[0]
+    return linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, impl, backward, targets_checked)[0]

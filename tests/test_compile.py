@@ -113,3 +113,31 @@ def test_rpo_loss_module_compiles_once_for_varying_shapes():
 
     # As above; x [2B, T, H] becomes dynamic one dimension at a time (dynamo's automatic dynamic shapes).
     assert_compiles_bounded(step, padded_batches, (backbone.weight, backbone.bias, weight, bias), max_graphs=6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_linear_logprobs_compiles_whole(backend):
+    """torch.compile(fullgraph=True) over linear_logprobs: one graph (before: its target check read the targets
+    back on the host, a graph break), values and gradients as eager's, and a bad target still raises the
+    ValueError naming `targets` when the graph runs (the op checks them)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight, bias = torch.randn(23, H, generator=gen), torch.randn(V, H, generator=gen), torch.randn(V)
+    targets = torch.randint(0, V, (23,), generator=gen)
+    targets[::4] = -100
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+
+    def f(h, w, b, t):
+        return (linear_logprobs(h, w, t, b, impl="torch") * torch.linspace(0.5, 1.5, t.numel())).sum()
+
+    eager = f(*leaves, targets)
+    expected = torch.autograd.grad(eager, leaves)
+    torch._dynamo.reset()
+    compiled_f = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled_f(*leaves, targets)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+    for g, e in zip(torch.autograd.grad(got, leaves), expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    for bad in (V, -1):
+        targets[5] = bad
+        with pytest.raises(ValueError, match=rf"targets: expected values in \[0, {V}\) .*got {bad} at position 5"):
+            compiled_f(*leaves, targets)
