@@ -53,7 +53,7 @@ def check_head(prefix: str, hidden, weight, bias, n_rows: int | None = None) -> 
 
 def check_targets(targets, n_rows: int, vocab: int, ignore_index: int, device, *, values: bool = True) -> None:
     """targets [n_rows] (`check_target_values`); with `values=False` their values are left to the caller, which
-    reads them back together with something else (one host sync: `bad_targets`, `raise_bad_target`)."""
+    reads them back together with something else (one host sync: `bad_targets`, `bad_target_error`)."""
     if not isinstance(targets, torch.Tensor) or targets.shape != (n_rows,):
         got = _shape(targets) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets: expected shape ({n_rows},) (one per hidden row), got {got}")
@@ -69,7 +69,7 @@ def check_target_values(name: str, targets: torch.Tensor, vocab: int, ignore_ind
     check_target_dtype(name, targets, device)
     bad = bad_targets(targets, vocab, ignore_index)
     if bool(bad.any()):
-        raise_bad_target(name, targets, bad, vocab, ignore_index)
+        raise bad_target_error(name, targets, bad, vocab, ignore_index)
 
 
 def check_target_dtype(name: str, targets: torch.Tensor, device) -> None:
@@ -82,10 +82,11 @@ def bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.T
     return ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
 
 
-def raise_bad_target(name: str, targets: torch.Tensor, bad: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def bad_target_error(name: str, targets: torch.Tensor, bad: torch.Tensor, vocab: int,
+                     ignore_index: int) -> ValueError:
     """The ValueError of `check_target_values` for targets with a `bad` entry."""
     where = bad.nonzero()[0].tolist()
-    raise ValueError(f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
+    return ValueError(f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
                      f"got {int(targets[tuple(where)])} at position {where[0] if len(where) == 1 else where}")
 
 

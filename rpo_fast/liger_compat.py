@@ -98,9 +98,7 @@ class RPOLoss(torch.nn.Module):
         if not isinstance(target, torch.Tensor) or target.shape != _input.shape[:2]:
             raise ValueError(f"target: expected shape {tuple(_input.shape[:2])} (the [2B, T] of _input), got "
                              f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
-        if isinstance(lin_weight, torch.Tensor) and lin_weight.dim() == 2:  # else fused_linear_rpo_loss names it
-            # Checked here, where the message can name the caller's target [2B, T], not the packed targets (N,).
-            checks.check_target_values("target", target, lin_weight.shape[0], self.ignore_index, _input.device)
+        checks.check_target_dtype("target", target, _input.device)  # its values: with the fused loss's reads
         if self.use_ref_model and (ref_input is None or ref_weight is None):
             raise ValueError("ref_input/ref_weight: expected tensors with use_ref_model=True, got None")
         if self.use_ref_model and (ref_input.dim() != 3 or ref_input.shape[:2] != _input.shape[:2]):
@@ -112,17 +110,27 @@ class RPOLoss(torch.nn.Module):
         cu_seqlens[1:] = scored.sum(1).cumsum(0)
         # The scored positions found once (a boolean-mask index per tensor would each read the count back).
         rows = scored.flatten().nonzero().squeeze(1)
-        out = fused_linear_rpo_loss(
-            _input.flatten(0, 1).index_select(0, rows), lin_weight, target.flatten().index_select(0, rows),
-            cu_seqlens, bias=bias,
-            ref_hidden=ref_input.flatten(0, 1).index_select(0, rows) if self.use_ref_model else None,
-            ref_weight=ref_weight if self.use_ref_model else None,
-            ref_bias=ref_bias if self.use_ref_model else None,
-            beta=self.beta, alpha=self.alpha if self.compute_nll_loss else 0.0, sft_norm=self.sft_norm,
-            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            average_log_prob=self.average_log_prob, ignore_index=self.ignore_index, impl=self.impl,
-            backward=self.backward, chunk_tokens=self.chunk_tokens,
-        )
+        try:
+            out = fused_linear_rpo_loss(
+                _input.flatten(0, 1).index_select(0, rows), lin_weight, target.flatten().index_select(0, rows),
+                cu_seqlens, bias=bias,
+                ref_hidden=ref_input.flatten(0, 1).index_select(0, rows) if self.use_ref_model else None,
+                ref_weight=ref_weight if self.use_ref_model else None,
+                ref_bias=ref_bias if self.use_ref_model else None,
+                beta=self.beta, alpha=self.alpha if self.compute_nll_loss else 0.0, sft_norm=self.sft_norm,
+                loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                average_log_prob=self.average_log_prob, ignore_index=self.ignore_index, impl=self.impl,
+                backward=self.backward, chunk_tokens=self.chunk_tokens,
+            )
+        except ValueError as error:
+            # The fused loss reads the packed targets' values back with its token counts (one host read for both).
+            # A bad value is scored, hence packed: it is named here as the caller's `target` [2B, T] at [row,
+            # column], not as the packed targets (N,), in preference to the fused loss's other errors.
+            if isinstance(lin_weight, torch.Tensor) and lin_weight.dim() == 2:
+                bad = checks.bad_targets(target, lin_weight.shape[0], self.ignore_index)
+                if bool(bad.any()):
+                    error = checks.bad_target_error("target", target, bad, lin_weight.shape[0], self.ignore_index)
+            raise error from None
         chosen, rejected = out.chosen_logps, out.rejected_logps
         if self.average_log_prob:
             chosen, rejected = chosen / out.chosen_token_counts, rejected / out.rejected_token_counts

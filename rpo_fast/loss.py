@@ -275,7 +275,7 @@ def fused_linear_rpo_loss(
     bad = checks.bad_targets(targets, vocab, ignore_index)
     any_bad, *empty = torch.cat([bad.any()[None], counts == 0]).tolist()
     if any_bad:
-        checks.raise_bad_target("targets", targets, bad, vocab, ignore_index)
+        raise checks.bad_target_error("targets", targets, bad, vocab, ignore_index)
     checks.check_empty_sequences(empty, n_pairs, sft_norm, alpha, per_token, source=checks.COUNTS_FROM_TARGETS)
 
     # The heads and the loss below run without their own checks of what was checked above.

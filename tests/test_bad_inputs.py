@@ -189,6 +189,8 @@ def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():
     with pytest.raises(ValueError, match=r"^target: expected values in \[0, 5\) or ignore_index=-100, got 7 at "
                                          r"position \[3, 0\]"):
         loss(torch.randn(5, 3), torch.randn(4, 2, 3), target)
+    with pytest.raises(ValueError, match=r"^target: expected values .*position \[3, 0\]"):  # named before the bias
+        loss(torch.randn(5, 3), torch.randn(4, 2, 3), target, torch.randn(4))
     with pytest.raises(ValueError, match=r"^target: expected int32 or int64 on cpu, got \(4, 2\) float32"):
         loss(torch.randn(5, 3), torch.randn(4, 2, 3), target.float())
 
