@@ -343,3 +343,37 @@ def test_hf_mixin_packed_path_shares_the_prompt(kind):
     with warnings.catch_warnings():  # the same model again (a PEFT reference, the next step): no repeat
         warnings.simplefilter("error")
         sequence_logps(model, inputs, packed=True, share_prompt=True, impl="torch")
+
+
+@pytest.mark.parametrize("edit", ["hole", "other_label"])
+def test_hf_mixin_labels_that_are_not_the_response_tokens_pack_unshared(edit):
+    """A response label that is -100 (a hole) or differs from its token: pairs_from_padded finds no shared layout
+    (the shared layout scores the tokens from the first label on), and the mixin's share_prompt log-probs are the
+    labels' own: each row's plain forward (eager attention, float64 log-softmax) summed over its labels."""
+    from rpo_fast.integrations.hf_trainer import sequence_logps
+    from rpo_fast.integrations.padded import pairs_from_padded
+    from rpo_fast.packing import pad_pairs
+
+    model = _tiny("llama").eval()
+    inputs = pad_pairs(EDGE, pad_id=0)
+    labels = inputs["labels"].clone()
+    if edit == "hole":
+        labels[0, 21] = -100  # pair 0's chosen response is tokens 20..22: its middle token unlabelled
+    else:
+        labels[len(EDGE) + 1, 5] = (labels[len(EDGE) + 1, 5] + 1) % VOCAB  # pair 1's rejected: another label
+    inputs = dict(inputs, labels=labels)
+    assert pairs_from_padded(inputs["input_ids"], inputs["attention_mask"], labels) is None
+
+    with torch.no_grad():
+        logps, counts = sequence_logps(model, inputs, packed=True, share_prompt=True, impl="torch")
+        eager = copy.deepcopy(model)
+        eager.set_attn_implementation("eager")
+        expected = []
+        for j in range(2 * len(EDGE)):
+            real = inputs["attention_mask"][j].bool()
+            ids, lab = inputs["input_ids"][j][real], labels[j][real][1:]
+            logits = eager(input_ids=ids[None]).logits[0, :-1].double()
+            scored = lab != -100
+            expected.append(logits.log_softmax(-1)[scored].gather(1, lab[scored, None]).sum())
+    assert counts.tolist() == [float((labels[j] != -100).sum()) for j in range(2 * len(EDGE))]
+    assert_close(logps, torch.stack(expected).float(), atol=2e-5, rtol=1e-5, name="sequence log-probs")
