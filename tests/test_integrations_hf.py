@@ -735,6 +735,23 @@ def test_scaled_head_with_bias_equals_the_models_own_logits(packed):
     _assert_same_grads(model, dense_model)
 
 
+def test_hyperclovax_head_multiplies_by_logits_scaling():
+    """HyperCLOVA X multiplies `lm_head(h)` by `logits_scaling` (Granite, whose class it reuses, divides): the
+    head's log-probs equal those of the model's own logits (logits_scaling=4: dividing instead would flatten
+    them 16-fold)."""
+    config = transformers.HyperCLOVAXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=PAD,
+                                            logits_scaling=4.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.HyperCLOVAXForCausalLM(config)
+    dense_model = copy.deepcopy(model)
+    batch = PreferenceCollator(pad_token_id=PAD)(_examples(2, torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        expected = _dense_rpo_terms(dense_model, None, batch, RPOArguments(reference_free=True))["logps"]
+        assert_close(sequence_logps(model, batch)[0], expected, atol=1e-5, rtol=1e-5, name="sequence log-probs")
+
+
 @pytest.mark.parametrize("head_backward, products", [("auto", 3), ("recompute", 4)])
 def test_mixin_step_head_matmuls(head_backward, products, tmp_path):
     """One RPOTrainerMixin step (compute_loss, then backward) runs the policy's LM head as three matrix products,

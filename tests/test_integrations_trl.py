@@ -316,6 +316,20 @@ def test_deepcopy_of_an_installed_model_runs_on_its_own_weights():
                      rtol=1e-5, name="original")
 
 
+def test_saved_forward_runs_on_the_module_it_is_called_with():
+    """The forward a head install saves (`_model.forward_function`) runs on the module it is called with, not on
+    the one it was read from: called with another model, it gives that model's logits (an uninstalled model with
+    its weights). A deepcopy alone cannot show this: `copy` rebinds a bound method to the copy through its memo."""
+    from rpo_fast.integrations._model import forward_function
+
+    model = _tiny_llama()
+    other, plain = perturbed_deepcopy(model, _tiny_llama)  # plain: the other's weights
+    input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(forward_function(model)(other, input_ids=input_ids).logits, plain(input_ids=input_ids).logits,
+                     atol=1e-6, rtol=1e-5, name="saved forward called with another model")
+
+
 def test_rejects_softcapped_heads():
     model = _tiny_llama()
     model.config.final_logit_softcapping = 30.0
