@@ -452,6 +452,29 @@ def test_failed_providers_are_reported_with_their_reason(tmp_path, monkeypatch):
     assert liger["note"] == "`liger` skipped (liger_kernel not installed)"
 
 
+def test_correctness_pass_needs_every_check_and_liger_ratio_is_liger_over_ours():
+    """The correctness table's pass column is 'yes' only when every pass_* check of the path is 1; the Liger target
+    is Liger's time over ours (>= 1.5 is met: 0.05 s / 0.02 s = 2.5), not ours over Liger."""
+    def row(provider, metric, value):
+        return dict(op="correctness", provider=provider, metric=metric, x_value="tiny", p50=value)
+
+    rows = [row(p, f"rel_err_{q}", 1e-6) for p in ("dense", "ours_fwdgrad", "ours_recompute")
+            for q in ("logprobs", "dhidden", "dweight")]
+    rows += [row("ours_fwdgrad", f"pass_{q}", 1.0) for q in ("logprobs", "dhidden", "dweight")]
+    rows += [row("ours_recompute", "pass_logprobs", 1.0), row("ours_recompute", "pass_dhidden", 0.0),
+             row("ours_recompute", "pass_dweight", 1.0)]
+    table = "\n".join(report.correctness_table(rows))
+    assert "| tiny | linear_logprobs impl=fwdgrad |" in table and "| tiny | linear_logprobs impl=recompute |" in table
+    passed = {line.split(" | ")[1]: line.split(" | ")[-1] for line in table.splitlines() if line.startswith("| tiny")}
+    assert passed == {"linear_logprobs impl=fwdgrad": "yes |", "linear_logprobs impl=recompute": "NO |"}
+
+    llama = dict(label="llama-3-8b", x_name="preset", x_value="llama-3-8b", n=16384)
+    rows = [_loss_row("ours_fwdgrad", "time", 0.02, **llama), _loss_row("gemm", "time", 0.01, **llama),
+            _loss_row("liger", "time", 0.05, **llama)]
+    liger = next(t for t in report.targets(rows, "gpu") if t["name"].startswith("GPU llama-3-8b full: Liger"))
+    assert liger["measured"] == pytest.approx(2.5) and liger["met"] is True
+
+
 def test_the_mode_the_targets_need_is_timed_first():
     """A run stopped at its hard limit must lose the informational modes, not `full`, on which the targets are
     judged: at a point timed in every mode, `full` comes first."""

@@ -31,8 +31,52 @@ def test_variants_alpha_is_eta_times_beta():
     by_name = {v.name: v for v in make_variants(beta=0.1, eta=2.0)}
     assert by_name["dpo"].alpha == 0.0
     assert by_name["rpo_sum"].alpha == pytest.approx(0.2) and by_name["rpo_sum"].sft_norm == "sum"
-    assert by_name["rpo_seq_mean"].sft_norm == "seq_mean"
+    assert by_name["rpo_seq_mean"].alpha == pytest.approx(0.2) and by_name["rpo_seq_mean"].sft_norm == "seq_mean"
     assert by_name["rpo_sum_paper_eta"].alpha == pytest.approx(0.0005)
+
+
+def _report(tmp_path, dpo_chosen: dict[int, list[float]]):
+    """REPORT.md of hand-made rows: variants dpo and rpo_sum, seeds 0 and 1, held-out evals at steps 0, 5, 10
+    (DPO's chosen log-prob per seed from `dpo_chosen`, rpo_sum's -20, -19, -18), training margins at steps 1-6."""
+    from bench.overopt.experiment import Setup
+    from bench.overopt.report import write_report
+
+    rows = []
+    for variant in ("dpo", "rpo_sum"):
+        for seed in (0, 1):
+            chosen = dpo_chosen[seed] if variant == "dpo" else [-20.0, -19.0, -18.0]
+            for step, value in zip((0, 5, 10), chosen):
+                for metric, v in (("eval/logp_chosen", value), ("eval/logp_chosen_tok", value / 10),
+                                  ("eval/logp_rejected", -30.0), ("eval/margin", 0.0), ("eval/reward_acc", 0.5),
+                                  ("eval/logp_acc", 0.5), ("eval/gold_acc", 0.25)):
+                    rows.append({"variant": variant, "seed": seed, "step": step, "metric": metric, "value": v})
+            margins = [1, 2, 3, 4, 5, 6] if seed == 0 else [0, 0, 0, 0, 2, 4]
+            rows += [{"variant": variant, "seed": seed, "step": step, "metric": "train/margin", "value": m}
+                     for step, m in zip(range(1, 7), margins)]
+    setup = {k: v for k, v in vars(Setup()).items() if k != "extra"}
+    meta = {"command": "python -m bench.overopt.run", "commit": "abc", "started": "now", "machine": "test",
+            "setup": {**setup, "pairs_per_step": 4}, "eta": 1.0, "n_train": 8, "n_eval_logp": 3, "n_gold": 4,
+            "variants": [{"name": v, "label": v, "sft_norm": "sum"} for v in ("dpo", "rpo_sum")],
+            "runs": [{"variant": v, "seed": seed, "steps": 6, "mean_step_s": 1.0, "wall_s": 6.0, "eval_s": 1.0,
+                      "gold_s": 1.0} for seed in (0, 1) for v in ("dpo", "rpo_sum")]}
+    return write_report(rows, meta, tmp_path / "REPORT.md").read_text()
+
+
+def test_report_verdicts_and_numbers_from_hand_made_rows(tmp_path):
+    """Changes are last eval minus step 0 (not minus the first eval after it); claim 1 is reproduced only when DPO
+    lowers the chosen log-prob on every seed; the training margin averages the last epoch (8 pairs / 4 per step =
+    the last 2 steps), per seed."""
+    report = _report(tmp_path, {0: [-20.0, -25.0, -22.0], 1: [-20.0, -19.0, -19.5]})
+    # seed 0: -22 - -20 = -2 (from step 5: +3); seed 1: -19.5 - -20 = +0.5 (from step 5: -0.5)
+    assert "DPO's held-out chosen log-prob change is -0.75 (-2.00, +0.50) nats -> mixed across seeds." in report
+    # rpo_sum: +2 on both seeds; minus dpo: +4, +1.5
+    assert "`rpo_sum` minus `dpo`, chosen log-prob change, same seeds: +2.75 (+4.00, +1.50) nats (higher" in report
+    # the last 2 training margins: (5 + 6) / 2 = 5.5 and (2 + 4) / 2 = 3
+    assert "averaged over the last 2 steps" in report and "`dpo` +4.25 (+5.50, +3.00)" in report
+    report = _report(tmp_path, {0: [-20.0, -25.0, -22.0], 1: [-20.0, -23.0, -21.0]})
+    assert "change is -1.50 (-2.00, -1.00) nats -> reproduced." in report
+    report = _report(tmp_path, {0: [-20.0, -25.0, -19.0], 1: [-20.0, -23.0, -20.0]})
+    assert "change is +0.50 (+1.00, +0.00) nats -> NOT reproduced." in report
 
 
 def test_default_setup_config_validates_and_adapts_blocks_20_to_29(tmp_path):
