@@ -200,6 +200,35 @@ def test_data_reader_not_installed_exits_2_before_loading(package, modules, data
     assert "error: train_file" in lines[0] and f"`{package}`" in lines[0] and "'.[data]'" in lines[0], lines
 
 
+@pytest.mark.parametrize("value", ["1", "true", "YES", "On", "0", "false", "no", ""])
+@pytest.mark.parametrize("name", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_hub_offline_reads_the_values_huggingface_hub_reads(name, value, monkeypatch):
+    """HF_HUB_OFFLINE=true is offline, as for huggingface_hub (1, ON, YES, TRUE in any case): an uncached hub id
+    is then refused before loading; other values leave the hub online."""
+    from rpo_fast.preflight import check_model_source, hub_offline
+
+    for other in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    offline = value.upper() in {"1", "ON", "YES", "TRUE"}
+    assert hub_offline() == offline
+    if offline:
+        with pytest.raises(ValueError, match="model: 'rpo-fast-test-org/no-such-model' is not a local folder"):
+            check_model_source("model", "rpo-fast-test-org/no-such-model")
+
+
+def test_a_gguf_file_is_accepted_whatever_the_case_of_its_suffix(tmp_path):
+    from rpo_fast.preflight import check_model_source
+
+    for name in ("model.gguf", "MODEL.GGUF", "model.Gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+        check_model_source("model", str(tmp_path / name))
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="model: expected a Hugging Face model folder, a .gguf file or a hub id, "
+                                         "got the file"):
+        check_model_source("model", str(tmp_path / "model.bin"))
+
+
 @pytest.mark.parametrize("command, entry", [("train", "train"), ("precompute-ref", "precompute_reference")])
 def test_out_of_memory_anywhere_exits_4_with_the_reason(command, entry, monkeypatch, capsys):
     """Out of memory outside a training step (model load, eval, the reference pass): exit 4, no traceback."""
@@ -216,6 +245,22 @@ def test_out_of_memory_anywhere_exits_4_with_the_reason(command, entry, monkeypa
     assert f"rpo-fast {command}: CUDA out of memory outside a training step" in err
     assert "Tried to allocate 3.00 GiB" in err and "more details" not in err and "plan-memory" in err
     assert "Traceback" not in err
+
+
+def test_out_of_memory_in_a_training_step_exits_4_with_the_advice(monkeypatch, capsys):
+    """Out of memory in a training step (the trainer's TrainingOutOfMemoryError, with its advice): exit 4, as the
+    README's exit-code table says for any CUDA out of memory, and the message in one paragraph, no traceback."""
+    from rpo_fast import cli, trainer
+
+    def out_of_memory(config):
+        raise trainer.oom.TrainingOutOfMemoryError("CUDA out of memory at step 2, in a micro-batch of 4 pairs. "
+                                                   "To fit: lower token_budget.")
+
+    monkeypatch.setattr(trainer, "train", out_of_memory)
+    assert cli.main(["train"]) == 4
+    err = capsys.readouterr().err
+    assert err == "rpo-fast train: CUDA out of memory at step 2, in a micro-batch of 4 pairs. To fit: lower " \
+        "token_budget.\n"
 
 
 def test_precompute_ref_warns_when_train_would_not_read_the_cache(tiny_model_dir, tmp_path, capsys):

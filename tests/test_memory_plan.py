@@ -510,6 +510,24 @@ def test_train_config_plan_maps_every_setting():
     assert "not available" in forecast(config, "no-such-model", 80 * GiB)
 
 
+def test_out_of_memory_advice_predicts_the_halved_token_budget():
+    """The out-of-memory message's advice halves token_budget and prints the planner's peak at the halved budget
+    (here 16384 -> 8192 tokens, spelled out to plan_memory), not the peak it failed at."""
+    from rpo_fast.config import load_config
+    from rpo_fast.oom import out_of_memory_message
+
+    config = load_config(None, dict(model="mistral-7b", finetune="full", dtype="bfloat16", gradient_checkpointing=False,
+                                    reference="cache", optimizer="adamw_bf16", max_length=1024,
+                                    max_prompt_length=512, token_budget=16384, max_pairs_per_micro_batch=None))
+    spelled = dict(max_length=1024, prompt_tokens=0, optimizer="adamw_bf16", reference="precomputed", dtype="bf16",
+                   gradient_checkpointing=False)
+    peak, halved = (plan_memory("mistral-7b", tokens_per_micro_batch=t, **spelled).peak_bytes for t in (16384, 8192))
+    assert f"{peak / GiB:.1f}" != f"{halved / GiB:.1f}"
+    message = out_of_memory_message(config, 3, 8, 16384, 16384, "mistral-7b", 80 * GiB)
+    assert f"predicts a peak of {peak / GiB:.1f} GiB of the device's 80.0 GiB" in message
+    assert f"--token_budget=8192: {halved / GiB:.1f} GiB predicted" in message
+
+
 def test_alternatives_for_a_run_that_does_not_fit(capsys):
     """Llama-3-8B with adamw_bf16 is 0.6 GiB short of 80 GB (docs/memory.md): the planner lists single changes,
     those that fit first, the smallest departure first, and each is the plan of exactly that change."""

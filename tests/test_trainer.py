@@ -584,6 +584,24 @@ def test_data_fingerprint_is_the_digest_of_the_ids_as_lists():
     assert hashlib.sha256(b"".join(repr(row).encode() for row in rows)).hexdigest() == pinned
     assert data_fingerprint(examples) == pinned
 
+
+def test_an_unreadable_reference_cache_is_recomputed_and_rewritten(tmp_path, tiny_model_dir, examples):
+    """A cache file under the right key that cannot be read (truncated: a copy cut short, a full disk) is
+    recomputed, not an error: the values are each unpacked sequence's float64 log-probs, and the file is
+    rewritten, readable."""
+    from rpo_fast.ref_cache import ReferenceCache, cache_key, cache_path, data_fingerprint, load_or_compute, \
+        model_fingerprint
+
+    model = modeling.load_causal_lm(str(tiny_model_dir)).eval()
+    key = cache_key(model_fingerprint(model), data_fingerprint(examples[:4]))
+    path = cache_path(tmp_path, key)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    cache = load_or_compute(model, examples[:4], tmp_path, token_budget=4000, impl="torch")
+    assert_close(cache.logps.double(), unpacked_pair_logps(model, examples[:4]), atol=1e-3, rtol=1e-5,
+                 name="recomputed reference logps")
+    assert torch.equal(ReferenceCache.load(path, key).logps, cache.logps)
+
+
 def test_out_of_memory_is_reported_with_step_batch_and_advice(tiny_model_dir, tmp_path):
     from rpo_fast.oom import TrainingOutOfMemoryError
 
