@@ -43,6 +43,7 @@ CASES = [
     ("cu_not_zero_start", dict(cu_seqlens=torch.tensor([1, 3, 6, 9, 12], dtype=torch.int32)), "cu_seqlens"),
     ("cu_not_ending_at_N", dict(cu_seqlens=torch.tensor([0, 3, 6, 9, 11], dtype=torch.int32)), "cu_seqlens"),
     ("cu_decreasing", dict(cu_seqlens=torch.tensor([0, 5, 4, 9, 12], dtype=torch.int32)), "cu_seqlens"),
+    ("cu_last_span_negative", dict(cu_seqlens=torch.tensor([0, 3, 6, 13, 12], dtype=torch.int32)), "cu_seqlens"),
     ("cu_odd_count", dict(cu_seqlens=torch.tensor([0, 4, 8, 12], dtype=torch.int32)), "cu_seqlens"),
     ("cu_2d", dict(cu_seqlens=torch.zeros(2, 3, dtype=torch.int32)), "cu_seqlens"),
     ("ref_hidden_only", dict(ref_hidden=torch.randn(N, H)), "ref_weight"),

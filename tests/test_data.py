@@ -577,6 +577,9 @@ def test_gold_reward_hand_cases(question, generation, reward):
     assert gold_reward([{"role": "user", "content": question}], generation) == reward
     assert gold_reward({"prompt": [{"role": "system", "content": "x"}, {"role": "user", "content": question}]},
                        generation) == reward
+    # a conversation is graded on its last user message (an earlier turn asks another question)
+    earlier = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "The answer is 4."}]
+    assert gold_reward(earlier + [{"role": "user", "content": question}], generation) == reward
 
 
 ADD, SUB, MUL = "What is 37 + 48?", "What is 48 - 37?", "What is 7 times 8?"

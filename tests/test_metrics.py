@@ -1,4 +1,6 @@
 """The logged per-pair metrics: sums over a micro-batch, and pair-weighted means over micro-batches."""
+import os
+
 import pytest
 import torch
 
@@ -58,6 +60,31 @@ def test_final_table_names_the_steps_each_column_averages():
     assert loss_row.split()[1:3] == ["3", "30"]
     header = final_table([dict(r, step=r["step"] + 9990) for r in records] * 2, None, None).splitlines()[0]
     assert "steps 9993-9996  " in header  # wide labels keep a gap between columns
+
+
+def test_final_table_leaves_out_skipped_steps():
+    """A skipped (non-finite) step's record has a NaN loss: the columns average the logged steps that trained.
+    Steps 1, 2, [3 skipped], 4 with window 2: first = steps 1-2, last = steps 2 and 4."""
+    from rpo_fast.metrics import final_table
+
+    records = [{"step": s, "loss": float(s), "tokens/s": 1.0, "peak_mem_mb": 1.0, "skipped": False} for s in (1, 2, 4)]
+    records.insert(2, {"step": 3, "loss": float("nan"), "tokens/s": 1.0, "peak_mem_mb": 1.0, "skipped": True})
+    header, loss_row = final_table(records, None, None, window=2).splitlines()[:2]
+    assert header.split()[1:5] == ["steps", "1-2", "steps", "2-4"]
+    assert loss_row.split()[1:3] == ["1.5", "3"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from Linux's /proc")
+def test_cpu_peak_memory_is_the_peak_resident_set_in_mib():
+    """On the CPU, peak_mem_mb is this process's peak resident set in MiB: Linux's VmHWM (kB = KiB) / 1024."""
+    from rpo_fast.metrics import peak_memory_mb
+
+    hold = torch.ones(64 * 2**20 // 4)  # 64 MiB touched: the peak is at least that much above nothing
+    got = peak_memory_mb(torch.device("cpu"))
+    with open("/proc/self/status") as f:
+        hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    assert got == pytest.approx(hwm_kib / 1024, rel=0.05)
+    assert got > 64 and hold.sum() > 0
 
 
 def test_tensorboard_drops_its_events_past_the_checkpoint_on_resume(tmp_path, monkeypatch):

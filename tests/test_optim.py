@@ -246,18 +246,22 @@ def test_nearest_and_stochastic_rounding():
         stochastic_round_to_bf16(torch.ones(3, dtype=torch.float64))
 
 
-def test_low_precision_first_step_is_adamw():
-    """fp32 weights: the first step's update is torch AdamW's (only the stored states are bf16)."""
-    w0 = torch.randn(1000)
-    grad = torch.randn(1000)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_low_precision_first_step_is_adamw(layout):
+    """fp32 weights: the first step's update is torch AdamW's (only the stored states are bf16), for a
+    non-contiguous parameter too (a transposed view: updated in a contiguous copy, written back)."""
+    w0 = torch.randn(40, 25)
+    grad = torch.randn(40, 25)
     results = []
     for make in (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
                  lambda p: LowPrecisionAdamW(p, lr=1e-2, weight_decay=0.1)):
-        p = torch.nn.Parameter(w0.clone())
+        p = torch.nn.Parameter(w0.clone() if layout == "contiguous" else w0.t().contiguous().t())
+        assert p.is_contiguous() == (layout == "contiguous")
         p.grad = grad.clone()
         make([p]).step()
         results.append(p.detach())
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[1], w0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
