@@ -495,6 +495,80 @@ MUTATIONS = [
         "or not ref_logps.is_floating_point()):"),),
         "ref_logps on another device reaches the loss (a RuntimeError, not a ValueError naming it)",
         ("tests/test_bad_inputs.py",)),
+    # Gaps found by an independent mutation audit (each caught by a test added for it).
+    Mutation("pd_label_holes_accepted", "rpo_fast/integrations/padded.py", ((
+        "if first is None or first == 0 or lab[first:] != tokens[first:]:", "if first is None or first == 0:"),),
+        "pairs_from_padded shares the prompt of a batch whose response labels have a hole or another value "
+        "(the shared layout scores the tokens, not the labels)", ("tests/test_prompt_sharing.py",)),
+    Mutation("md_forward_bound_to_original", MODEL_HEAD, ((
+        "        return forward.__func__\n", "        return functools.partial(_call_unbound, forward)\n"),),
+        "integrations: the saved forward stays bound to the module it was read from", INTEGRATIONS[-1:]),
+    Mutation("md_hyperclovax_divides", MODEL_HEAD, ((
+        'return float(scaling) if getattr(text_config, "model_type", "") == "hyperclovax" else 1.0 / float(scaling)',
+        "return 1.0 / float(scaling)"),),
+        "integrations: HyperCLOVA X's logits_scaling divided instead of multiplied",
+        ("tests/test_integrations_hf.py",)),
+    Mutation("oo_seq_mean_alpha_eta", "bench/overopt/experiment.py", ((
+        'Variant("rpo_seq_mean", f"RPO seq_mean (alpha={eta * beta:g})", eta * beta, "seq_mean")',
+        'Variant("rpo_seq_mean", f"RPO seq_mean (alpha={eta * beta:g})", eta, "seq_mean")'),),
+        "overopt: the seq_mean variant trained with alpha = eta instead of eta * beta", ("tests/test_overopt.py",)),
+    Mutation("oo_claim_any_seed", "bench/overopt/report.py", ((
+        '+ ("reproduced." if all(d < 0 for d in dpo) else', '+ ("reproduced." if any(d < 0 for d in dpo) else'),),
+        "overopt report: claim 1 called reproduced when any seed shows it", ("tests/test_overopt.py",)),
+    Mutation("oo_train_margin_first_epoch", "bench/overopt/report.py", ((
+        "for k in sorted(series)[-epoch:]]", "for k in sorted(series)[:epoch]]"),),
+        "overopt report: the 'last epoch' training margin averages the first epoch", ("tests/test_overopt.py",)),
+    Mutation("oo_change_from_first_eval", "bench/overopt/report.py", ((
+        "return {seed: series[max(series)] - series[0] for",
+        "return {seed: series[max(series)] - series[min(s for s in series if s > 0)] for"),),
+        "overopt report: changes measured from the first eval after step 0", ("tests/test_overopt.py",)),
+    Mutation("rp_pass_any", "bench/report.py", ((
+        '"yes" if passes and all(v == 1 for v in passes) else "NO"',
+        '"yes" if passes and any(v == 1 for v in passes) else "NO"'),),
+        "bench report: a correctness path passes when any of its checks passes", ("tests/test_bench.py",)),
+    Mutation("rp_liger_ratio_inverted", "bench/report.py", ((
+        '_ratio(t_liger, val(llama, False, "full", FUSED, "time"))',
+        '_ratio(val(llama, False, "full", FUSED, "time"), t_liger)'),),
+        "bench report: the Liger / ours target ratio inverted", ("tests/test_bench.py",)),
+    Mutation("oom_smaller_budget_predicts_original", "rpo_fast/oom.py", ((
+        "smaller_peak = _planned_peak(model_config, config, smaller, world)",
+        "smaller_peak = _planned_peak(model_config, config, config.token_budget, world)"),),
+        "out-of-memory advice: the peak printed for the halved token_budget is the current one's",
+        ("tests/test_memory_plan.py",)),
+    Mutation("rc_unreadable_not_recomputed", "rpo_fast/ref_cache.py", ((
+        "        except ValueError:\n            pass  # unreadable: recompute and overwrite",
+        "        except ValueError:\n            raise"),),
+        "reference cache: an unreadable cache file aborts the run instead of being recomputed",
+        ("tests/test_trainer.py",)),
+    Mutation("cli_oom_exit_1", "rpo_fast/cli.py", ((
+        "    except trainer.oom.TrainingOutOfMemoryError as e:\n"
+        '        print(f"rpo-fast {args.command}: {e}", file=sys.stderr)\n        return 4',
+        "    except trainer.oom.TrainingOutOfMemoryError as e:\n"
+        '        print(f"rpo-fast {args.command}: {e}", file=sys.stderr)\n        return 1'),),
+        "cli: out of memory in a training step exits 1, not the documented 4", ("tests/test_cli.py",)),
+    Mutation("pf_offline_only_1", "rpo_fast/preflight.py", ((
+        'os.environ.get(name, "").upper() in _TRUE', 'os.environ.get(name, "") == "1"'),),
+        "preflight: HF_HUB_OFFLINE=true not read as offline", ("tests/test_cli.py",)),
+    Mutation("pf_gguf_suffix_case", "rpo_fast/preflight.py", ((
+        'if path.suffix.lower() != ".gguf":', 'if path.suffix != ".gguf":'),),
+        "preflight: a model file named X.GGUF refused", ("tests/test_cli.py",)),
+    Mutation("met_table_keeps_skipped", "rpo_fast/metrics.py", ((
+        'rows = [r for r in train_records if "loss" in r and not r.get("skipped")]',
+        'rows = [r for r in train_records if "loss" in r]'),),
+        "final table: skipped (non-finite) steps averaged in", ("tests/test_metrics.py",)),
+    Mutation("met_cpu_peak_kib_as_mb", "rpo_fast/metrics.py", ((
+        "ru_maxrss / 1024  # Linux", "ru_maxrss / 1  # Linux"),),
+        "CPU peak memory: KiB reported as MB", ("tests/test_metrics.py",)),
+    Mutation("opt_noncontiguous_not_written_back", OPTIM, ((
+        "        if not p.is_contiguous():\n            p.copy_(work.view_as(p))", "        pass"),),
+        "low-precision AdamW: a non-contiguous parameter is never updated", ("tests/test_optim.py",)),
+    Mutation("ck_last_span_unchecked", "rpo_fast/checks.py", ((
+        "    for i in range(n_seqs):\n        if values[i + 1] < values[i]:",
+        "    for i in range(n_seqs - 1):\n        if values[i + 1] < values[i]:"),),
+        "cu_seqlens: a decreasing last boundary accepted (a negative last span)", ("tests/test_bad_inputs.py",)),
+    Mutation("gold_question_first_user", "rpo_fast/gold.py", ((
+        "            return user[-1]", "            return user[0]"),),
+        "gold: a conversation graded on its first user message, not its last", ("tests/test_data.py",)),
 ]
 
 
