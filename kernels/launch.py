@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language.standard
 
 
 class TileConfig(NamedTuple):
@@ -71,6 +72,21 @@ def interpret_switch() -> bool:
 # from TRITON_INTERPRET as it is then; `rpo_fast.kernels` imports this module first, so this is the kernels'
 # state. Setting the variable later cannot turn the interpreter on.
 _BUILT_INTERPRETED = interpret_switch()
+
+
+def library_interpreted() -> bool:
+    """Whether Triton's own `@triton.jit` library (tl.max, tl.sum, ...) was built for the interpreter: at
+    Triton's import, from TRITON_INTERPRET as it was then."""
+    return type(triton.language.standard.max).__name__ == "InterpretedFunction"
+
+
+if _BUILT_INTERPRETED and not library_interpreted():
+    # Interpreted kernels calling compiled-mode library functions fail at their first launch with Triton's
+    # "Cannot call @triton.jit'd outside of the scope of a kernel"; say why here instead.
+    raise RuntimeError(
+        "TRITON_INTERPRET=1 was set after triton was imported (triton builds its own library when imported, "
+        "here without the interpreter; torch.compile, torch._dynamo and liger-kernel import it): set "
+        "TRITON_INTERPRET=1 before Python imports triton, e.g. in the environment of the process")
 
 
 def interpreting() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .compile_boundary import opaque_to_compile
 from .loss import fused_linear_rpo_loss
 
 # Liger loss types this module does not implement (they are not RPO's preference term).
@@ -78,7 +79,7 @@ class RPOLoss(torch.nn.Module):
         self.backward = backward
         self.chunk_tokens = chunk_tokens
 
-    @torch.compiler.disable
+    @opaque_to_compile
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
         """
         Args:

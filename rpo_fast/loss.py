@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import checks
 from .autocast import outside_autocast
+from .compile_boundary import opaque_to_compile
 from .fwdgrad import fwdgrad_head_loss
 from .logprobs import check_kernels_runnable, head_logprobs, resolve_impl
 from .segments import segment_sum
@@ -170,7 +171,7 @@ def resolve_head_backward(backward: str, impl: str, dtype: torch.dtype, needs_gr
     return "fwdgrad" if needs_grad and impl != "dense" and dtype != torch.float16 else "recompute"
 
 
-@torch.compiler.disable
+@opaque_to_compile
 @outside_autocast("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 def fused_linear_rpo_loss(
     hidden: torch.Tensor,

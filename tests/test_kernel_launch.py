@@ -232,3 +232,26 @@ def test_the_cpu_path_runs_without_triton():
     proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_interpreter_set_after_triton_was_imported_is_refused_at_kernel_import():
+    """TRITON_INTERPRET=1 set after triton's import: triton's own library (tl.max, ...) is compiled-mode, and the
+    interpreted kernels failed at their first launch with Triton's "Cannot call @triton.jit'd outside of the
+    scope of a kernel". Importing the kernels now says what happened. And `import rpo_fast` itself leaves triton
+    and torch._dynamo unimported (it imported both through torch.compiler.disable for a while: ~1.4 s more per
+    start, and a bench that set the variable after importing rpo_fast broke)."""
+    code = ("import os, sys\n"
+            "import rpo_fast\n"
+            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))\n"
+            "import triton\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n"
+            "    import rpo_fast.kernels\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported, message = proc.stdout.splitlines()[:2]
+    assert imported == "[]"
+    assert message.startswith("TRITON_INTERPRET=1 was set after triton was imported"), proc.stdout
