@@ -90,9 +90,10 @@ if _BUILT_INTERPRETED and not library_interpreted():
 
 
 def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 was set when `rpo_fast` was
-    imported (see `_BUILT_INTERPRETED`) and has not been unset since (tests unset it to stand for a CPU machine
-    without the interpreter)."""
+    """True when the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 was set when triton and the
+    kernels were first imported (see `_BUILT_INTERPRETED`; `import rpo_fast` imports neither, the first
+    impl="triton" call does) and has not been unset since (tests unset it to stand for a CPU machine without
+    the interpreter)."""
     return _BUILT_INTERPRETED and interpret_switch()
 
 

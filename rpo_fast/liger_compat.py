@@ -34,7 +34,9 @@ class RPOLoss(torch.nn.Module):
 
     Raises:
         ValueError: for a Liger loss type that is not implemented here, an unknown option, or (in forward) a
-            malformed input; `_input`, `target` and `ref_input` are named as passed, not as the packed tensors.
+            malformed input. A bad `target` (shape or value, at [row, column]) and `_input`/`ref_input` shapes
+            are named as passed; the heads' shape and dtype mismatches are `fused_linear_rpo_loss`'s errors,
+            named as there (`hidden` [N, H] is the packed `_input`, `weight` is `lin_weight`).
     """
 
     def __init__(

@@ -173,7 +173,8 @@ def linear_logprobs(
     would be; the head then runs with autocast off (`rpo_fast.autocast`).
 
     Under `torch.compile` it traces into one graph (`fullgraph=True` works): the targets' values, which eager
-    checks here, are checked by the op when the graph runs (same ValueError), except with impl="dense".
+    checks here, are checked by the op when the graph runs (same ValueError). impl="dense" has no op: its
+    check reads the targets back here, a graph break (`fullgraph=True` fails).
 
     Returns:
         [N] float32, 0.0 where `targets == ignore_index`. Differentiable in hidden, weight and bias.
