@@ -668,10 +668,10 @@ def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: 
     if backward == "fwdgrad":
         # The gradients are made in forward and held until backward hands them back as they are: `saved`, with
         # nothing more `returned`. Forward, per chunk: its fp32 logits (+ the b-byte dlogits on CUDA), its hidden
-        # rows and dhidden rows in fp32, beside the fp32 dweight accumulator (in fp32 it is the gradient; else
-        # it is cast at the end, both alive) and, on CPU, the weight's fp32 copy for the products. Logits: a
-        # chunk of whole pairs or a piece of a longer pair, at most chunk_tokens rows. Hidden and dhidden rows
-        # (the GEMM operand dtype: b on CUDA, fp32 on CPU): the chunk's, or a longer pair's whole.
+        # rows and dhidden rows in the GEMM operand dtype (b on CUDA, fp32 on CPU), beside the fp32 dweight
+        # accumulator (in fp32 it is the gradient; else it is cast at the end, both alive) and, on CPU, the
+        # weight's fp32 copy for the products. Logits: a chunk of whole pairs or a piece of a longer pair, at
+        # most chunk_tokens rows. Hidden and dhidden rows: the chunk's, or a longer pair's whole.
         rows = min(N, chunk_tokens or fwdgrad.default_chunk_tokens(V, torch.device(device)))
         chunk = rows * V
         copied_rows = max(rows, min(N, pair_rows))
