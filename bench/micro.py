@@ -22,25 +22,37 @@ from typing import Callable
 
 import torch
 
+from .timing import Candidate, time_once
+
 SEMANTICS = ("acq_rel", "relaxed", "plain")
 
 
-def _median_s(fn: Callable[[], object], device: torch.device, reps: int, budget_s: float = 0.5) -> tuple[float, int]:
-    """(median wall time of `fn`, runs timed) after one warm-up, CUDA-synchronized: `reps` runs, or more
-    (up to 50) when they fit in `budget_s`, fewer (at least 2) when one run is longer than the budget."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = time.perf_counter() - start
-    reps = max(2, min(50, max(reps, int(budget_s / max(once, 1e-9))))) if once < budget_s else 2
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], reps
+def _median_s(fn: Callable[[], object], device: torch.device, reps: int, budget_s: float = 0.5, *,
+              setup: Callable[[], object] = lambda: None, min_sample_s: float = 1e-3) -> tuple[float, int]:
+    """(median seconds per `fn` call, calls made), timed as the loss benchmarks are (`timing.time_once`: CUDA
+    events on a GPU, so launch and synchronize latency stay out). One warm-up call (compilation), one call
+    that sizes the samples, then `reps` samples, or more (up to 50) when they fit in `budget_s`, fewer
+    (at least 2) when one is longer than the budget. A sample is as many back-to-back calls as make
+    `min_sample_s` of work (at most 1000), so that the latency before the first launch is a small part of it;
+    `setup()` runs untimed before each sample."""
+    calls = 0
+
+    def sample(count: int) -> Candidate:
+        def run(_state):
+            nonlocal calls
+            for _ in range(count):
+                fn()
+                calls += 1
+
+        return Candidate("micro", setup, run)
+
+    time_once(sample(1), device, wall_clock=True)
+    once = time_once(sample(1), device)
+    per_sample = min(1000, max(1, math.ceil(min_sample_s / max(once, 1e-9))))
+    sample_s = once * per_sample
+    reps = max(2, min(50, max(reps, int(budget_s / max(sample_s, 1e-9))))) if sample_s < budget_s else 2
+    times = sorted(time_once(sample(per_sample), device) / per_sample for _ in range(reps))
+    return times[len(times) // 2], calls
 
 
 def _atomic_kernel():
@@ -48,10 +60,11 @@ def _atomic_kernel():
     import triton.language as tl
 
     @triton.jit
-    def add_kernel(out_ptr, n_out, ITERS: tl.constexpr, BLOCK: tl.constexpr, SEM: tl.constexpr):
+    def add_kernel(out_ptr, n_out, base, ITERS: tl.constexpr, BLOCK: tl.constexpr, SEM: tl.constexpr):
         # Program p adds 1.0 to BLOCK consecutive elements, ITERS times, striding over the buffer so that
-        # programs never collide within a step (as the backward's tiles write disjoint accumulator blocks).
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        # programs never collide within a step (as the backward's tiles write disjoint accumulator blocks);
+        # `base` is where the previous launch stopped, so that back-to-back launches keep moving on.
+        offs = base + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ones = tl.full([BLOCK], 1.0, tl.float32)
         for i in range(ITERS):
             idx = (offs + i * BLOCK * tl.num_programs(0)) % n_out
@@ -68,7 +81,8 @@ def atomic_rows(device: torch.device) -> list[dict]:
     kernel = _atomic_kernel()
     if device.type == "cuda":
         # 1 GiB of fp32 (well beyond L2, like a head's dW), 4 programs per SM, ~69 M adds per launch: ~50 us
-        # at the fastest rate the roofline guessed for relaxed atomics, ~1.7 s at 1/40 of it for fenced ones
+        # at the fastest rate the roofline guessed for relaxed atomics (a timed sample then holds several
+        # launches, see _median_s), ~2 ms at 1/40 of it for fenced ones
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         n_out, programs, block, iters, reps = 2**28, 4 * sms, 1024, 128, 5
     else:  # the interpreter: toy sizes, a rehearsal only
@@ -78,13 +92,17 @@ def atomic_rows(device: torch.device) -> list[dict]:
     rows = []
     for sem in SEMANTICS:
         out.zero_()
+        launches = 0
 
         def launch():
-            kernel[(programs,)](out, n_out, ITERS=iters, BLOCK=block, SEM=sem, num_warps=8)
+            nonlocal launches
+            kernel[(programs,)](out, n_out, launches * adds % n_out, ITERS=iters, BLOCK=block, SEM=sem,
+                                num_warps=8)
+            launches += 1
 
         seconds, runs = _median_s(launch, device, reps)
         total = float(out.double().sum())
-        exact = total == adds * (runs + 1)  # every launch (warm-up included) adds `adds` ones
+        exact = total == adds * runs  # every launch (warm-up included) adds `adds` ones
         config = dict(n_out=n_out, programs=programs, block=block, iters=iters, adds=adds, exact=exact)
         rows.append(dict(op="micro", provider=f"atomic_add sem={sem}" if sem != "plain" else "load+add+store",
                          mode="-", metric="elements_per_s", unit="1/s", x_name="check", x_value="atomics",
@@ -138,7 +156,8 @@ def addmm_rows(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> lis
                              x_value="addmm", p50=math.nan, p20=math.nan, p80=math.nan, config=json.dumps(config)))
             continue
         err = float((acc.double() - exact).norm()) / scale if name != "bf16 mm (no accumulation)" else math.nan
-        seconds, _ = _median_s(lambda: fn(torch.zeros(m, n, dtype=torch.float32, device=device)), device, reps)
+        # Timed into the same accumulator, zeroed untimed before each sample (its calls accumulate).
+        seconds, _ = _median_s(lambda: fn(acc), device, reps, setup=acc.zero_)
         measured = [("rel_err_vs_fp64", "1", err)] if not math.isnan(err) else []
         measured += [("time", "s", seconds), ("tflops", "TFLOP/s", flop / seconds / 1e12)]
         for metric, unit, value in measured:

@@ -35,7 +35,7 @@ class Candidate(NamedTuple):
     fn: Callable[[object], object]
 
 
-def _time_once(cand: Candidate, device: torch.device, wall_clock: bool = False) -> float:
+def time_once(cand: Candidate, device: torch.device, wall_clock: bool = False) -> float:
     """Seconds of one `fn` call. GPU: CUDA events around it (launch and synchronize latency excluded), or with
     `wall_clock` perf_counter between two synchronizes (the first call: compilation is host time); CPU:
     perf_counter."""
@@ -107,11 +107,11 @@ def time_interleaved(candidates: Sequence[Candidate], device: torch.device, *, w
                 out[c.name] = value
         return out
 
-    first_call = each(lambda c: _time_once(c, device, wall_clock=True))
+    first_call = each(lambda c: time_once(c, device, wall_clock=True))
     for _ in range(max(0, warmup - 1)):
-        each(lambda c: _time_once(c, device))
+        each(lambda c: time_once(c, device))
     # One warm round sizes the repeats and is the first sample.
-    first_round = each(lambda c: _time_once(c, device))
+    first_round = each(lambda c: time_once(c, device))
     reps = int(min(max_reps, max(min_reps, budget_s // max(sum(first_round.values()), 1e-9)))) - 1
     samples: dict[str, list[float]] = {name: [t] for name, t in first_round.items()}
     for _ in range(reps):
@@ -122,7 +122,7 @@ def time_interleaved(candidates: Sequence[Candidate], device: torch.device, *, w
                 if name in samples:
                     samples[name].append(start.elapsed_time(end) / 1e3)
         else:
-            for name, t in each(lambda c: _time_once(c, device)).items():
+            for name, t in each(lambda c: time_once(c, device)).items():
                 samples[name].append(t)
     names = {c.name for c in live}
     return ({name: quantiles(s) for name, s in samples.items() if name in names},

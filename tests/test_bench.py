@@ -299,29 +299,47 @@ def test_commit_of_a_copied_tree_is_given_or_unknown_never_a_wrong_one(tmp_path)
 
 def test_every_gpu_timing_sample_comes_from_cuda_events(monkeypatch):
     """On a GPU each sample is the time between two CUDA events; a sample taken with the wall clock around
-    synchronize (launch and sync latency included) must not join them. Stand-in events that always read 1 ms
-    around a call that takes 20 ms of wall time: every sample must read 1 ms, the first call excepted."""
+    synchronize (launch and sync latency included) must not join them. Stand-in events read a stand-in GPU
+    clock that each call moves 1 ms while taking 20 ms of wall time: every sample must read 1 ms, the first
+    call excepted. The micro-checks (bench/micro.py) obey the same rule, and time their short kernels several
+    calls to a sample so that each sample holds at least 1 ms of GPU work."""
     import time
 
+    from bench import micro
     from bench.timing import Candidate, time_interleaved
+
+    gpu_ms, samples_ms = [0.0], []
 
     class FakeEvent:
         def __init__(self, enable_timing=False):
-            pass
+            self.at = None
 
         def record(self):
-            pass
+            self.at = gpu_ms[0]
 
         def elapsed_time(self, other):
-            return 1.0  # ms
+            samples_ms.append(other.at - self.at)
+            return samples_ms[-1]
+
+    def call(ms, wall_s):
+        def run(*_):
+            gpu_ms[0] += ms
+            time.sleep(wall_s)
+
+        return run
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    cand = Candidate("slow_launch", lambda: None, lambda _: time.sleep(0.02))
+    cand = Candidate("slow_launch", lambda: None, call(1.0, 0.02))
     times, first = time_interleaved([cand], torch.device("cuda"), min_reps=3, max_reps=3, budget_s=0.0)
     q = times["slow_launch"]
     assert q.n == 3 and q.p20 == q.p50 == q.p80 == 1e-3, q
     assert first["slow_launch"] >= 0.02  # the first call is wall time (compilation is host time)
+
+    samples_ms.clear()
+    seconds, calls = micro._median_s(call(0.25, 0.002), torch.device("cuda"), 3, budget_s=0.0)
+    assert seconds == pytest.approx(0.25e-3)
+    assert samples_ms[1:] == [1.0, 1.0] and calls == 1 + 1 + 2 * 4  # warm-up, sizing call, 2 samples of 4 calls
 
 
 def _flaky(monkeypatch, name, fail_from_call, message="CUDA out of memory (simulated)"):
