@@ -94,8 +94,9 @@ class LossBench:
 
     def __init__(self, suite: Suite, device: torch.device, emit: Callable[[dict], None], *,
                  providers: tuple[str, ...] | None = None, deadline: float | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, check_stop: Callable[[], None] = lambda: None):
         self.suite, self.device, self.emit, self.log = suite, device, emit, log
+        self.check_stop = check_stop  # called between points, providers and modes: raises to stop the run
         self.dtype = DTYPES[suite.dtype]
         self.only = providers
         self.deadline = deadline
@@ -127,6 +128,7 @@ class LossBench:
     def run(self) -> None:
         for point in self.suite.points:
             for with_ref in point.with_ref:
+                self.check_stop()
                 tag = _tag(point, with_ref)
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self.log(f"  time budget spent: skipping {tag}")
@@ -206,6 +208,7 @@ class LossBench:
         runs: dict[str, P.Run] = {}
         reference = None  # dense's (loss, dh, dW): what every other provider must reproduce
         for name in self._providers(point):
+            self.check_stop()
             try:
                 run = P.build(name, inp)
                 inp.clear_grads()
@@ -235,6 +238,7 @@ class LossBench:
         del reference
 
         for mode in point.modes:
+            self.check_stop()
             cands = [candidate(name, run, inp, mode) for name, run in runs.items()]
             if not cands:
                 continue

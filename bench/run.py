@@ -113,6 +113,8 @@ def _checks(suite: str):
 
 
 HARD_STOP = 124  # the exit status of `timeout`, and ours when its SIGTERM stops the run
+_sigterm_received = False  # set by the handler too: its SystemExit raised inside a weakref callback, a __del__
+# or a GC finalizer is swallowed, and the run must then stop at the next _check_stop
 
 
 def _suite_providers(suite, only) -> list[str]:
@@ -126,8 +128,17 @@ def _suite_providers(suite, only) -> list[str]:
 def _exit_on_sigterm(signum, frame):
     # `timeout` sends SIGTERM: leave through the `finally` below, which writes the summary of what ran (and is
     # not itself interrupted by a second SIGTERM).
+    global _sigterm_received
+    _sigterm_received = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(HARD_STOP)
+
+
+def _check_stop() -> None:
+    """Raises the hard stop a SIGTERM asked for: called between stages, points, modes and training steps, so
+    that a stop whose exception was swallowed (see _sigterm_received) still ends the run before SIGKILL."""
+    if _sigterm_received:
+        raise SystemExit(HARD_STOP)
 
 
 def _stop_reason(exc: BaseException) -> str:
@@ -137,8 +148,10 @@ def _stop_reason(exc: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    global _sigterm_received
     args = parse_args(argv)
     t_start = time.monotonic()
+    _sigterm_received = False
     if argv is None:  # run as a program, not from a test
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.device == "auto":
@@ -190,12 +203,14 @@ def main(argv=None) -> int:
     trained: list[str] = []  # training steps finished, failed or skipped
     try:
         if suite_name in GPU_SUITES and not args.no_micro:
+            _check_stop()
             stage = "micro-checks"
             log("== micro-checks: fp32 atomics (acq_rel / relaxed), addmm into an fp32 accumulator")
             t0 = time.monotonic()
             micro.run(device, results.emit, log)
             log(f"   micro-checks took {time.monotonic() - t0:.0f} s")
         if not args.no_correctness:
+            _check_stop()
             stage = "correctness checks"
             checks, dtype, impl = _checks(suite_name)
             log(f"== correctness: impl={impl} and the loss through each head backward vs dense in higher precision, {str(dtype).replace('torch.', '')}")
@@ -205,16 +220,19 @@ def main(argv=None) -> int:
             if not ok:
                 notes.append(f"**Correctness check FAILED for impl={impl}**: see the correctness table.")
             for table, what, check in KERNEL_CHECKS if suite_name in GPU_SUITES else ():
+                _check_stop()
                 log(f"== {table.lower()}: {what}")
                 t0 = time.monotonic()
                 if not check(device, results.emit, log):
                     ok = False
                     notes.append(f"**{table} FAILED**: see the {table.lower()} table.")
                 log(f"   {table.lower()} took {time.monotonic() - t0:.0f} s")
+        _check_stop()
         stage = "loss microbenchmarks"
         log("== loss microbenchmarks")
         bench = LossBench(suite, device, results.emit, providers=only,
-                          deadline=None if deadline is None else deadline - train_reserve, log=log)
+                          deadline=None if deadline is None else deadline - train_reserve, log=log,
+                          check_stop=_check_stop)
         t0 = time.monotonic()
         bench.run()
         log(f"   loss microbenchmarks took {time.monotonic() - t0:.0f} s")
@@ -222,6 +240,7 @@ def main(argv=None) -> int:
             stage = "training steps"
             log("== training steps")
             for name, shape, dtype, ckpt, steps, warmup in _train_plan(suite_name, device):
+                _check_stop()
                 if deadline is not None and time.monotonic() > deadline:
                     log(f"  time budget spent: skipping training step {name}")
                     skipped.setdefault("train " + name, "time budget")

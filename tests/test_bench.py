@@ -532,6 +532,83 @@ def test_a_run_stopped_at_its_hard_limit_says_so(tmp_path, monkeypatch):
     assert "`point V=512` (hard time limit: not reached)" in summary
 
 
+def _swallowed_sigterm(monkeypatch):
+    """Calls bench.run's SIGTERM handler as the signal would, inside code that swallows its SystemExit (a weakref
+    callback, a __del__, a GC finalizer: "Exception ignored in ..."); the test's own SIGTERM handler and
+    bench.run's flag are restored afterwards."""
+    import signal
+
+    from bench import run as bench_run
+
+    monkeypatch.setattr(bench_run, "_sigterm_received", False, raising=False)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def fire():
+        try:
+            bench_run._exit_on_sigterm(signal.SIGTERM, None)
+        except SystemExit:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return fire
+
+
+def test_a_sigterm_whose_exit_is_swallowed_still_stops_the_loss_benchmarks(tmp_path, monkeypatch):
+    """The SIGTERM lands while dense runs at the first point, and its SystemExit is swallowed: the run stops at the
+    next check (before the next provider), exits 124 and says so, rather than running on until SIGKILL."""
+    from bench import providers
+
+    fire, build, forwards = _swallowed_sigterm(monkeypatch), providers.build, []
+
+    def build_with_sigterm(provider, inp):
+        run = build(provider, inp)
+        forward = run.forward
+
+        def forward_with_sigterm():
+            forwards.append(provider)
+            if len(forwards) == 1:
+                fire()
+            return forward()
+
+        run.forward = forward_with_sigterm
+        return run
+
+    monkeypatch.setattr(providers, "build", build_with_sigterm)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", "tiny", "--out", str(out), "--providers", "dense,gemm", "--no-correctness", "--no-plots"])
+    assert exit_info.value.code == 124
+    assert forwards == ["dense"]  # gemm never started
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "hard time limit during the loss microbenchmarks (point tiny-head)"
+    assert meta["skipped"]["point V=512"] == "hard time limit: not reached"
+
+
+def test_a_sigterm_whose_exit_is_swallowed_still_stops_the_training_steps(tmp_path, monkeypatch):
+    """Likewise during the first of two training-step benchmarks: the second never starts."""
+    from bench import run as bench_run
+    from bench import train_step
+
+    fire, trained = _swallowed_sigterm(monkeypatch), []
+
+    def bench_model(name, *args, **kwargs):
+        trained.append(name)
+        fire()
+
+    plan = bench_run._train_plan("tiny", CPU)[0]
+    monkeypatch.setattr(bench_run, "_train_plan", lambda suite, device: [plan, ("second", *plan[1:])])
+    monkeypatch.setattr(train_step, "bench_model", bench_model)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", "tiny", "--out", str(out), "--providers", "gemm", "--no-correctness", "--no-plots"])
+    assert exit_info.value.code == 124 and trained == [plan[0]]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stopped"] == "hard time limit during the training steps"
+    assert meta["skipped"]["train second"] == "hard time limit: not finished"
+    assert f"train {plan[0]}" not in meta["skipped"]
+
+
 def test_gpu_suite_logs_a_loss_part_stopped_at_its_hard_limit(tmp_path):
     """gpu_suite.sh writes the loss part's exit line into log.txt (a file the lent machine returns), saying that a
     part stopped at its hard limit is incomplete. A stand-in python that outlives a 1 s limit."""
