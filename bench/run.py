@@ -184,8 +184,14 @@ def main(argv=None) -> int:
                 command="python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                 load_avg_start=round(os.getloadavg()[0], 2))
     log(f"rpo-fast bench: {meta['device']} | commit {meta['git_sha']} | {meta['versions']}")
+    notes: list[str] = []
     if device.type == "cuda" or suite_name == "gpu-dryrun":
-        log(f"rpo_fast.kernels from {env.ensure_kernels_importable()}")
+        try:
+            log(f"rpo_fast.kernels from {env.ensure_kernels_importable()}")
+        except Exception as exc:  # the Triton paths then fail one by one, each recorded with its reason
+            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"rpo_fast.kernels not importable ({reason})")
+            notes.append(f"**rpo_fast.kernels did not import** ({reason}): the Triton paths fail.")
     log(f"suite {suite_name}, output {out}" + (f", budget {budget:.0f}s" if budget else ""))
     if device.type == "cpu":
         log(f"note: CPU timings on a shared machine are noisy (load average {os.getloadavg()[0]:.2f} at start); "
@@ -194,7 +200,6 @@ def main(argv=None) -> int:
     only = args.providers  # a validated tuple of names, or None: every provider
     meta["providers"] = {name: providers.configuration(name, device) for name in _suite_providers(suite, only)
                          if providers.unavailable(name, device) is None}
-    notes: list[str] = []
     ok = True
     skipped: dict[str, str] = {}
     bench = None
