@@ -6,7 +6,7 @@ Metrics (one row each; `p50/p20/p80` hold the value, equal when there is a singl
     first_call      s      the first forward+backward: compilation, autotuning, allocator warm-up
     tflops          TFLOP/s useful head FLOPs (`providers.flops`) over time; p20/p80 from the p80/p20 times
     x_gemm          x      time over the bare-GEMM floor's time (same mode, reference setting and point)
-    frac_mm_peak    1      tflops over the matmul rate measured in the same run
+    frac_mm_peak    1      tflops over the matmul rate measured in the same run (left out if that failed)
     peak_mem        bytes  peak allocation above the inputs during the call (gradients included)
     peak_workspace  bytes  peak_mem minus the gradients every provider must return (dh, dW)
     mem_vs_dense    1      peak_mem over the dense provider's peak_mem
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 import traceback
 from typing import Callable
@@ -104,12 +105,28 @@ class LossBench:
         self.failed: dict[str, str] = {}  # "provider at point" -> why it failed there (it has a `failed` row)
         self.done: list[str] = []  # tags of the points run to their end, failed or skipped for the budget
         self.current: str | None = None  # the point in flight
-        self.mm_tflops = matmul_rate(device, self.dtype, suite.matmul_size)
-        self.emit(dict(op="matmul", provider="torch.mm", mode="forward", metric="tflops", unit="TFLOP/s",
-                       x_name="size", x_value=suite.matmul_size,
-                       p50=self.mm_tflops, p20=self.mm_tflops, p80=self.mm_tflops,
-                       config=json.dumps({"dtype": suite.dtype})))
-        self.log(f"matmul rate ({suite.dtype}): {self.mm_tflops:.2f} TFLOP/s")
+        self.mm_tflops = self._matmul_rate()
+
+    def _matmul_rate(self) -> float:
+        """The measured matmul TFLOP/s (a row and a log line), or NaN after logging and recording why it failed:
+        the loss points do not need it, only their frac_mm_peak rows, which are then left out."""
+        suite, config = self.suite, {"dtype": self.suite.dtype}
+        row = dict(op="matmul", provider="torch.mm", mode="forward", x_name="size", x_value=suite.matmul_size)
+        try:
+            rate = matmul_rate(self.device, self.dtype, suite.matmul_size)
+        except Exception as exc:
+            reason = failure_reason(exc)
+        else:
+            self.emit(dict(row, metric="tflops", unit="TFLOP/s", p50=rate, p20=rate, p80=rate,
+                           config=json.dumps(config)))
+            self.log(f"matmul rate ({suite.dtype}): {rate:.2f} TFLOP/s")
+            return rate
+        _free(self.device)  # outside the except block, whose traceback pins the failed call's tensors
+        self.log(f"matmul rate ({suite.dtype}) failed: {reason}")
+        self.failed["matmul rate"] = f"failed: {reason}"
+        self.emit(dict(row, metric="failed", unit="", p50=math.nan, p20=math.nan, p80=math.nan,
+                       config=json.dumps(dict(config, reason=reason))))
+        return math.nan
 
     def _providers(self, point: Point) -> list[str]:
         names = [n for n in P.ORDER if (point.providers is None or n in point.providers)
@@ -256,7 +273,8 @@ class LossBench:
                 self._row(point, with_ref, name, mode, "time", "s", q)
                 tfl = Quantiles(flop / q.p50 / 1e12, flop / q.p80 / 1e12, flop / q.p20 / 1e12, q.n)
                 self._row(point, with_ref, name, mode, "tflops", "TFLOP/s", tfl)
-                self._row(point, with_ref, name, mode, "frac_mm_peak", "1", tfl.p50 / self.mm_tflops)
+                if not math.isnan(self.mm_tflops):
+                    self._row(point, with_ref, name, mode, "frac_mm_peak", "1", tfl.p50 / self.mm_tflops)
                 if floor is not None:
                     self._row(point, with_ref, name, mode, "x_gemm", "x", q.p50 / floor.p50)
             summary = "  ".join(f"{n}={q.p50 * 1e3:.1f}ms" for n, q in times.items())

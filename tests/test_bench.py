@@ -411,6 +411,28 @@ def test_memory_is_measured_even_when_timing_fails_as_a_whole(monkeypatch):
     assert not [r for r in rows if r["metric"] == "time"]
 
 
+def test_a_failed_matmul_rate_costs_only_its_own_rows(monkeypatch):
+    """The matmul rate (the denominator of frac_mm_peak) is measured first: when it fails, a `failed` row says why
+    and the loss points are measured all the same, without frac_mm_peak."""
+    from bench import loss_bench
+    from bench.shapes import Point, Shape, Suite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: no matmul")
+
+    monkeypatch.setattr(loss_bench, "matmul_rate", broken)
+    point = Point(Shape(64, 16, 256, pairs=2), "V", 256, modes=("full",), providers=("dense", "gemm"), label="one")
+    suite = Suite("float32", [point], headline="one", min_reps=2, max_reps=2, budget_s=0.0, matmul_size=64)
+    rows, lines = [], []
+    bench = loss_bench.LossBench(suite, CPU, rows.append, log=lines.append)
+    bench.run()
+    matmul = [r for r in rows if r["op"] == "matmul"]
+    assert [r["metric"] for r in matmul] == ["failed"] and "injected" in json.loads(matmul[0]["config"])["reason"]
+    assert bench.failed == {"matmul rate": "failed: RuntimeError: injected: no matmul"}, lines
+    timed = {r["provider"] for r in rows if r["metric"] == "time"}
+    assert timed == {"dense", "gemm"} and not [r for r in rows if r["metric"] == "frac_mm_peak"]
+
+
 def _loss_row(provider, metric, p50, *, label="", x_name="N", x_value=4096, n=4096, h=4096, v=128256, ref=False,
               mode="full", **config):
     """One rpo_head row as loss_bench emits it."""
