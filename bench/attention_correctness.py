@@ -81,8 +81,13 @@ def check_layout(device: torch.device, backend: str, shared: bool, window: int |
 
 def run(device: torch.device, emit: Callable[[dict], None], log: Callable[[str], None] = print) -> bool:
     """Every backend of `device` x {plain, shared prompt} x windows; emits correctness rows; True when all pass."""
+    found: list[str] = []
+    # The probe imports flash-attn, whose broken install can raise anything: that fails this check, not the run.
+    if run_judged(OP, "backend probe", "cpu sdpa bf16", "cpu bf16", "attention backend probe", dict(device=str(device)),
+                  lambda: found.extend(backends(device)), emit, log, TOL) is False:
+        return False
     all_ok = True
-    for backend in backends(device):
+    for backend in found:
         for shared in (False, True):
             for window in WINDOWS:
                 label = f"attention {backend} {'shared-prompt' if shared else 'plain'} window={window}"

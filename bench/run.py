@@ -228,9 +228,14 @@ def main(argv=None) -> int:
                 _check_stop()
                 log(f"== {table.lower()}: {what}")
                 t0 = time.monotonic()
-                if not check(device, results.emit, log):
+                try:
+                    passed, why = check(device, results.emit, log), f"see the {table.lower()} table"
+                except Exception as exc:  # one check breaking must not end the run
+                    passed, why = False, f"it failed to run: {type(exc).__name__}: {str(exc)[:200]}"
+                    log(f"  {table} {why}")
+                if not passed:
                     ok = False
-                    notes.append(f"**{table} FAILED**: see the {table.lower()} table.")
+                    notes.append(f"**{table} FAILED**: {why}.")
                 log(f"   {table.lower()} took {time.monotonic() - t0:.0f} s")
         _check_stop()
         stage = "loss microbenchmarks"

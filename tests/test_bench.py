@@ -215,6 +215,47 @@ def test_attention_correctness_catches_a_kernel_that_drops_the_window(monkeypatc
     assert errors["out"][0] > 2 * errors["out"][1] + attention_correctness.TOL, errors
 
 
+def test_an_attention_backend_probe_that_raises_fails_the_check_not_the_run(monkeypatch):
+    """The probe imports flash-attn; a broken install can raise anything (not only ImportError): the attention
+    check fails with a pass_run row of 0 and a FAIL line, and returns."""
+    from bench import attention_correctness
+
+    def broken(device):
+        raise AttributeError("injected: flash_attn half-imported")
+
+    monkeypatch.setattr(attention_correctness, "backends", broken)
+    rows, lines = [], []
+    assert attention_correctness.run(CPU, rows.append, lines.append) is False
+    assert [(r["provider"], r["metric"], r["p50"]) for r in rows] == [("backend probe", "pass_run", 0.0)]
+    assert any(line.startswith("  FAIL attention backend probe: failed to run (AttributeError") for line in lines)
+
+
+def test_a_kernel_check_that_raises_fails_and_the_run_goes_on(tmp_path, monkeypatch):
+    """bench.run's kernel checks (attention, backbone) on the GPU suites: one that raises is a failed check with
+    its reason in the summary; the next check and the loss benchmarks still run, and the run exits 1."""
+    from bench import correctness, providers
+    from bench import run as bench_run
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what the gpu-dryrun suite sets: restored afterwards
+    monkeypatch.setenv(providers.ALLOW_INTERPRETER, "1")
+    monkeypatch.setattr(correctness, "run_checks", lambda *args, **kwargs: True)  # the head's: not under test
+    ran = []
+
+    def broken(device, emit, log):
+        raise KeyError("injected")
+
+    monkeypatch.setattr(bench_run, "KERNEL_CHECKS", (("Broken check", "raises", broken),
+                                                     ("Next check", "passes", lambda *args: not ran.append(1))))
+    out = tmp_path / "run"
+    assert main(["--suite", "gpu-dryrun", "--out", str(out), "--providers", "gemm", "--no-micro", "--no-train",
+                 "--no-plots"]) == 1
+    assert ran == [1]
+    meta = json.loads((out / "meta.json").read_text())
+    assert "**Broken check FAILED**: it failed to run: KeyError: 'injected'." in meta["notes"]
+    with open(out / "results.csv", newline="") as f:
+        assert any(r["provider"] == "gemm" and r["metric"] == "time" for r in csv.DictReader(f))
+
+
 def test_backbone_correctness_judges_a_patch(monkeypatch):
     """The GPU suite's check of Liger's backbone kernels, with stand-in patches on the CPU (Liger's kernels
     need CUDA): a patch that changes nothing passes; one that breaks every RMSNorm (epsilon 1) fails; where
