@@ -40,7 +40,8 @@ left get "skipped" rows with reason "time budget". The CSV is written row by row
 suite's hard limit) loses only the mode in flight; the summary is still written.
 
 Output: OUT_DIR/gpu_7b.csv, long format (COLUMNS) with metrics peak_memory, predicted_peak (GiB),
-tokens_per_s, step_time (s), or one "skipped" / "oom" / "error" row with the reason in config. With
+tokens_per_s, step_time (s), or one "skipped" / "oom" / "error" row with the reason in config (a mode measured
+while the planner raised: its measured rows and an "error" row, reason "planner: ..."). With
 --summary PATH, a "## 7B memory modes" section (mode, path, peak, predicted, error, tokens/s, status) is
 appended to PATH (created if missing).
 """
@@ -431,8 +432,11 @@ class Bench:
             for mode in modes:
                 if reason := self.stop_reason():
                     self.record_failure(mode, "packed", "skipped", reason, self.settings(mode, "packed"))
-                else:
+                    continue
+                try:
                     self.run_mode(mode)
+                except Exception as err:  # noqa: BLE001 - e.g. recording a measured mode broke: the rest still run
+                    self.record_failure(mode, "packed", *_failure(err), self.settings(mode, "packed"))
         except HardStop:
             self.stopped = True
             done = {r["mode"] for r in self.rows}
@@ -537,13 +541,22 @@ class Bench:
             self.record_failure(mode, path, *failure, settings)
             return failure[0]
         settings["loss_impl"] = impl
-        plan = self.plan(settings, impl)
-        settings.update(planner_phase=plan.peak_phase, planner_attention=plan.options["attention"],
-                        planner_components_gib={k: round(v / GiB, 3) for k, v in plan.components.items()})
+        plan = planner_failure = None
+        try:
+            plan = self.plan(settings, impl)
+            settings.update(planner_phase=plan.peak_phase, planner_attention=plan.options["attention"],
+                            planner_components_gib={k: round(v / GiB, 3) for k, v in plan.components.items()})
+        except Exception as err:  # noqa: BLE001 - the measurement stands without its prediction
+            planner_failure = _failure(err)
         self.record(mode, "peak_memory", "GiB", peak / GiB, settings)
-        self.record(mode, "predicted_peak", "GiB", plan.peak_bytes / GiB, settings)
+        if planner_failure is None:
+            self.record(mode, "predicted_peak", "GiB", plan.peak_bytes / GiB, settings)
         self.record(mode, "step_time", "s", times, settings)
         self.record(mode, "tokens_per_s", "tokens/s", [self.tokens / t for t in times], settings)
+        if planner_failure is not None:
+            status, reason = planner_failure
+            self.record_failure(mode, path, status, f"planner: {reason}", settings)
+            return "ok"  # measured: no retry on the plain path
         self.progress(mode, path, f"peak {peak / 2**20:9.1f} MiB  predicted {plan.peak_bytes / 2**20:9.1f} MiB "
                                   f"({plan.peak_bytes / peak - 1:+.1%})  "
                                   f"{self.tokens / statistics.median(times):9.0f} tokens/s")

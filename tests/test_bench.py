@@ -152,6 +152,46 @@ def test_gpu_suite_7b_part_in_a_dry_run(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_7b.csv", "log.txt", "nvidia-smi.csv", "summary.md"]
 
 
+def _gpu_7b_csv(out) -> list[dict]:
+    with open(out / "gpu_7b.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_gpu_7b_keeps_a_measured_mode_whose_prediction_fails(tmp_path, monkeypatch):
+    """The planner raising after a mode was measured: its measured rows stay, an "error" row says why there is no
+    prediction, and the summary shows it."""
+    from bench import gpu_7b
+
+    def broken_plan(self, settings, impl):
+        raise ValueError("injected: no plan")
+
+    monkeypatch.setattr(gpu_7b.Bench, "plan", broken_plan)
+    summary = tmp_path / "summary.md"
+    assert gpu_7b.main([str(tmp_path), "--dry-run", "--modes", "full_adamw_bf16", "--summary", str(summary)]) == 0
+    rows = _gpu_7b_csv(tmp_path)
+    assert [r["metric"] for r in rows] == ["peak_memory", "step_time", "tokens_per_s", "error"]
+    assert json.loads(rows[-1]["config"])["reason"] == "planner: ValueError: injected: no plan"
+    assert "| full_adamw_bf16 | packed |" in summary.read_text() and "planner: ValueError" in summary.read_text()
+
+
+def test_gpu_7b_a_mode_that_breaks_outside_its_measurement_leaves_the_next(tmp_path, monkeypatch):
+    """Whatever a mode raises (here its whole run_mode) is that mode's "error" row; the next mode is measured."""
+    from bench import gpu_7b
+
+    run_mode = gpu_7b.Bench.run_mode
+
+    def broken_first(self, mode):
+        if mode == "full_adamw_bf16":
+            raise KeyError("injected")
+        return run_mode(self, mode)
+
+    monkeypatch.setattr(gpu_7b.Bench, "run_mode", broken_first)
+    assert gpu_7b.main([str(tmp_path), "--dry-run", "--modes", "full_adamw_bf16,full_adamw"]) == 0
+    rows = _gpu_7b_csv(tmp_path)
+    assert [(r["mode"], r["metric"]) for r in rows][:2] == [("full_adamw_bf16", "error"), ("full_adamw", "peak_memory")]
+    assert json.loads(rows[0]["config"])["reason"] == "KeyError: 'injected'"
+
+
 def test_micro_checks_on_cpu():
     """The GPU suite's micro-checks rehearse on CPU: the atomics kernel in the Triton interpreter (every add
     lands), addmm with out_dtype reported unsupported, the upcast fallback exact to fp32 precision."""
