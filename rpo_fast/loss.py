@@ -45,16 +45,6 @@ class RPOOutput(NamedTuple):
     rejected_token_counts: torch.Tensor
 
 
-def reweighted_loss(out: RPOOutput, pair_weight, nll_weight) -> torch.Tensor:
-    """`pref_loss * pair_weight + alpha * nll * nll_weight`: `out.loss` with its two terms weighted apart.
-
-    A trainer that splits a step into micro-batches weights each micro-batch's preference term by its share
-    of the step's pairs; with sft_norm="token_mean" the NLL term must count by its share of the step's
-    chosen tokens instead, or the step's NLL is a mean of per-micro-batch means.
-    """
-    return out.pref_loss * pair_weight + (out.loss - out.pref_loss) * nll_weight
-
-
 def uses_per_token_logps(average_log_prob: bool, loss_type: str) -> bool:
     """Whether the preference term sees per-token-averaged log-probs (average_log_prob, and always for IPO)."""
     return average_log_prob or loss_type == "ipo"
@@ -123,9 +113,14 @@ def rpo_loss(
 
 def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_counts: torch.Tensor, *,
               beta: float, alpha: float, sft_norm: str, loss_type: str, label_smoothing: float,
-              average_log_prob: bool) -> RPOOutput:
+              average_log_prob: bool, pair_weight: float = 1.0, nll_weight: float = 1.0) -> RPOOutput:
     """`rpo_loss` without its checks (no host synchronization): the one copy of the loss formulas, which
-    the forward-time-gradient head also differentiates, pair by pair."""
+    the forward-time-gradient head also differentiates, pair by pair.
+
+    `loss = pair_weight * pref_loss + nll_weight * alpha * nll`. A trainer that splits a step into micro-batches
+    weights each micro-batch's preference term by its share of the step's pairs; with sft_norm="token_mean" the
+    NLL term must count by its share of the step's chosen tokens instead, or the step's NLL is a mean of
+    per-micro-batch means. `pref_loss` and `nll` are reported unweighted."""
     n_pairs = policy_logps.shape[0] // 2
     counts = token_counts.to(torch.float32)
     per_token = uses_per_token_logps(average_log_prob, loss_type)
@@ -143,7 +138,7 @@ def rpo_terms(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, token_
         nll = sft_nll(policy[:n_pairs], counts[:n_pairs], sft_norm, empty_ok=True).detach()
     rewards = (beta * logratios).detach()
     return RPOOutput(
-        loss=pref_loss + alpha * nll if alpha else pref_loss,
+        loss=pair_weight * pref_loss + nll_weight * alpha * nll if alpha else pair_weight * pref_loss,
         pref_loss=pref_loss,
         nll=nll,
         chosen_logps=policy[:n_pairs],
@@ -285,7 +280,7 @@ def fused_linear_rpo_loss(
             ref_lp = head_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index, impl, "recompute")
         ref_logps = segment_sum(ref_lp, lengths)
     options = dict(beta=beta, alpha=alpha, sft_norm=sft_norm, loss_type=loss_type, label_smoothing=label_smoothing,
-                   average_log_prob=average_log_prob)
+                   average_log_prob=average_log_prob, pair_weight=pair_weight, nll_weight=nll_weight)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     backward = resolve_head_backward(backward, impl, hidden.dtype, needs_grad)
     if backward == "fwdgrad":
@@ -293,7 +288,7 @@ def fused_linear_rpo_loss(
 
         def sequence_loss(policy_logps):  # the same formulas as rpo_loss, differentiated chunk by chunk
             out = rpo_terms(policy_logps, ref_logps, counts, **options)
-            return reweighted_loss(out, pair_weight, nll_weight), out
+            return out.loss, out
 
         loss, out = fwdgrad_head_loss(hidden, weight, bias, targets.long(), bounds, sequence_loss,
                                       ignore_index=ignore_index, chunk_tokens=chunk_tokens,
@@ -301,7 +296,4 @@ def fused_linear_rpo_loss(
         return out._replace(loss=loss)
 
     lp = head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward)
-    out = rpo_terms(segment_sum(lp, lengths), ref_logps, counts, **options)
-    if pair_weight == 1 and nll_weight == 1:
-        return out
-    return out._replace(loss=reweighted_loss(out, pair_weight, nll_weight))
+    return rpo_terms(segment_sum(lp, lengths), ref_logps, counts, **options)

@@ -18,7 +18,6 @@ from rpo_fast import RPOOutput, rpo_loss  # noqa: E402
 from rpo_fast.integrations.hf_trainer import (  # noqa: E402
     PreferenceCollator, RPOArguments, RPOTrainerMixin, chosen_token_count, head_layout, rpo_compute_loss,
     sequence_logps)
-from rpo_fast.loss import reweighted_loss  # noqa: E402
 from conftest import HeadMatmulCounter, LargestTensorRecorder, assert_close, perturbed_deepcopy  # noqa: E402
 from test_ddp import TORCHRUN, free_port  # noqa: E402
 from tiny_lm import REPO, subprocess_env  # noqa: E402
@@ -548,7 +547,7 @@ def _old_rpo_compute_loss(model, batch, ref_model, nll_weight, args: RPOArgument
         else:
             ref = sequence_logps(ref_model, batch, **layout)[0]
     out = rpo_loss(logps, ref, counts, beta=args.beta, alpha=args.alpha, sft_norm=args.sft_norm)
-    return out._replace(loss=reweighted_loss(out, 1.0, nll_weight))
+    return out._replace(loss=out.pref_loss + nll_weight * args.alpha * out.nll)
 
 
 def _reference_unlike(model):

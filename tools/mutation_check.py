@@ -108,7 +108,8 @@ MUTATIONS = [
         "nll = sft_nll(policy[:n_pairs], counts[:n_pairs], sft_norm)",
         "nll = sft_nll(policy[n_pairs:], counts[n_pairs:], sft_norm)"),), "SFT term on the rejected responses"),
     Mutation("alpha_dropped", LOSS, ((
-        "loss=pref_loss + alpha * nll if alpha else pref_loss", "loss=pref_loss + nll if alpha else pref_loss"),),
+        "loss=pair_weight * pref_loss + nll_weight * alpha * nll if alpha",
+        "loss=pair_weight * pref_loss + nll_weight * nll if alpha"),),
         "alpha not applied to the NLL"),
     # Counting and summing.
     Mutation("counts_include_ignored", LOSS, ((
