@@ -47,8 +47,8 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
              targets_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(lp [N] fp32, lse [N] fp32) with the backend `impl` ("triton" or "torch").
     `backward` ("recompute" or "atomic") only tells the autograd formula which backward to run. Runs with
-    autocast off, in the inputs' dtypes (`rpo_fast.autocast`). `targets_checked`: the caller (`head_logprobs`)
-    has checked the targets, which the op would check again (a host sync)."""
+    autocast off, in the inputs' dtypes (`rpo_fast.autocast`). `targets_checked`: the caller
+    (`unchecked_linear_logprobs`) has checked the targets, which the op would check again (a host sync)."""
     if not targets_checked:  # the op may be called without linear_logprobs
         checks.check_op_targets(hidden, weight, targets, ignore_index)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -191,11 +191,13 @@ def linear_logprobs(
     checks.check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, hidden.device, values=not op_checks)
     backward = resolve_op_backward(backward)
     check_kernels_runnable(impl, backward, hidden)
-    return head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward, targets_checked=not op_checks)
+    return unchecked_linear_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward,
+                                     targets_checked=not op_checks)
 
 
-def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
-                  ignore_index: int, impl: str, backward: str, targets_checked: bool = True) -> torch.Tensor:
+def unchecked_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              bias: torch.Tensor | None, ignore_index: int, impl: str, backward: str,
+                              targets_checked: bool = True) -> torch.Tensor:
     """`linear_logprobs` after its checks, for a caller that has made them (`fused_linear_rpo_loss`): `impl` and
     `backward` resolved, the targets checked (the op does not read them back again, unless `targets_checked` is
     False), autocast off."""

@@ -25,7 +25,7 @@ from . import checks
 from .autocast import outside_autocast
 from .compile_boundary import opaque_to_compile
 from .fwdgrad import fwdgrad_head_loss
-from .logprobs import check_kernels_runnable, head_logprobs, resolve_impl
+from .logprobs import check_kernels_runnable, resolve_impl, unchecked_linear_logprobs
 from .segments import segment_sum
 
 
@@ -277,7 +277,8 @@ def fused_linear_rpo_loss(
     # The heads and the loss below run without their own checks of what was checked above.
     if ref_hidden is not None:
         with torch.no_grad():
-            ref_lp = head_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index, impl, "recompute")
+            ref_lp = unchecked_linear_logprobs(ref_hidden, ref_weight, targets, ref_bias, ignore_index, impl,
+                                               "recompute")
         ref_logps = segment_sum(ref_lp, lengths)
     options = dict(beta=beta, alpha=alpha, sft_norm=sft_norm, loss_type=loss_type, label_smoothing=label_smoothing,
                    average_log_prob=average_log_prob, pair_weight=pair_weight, nll_weight=nll_weight)
@@ -295,5 +296,5 @@ def fused_linear_rpo_loss(
                                       use_kernels=hidden.is_cuda and impl == "triton")
         return out._replace(loss=loss)
 
-    lp = head_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward)
+    lp = unchecked_linear_logprobs(hidden, weight, targets, bias, ignore_index, impl, backward)
     return rpo_terms(segment_sum(lp, lengths), ref_logps, counts, **options)
