@@ -44,8 +44,8 @@ def _row_logprobs_kernel(
         sumexp = sumexp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
     lse = m + tl.log(sumexp)
-    # Undefined log-softmax, NaN as in the torch path (fwdgrad.row_logprobs): all -inf gives -inf + log(0) = -inf
-    # here; a +inf or NaN logit already gives NaN.
+    # Undefined log-softmax, NaN as in the torch pass (row_passes.row_logprobs_to_probs_): all -inf gives
+    # -inf + log(0) = -inf here; a +inf or NaN logit already gives NaN.
     lse = tl.where(tl.abs(lse) == float("inf"), float("nan"), lse)
     target = tl.load(targets_ptr + row)
     # An out-of-range target is not read (it would fault); callers validate targets.

@@ -5,7 +5,7 @@ tiles per row), ignored targets, g == 0 rows, logits of +-1e4 and -inf logits (a
 import pytest
 import torch
 
-from rpo_fast import fwdgrad
+from rpo_fast import row_passes
 from rpo_fast.kernels import RowConfig, logit_grad_, row_logprobs
 from conftest import max_abs_err
 
@@ -125,7 +125,7 @@ def test_row_kernels_with_minus_inf_logits(V, block_v):
     """A row whose first vocab tile is all -inf starts the online softmax at max -inf: exp(-inf - -inf) must
     not turn its logsumexp into NaN. Finite rows match float64 log_softmax (a target at a -inf logit has
     log-prob -inf); rows whose log-softmax is undefined (all -inf, a +inf or a NaN logit) get NaN where the
-    torch path (`fwdgrad.row_logprobs`) does. The gradient kernel, fed that lse, is 0 at the -inf logits."""
+    torch path (`row_passes.row_logprobs_to_probs_`) does. The gradient kernel, fed that lse, is 0 at the -inf logits."""
     logits, targets = masked_rows(V, block_v)
     cfg = RowConfig(block_v=block_v, num_warps=1)
     lp, lse = row_logprobs(logits, targets, IGNORE, config=cfg)
@@ -143,7 +143,7 @@ def test_row_kernels_with_minus_inf_logits(V, block_v):
     assert max_abs_err(lp[finite_lp], ref_lp[finite_lp]) < 1e-5 * max(1.0, ref_lp[finite_lp].abs().max().item())
     assert torch.isnan(lse[~ok]).all() and torch.isnan(lp[~ok]).all()
 
-    torch_lp, torch_lse = fwdgrad.row_logprobs(logits.clone(), targets, IGNORE)
+    torch_lp, torch_lse = row_passes.row_logprobs_to_probs_(logits.clone(), targets, IGNORE)
     assert torch.equal(torch_lse.isnan(), lse.isnan()) and torch.equal(torch_lp.isnan(), lp.isnan())
     assert torch.equal(torch_lp.isinf(), lp.isinf())
 

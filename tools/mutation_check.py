@@ -54,6 +54,7 @@ class Mutation:
 
 
 LOSS, CHUNKED, FWDGRAD = "rpo_fast/loss.py", "rpo_fast/chunked.py", "rpo_fast/fwdgrad.py"
+ROW_PASSES = "rpo_fast/row_passes.py"
 FWD_KERNEL, BWD_KERNEL = "kernels/linear_logprobs_fwd.py", "kernels/linear_logprobs_bwd.py"
 TILES, ROW_KERNELS, TRAINER = "kernels/tiles.py", "kernels/logit_grad.py", "rpo_fast/trainer.py"
 MODEL_HEAD = "rpo_fast/integrations/_model.py"
@@ -146,10 +147,10 @@ MUTATIONS = [
         "probs.scatter_add_(1, cols[:, None], minus_one)", "pass"),),
         "the target's one-hot left out of the gradient"),
     # The forward-time-gradient head (fused_linear_rpo_loss's default wherever a gradient is needed).
-    Mutation("fwdgrad_onehot_missing", FWDGRAD, ((
+    Mutation("fwdgrad_onehot_missing", ROW_PASSES, ((
         "probs.scatter_add_(1, targets.masked_fill(~counted, 0)[:, None], g[:, None])  # + g * onehot", "pass"),),
         "fwdgrad: the target's one-hot left out of the gradient"),
-    Mutation("fwdgrad_ignored_tokens_get_gradient", FWDGRAD, ((
+    Mutation("fwdgrad_ignored_tokens_get_gradient", ROW_PASSES, ((
         "g = g.float().masked_fill(~counted, 0.0)", "g = g.float()"),),
         "fwdgrad: tokens with ignored targets get their sequence's gradient"),
     Mutation("fwdgrad_bias_gradient_dropped", FWDGRAD, ((
@@ -157,17 +158,17 @@ MUTATIONS = [
     Mutation("fp16_auto_takes_fwdgrad", LOSS, ((
         "and dtype != torch.float16 else", "else"),),
         "backward='auto' forms fp16 gradients in forward, before a loss scale can reach them"),
-    Mutation("fwdgrad_lse_off_by_constant", FWDGRAD, ((
+    Mutation("fwdgrad_lse_off_by_constant", ROW_PASSES, ((
         "lse = row_max + row_sum.log()", "lse = row_max + row_sum.log() - 0.01"),),
         "fwdgrad: log-probs from a logsumexp off by 0.01"),
-    Mutation("fwdgrad_softmax_unnormalized", FWDGRAD, ((
+    Mutation("fwdgrad_softmax_unnormalized", ROW_PASSES, ((
         "block.div_(row_sum[rows, None])", "pass"),),
         "fwdgrad: the gradient from exp(logits - max), not normalized to the softmax"),
-    Mutation("fwdgrad_recomputed_piece_raw_logits", FWDGRAD, ((
-        "return RowPasses(row_logprobs, logit_grad_, softmax_from_lse_)",
-        "return RowPasses(row_logprobs, logit_grad_, _logits_stay)"),),
+    Mutation("fwdgrad_recomputed_piece_raw_logits", ROW_PASSES, ((
+        "return RowPasses(row_logprobs_to_probs_, logit_grad_from_probs_, softmax_from_lse_)",
+        "return RowPasses(row_logprobs_to_probs_, logit_grad_from_probs_, _logits_stay)"),),
         "fwdgrad: a recomputed piece of a long pair handed to the torch gradient pass as raw logits"),
-    Mutation("fwdgrad_recomputed_piece_probabilities_to_kernel", FWDGRAD, ((
+    Mutation("fwdgrad_recomputed_piece_probabilities_to_kernel", ROW_PASSES, ((
         "return RowPasses(kernels.row_logprobs, kernels.logit_grad_, _logits_stay)",
         "return RowPasses(kernels.row_logprobs, kernels.logit_grad_, softmax_from_lse_)"),),
         "fwdgrad: a recomputed piece handed to the Triton gradient kernel (which reads logits) as probabilities"),
@@ -451,7 +452,7 @@ MUTATIONS = [
         "    ignored = targets == ignore_index\n    safe_targets = targets.masked_fill(ignored, 0)\n    w_op =",
         "    ignored = targets == -100\n    safe_targets = targets.masked_fill(ignored, 0)\n    w_op ="),),
         "chunked forward: ignored targets found by -100, not by ignore_index"),
-    Mutation("fwdgrad_grad_ignore_index_fixed", FWDGRAD, ((
+    Mutation("fwdgrad_grad_ignore_index_fixed", ROW_PASSES, ((
         "counted = targets != ignore_index", "counted = targets != -100"),),
         "fwdgrad: the dlogits pass finds ignored targets by -100, not by ignore_index"),
     # Non-finite rows and masked vocabularies.
@@ -459,11 +460,11 @@ MUTATIONS = [
         "dead = dead if bool(dead.any()) else None", "dead = None"),),
         "recompute backward: an ignored row with overflowing logits puts NaN into all of dW",
         ("tests/test_numerical_edges.py",)),
-    Mutation("fwdgrad_dead_rows_kept_on_cuda", FWDGRAD, ((
+    Mutation("fwdgrad_dead_rows_kept_on_cuda", ROW_PASSES, ((
         "        probs.masked_fill_(dead[:, None], 0.0)", "        pass"),),
         "fwdgrad on CUDA: an ignored row with overflowing logits puts NaN into dW (the fill that avoids a sync)",
         ("tests/test_numerical_edges.py",)),
-    Mutation("fwdgrad_dead_rows_kept_on_cpu", FWDGRAD, ((
+    Mutation("fwdgrad_dead_rows_kept_on_cpu", ROW_PASSES, ((
         "        probs[dead] = 0.0", "        pass"),),
         "fwdgrad on CPU: an ignored row with overflowing logits puts NaN into dW", ("tests/test_numerical_edges.py",)),
     Mutation("in_backward_optimizers_seeded_alike", OPTIM, ((
