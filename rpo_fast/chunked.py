@@ -12,7 +12,7 @@ accumulation (no fp32 x fp32 SGEMM): logits come out in fp32, so the log-softmax
 to bf16 (as in the Triton kernels), and the gradient GEMMs take dlogits cast to the input dtype. The weight
 gradient accumulates over chunks in fp32 on every device. fp32 inputs give fp32 products throughout. On CPU,
 bf16/fp16 inputs are upcast: the token layout takes one fp32 copy of the weight (4*V*H bytes) for the whole
-call (`gemm_weight`), the vocab layout a copy of each slice, and every product is an fp32 one.
+call (`gemm.gemm_operand`), the vocab layout a copy of each slice, and every product is an fp32 one.
 
 Two backward layouts:
     token chunks  (default) rows of tokens at a time, every chunk against the whole vocabulary; dweight
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .gemm import HALF_DTYPES, addmm_f32_, fp32_out_on_tensor_cores, mm_f32
+from .gemm import HALF_DTYPES, addmm_f32_, gemm_operand, logits_f32, operand_dtype
 
 # Elements of one chunk's fp32 logits. CPU: 2**21 x 4 B = 8 MiB (65 tokens at a 32000-token vocab), small
 # enough that the chunk stays below an eighth of the dense path's memory at 1024 tokens, with no loss of
@@ -72,24 +72,6 @@ def choose_layout(n_tokens: int, vocab_size: int, hidden_size: int, want_dw: boo
     return "vocab" if 4 * vocab_size * hidden_size > DW_BUFFER_SHARE * free else "tokens"
 
 
-def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight [V, H] as the head GEMMs take it: itself where products of its dtype give fp32 results (fp32,
-    or bf16/fp16 on CUDA tensor cores); otherwise (bf16/fp16 on CPU) one fp32 copy, 4*V*H bytes, for the whole
-    call, rather than one per chunk inside `gemm.mm_f32`."""
-    return weight if weight.dtype == torch.float32 or fp32_out_on_tensor_cores(weight) else weight.float()
-
-
-def _logits(h_rows: torch.Tensor, w_rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 [rows, V'] logits of hidden rows against weight rows (plus bias, in place): `gemm.mm_f32`, the
-    product the forward-time-gradient head (`rpo_fast.fwdgrad`) takes too, so that a policy and a reference
-    scored by the two heads differ by their inputs alone (fp32 products of half-precision operands on
-    CUDA tensor cores; elsewhere the operands in fp32, a transient fp32 copy of the weight rows, where
-    half-precision products rounded to their dtype would shift every half-precision log-prob).
-    """
-    logits = mm_f32(h_rows, w_rows.T)
-    return logits if bias is None else logits.add_(bias)
-
-
 def chunked_linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -113,11 +95,11 @@ def chunked_linear_logprobs_fwd(
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0)
-    w_op = gemm_weight(weight)
+    w_op = gemm_operand(weight)
     step = chunk_rows(V, chunk_size, hidden.device)
     for start in range(0, N, step):
         rows = slice(start, start + step)
-        logits = _logits(hidden[rows].to(w_op.dtype), w_op, bias)
+        logits = logits_f32(hidden[rows].to(w_op.dtype), w_op, bias)
         # torch's logsumexp returns +-inf for infinite logits; their log-probs are undefined: NaN, as in
         # the kernels' online softmax.
         chunk_lse = torch.logsumexp(logits, dim=-1)
@@ -192,7 +174,7 @@ def chunked_linear_logprobs_bwd(
     dead = dead if bool(dead.any()) else None
     # dlogits in the input dtype where the GEMMs take halves with fp32 accumulation (CUDA), else fp32; the
     # other operand of each gradient GEMM is cast to match (no-op on CUDA and in fp32).
-    d_dtype = weight.dtype if fp32_out_on_tensor_cores(weight) else torch.float32
+    d_dtype = operand_dtype(weight)
     grad_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if want_db else None
     cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
 
@@ -204,12 +186,12 @@ def chunked_linear_logprobs_bwd(
     if layout == "tokens":
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
-        w_op = gemm_weight(weight)
+        w_op = gemm_operand(weight)
         step = chunk_rows(V, chunk_size, hidden.device)
         for start in range(0, N, step):
             rows = slice(start, start + step)
             h = hidden[rows].to(w_op.dtype)  # cast once for the logits and dweight (a no-op but on CPU halves)
-            probs = _logits(h, w_op, bias).sub_(lse[rows, None]).exp_()
+            probs = logits_f32(h, w_op, bias).sub_(lse[rows, None]).exp_()
             dlogits = _dlogits(probs, safe_targets[rows], None, neg_g[rows], None if dead is None else dead[rows],
                                grad_bias, d_dtype)
             del probs
@@ -228,7 +210,7 @@ def chunked_linear_logprobs_bwd(
     for start in range(0, V, step):
         cols = slice(start, start + step)
         w_rows = weight[cols]
-        probs = _logits(hidden, w_rows, None if bias is None else bias[cols]).sub_(lse[:, None]).exp_()
+        probs = logits_f32(hidden, w_rows, None if bias is None else bias[cols]).sub_(lse[:, None]).exp_()
         local = safe_targets - start
         hits = (local >= 0) & (local < w_rows.shape[0])
         db = None if grad_bias is None else grad_bias[cols]

@@ -193,18 +193,13 @@ def fwdgrad_head_loss(
 
     # GEMM operands: bf16/fp16 straight into tensor cores with fp32 results where that works; elsewhere (CPU)
     # upcast once, so that each chunk's products are fp32 ones without a fresh [V, H] copy per chunk.
-    tensor_cores = gemm.fp32_out_on_tensor_cores(hidden)
-    op_dtype = hidden.dtype if tensor_cores else torch.float32
-    w_op = weight.to(op_dtype)
+    w_op = gemm.gemm_operand(weight)
+    op_dtype = w_op.dtype
     b32 = None if bias is None else bias.float()
     dh = torch.empty_like(hidden) if want_dh else None
     dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_db else None
     policy_logps = torch.zeros(n_seqs, dtype=torch.float32, device=hidden.device)
-
-    def logits_of(h):
-        logits = gemm.mm_f32(h, w_op.T)
-        return logits if b32 is None else logits.add_(b32)
 
     def sequence_grads(s, seqs):
         """dLoss/ds for the chunk's sequences `seqs` [2b]; the other sequences are held at 0, constants the
@@ -235,7 +230,7 @@ def fwdgrad_head_loss(
         logits = None
         for piece in pieces:
             logits = None  # the previous piece's logits are freed before the next are made
-            logits = logits_of(h[piece])
+            logits = gemm.logits_f32(h[piece], w_op, b32)
             piece_lp, piece_lse = passes.row_logprobs(logits, t[piece], ignore_index)
             lp.append(piece_lp)
             lse.append(piece_lse)
@@ -248,7 +243,7 @@ def fwdgrad_head_loss(
         dh_chunk = torch.empty_like(h) if want_dh else None
         for piece in pieces[-1:] + pieces[:-1]:
             if logits is None:  # a recomputed piece: its logsumexps are known from the first pass
-                logits = passes.reload_(logits_of(h[piece]), lse[piece])
+                logits = passes.reload_(gemm.logits_f32(h[piece], w_op, b32), lse[piece])
             dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype,
                                           ignore_index=ignore_index)
             logits = None

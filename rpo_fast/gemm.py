@@ -63,6 +63,29 @@ def accumulates_in_place(a: torch.Tensor) -> bool:
     return fp32_out_on_tensor_cores(a) and _probe_cuda(str(a.device), a.dtype).addmm_into_out
 
 
+def operand_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype in which the head's GEMMs take operands like `t`: its own where products of its dtype give fp32
+    results (fp32, or bf16/fp16 on CUDA tensor cores), else float32 (bf16/fp16 on CPU: fp32 products)."""
+    return t.dtype if t.dtype == torch.float32 or fp32_out_on_tensor_cores(t) else torch.float32
+
+
+def gemm_operand(t: torch.Tensor) -> torch.Tensor:
+    """`t` in `operand_dtype(t)`: itself, or (bf16/fp16 on CPU) one fp32 copy for a whole call (for the weight
+    [V, H]: 4*V*H bytes) rather than one per chunk inside `mm_f32`."""
+    return t.to(operand_dtype(t))
+
+
+def logits_f32(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 [rows, V'] logits of hidden rows h [rows, H] against weight rows w [V', H], plus `bias` [V'] (added in
+    place) or None. The one logits product of both fused-head backends (`rpo_fast.chunked`, `rpo_fast.fwdgrad`),
+    so that a policy and a reference scored by the two differ by their inputs alone: fp32 products of
+    half-precision operands on CUDA tensor cores; elsewhere the operands in fp32 (a transient fp32 copy of
+    half-precision operands not already given as `gemm_operand`s), where half-precision products rounded to
+    their dtype would shift every half-precision log-prob."""
+    logits = mm_f32(h, w.T)
+    return logits if bias is None else logits.add_(bias)
+
+
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` as float32: a [M, K], b [K, N] of one float dtype -> [M, N] fp32."""
     if a.dtype == torch.float32:

@@ -6,7 +6,7 @@ test_linear_logprobs.py): a bound relative to a tensor's largest entry would let
 import pytest
 import torch
 
-from rpo_fast import chunked
+from rpo_fast import chunked, gemm
 from rpo_fast.chunked import chunked_linear_logprobs_bwd, chunked_linear_logprobs_fwd
 from conftest import max_abs_err
 from rpo_reference_math import assert_within, logprobs64, naive_logprobs
@@ -93,8 +93,8 @@ def tensor_core_products(monkeypatch):
     def addmm(acc, a, b):
         return acc.addmm_(a.float(), b.float())
 
-    monkeypatch.setattr(chunked, "fp32_out_on_tensor_cores", lambda t: t.dtype in chunked.HALF_DTYPES)
-    monkeypatch.setattr(chunked, "mm_f32", mm)
+    monkeypatch.setattr(gemm, "fp32_out_on_tensor_cores", lambda t: t.dtype in gemm.HALF_DTYPES)
+    monkeypatch.setattr(gemm, "mm_f32", mm)
     monkeypatch.setattr(chunked, "addmm_f32_", addmm)
 
 

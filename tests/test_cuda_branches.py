@@ -48,7 +48,6 @@ def cuda_products(monkeypatch):
     on_tensor_cores = lambda t: t.dtype in HALF  # noqa: E731 - what a CUDA device with a working probe says
     monkeypatch.setattr(gemm, "fp32_out_on_tensor_cores", on_tensor_cores)
     monkeypatch.setattr(gemm, "accumulates_in_place", on_tensor_cores)
-    monkeypatch.setattr(chunked, "fp32_out_on_tensor_cores", on_tensor_cores)
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
     return calls

@@ -173,8 +173,8 @@ MUTATIONS = [
         "return RowPasses(kernels.row_logprobs, kernels.logit_grad_, softmax_from_lse_)"),),
         "fwdgrad: a recomputed piece handed to the Triton gradient kernel (which reads logits) as probabilities"),
     Mutation("fwdgrad_recomputed_piece_lse_of_another_piece", FWDGRAD, ((
-        "logits = passes.reload_(logits_of(h[piece]), lse[piece])",
-        "logits = passes.reload_(logits_of(h[piece]), lse[:piece.stop - piece.start])"),),
+        "logits = passes.reload_(gemm.logits_f32(h[piece], w_op, b32), lse[piece])",
+        "logits = passes.reload_(gemm.logits_f32(h[piece], w_op, b32), lse[:piece.stop - piece.start])"),),
         "fwdgrad: a recomputed piece normalized with the first piece's logsumexps"),
     Mutation("fwdgrad_grad_output_ignored", FWDGRAD, ((
         "scale = float(grad_output)", "scale = 1.0"),),
