@@ -13,7 +13,7 @@ whole pairs can do all of its work at once:
     ds = d(pair_weight * pref + nll_weight * alpha * nll) / ds     autograd through the loss's own formulas
     g = ds of each token's sequence                  [C] (0 at ignored targets)
     dlogits = g * (onehot - softmax)                 in the logits buffer (bf16/fp16 on CUDA: a copy in that dtype)
-    dhidden[rows] = dlogits @ W;  dW32 += dlogits.T @ h;  db32 += dlogits.sum(0)
+    dhidden[rows] = dlogits @ W;  dW32 += dlogits.T @ h;  db32 += dlogits.sum(0)     (the sum in fp32, before the cast)
 
 Three head GEMMs per token, none recomputed (the floor), and the loss's backward only scales the stored
 gradients by `grad_output`, as Liger's fused linear cross entropy does. The gradient of the loss formulas
@@ -244,15 +244,18 @@ def fwdgrad_head_loss(
         for piece in pieces[-1:] + pieces[:-1]:
             if logits is None:  # a recomputed piece: its logsumexps are known from the first pass
                 logits = passes.reload_(gemm.logits_f32(h[piece], w_op, b32), lse[piece])
-            dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece], op_dtype,
-                                          ignore_index=ignore_index)
+            # With a bias gradient, dlogits stay fp32 (in the logits buffer) until their column sum is taken; then
+            # they are cast to the GEMMs' operand dtype, as the passes would have cast them.
+            dlogits = passes.logit_grad_(logits, t[piece], lse[piece], g[piece],
+                                          torch.float32 if want_db else op_dtype, ignore_index=ignore_index)
             logits = None
+            if want_db:
+                db32 += dlogits.sum(0)
+                dlogits = dlogits.to(op_dtype)
             if want_dh:
                 dh_chunk[piece] = dlogits @ w_op
             if want_dw:
                 gemm.addmm_f32_(dw32, dlogits.T, h[piece])
-            if want_db:
-                db32 += dlogits.sum(0, dtype=torch.float32)
             del dlogits
         if want_dh:
             n_chosen = chunk.chosen.stop - chunk.chosen.start

@@ -11,7 +11,9 @@ check the calls' schemas, shapes and dtypes.
 import pytest
 import torch
 
+import rpo_fast
 from rpo_fast import chunked, gemm
+from rpo_reference_math import logprobs64, random_pairs, rpo64
 from test_head_backward import CASES, check_against_float64
 from test_rpo_loss import triton_row_passes
 
@@ -77,6 +79,32 @@ def test_recompute_head_in_its_cuda_configuration_against_float64(layout, cuda_p
     monkeypatch.setattr(chunked, "choose_layout", lambda *args: layout)
     check_against_float64(CASES["sigmoid-smoothed-weighted"], torch.bfloat16, "recompute")
     assert cuda_products
+
+
+@pytest.mark.parametrize("backward", ["fwdgrad", "recompute"])
+def test_bias_gradient_summed_before_the_half_cast(backward, cuda_products):
+    """On CUDA the gradient GEMMs take bf16 dlogits; the bias gradient is their column sum in fp32 before that
+    cast, in both heads (as the atomic kernel's fp32 sum): each entry within bf16's rounding of its float64
+    value. A sum of bf16-rounded dlogits misses entries whose terms cancel (here by up to 30%)."""
+    gen = torch.Generator().manual_seed(2)
+    cu = random_pairs(4, 60, min_len=20, generator=gen)
+    n = int(cu[-1])
+    hidden = torch.randn(n, 16, generator=gen).bfloat16()
+    weight = (torch.randn(64, 16, generator=gen) * 0.4).bfloat16()
+    bias = (torch.randn(64, generator=gen) * 0.5).bfloat16()
+    targets = torch.randint(0, 64, (n,), generator=gen)
+    opts = dict(beta=0.3, alpha=0.7, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
+                average_log_prob=False)
+    leaf = bias.clone().requires_grad_()
+    rpo_fast.fused_linear_rpo_loss(hidden, weight, targets, cu, bias=leaf, impl="torch", backward=backward,
+                                   chunk_tokens=100, **opts).loss.backward()
+    assert cuda_products, "the tensor-core branch was not taken"
+    bias64 = bias.double().requires_grad_()
+    r = rpo64(logprobs64(hidden.double(), weight.double(), bias64, targets), None, targets, cu, **opts)
+    exact, = torch.autograd.grad(r["pref_loss"] + 0.7 * r["nll"], bias64)
+    err = (leaf.grad.double() - exact).abs()
+    bound = 2**-8 * exact.abs() + 1e-5 * exact.abs().max()
+    assert bool((err <= bound).all()), float((err / exact.abs()).max())
 
 
 def test_accumulation_without_addmm_into_out_stays_on_tensor_core_products(cuda_products, monkeypatch):

@@ -154,7 +154,12 @@ MUTATIONS = [
         "g = g.float().masked_fill(~counted, 0.0)", "g = g.float()"),),
         "fwdgrad: tokens with ignored targets get their sequence's gradient"),
     Mutation("fwdgrad_bias_gradient_dropped", FWDGRAD, ((
-        "db32 += dlogits.sum(0, dtype=torch.float32)", "db32 += 0"),), "fwdgrad: bias gradient left at zero"),
+        "db32 += dlogits.sum(0)\n", "db32 += 0\n"),), "fwdgrad: bias gradient left at zero"),
+    Mutation("fwdgrad_bias_gradient_of_half_dlogits", FWDGRAD, ((
+        "db32 += dlogits.sum(0)\n                dlogits = dlogits.to(op_dtype)",
+        "dlogits = dlogits.to(op_dtype)\n                db32 += dlogits.sum(0, dtype=torch.float32)"),),
+        "fwdgrad on CUDA: the bias gradient summed from the bf16/fp16 dlogits, not before their cast",
+        ("tests/test_cuda_branches.py",)),
     Mutation("fp16_auto_takes_fwdgrad", LOSS, ((
         "and dtype != torch.float16 else", "else"),),
         "backward='auto' forms fp16 gradients in forward, before a loss scale can reach them"),
