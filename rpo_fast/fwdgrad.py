@@ -53,13 +53,13 @@ from .segments import sum_by_index
 # for the GEMMs to run at tensor-core speed.
 # CPU: 2**23 (32 MiB): 262 tokens at a 32000-token vocabulary, which holds a pair of the CPU benchmark's
 # 128-token responses, and rows enough for the fp32 GEMMs' full speed (bench/RESULTS.md).
-CHUNK_ELEMENTS = 2**23
-CUDA_CHUNK_ELEMENTS = 2**28
+FWDGRAD_CHUNK_ELEMENTS = 2**23
+FWDGRAD_CUDA_CHUNK_ELEMENTS = 2**28
 
 
 def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
     """Tokens per chunk when the caller does not say: as many as fit the device's logits budget."""
-    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    budget = FWDGRAD_CUDA_CHUNK_ELEMENTS if device.type == "cuda" else FWDGRAD_CHUNK_ELEMENTS
     return max(1, budget // max(1, vocab_size))
 
 

@@ -28,7 +28,7 @@ class KernelTensorRecorder(LargestTensorRecorder):
 
 def largest_allocation(impl, monkeypatch, backward="auto"):
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64 * V)  # 64-row chunks, so chunking is visible at this N
-    monkeypatch.setattr(fwdgrad, "CHUNK_ELEMENTS", FWDGRAD_ROWS * V)
+    monkeypatch.setattr(fwdgrad, "FWDGRAD_CHUNK_ELEMENTS", FWDGRAD_ROWS * V)
     hidden = torch.randn(N, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     bias = torch.randn(V, requires_grad=True)

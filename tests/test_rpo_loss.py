@@ -142,14 +142,27 @@ def test_loss_types_norms_and_references(impl, loss_type, sft_norm, ref_mode):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("average_log_prob", [False, True], ids=["sum_logp", "avg_logp"])
 def test_dtypes_bias_and_average_log_prob(impl, dtype, bias, average_log_prob, monkeypatch):
-    """Each input dtype, with and without bias and average_log_prob, against float64. impl="triton" runs the
-    Triton row kernels (~1 s a case) for bf16 and fp32 with bias and average_log_prob both off or both on."""
-    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", 16 * 301)  # torch: chunks of 16 tokens, one ragged
+    """Each input dtype, with and without bias and average_log_prob, against float64, the batch in chunks of at
+    most 16 rows on every head. impl="triton" runs the Triton row kernels (~1 s a case) for bf16 and fp32 with
+    bias and average_log_prob both off or both on."""
+    rows = 16
+    # The op (the reference head; fp16's recompute backward): chunks of 16 tokens, one ragged.
+    monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", rows * 301)
+    # fwdgrad (bf16, fp32): chunks of whole pairs of at most 16 rows, longer pairs in pieces of 16.
+    monkeypatch.setattr(fwdgrad, "FWDGRAD_CHUNK_ELEMENTS", rows * 301)
+    pieces = []
+    real_row_pieces = fwdgrad.row_pieces
+    monkeypatch.setattr(fwdgrad, "row_pieces", lambda *args: pieces.append(real_row_pieces(*args)) or pieces[-1])
     case = make_case(B=2, max_len=40, H=75, V=301, dtype=dtype, bias=bias, ref_mode="head")
     opts = dict(beta=0.1, alpha=1.0, sft_norm="token_mean", loss_type="sigmoid", label_smoothing=0.0,
                 average_log_prob=average_log_prob)
     check_against_float64(case, opts, impl, dtype,
                           row_kernels=dtype in (torch.float32, torch.bfloat16) and bias == average_log_prob)
+    n_logits_pieces = sum(len(p) for p in pieces)  # the fwdgrad head's logits products in its first pass
+    if dtype == torch.float16:  # backward="auto" takes recompute for fp16
+        assert n_logits_pieces == 0
+    else:
+        assert n_logits_pieces >= max(2, math.ceil(int(case[0][-1]) / rows)), pieces
 
 
 def ignore_inside(case):
