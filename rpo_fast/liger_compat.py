@@ -63,7 +63,7 @@ class RPOLoss(torch.nn.Module):
                              f"Liger's {loss_type!r}), got {loss_type!r}")
         beta, alpha, label_smoothing = checks.check_loss_options(beta, alpha, sft_norm, loss_type, label_smoothing)
         checks.check_choice("impl", impl, checks.IMPLS)
-        checks.check_choice("backward", backward, checks.HEAD_BACKWARDS)
+        checks.check_head_backward(impl, backward)
         checks.check_chunk_tokens(chunk_tokens)
         self.ignore_index = ignore_index
         self.beta = beta

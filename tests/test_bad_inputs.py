@@ -171,6 +171,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error_in_forward(monkeypat
 def test_rpo_loss_module_rejects_liger_only_loss_types_and_bad_shapes():
     with pytest.raises(ValueError, match="loss_type"):
         rpo_fast.RPOLoss(loss_type="apo_zero")
+    with pytest.raises(ValueError, match=r"^backward: expected 'auto' with impl='dense'"):  # at construction
+        rpo_fast.RPOLoss(impl="dense", backward="fwdgrad")
     loss = rpo_fast.RPOLoss(use_ref_model=False)
     with pytest.raises(ValueError, match="_input"):
         loss(torch.randn(5, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.int64))
