@@ -96,10 +96,10 @@ def _(hidden, weight, bias, targets, lse, grad_lp, ignore_index, impl, needs_gra
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, impl, *backward = inputs
+    hidden, weight, bias, targets, ignore_index, impl, backward, targets_checked = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, output[1])
     ctx.ignore_index = ignore_index
-    ctx.backward_impl = "triton" if backward and backward[0] == "atomic" else "torch"
+    ctx.backward_impl = "triton" if backward == "atomic" else "torch"
 
 
 def _backward(ctx, grad_lp, grad_lse):

@@ -285,8 +285,6 @@ def fused_linear_rpo_loss(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     backward = resolve_head_backward(backward, impl, hidden.dtype, needs_grad)
     if backward == "fwdgrad":
-        ref_logps = None if ref_logps is None else ref_logps.detach().float()
-
         def sequence_loss(policy_logps):  # the same formulas as rpo_loss, differentiated chunk by chunk
             out = rpo_terms(policy_logps, ref_logps, counts, **options)
             return out.loss, out
