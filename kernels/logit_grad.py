@@ -109,7 +109,9 @@ def row_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
 
     Returns:
         lp: [C] float32, `logits[n, targets[n]] - logsumexp(logits[n])` (0.0 at ignored targets);
-        lse: [C] float32, the logsumexp of every row.
+        lse: [C] float32, the logsumexp of every row. Both are NaN (lp: unless ignored) for a row whose
+        log-softmax is undefined: every logit -inf, or a +inf or NaN logit. `logit_grad_` still gives such a row
+        all zeros where its g is 0 (it does not read the row then).
     """
     C, V = _check_rows(logits, targets)
     cfg = config or default_row_config(logits)

@@ -181,8 +181,7 @@ def chunked_linear_logprobs_bwd(
     # Elementwise passes over each [rows, V'] block, besides the logits GEMM that writes it and the two
     # gradient GEMMs that read the dlogits: 3 read+write passes (- lse, exp, x -g, the last one writing the
     # half-precision dlogits on CUDA; in place in fp32), plus with a bias 1 read+write (+ bias) and 1 read (its
-    # gradient, a GEMV). The one-hot term is a scatter of one element per row. (Before: 4 passes and, on
-    # CUDA, fp32 dlogits into fp32 x fp32 SGEMMs.)
+    # gradient, a GEMV). The one-hot term is a scatter of one element per row.
     if layout == "tokens":
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None

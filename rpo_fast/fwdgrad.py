@@ -20,10 +20,9 @@ gradients by `grad_output`, as Liger's fused linear cross entropy does. The grad
 comes from autograd through the same function that computes the value (`loss.rpo_terms`, handed in by
 `fused_linear_rpo_loss`), so there is one copy of them.
 
-The stored gradients are rounded to the inputs' dtype at the loss's scale of 1, before `grad_output` is known.
-That does not suit fp16 under loss scaling (a GradScaler's loss x 65536): entries that the scaled gradient
-would hold as normal fp16 numbers have already underflowed to 0 or to subnormals. `backward="auto"` therefore
-picks the recompute backward for fp16 (`loss.resolve_head_backward`); an explicit "fwdgrad" still runs.
+The stored gradients are rounded to the inputs' dtype at the loss's scale of 1, before `grad_output` is known:
+not for fp16 under loss scaling, so `backward="auto"` picks the recompute backward for fp16 (why:
+`loss.resolve_head_backward`); an explicit "fwdgrad" still runs.
 
 A pair longer than the chunk budget is split into row pieces of at most `chunk_tokens`: the first pass
 keeps each piece's logsumexp and the last (a full) piece's logits, and the gradient pass starts with that piece and

@@ -166,7 +166,6 @@ def linear_logprobs(
         backward: "recompute" (chunked, logits recomputed from the saved logsumexp; GEMMs on tensor cores on
             CUDA; deterministic), "atomic" (the Triton kernel with fp32 atomics: a GPU, or the CPU under
             TRITON_INTERPRET=1; not deterministic) or "auto" (= "recompute", see `resolve_op_backward`).
-            Before this keyword, impl="triton" implied the atomic backward; pass backward="atomic" for that.
             Ignored by impl="dense" (autograd through the full logits).
 
     Under `torch.autocast`, hidden, weight and bias are first cast to autocast's dtype, as a `Linear`'s inputs

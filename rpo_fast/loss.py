@@ -215,9 +215,8 @@ def fused_linear_rpo_loss(
                 recompute; the loss's backward only scales the stored gradients. Only `loss` carries a
                 gradient; every other RPOOutput field is a detached metric. First order only: differentiating
                 its gradients (`create_graph=True`) raises, as with the op's backwards; impl="dense"
-                differentiates twice. Not for fp16 under loss scaling (a GradScaler): the gradients are
-                rounded to fp16 at scale 1, before the scale reaches them, so small entries underflow to 0;
-                "auto" does not pick it for fp16.
+                differentiates twice. Not for fp16 under loss scaling (a GradScaler; why:
+                `resolve_head_backward`): "auto" does not pick it for fp16.
             "recompute": the `linear_logprobs` op, whose backward recomputes each chunk's logits (four GEMMs).
             "atomic": the same op with the Triton backward kernel (fp32 atomics; a GPU, or the CPU under
                 TRITON_INTERPRET=1; not deterministic).
