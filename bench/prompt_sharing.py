@@ -66,7 +66,7 @@ def measure(case: str, steps: int) -> dict:
     assert modeling.shared_prompt_unsupported(policy) is None
     reference = Reference("adapter", policy=policy)
     model = modeling.PackedRPOModel(policy, beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm,
-                                    loss_type=config.loss_type, impl=config.head_impl())
+                                    loss_type=config.loss_type, impl=config.impl)
     optimizer, _ = build_optimizer(model, config, steps + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
     reference.wrapped = model  # the reference runs through the prepared model, as in the trainer

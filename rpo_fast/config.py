@@ -102,6 +102,8 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides num_epochs
     mixed_precision: str = "no"  # no | bf16 (autocast; the fused head then runs in bf16)
     seed: int = 0
+    # The fused head is deterministic with every `impl` (the Triton forward combines its vocabulary splits in a
+    # fixed order) and with every head_backward but `atomic`, which `deterministic` refuses.
     deterministic: bool = False  # torch.use_deterministic_algorithms, no atomic head backward (exact CPU resume needs neither)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a NaN/Inf loss or gradient
     # --- output ---
@@ -134,12 +136,6 @@ class TrainConfig:
     def steps_in_backward(self) -> bool:
         """True for the `*_in_backward` optimizer modes: each parameter is stepped as its gradient arrives."""
         return optim.parse_mode(self.optimizer)[1]
-
-    def head_impl(self) -> str:
-        """The fused head's `impl` (its forward). Deterministic in every choice: the Triton forward combines
-        its vocabulary splits in a fixed order; only `head_backward: atomic` is not (refused under
-        `deterministic`)."""
-        return self.impl
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError naming the key, the expected values and the value given."""

@@ -849,7 +849,7 @@ def train_config_plan_options(config, device: str = "cuda", world: World = World
     elif isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     lora = config.finetune == "lora"
-    impl = config.head_impl()
+    impl = config.impl
     return dict(head_backward=config.head_backward, head_chunk_tokens=config.head_chunk_tokens,
         max_length=config.max_length, micro_batch_pairs=None, tokens_per_micro_batch=max(tokens, pair_tokens),
         prompt_tokens=0, share_prompt=config.share_prompt, mode="lora" if lora else "full_ft", lora_rank=config.lora_r,

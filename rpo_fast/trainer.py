@@ -266,11 +266,11 @@ def build_reference(config: TrainConfig, policy, datasets: dict[str, list], acce
     for split, examples in datasets.items():
         if accelerator.is_main_process:  # one process computes and writes; the others read the file
             load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
-                            impl=config.head_impl(), model_fp=fingerprint, progress=config.progress,
+                            impl=config.impl, model_fp=fingerprint, progress=config.progress,
                             share_prompt=config.share_prompt, autocast=accelerator.autocast)
         accelerator.wait_for_everyone()
         caches[split] = load_or_compute(source, examples, config.ref_cache_dir, token_budget=config.token_budget,
-                                        impl=config.head_impl(), model_fp=fingerprint, write=False,
+                                        impl=config.impl, model_fp=fingerprint, write=False,
                                         share_prompt=config.share_prompt, autocast=accelerator.autocast)
         log(f"reference log-probs ({split}): {caches[split].path}")
     return Reference("cache", caches=caches)
@@ -712,7 +712,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
     loss_options = dict(beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm, loss_type=config.loss_type,
                         label_smoothing=config.label_smoothing, average_log_prob=config.average_log_prob,
-                        impl=config.head_impl(), backward=config.head_backward, chunk_tokens=config.head_chunk_tokens)
+                        impl=config.impl, backward=config.head_backward, chunk_tokens=config.head_chunk_tokens)
     model = modeling.PackedRPOModel(policy, **loss_options)
     optimizer, scheduler = build_optimizer(model, config, steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step

@@ -183,7 +183,7 @@ def test_deterministic_runs_refuse_only_the_atomic_head_backward():
 
     # The forward (any impl) and the fwdgrad / recompute backwards are deterministic: nothing is overridden.
     for impl in ("auto", "triton", "torch", "dense"):
-        assert load_config(None, {"deterministic": True, "impl": impl}).head_impl() == impl
+        assert load_config(None, {"deterministic": True, "impl": impl}).impl == impl
     for backward in ("auto", "fwdgrad", "recompute"):
         assert load_config(None, {"deterministic": True, "head_backward": backward}).head_backward == backward
     with pytest.raises(ValueError, match="head_backward: expected 'auto', 'fwdgrad' or 'recompute' with deterministic"):

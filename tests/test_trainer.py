@@ -459,7 +459,7 @@ def test_bf16_reference_cache_holds_the_reference_models_log_probs(sharp_model_d
     reference = trainer.build_reference(dataclasses.replace(config, reference="model"), policy, {"train": examples},
                                         accelerator, lambda *_: None)
     model = accelerator.prepare(modeling.PackedRPOModel(policy, beta=config.beta, alpha=config.alpha,
-                                                        impl=config.head_impl()))
+                                                        impl=config.impl))
     expected = torch.full((len(examples), 2), math.nan)
     for step in epoch_steps(examples, config, 0, 1):
         for group in step:
