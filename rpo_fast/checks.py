@@ -244,15 +244,6 @@ def check_chunk_tokens(chunk_tokens, name: str = "chunk_tokens") -> None:
         raise ValueError(f"{name}: expected None or an int > 0, got {chunk_tokens!r}")
 
 
-def check_chunk_tokens_used(chunk_tokens, backward: str, impl: str, impl_name: str = "impl") -> None:
-    """A training run's `head_chunk_tokens` is None unless a forward-time-gradient backward uses it: `backward`
-    "auto" or "fwdgrad" with a fused `impl` (not "dense"); `impl_name` is the caller's name for `impl`."""
-    if chunk_tokens is not None and (backward not in ("auto", "fwdgrad") or impl == "dense"):
-        raise ValueError(f"head_chunk_tokens: expected None with head_backward={backward!r} and {impl_name}={impl!r} "
-                         "(it sizes the fwdgrad backward's chunks, which only head_backward 'auto' or 'fwdgrad' with "
-                         f"a fused impl uses), got {chunk_tokens!r}")
-
-
 def check_head_backward(impl: str, backward: str, name: str = "backward") -> None:
     """The fused loss's `backward` choice, given its `impl`: dense runs ordinary autograd, so only "auto"."""
     check_choice(name, backward, HEAD_BACKWARDS)

@@ -45,6 +45,15 @@ def is_module_regex(value) -> bool:
     return isinstance(value, str) and not REGEX_CHARACTERS.isdisjoint(value)
 
 
+def check_chunk_tokens_used(chunk_tokens, backward: str, impl: str, impl_name: str = "impl") -> None:
+    """A training run's `head_chunk_tokens` is None unless a forward-time-gradient backward uses it: `backward`
+    "auto" or "fwdgrad" with a fused `impl` (not "dense"); `impl_name` is the caller's name for `impl`."""
+    if chunk_tokens is not None and (backward not in ("auto", "fwdgrad") or impl == "dense"):
+        raise ValueError(f"head_chunk_tokens: expected None with head_backward={backward!r} and {impl_name}={impl!r} "
+                         "(it sizes the fwdgrad backward's chunks, which only head_backward 'auto' or 'fwdgrad' with "
+                         f"a fused impl uses), got {chunk_tokens!r}")
+
+
 @dataclass
 class TrainConfig:
     # --- model ---
@@ -186,7 +195,7 @@ class TrainConfig:
         if self.head_chunk_tokens is not None:
             _require("head_chunk_tokens", self.head_chunk_tokens >= 1, "None or an integer >= 1",
                      self.head_chunk_tokens)
-            checks.check_chunk_tokens_used(self.head_chunk_tokens, self.head_backward, self.impl)
+            check_chunk_tokens_used(self.head_chunk_tokens, self.head_backward, self.impl)
         base_optimizer, in_backward = optim.parse_mode(self.optimizer)
         _require("optimizer_compile", not self.optimizer_compile or base_optimizer in ("adamw_bf16", "adamw_bf16_sr"),
                  f"false with optimizer={self.optimizer!r} (it compiles the adamw_bf16 modes' update)",

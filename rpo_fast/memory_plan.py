@@ -51,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import checks, chunked, fwdgrad, optim
-from .config import is_module_regex
+from .config import check_chunk_tokens_used, is_module_regex
 from .loss import resolve_head_backward
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -376,7 +376,7 @@ def plan_memory(
     if isinstance(lora_targets, str):
         raise ValueError(f"lora_targets: expected a tuple of projection names, got the string {lora_targets!r}")
     checks.check_chunk_tokens(head_chunk_tokens, "head_chunk_tokens")
-    checks.check_chunk_tokens_used(head_chunk_tokens, head_backward, loss_impl, "loss_impl")
+    check_chunk_tokens_used(head_chunk_tokens, head_backward, loss_impl, "loss_impl")
     if fsdp_processes > 1 and ddp_processes > 1:
         raise ValueError(f"ddp_processes: expected 1 with fsdp_processes={fsdp_processes} (a run is DDP or FSDP), "
                          f"got {ddp_processes}")
