@@ -20,7 +20,7 @@ PAIR_METRICS = ("loss", "pref_loss", "nll", "rewards/chosen", "rewards/rejected"
                 "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def pair_metric_sums(out, n_pairs: int, nll_pairs: float | None = None) -> torch.Tensor:
+def pair_metric_sums(out, n_pairs: int, nll_pairs: float | None = None, *, alpha: float) -> torch.Tensor:
     """Sums over the pairs of one micro-batch, in PAIR_METRICS order: [len(PAIR_METRICS)] float64, on the
     device of `out` (the trainer adds them up there and reads them back once per step: a read per micro-batch
     would wait for the GPU).
@@ -30,12 +30,16 @@ def pair_metric_sums(out, n_pairs: int, nll_pairs: float | None = None) -> torch
     (and its share of the loss) is weighted by `nll_pairs` instead when given: for sft_norm="token_mean"
     the trainer passes the micro-batch's share of the step's chosen tokens, in pairs, so the result is
     the step's token mean.
+
+    The loss is formed here as the loss functions form it, `pref_loss + alpha * nll`, or `pref_loss` alone
+    when `alpha` is 0 (the NLL is then a metric, and may be infinite); `out.loss` is not read (the trainer's
+    carries its micro-batch weights).
     """
     nll_pairs = n_pairs if nll_pairs is None else nll_pairs
     c, r = out.chosen_rewards.double(), out.rejected_rewards.double()
     pref, nll = out.pref_loss.detach().double(), out.nll.detach().double()
-    sft = out.loss.detach().double() - pref  # alpha * nll
-    values = [pref * n_pairs + sft * nll_pairs, pref * n_pairs,
+    sft = alpha * nll * nll_pairs if alpha else 0.0
+    values = [pref * n_pairs + sft, pref * n_pairs,
               nll * nll_pairs, c.sum(), r.sum(), (c - r).sum(), (c > r).double().sum(),
               out.chosen_logps.detach().double().sum(), out.rejected_logps.detach().double().sum()]
     return torch.stack([v.reshape(()) for v in values])

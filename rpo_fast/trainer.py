@@ -315,8 +315,7 @@ def run_step(model, reference: Reference, examples, step_groups, accelerator, co
                 config, step, batch.n_pairs, batch.num_tokens, batch.num_response_tokens,
                 getattr(policy, "config", None), oom.device_memory_bytes(accelerator.device),
                 run_world(accelerator))) from e
-        sums += metrics.pair_metric_sums(out._replace(loss=out.pref_loss + config.alpha * out.nll), batch.n_pairs,
-                                         nll_pairs)  # the loss unweighted
+        sums += metrics.pair_metric_sums(out, batch.n_pairs, nll_pairs, alpha=config.alpha)
         tokens += batch.sequence_tokens  # counted unshared, so tokens/s compares across layouts
         response_tokens += batch.num_response_tokens
     return sums, tokens, response_tokens
@@ -384,7 +383,7 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
         if k < len(mine):
             batch_chosen = sum(len(examples[i].chosen_ids) for i in group)
             sums += metrics.pair_metric_sums(out, batch.n_pairs, token_mean_nll_pairs(
-                batch_chosen, config, len(examples), chosen_tokens))
+                batch_chosen, config, len(examples), chosen_tokens), alpha=config.alpha)
         bar.update(1)
     bar.close()
     module.train(was_training)

@@ -1,4 +1,5 @@
 """The logged per-pair metrics: sums over a micro-batch, and pair-weighted means over micro-batches."""
+import math
 import os
 
 import pytest
@@ -25,7 +26,7 @@ def test_one_micro_batch():
     out = _output([0.5, -0.25, 0.0, 1.0], [0.125, 0.5, 0.0, -1.0], pref_loss=0.7, nll=2.0, alpha=0.5)
     out = out._replace(chosen_logps=torch.tensor([-3.0, -5.5, -7.0, -2.0]),
                        rejected_logps=torch.tensor([-4.0, -9.0, -6.5, -11.0]))
-    got = dict(zip(PAIR_METRICS, pair_metric_sums(out, 4).tolist()))
+    got = dict(zip(PAIR_METRICS, pair_metric_sums(out, 4, alpha=0.5).tolist()))
     expected = {"loss": 4 * (0.7 + 0.5 * 2.0), "pref_loss": 4 * 0.7, "nll": 4 * 2.0, "rewards/chosen": 1.25,
                 "rewards/rejected": -0.375, "rewards/margins": 0.375 - 0.75 + 0.0 + 2.0,
                 "rewards/accuracies": 2.0, "logps/chosen": -17.5, "logps/rejected": -30.5}
@@ -38,16 +39,29 @@ def test_micro_batches_average_by_pair_and_nll_by_its_share():
     weighted by it instead."""
     a = _output([1.0, 0.0, 0.0], [0.0, 0.5, 0.0], pref_loss=0.6, nll=1.0, alpha=2.0)
     b = _output([2.0], [1.0], pref_loss=0.2, nll=3.0, alpha=2.0)
-    means = metrics_from_sums(pair_metric_sums(a, 3) + pair_metric_sums(b, 1), 4)
+    means = metrics_from_sums(pair_metric_sums(a, 3, alpha=2.0) + pair_metric_sums(b, 1, alpha=2.0), 4)
     assert means["pref_loss"] == pytest.approx((3 * 0.6 + 0.2) / 4)
     assert means["nll"] == pytest.approx((3 * 1.0 + 3.0) / 4)
     assert means["rewards/accuracies"] == pytest.approx(2 / 4)
     assert means["rewards/margins"] == pytest.approx((1.0 - 0.5 + 0.0 + 1.0) / 4)
     # token_mean: a has 1 chosen token in all, b has 3, so their NLL shares are 1 and 3 of 4 pairs.
-    weighted = metrics_from_sums(pair_metric_sums(a, 3, nll_pairs=1.0) + pair_metric_sums(b, 1, nll_pairs=3.0), 4)
+    weighted = metrics_from_sums(pair_metric_sums(a, 3, nll_pairs=1.0, alpha=2.0)
+                                 + pair_metric_sums(b, 1, nll_pairs=3.0, alpha=2.0), 4)
     assert weighted["nll"] == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)
     assert weighted["loss"] == pytest.approx(weighted["pref_loss"] + 2.0 * weighted["nll"])
     assert weighted["pref_loss"] == means["pref_loss"]
+
+
+def test_loss_without_sft_term_ignores_an_infinite_nll():
+    """alpha=0 (plain DPO): the NLL is only a metric, and the loss is the preference loss, even where the NLL is
+    infinite (a chosen token of probability 0): 0 * inf would log a NaN loss, which the trainer skips the step
+    for. The loss is formed from pref_loss and alpha * nll, not read from out.loss (the trainer's is weighted)."""
+    out = _output([0.5, -0.25], [0.125, 0.5], pref_loss=0.7, nll=math.inf, alpha=0.0)
+    got = metrics_from_sums(pair_metric_sums(out._replace(loss=torch.tensor(123.0)), 2, alpha=0.0), 2)
+    assert got["loss"] == pytest.approx(0.7) and got["pref_loss"] == pytest.approx(0.7) and got["nll"] == math.inf
+    weighted = pair_metric_sums(_output([1.0], [0.0], pref_loss=0.6, nll=1.5, alpha=2.0)._replace(
+        loss=torch.tensor(-1.0)), 1, nll_pairs=3.0, alpha=2.0)
+    assert weighted[0].item() == pytest.approx(0.6 + 2.0 * 1.5 * 3.0)
 
 
 def test_final_table_names_the_steps_each_column_averages():

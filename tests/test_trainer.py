@@ -201,6 +201,26 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_model_dir, tmp_path):
         train(config, TrainHooks(transform_loss=lambda step, loss: loss * float("inf") if step >= 2 else loss))
 
 
+def test_infinite_nll_without_sft_term_trains_and_logs_the_preference_loss(tiny_model_dir, tmp_path, monkeypatch):
+    """alpha=0 (plain DPO): the NLL is a metric only, so an infinite one (a chosen token of probability 0) leaves
+    the loss and its gradient finite: the step trains, and the logged loss is the preference loss, not
+    0 * inf = NaN (which would skip every such step)."""
+    forward = modeling.PackedRPOModel.forward
+
+    def infinite_nll(self, batch, *args, **kwargs):
+        out = forward(self, batch, *args, **kwargs)
+        return out if kwargs.get("head_inputs_only") else out._replace(nll=torch.full_like(out.nll, math.inf))
+
+    monkeypatch.setattr(modeling.PackedRPOModel, "forward", infinite_nll)
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, max_steps=2, alpha=0.0))
+    result = train(config)
+    steps = records_of(result)
+    assert [r["skipped"] for r in steps] == [False, False] and result.state.skipped_steps == 0
+    for r in steps + [r for r in result.records if "eval/loss" in r]:
+        prefix = "eval/" if "eval/loss" in r else ""
+        assert r[prefix + "nll"] == math.inf and r[prefix + "loss"] == r[prefix + "pref_loss"], r
+
+
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_in_backward_optimizer_trains_like_adamw_and_skips_nonfinite_steps(tiny_model_dir, tmp_path, finetune):
     """optimizer=adamw_in_backward gives AdamW's run exactly (no clipping); a NaN loss never reaches backward
