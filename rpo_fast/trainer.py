@@ -26,10 +26,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
 from . import checkpoint, memory_plan, metrics, modeling, oom, optim, preflight, run_dir
 from .config import TrainConfig, load_config, save_config
@@ -640,15 +640,95 @@ def make_accelerator(config: TrainConfig):
 # --- the run --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RunData:
+    """A run's tokenized pairs, and the steps planned from them."""
+
+    train_examples: list[PreferenceExample]
+    train_fingerprint: str  # ref_cache.data_fingerprint: a checkpoint records it, --resume compares
+    eval_rows: list[dict] | None  # the eval file's rows (the gold eval grades against them); None without eval_file
+    eval_examples: list[PreferenceExample]
+    eval_fingerprint: str | None  # recorded with each eval: the final table compares evals of the same pairs only
+    steps: int  # optimizer steps of the whole run
+
+
+@dataclass
+class Run:
+    """The objects of one training run, as `train` built them: what its steps, evals and checkpoints work on."""
+
+    config: TrainConfig
+    accelerator: Any
+    tokenizer: Any
+    data: RunData
+    reference: Reference
+    model: torch.nn.Module  # the PackedRPOModel around the policy, as accelerate prepared it
+    optimizer: Any
+    scheduler: Any  # ours, not prepared: one scheduler step per optimizer step
+    state: TrainState
+    logger: metrics.MetricsLogger | None  # on the main process only
+    hooks: TrainHooks
+
+    @property
+    def log(self) -> Callable[[str], None]:
+        return self.accelerator.print
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The model being trained, out of accelerate's wrapper and the PackedRPOModel."""
+        return self.accelerator.unwrap_model(self.model).model
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
+                        self.config, self.logger)
+
+    def run_eval(self, step: int) -> dict:
+        """The eval set's metrics (and gold accuracy) at `step`, added to the state's eval history and logged."""
+        accelerator, config, data = self.accelerator, self.config, self.data
+        start = time.perf_counter()
+        record = {"step": step, **evaluate(self.model, self.reference, data.eval_examples, accelerator, config)}
+        if config.gold_eval_samples and data.eval_rows is not None:
+            sharded = is_sharded(accelerator)  # FSDP: every process must take part in each forward
+            if sharded or accelerator.is_main_process:
+                accuracy, answers = gold_accuracy(self.policy, self.tokenizer, data.eval_rows, data.eval_examples,
+                                                  config, accelerator.device, synced=sharded)
+                record["eval/gold_accuracy"] = accuracy
+                for ex, answer in list(zip(data.eval_examples, answers))[:3]:
+                    self.log(f"  step {step}: {gold_question(data.eval_rows[ex.index])!r} -> {answer.strip()!r}")
+            accelerator.wait_for_everyone()
+        record["eval/time_s"] = time.perf_counter() - start
+        self.state.eval_history.append({**record, "data_fingerprint": data.eval_fingerprint})
+        if self.logger:
+            self.logger.log(record)
+        return record
+
+
 def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Runs RPO training as configured; returns the trained model and the metric records."""
-    from accelerate.utils import set_seed
-
-    hooks = hooks or TrainHooks()
     config.validate()
     preflight.check_run(config)  # model paths, data files, device, run folder: before anything slow loads
     run_start = time.perf_counter()
     accelerator = make_accelerator(config)
+    open_run(config, accelerator)
+    tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
+    data = load_run_data(config, tokenizer, accelerator)
+    config, reference, model, optimizer, scheduler = build_models(config, accelerator, data)
+    state, resumed_from = resume_or_start(config, accelerator, model, optimizer, scheduler, data.train_fingerprint)
+    if accelerator.is_main_process:
+        save_config(config, Path(config.output_dir) / "config.yaml")
+    logger = metrics.MetricsLogger(config.output_dir, tensorboard=config.tensorboard,
+                                   resume_step=state.step if resumed_from else None) \
+        if accelerator.is_main_process else None
+    run = Run(config=config, accelerator=accelerator, tokenizer=tokenizer, data=data, reference=reference, model=model,
+              optimizer=optimizer, scheduler=scheduler, state=state, logger=logger, hooks=hooks or TrainHooks())
+    if data.eval_examples and not resumed_from:
+        before = run.run_eval(0)
+        run.log("eval before training: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in before.items() if k != "step"))
+    steps_run = train_steps(run)
+    return finish(run, nothing_ran=resumed_from is not None and steps_run == 0, run_start=run_start)
+
+
+def open_run(config: TrainConfig, accelerator) -> None:
+    """Claims output_dir for this run (deleting an earlier run's files first with `overwrite`), and seeds it."""
     log = accelerator.print
     if config.overwrite and accelerator.is_main_process and (cleared := run_dir.clear(config.output_dir)):
         log(f"overwrite: deleted the earlier run's {', '.join(cleared)} in {config.output_dir}")
@@ -663,20 +743,20 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     set_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 
-    # Data: tokenized once; the batch plan is a pure function of (examples, config, epoch, world size).
-    tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
+
+def load_run_data(config: TrainConfig, tokenizer, accelerator) -> RunData:
+    """The train (and eval) pairs, tokenized once, and the run's step count; logs what the run will train on.
+    The batch plan is a pure function of (examples, config, epoch, world size)."""
+    log = accelerator.print
     _, train_examples = load_examples(config.train_file, tokenizer, config, log)
-    train_fingerprint = data_fingerprint(train_examples)
     eval_rows, eval_examples = None, []
     if config.eval_file:
         eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
         if warning := gold_length_warning(tokenizer, eval_examples, config.gold_eval_samples,
                                           config.gold_max_new_tokens):
             log(warning)
-    eval_fingerprint = data_fingerprint(eval_examples) if eval_examples else None
     world = accelerator.num_processes
     if config.steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
         raise ValueError(f"optimizer: {config.optimizer!r} steps during backward, before gradients are reduced "
@@ -688,15 +768,23 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     log(f"{len(train_examples)} training pairs, {steps} steps of {config.gradient_accumulation_steps} x {world} "
         f"micro-batches (token_budget={config.token_budget}), {world} process(es) on {accelerator.device}"
         + (f"; {left_over} pairs of the first epoch left over (fewer micro-batches than a step)" if left_over else ""))
+    return RunData(train_examples=train_examples, train_fingerprint=data_fingerprint(train_examples),
+                   eval_rows=eval_rows, eval_examples=eval_examples,
+                   eval_fingerprint=data_fingerprint(eval_examples) if eval_examples else None, steps=steps)
 
-    # Models: the policy, the reference (before LoRA: the initial policy is the default reference).
+
+def build_models(config: TrainConfig, accelerator, data: RunData):
+    """(config, reference, model, optimizer, scheduler): the policy and its reference (taken before LoRA: the
+    initial policy is the default reference), the PackedRPOModel around the policy and its optimizer, both
+    prepared by accelerate, the scheduler; `config` has share_prompt off when the model cannot run it."""
+    log = accelerator.print
     start = time.perf_counter()
     policy = build_policy(config, accelerator.device)
     config = resolve_share_prompt(config, policy, log)
     if accelerator.device.type == "cuda":
         log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device),
                                  run_world(accelerator)))
-    splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
+    splits = {"train": data.train_examples, **({"eval": data.eval_examples} if data.eval_examples else {})}
     reference = build_reference(config, policy, splits, accelerator, log)
     policy = finish_policy(policy, config)
     # Every process built the same weights from one seed; from here on each draws its own dropout masks (a
@@ -713,11 +801,18 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                         label_smoothing=config.label_smoothing, average_log_prob=config.average_log_prob,
                         impl=config.impl, backward=config.head_backward, chunk_tokens=config.head_chunk_tokens)
     model = modeling.PackedRPOModel(policy, **loss_options)
-    optimizer, scheduler = build_optimizer(model, config, steps)
+    optimizer, scheduler = build_optimizer(model, config, data.steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step
     if reference.mode == "adapter":
         reference.wrapped = model
+    return config, reference, model, optimizer, scheduler
 
+
+def resume_or_start(config: TrainConfig, accelerator, model, optimizer, scheduler,
+                    train_fingerprint: str) -> tuple[TrainState, Path | None]:
+    """(the state to start from, the checkpoint it was restored from or None): with `resume`, the newest complete
+    checkpoint's (models and optimizer restored in place), else a fresh state."""
+    log = accelerator.print
     state, resumed_from = TrainState(), None
     if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:
         state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler, config)
@@ -727,35 +822,15 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
         refuse_damaged_checkpoints(config.output_dir)
         log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
     state.data_fingerprint = train_fingerprint
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    logger = metrics.MetricsLogger(output_dir, tensorboard=config.tensorboard,
-                                   resume_step=state.step if resumed_from else None) \
-        if accelerator.is_main_process else None
+    return state, resumed_from
 
-    def run_eval(step: int) -> dict:
-        start = time.perf_counter()
-        record = {"step": step, **evaluate(model, reference, eval_examples, accelerator, config)}
-        if config.gold_eval_samples and eval_rows is not None:
-            sharded = is_sharded(accelerator)  # FSDP: every process must take part in each forward
-            if sharded or accelerator.is_main_process:
-                accuracy, answers = gold_accuracy(accelerator.unwrap_model(model).model, tokenizer, eval_rows,
-                                                  eval_examples, config, accelerator.device, synced=sharded)
-                record["eval/gold_accuracy"] = accuracy
-                for ex, answer in list(zip(eval_examples, answers))[:3]:
-                    log(f"  step {step}: {gold_question(eval_rows[ex.index])!r} -> {answer.strip()!r}")
-            accelerator.wait_for_everyone()
-        record["eval/time_s"] = time.perf_counter() - start
-        state.eval_history.append({**record, "data_fingerprint": eval_fingerprint})
-        if logger:
-            logger.log(record)
-        return record
 
-    if eval_examples and not resumed_from:
-        before = run_eval(0)
-        log("eval before training: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in before.items() if k != "step"))
-
-    # The loop.
+def train_steps(run: Run) -> int:
+    """The step loop, from the state's step to the run's last; returns how many steps it ran. Evals and
+    checkpoints fall between steps as scheduled; SIGTERM or SIGINT saves a checkpoint and stops
+    (`TrainingStopped`)."""
+    config, state, accelerator, steps = run.config, run.state, run.accelerator, run.data.steps
+    train_examples, eval_examples, world = run.data.train_examples, run.data.eval_examples, accelerator.num_processes
     bar = metrics.progress_bar(steps, state.step, enabled=config.progress and accelerator.is_main_process)
     loop_start, first_step = time.perf_counter(), state.step
     plan_epoch, plan = None, []
@@ -766,97 +841,124 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             if state.step_in_epoch >= len(plan):
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 continue
-            start = time.perf_counter()
-            metrics.reset_peak_memory(accelerator.device)  # peak_mem_mb: this step's, not eval's or loading's
-            sums, tokens, response_tokens = run_step(model, reference, train_examples, plan[state.step_in_epoch],
-                                                     accelerator, config, state.step + 1, hooks)
-            counts = torch.tensor([tokens, response_tokens], dtype=torch.float64, device=sums.device)
-            reduced = accelerator.reduce(torch.cat([sums, counts]), "sum").cpu()
-            sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
-            step_pairs = sum(len(g) for g in plan[state.step_in_epoch])
-            record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),
-                      "lr": scheduler.get_last_lr()[0]}  # the lr this step runs at (the scheduler moves on below)
-            try:
-                finite, grad_norm, params_updated = apply_update(model, optimizer, accelerator, config, record["loss"])
-            except torch.OutOfMemoryError as e:
-                raise oom.TrainingOutOfMemoryError(oom.update_out_of_memory_message(
-                    config, state.step + 1, getattr(accelerator.unwrap_model(model).model, "config", None),
-                    oom.device_memory_bytes(accelerator.device), run_world(accelerator))) from e
-            if finite:
-                scheduler.step()
-                state.consecutive_nonfinite = 0
-            else:  # skipped: move on to the next batch
-                state.skipped_steps += 1
-                state.consecutive_nonfinite += 1
-                if params_updated is not None:
-                    record["params_updated"] = params_updated
-            state.step += 1
-            state.step_in_epoch += 1
-            elapsed = time.perf_counter() - start
-            record.update({"grad_norm": grad_norm, "pairs": step_pairs,
-                           "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
-                           "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
-                           "skipped": not finite, "skipped_steps": state.skipped_steps})
-            if logger and (state.step % config.log_every == 0 or not finite or state.step == steps):
-                logger.log(record)
+            record = train_step(run, plan[state.step_in_epoch])
             bar.set_postfix(metrics.progress_postfix(record), refresh=False)
             bar.update(1)
-            if not finite:
-                partly = record.get("params_updated")
-                log(f"step {state.step}: non-finite loss or gradient (loss {record['loss']}, grad norm {grad_norm}): "
-                    f"skipped ({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
-                    + (f"; {partly} parameter tensors nearer the output had been updated in backward before the "
-                       "first non-finite gradient" if partly else ""))
-                if state.consecutive_nonfinite >= config.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"stopping at step {state.step}: {state.consecutive_nonfinite} consecutive steps had a "
-                        f"non-finite loss or gradient (max_nonfinite_steps={config.max_nonfinite_steps}); last loss "
-                        f"{record['loss']}, grad norm {grad_norm}. Lower learning_rate, check the data, or use "
-                        "gradient clipping (max_grad_norm)")
+            if record["skipped"]:
+                check_nonfinite(run, record)
             if config.eval_every and eval_examples and state.step % config.eval_every == 0 and state.step < steps:
-                run_eval(state.step)
+                run.run_eval(state.step)
             saved = config.save_every and state.step % config.save_every == 0 and state.step < steps
             if saved:
-                save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config, logger)
-            if hooks.on_step_end is not None:
-                hooks.on_step_end(state.step, record, accelerator.unwrap_model(model).model)
+                run.save_checkpoint()
+            if run.hooks.on_step_end is not None:
+                run.hooks.on_step_end(state.step, record, run.policy)
             if (signum := stop.agreed(accelerator)) is not None:  # SIGTERM / SIGINT: save, then exit
-                if not saved:
-                    save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config, logger)
-                bar.close()
-                if logger:
-                    logger.close()
-                saved_dir = checkpoint.checkpoint_root(config.output_dir) / checkpoint.step_dir_name(state.step)
-                log(f"stopped by {signal.Signals(signum).name} after step {state.step} of {steps}: saved the "
-                    f"checkpoint {saved_dir}; run the same command with --resume to continue")
-                raise TrainingStopped(128 + signum)
+                stop_for_signal(run, signum, saved, bar)
     bar.close()
-    log(f"{state.step - first_step} steps in {time.perf_counter() - loop_start:.0f} s")
-    # A resumed run whose checkpoint already reached its steps (a finished run, or a shorter max_steps) trains
-    # nothing: its checkpoint is the final one (not written again), and its final eval the one logged at that
-    # step, not a second record of the same model; none is logged when the run was killed after its final
-    # checkpoint but before its final eval, which then runs now.
-    nothing_ran = resumed_from is not None and state.step == first_step
+    run.log(f"{state.step - first_step} steps in {time.perf_counter() - loop_start:.0f} s")
+    return state.step - first_step
+
+
+def train_step(run: Run, step_groups: list[list[int]]) -> dict:
+    """One optimizer step on `step_groups` (its micro-batches), or a skipped one (non-finite loss or gradient):
+    moves the state on a step and returns the step's record, logged every `log_every` steps, on the last step
+    and on a skipped one."""
+    config, state, accelerator, model = run.config, run.state, run.accelerator, run.model
+    start = time.perf_counter()
+    metrics.reset_peak_memory(accelerator.device)  # peak_mem_mb: this step's, not eval's or loading's
+    sums, tokens, response_tokens = run_step(model, run.reference, run.data.train_examples, step_groups,
+                                             accelerator, config, state.step + 1, run.hooks)
+    counts = torch.tensor([tokens, response_tokens], dtype=torch.float64, device=sums.device)
+    reduced = accelerator.reduce(torch.cat([sums, counts]), "sum").cpu()
+    sums, (tokens, response_tokens) = reduced[:-2], reduced[-2:].tolist()
+    step_pairs = sum(len(g) for g in step_groups)
+    record = {"step": state.step + 1, "epoch": state.epoch, **metrics.metrics_from_sums(sums, step_pairs),
+              "lr": run.scheduler.get_last_lr()[0]}  # the lr this step runs at (the scheduler moves on below)
+    try:
+        finite, grad_norm, params_updated = apply_update(model, run.optimizer, accelerator, config, record["loss"])
+    except torch.OutOfMemoryError as e:
+        raise oom.TrainingOutOfMemoryError(oom.update_out_of_memory_message(
+            config, state.step + 1, getattr(run.policy, "config", None),
+            oom.device_memory_bytes(accelerator.device), run_world(accelerator))) from e
+    if finite:
+        run.scheduler.step()
+        state.consecutive_nonfinite = 0
+    else:  # skipped: move on to the next batch
+        state.skipped_steps += 1
+        state.consecutive_nonfinite += 1
+        if params_updated is not None:
+            record["params_updated"] = params_updated
+    state.step += 1
+    state.step_in_epoch += 1
+    elapsed = time.perf_counter() - start
+    record.update({"grad_norm": grad_norm, "pairs": step_pairs,
+                   "tokens": int(tokens), "response_tokens": int(response_tokens), "tokens/s": tokens / elapsed,
+                   "step_time_s": elapsed, "peak_mem_mb": metrics.peak_memory_mb(accelerator.device),
+                   "skipped": not finite, "skipped_steps": state.skipped_steps})
+    if run.logger and (state.step % config.log_every == 0 or not finite or state.step == run.data.steps):
+        run.logger.log(record)
+    return record
+
+
+def check_nonfinite(run: Run, record: dict) -> None:
+    """After a skipped step: says so, and raises NonFiniteLossError once `max_nonfinite_steps` in a row were."""
+    state, grad_norm = run.state, record["grad_norm"]
+    partly = record.get("params_updated")
+    run.log(f"step {state.step}: non-finite loss or gradient (loss {record['loss']}, grad norm {grad_norm}): "
+            f"skipped ({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)"
+            + (f"; {partly} parameter tensors nearer the output had been updated in backward before the "
+               "first non-finite gradient" if partly else ""))
+    if state.consecutive_nonfinite >= run.config.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"stopping at step {state.step}: {state.consecutive_nonfinite} consecutive steps had a "
+            f"non-finite loss or gradient (max_nonfinite_steps={run.config.max_nonfinite_steps}); last loss "
+            f"{record['loss']}, grad norm {grad_norm}. Lower learning_rate, check the data, or use "
+            "gradient clipping (max_grad_norm)")
+
+
+def stop_for_signal(run: Run, signum: int, saved: bool, bar) -> None:
+    """Stops the run at a step boundary for SIGTERM / SIGINT: saves a checkpoint (unless this step saved one),
+    then raises TrainingStopped."""
+    if not saved:
+        run.save_checkpoint()
+    bar.close()
+    if run.logger:
+        run.logger.close()
+    saved_dir = checkpoint.checkpoint_root(run.config.output_dir) / checkpoint.step_dir_name(run.state.step)
+    run.log(f"stopped by {signal.Signals(signum).name} after step {run.state.step} of {run.data.steps}: saved the "
+            f"checkpoint {saved_dir}; run the same command with --resume to continue")
+    raise TrainingStopped(128 + signum)
+
+
+def finish(run: Run, *, nothing_ran: bool, run_start: float) -> TrainResult:
+    """The end of a run: the final checkpoint and eval, the trained model saved for use, the report.
+
+    A resumed run whose checkpoint already reached its steps (a finished run, or a shorter max_steps) trains
+    nothing (`nothing_ran`): its checkpoint is the final one (not written again), and its final eval the one
+    logged at that step, not a second record of the same model; none is logged when the run was killed after its
+    final checkpoint but before its final eval, which then runs now.
+    """
+    config, state, accelerator, log = run.config, run.state, run.accelerator, run.log
+    output_dir, eval_examples = Path(config.output_dir), run.data.eval_examples
     after = None
     if nothing_ran:
-        log(f"the checkpoint is at step {state.step}, and this run has {steps} steps: nothing to train")
-        after = logged_eval(logger, state.step, accelerator) if eval_examples else None
-
-    # The end: final checkpoint, eval, the model for use, the report.
-    if not nothing_ran:
-        save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state, config, logger)
+        log(f"the checkpoint is at step {state.step}, and this run has {run.data.steps} steps: nothing to train")
+        after = logged_eval(run.logger, state.step, accelerator) if eval_examples else None
+    else:
+        run.save_checkpoint()
     if eval_examples and after is None:
-        after = run_eval(state.step)
-    policy = accelerator.unwrap_model(model).model
+        after = run.run_eval(state.step)
+    policy = run.policy
     if config.finetune == "lora":
         policy = policy.merge_and_unload()
     weights = gathered_state_dict(accelerator, policy)  # under FSDP: a collective, the whole model on rank 0
-    records = metrics.read_records(logger.path) if logger else []
+    records = metrics.read_records(run.logger.path) if run.logger else []
     table = ""
     if accelerator.is_main_process:
-        modeling.save_pretrained(policy, tokenizer, output_dir / "model", state_dict=weights)
+        modeling.save_pretrained(policy, run.tokenizer, output_dir / "model", state_dict=weights)
         before = state.eval_history[0] if state.eval_history and state.eval_history[0]["step"] == 0 else None
-        if before is not None and before.get("data_fingerprint") not in (None, eval_fingerprint):
+        if before is not None and before.get("data_fingerprint") not in (None, run.data.eval_fingerprint):
             log(f"note: eval_file {config.eval_file} holds other pairs than the eval before training ran on (it "
                 "changed on --resume): the table leaves 'eval before' blank rather than compare two eval sets")
             before = None
@@ -867,7 +969,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
             log(f"plot: {metrics.plot_metrics(records, output_dir / 'metrics.png')}")
         log(f"model: {output_dir / 'model'}")
         log(f"done in {time.perf_counter() - run_start:.0f} s")
-        logger.close()
+        run.logger.close()
     accelerator.wait_for_everyone()
     return TrainResult(model=policy, state=state, records=records, table=table, output_dir=output_dir)
 
