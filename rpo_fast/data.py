@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import checks
-from .gold import gold_reward
 
 FIELDS = ("prompt", "chosen", "rejected")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 __all__ = ["PreferenceExample", "TokenizeStats", "load_preference_rows", "validate_row", "tokenize_pairs",
-           "default_dataset_path", "gold_reward", "FIELDS", "DATA_DIR"]
+           "default_dataset_path", "FIELDS", "DATA_DIR"]
 
 
 @dataclass(frozen=True)

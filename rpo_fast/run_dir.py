@@ -18,7 +18,7 @@ run prints and the README shows (`outputs/demo/model`) must stay where scripts a
 current config except in `RESUME_FREE_KEYS`, keys that change how long the run goes on, where it logs,
 how it reports, how a step's pairs are laid out or how the same numbers are computed (the head's backward,
 checkpointing, where the reference log-probs come from), but not what a step computes. The data itself is
-checked by the trainer once tokenized (`trainer.check_same_data`): a `train_file` edited in place keeps its
+checked by the trainer once tokenized (`resume.check_same_data`): a `train_file` edited in place keeps its
 path, so only the checkpoint's fingerprint of the tokenized pairs tells.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import yaml
 from . import checkpoint
 from .config import TrainConfig, load_config
 
-# What a training run writes into output_dir (rpo_fast/trainer.py, metrics.py, checkpoint.py).
+# What a training run writes into output_dir (rpo_fast/trainer.py, resume.py, metrics.py, checkpoint.py).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "final_metrics.txt", "metrics.png", "model", "tensorboard")
 # Written into output_dir when a run starts (`claim`): the folder's RUN_FILES are a run's. Not among RUN_FILES:
 # `--overwrite` keeps it (the folder stays a run folder), and alone it is no earlier run.

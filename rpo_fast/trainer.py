@@ -1,4 +1,5 @@
-"""The RPO trainer, top to bottom: data, models, reference, optimizer, the step loop, checkpoints, report.
+"""The RPO trainer, top to bottom: data, models, reference, optimizer, the step loop, report (checkpoints and
+resuming: rpo_fast/resume.py; the gold eval: rpo_fast/gold_eval.py).
 
 One optimizer step covers `gradient_accumulation_steps x world_size` packed micro-batches, taken in
 order from a batch plan that every process computes identically from (seed, epoch); process r runs
@@ -24,18 +25,20 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from . import checkpoint, memory_plan, metrics, modeling, oom, optim, preflight, run_dir
-from .config import TrainConfig, load_config, save_config
+from . import checkpoint, gold_eval, memory_plan, metrics, modeling, oom, optim, preflight, resume, run_dir
+from .config import TrainConfig, save_config
 from .data import PreferenceExample, load_preference_rows, tokenize_pairs
+from .gold import question_text
 from .packing import batch_by_token_budget, pack_pairs
 from .ref_cache import ReferenceCache, data_fingerprint, load_or_compute, model_fingerprint
+from .resume import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,22 +106,6 @@ class TrainHooks:
 
     on_step_end: Callable[[int, dict, torch.nn.Module], None] | None = None
     transform_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a checkpoint must restore."""
-
-    step: int = 0  # optimizer steps attempted (skipped ones included): the data position
-    epoch: int = 0
-    step_in_epoch: int = 0
-    skipped_steps: int = 0
-    consecutive_nonfinite: int = 0
-    # eval records, each with the `data_fingerprint` of the eval pairs it ran on (eval_file may change on resume)
-    eval_history: list = field(default_factory=list)
-    # ref_cache.data_fingerprint of the tokenized training pairs: --resume refuses other data at the same path
-    # (None in checkpoints written before it was recorded: not checked then)
-    data_fingerprint: str | None = None
 
 
 @dataclass
@@ -391,236 +378,12 @@ def evaluate(model, reference: Reference, examples, accelerator, config: TrainCo
     return metrics.metrics_from_sums(sums, len(examples), prefix="eval/")
 
 
-@torch.no_grad()
-def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device, *,
-                  synced: bool = False) -> tuple[float, list[str]]:
-    """Greedy answers to the first `gold_eval_samples` eval prompts, scored by the dataset's gold rule.
-
-    `synced`: every process runs this call on the same prompts (a sharded model's forward is a collective), and
-    generation runs all `gold_max_new_tokens` steps on every process (`synced_gpus`), so none waits for a
-    forward another has stopped making.
-
-    Returns (fraction correct, the generated answers)."""
-    from .attention import generation_attention
-    from .data import gold_reward
-
-    chosen = examples[:config.gold_eval_samples]
-    lm = modeling.base_model(model)
-    was_training = model.training
-    model.eval()
-    width = max(len(ex.prompt_ids) for ex in chosen)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ex.prompt_ids)) + ex.prompt_ids.tolist() for ex in chosen],
-                             device=device)
-    mask = torch.tensor([[0] * (width - len(ex.prompt_ids)) + [1] * len(ex.prompt_ids) for ex in chosen],
-                        device=device)
-    with generation_attention(lm):
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.gold_max_new_tokens,
-                             do_sample=False, pad_token_id=pad, use_cache=True, synced_gpus=synced)
-    model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return sum(gold_reward(rows[ex.index], text) for ex, text in zip(chosen, texts)) / len(chosen), texts
-
-
-def gold_answer_tokens(tokenizer, example: PreferenceExample) -> int:
-    """New tokens a generation needs to hold `example`'s whole chosen answer: its chosen response's tokens up to
-    the last one that changes the decoded, stripped text (the end of turn and what follows it are not needed)."""
-    ids = example.chosen_ids.tolist()
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    n = len(ids)
-    while n > 1 and tokenizer.decode(ids[:n - 1], skip_special_tokens=True).strip() == text:
-        n -= 1
-    return n
-
-
-def gold_length_warning(tokenizer, examples, samples: int, max_new_tokens: int) -> str | None:
-    """A warning when `max_new_tokens` (gold_max_new_tokens) cuts the chosen answer of a gold-eval prompt (the
-    first `samples` eval examples): a model that gives exactly that answer would be graded wrong. None when every
-    chosen answer fits."""
-    lengths = [(gold_answer_tokens(tokenizer, ex), ex.index) for ex in examples[:samples]]
-    need, row = max(lengths, default=(0, None))
-    if need <= max_new_tokens:
-        return None
-    cut = sum(n > max_new_tokens for n, _ in lengths)
-    return (f"warning: gold_max_new_tokens={max_new_tokens} is shorter than {cut} of the "
-            f"{len(lengths)} gold-eval prompts' chosen answers (the longest, eval row {row}, takes {need} tokens): "
-            f"a generation giving exactly that answer is cut and graded wrong; set gold_max_new_tokens >= {need}")
-
-
-def gold_question(row: dict) -> str:
-    from .gold import question_text
-
-    return question_text(row)
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def is_sharded(accelerator) -> bool:
-    """True under FSDP: each rank holds a shard of the weights and optimizer state, so checkpoints write them
-    with torch.distributed.checkpoint (`sharded/`) and the exported model is gathered on rank 0."""
-    return accelerator.distributed_type == DistributedType.FSDP
+# --- processes ------------------------------------------------------------------------------------------------
 
 
 def run_world(accelerator) -> memory_plan.World:
     """The run's processes, as the memory planner sees them: how many, and whether FSDP shards the model."""
-    return memory_plan.World(accelerator.num_processes, is_sharded(accelerator))
-
-
-def gathered_state_dict(accelerator, module: torch.nn.Module) -> dict | None:
-    """Under FSDP the whole weights of `module` (a collective: every rank calls it) as CPU tensors on rank 0, for
-    `save_pretrained` there; None otherwise (`save_pretrained` reads the module itself)."""
-    if not is_sharded(accelerator):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # A tied head comes back as a copy of the embedding; save_pretrained drops it only when storage is shared.
-    tied = {n for n, _ in module.named_parameters(remove_duplicate=False)} - {n for n, _ in module.named_parameters()}
-    return {name: tensor for name, tensor in weights.items() if name not in tied}
-
-
-def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, state: TrainState, config: TrainConfig,
-                    logger: metrics.MetricsLogger | None = None):
-    """Atomic checkpoint of the whole training state (see rpo_fast/checkpoint.py); flushes `logger`'s TensorBoard
-    events first."""
-    if accelerator.is_main_process:
-        checkpoint.begin(config.output_dir, state.step)
-    accelerator.wait_for_everyone()
-    tmp = checkpoint.temp_dir(config.output_dir, state.step)
-    checkpoint.save_torch(checkpoint.rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    policy = accelerator.unwrap_model(model).model
-    if is_sharded(accelerator):  # every rank writes its shard
-        checkpoint.save_sharded(model, optimizer.optimizer, tmp / checkpoint.SHARDED)
-    weights = gathered_state_dict(accelerator, policy)
-    if accelerator.is_main_process:
-        modeling.save_pretrained(policy, tokenizer, tmp / "model", state_dict=weights)
-        if not is_sharded(accelerator):
-            checkpoint.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-        checkpoint.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
-        checkpoint.write_json(vars(state), tmp / "trainer_state.json")
-        save_config(config, tmp / "config.yaml")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if logger is not None:
-            logger.flush()
-        final = checkpoint.commit(tmp, state.step)
-        checkpoint.prune(config.output_dir, config.keep_checkpoints, protect=final)
-    accelerator.wait_for_everyone()
-
-
-def saved_world_size(directory: Path) -> int:
-    """How many processes wrote the checkpoint in `directory` (one RNG file each)."""
-    return len(list(directory.glob("rng-rank*.pt")))
-
-
-def check_resumable(directory: Path, accelerator, config: TrainConfig) -> None:
-    """Refuses (with what to do) a checkpoint this run cannot continue exactly from.
-
-    A step is `gradient_accumulation_steps x processes` micro-batches of a batch plan that depends on that
-    product alone, so the data position means the same thing when the product is unchanged: the world size may
-    then change (sharded state is resharded on load). A checkpoint of whole optimizer state (one process, DDP)
-    cannot be spread over FSDP's shards; an FSDP checkpoint written before sharded checkpoints existed has no
-    optimizer state at all.
-
-    Raises:
-        ValueError: naming the checkpoint, what it was written with, and how to continue.
-    """
-    from_weights = (f"or start a new run from its weights in another output_dir with --model={directory / 'model'} "
-                    "--resume=false" if config.finetune == "full" else
-                    "or start a new run (its model folder holds the LoRA adapter only, which --model cannot load)")
-    sharded, whole = (directory / checkpoint.SHARDED).is_dir(), (directory / "optimizer.pt").is_file()
-    if not sharded and not whole:
-        raise ValueError(f"resume: {directory} has no optimizer state (written under FSDP before sharded "
-                         f"checkpoints), so the run cannot continue exactly; {from_weights}")
-    if whole and is_sharded(accelerator):
-        raise ValueError(f"resume: {directory} holds whole optimizer state, written without FSDP, which cannot be "
-                         f"split over FSDP's shards; resume it without FSDP (as it was written), {from_weights}")
-    saved_world = saved_world_size(directory)
-    saved_accumulation = load_config(directory / "config.yaml").gradient_accumulation_steps
-    world = accelerator.num_processes
-    if saved_world * saved_accumulation != world * config.gradient_accumulation_steps:
-        per_step = saved_world * saved_accumulation
-        hint = (f"gradient_accumulation_steps={per_step // world}" if per_step % world == 0 else
-                f"a number of processes that divides {per_step}")
-        raise ValueError(f"resume: {directory} was written by {saved_world} process(es) x gradient_accumulation_steps="
-                         f"{saved_accumulation} = {per_step} micro-batches per step, this run has {world} x "
-                         f"{config.gradient_accumulation_steps}: its batches and data position would not match; "
-                         f"resume with {hint}, {from_weights}")
-
-
-def set_scheduled_lr(scheduler) -> None:
-    """Sets every param group's lr, and the scheduler's last lr, to this run's schedule at the scheduler's step
-    (`scheduler`: a LambdaLR, as `build_optimizer` makes, after `load_state_dict`).
-
-    A checkpoint's optimizer and scheduler state hold the lr the saved run's schedule gave for the next step
-    (a finished cosine run's: 0), which the first resumed step would otherwise run at. The schedule's curve is
-    this run's: the lambdas of transformers' schedules (functools.partial) save no attributes, so loading
-    restores the step and base lrs only; a longer `max_steps` or `num_epochs` resumes on the new curve from the
-    first resumed step. For an unchanged schedule the value set here is the one the scheduler computed before
-    saving, bit for bit (`LambdaLR.step` computes `base_lr * lr_lambda(last_epoch)` too).
-    """
-    lrs = [base_lr * fn(scheduler.last_epoch) for fn, base_lr in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() returns
-
-
-def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, config: TrainConfig) -> TrainState:
-    """Restores weights, optimizer, scheduler and this process's RNG state; returns the saved TrainState.
-
-    The learning rate of the next step is this run's schedule's at the saved step (`set_scheduled_lr`).
-
-    Sharded state (FSDP) is read into whatever sharding this run has: DCP reshards to another world size.
-    A process without an RNG file of its own (more processes than wrote the checkpoint) takes rank 0's.
-    """
-    check_resumable(directory, accelerator, config)
-    if (directory / checkpoint.SHARDED).is_dir():
-        checkpoint.load_sharded(model, optimizer.optimizer, directory / checkpoint.SHARDED)
-    else:
-        checkpoint.load_model_weights(accelerator.unwrap_model(model).model, directory / "model")
-        optimizer.load_state_dict(checkpoint.load_torch(directory / "optimizer.pt"))
-    scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))
-    set_scheduled_lr(scheduler)
-    rng = directory / f"rng-rank{accelerator.process_index}.pt"
-    checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))
-    return TrainState(**checkpoint.read_json(directory / "trainer_state.json"))
-
-
-def refuse_damaged_checkpoints(output_dir) -> None:
-    """For --resume without a complete checkpoint: starting fresh is right when no checkpoint was ever committed,
-    but not when there are some and none verifies (a damaged file): a fresh run would empty metrics.jsonl and
-    its own checkpoints would be pruned in favour of the damaged higher-numbered ones.
-
-    Raises:
-        ValueError: naming each checkpoint and what is wrong with it.
-    """
-    found = checkpoint.list_checkpoints(output_dir)
-    if found:
-        listed = "; ".join(f"{d.name}: {checkpoint.problem(d)}" for _, d in found)
-        raise ValueError(f"resume: no checkpoint in {checkpoint.checkpoint_root(output_dir)} verifies ({listed}); "
-                         "expected one whose files match its manifest. Restore the damaged file, or start a new "
-                         "run with --overwrite or another output_dir")
-
-
-def check_same_data(directory: Path, state: TrainState, fingerprint: str, config: TrainConfig) -> None:
-    """Refuses to continue the checkpoint in `directory` on other training data than it was trained on: its
-    data position (epoch, step in epoch) would point into another batch plan. The resume check compares the
-    `train_file` path (and a moved file's bytes); a file edited in place is caught here, by the fingerprint of
-    the tokenized pairs (`ref_cache.data_fingerprint`). A checkpoint without one (written before it was
-    recorded) is not checked.
-
-    Raises:
-        ValueError: naming train_file, the checkpoint and both fingerprints.
-    """
-    if state.data_fingerprint is not None and state.data_fingerprint != fingerprint:
-        raise ValueError(f"resume: train_file {config.train_file} holds other data than the checkpoint {directory} "
-                         f"was trained on (tokenized pairs' fingerprint {fingerprint[:12]}, the checkpoint's "
-                         f"{state.data_fingerprint[:12]}): its data position would point into other batches. "
-                         "Resume with the original data, or start a new run with --overwrite or another output_dir")
+    return memory_plan.World(accelerator.num_processes, resume.is_sharded(accelerator))
 
 
 def make_accelerator(config: TrainConfig):
@@ -678,8 +441,8 @@ class Run:
         return self.accelerator.unwrap_model(self.model).model
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
-                        self.config, self.logger)
+        resume.save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                               self.state, self.config, self.logger)
 
     def run_eval(self, step: int) -> dict:
         """The eval set's metrics (and gold accuracy) at `step`, added to the state's eval history and logged."""
@@ -687,13 +450,14 @@ class Run:
         start = time.perf_counter()
         record = {"step": step, **evaluate(self.model, self.reference, data.eval_examples, accelerator, config)}
         if config.gold_eval_samples and data.eval_rows is not None:
-            sharded = is_sharded(accelerator)  # FSDP: every process must take part in each forward
+            sharded = resume.is_sharded(accelerator)  # FSDP: every process must take part in each forward
             if sharded or accelerator.is_main_process:
-                accuracy, answers = gold_accuracy(self.policy, self.tokenizer, data.eval_rows, data.eval_examples,
-                                                  config, accelerator.device, synced=sharded)
+                accuracy, answers = gold_eval.gold_accuracy(self.policy, self.tokenizer, data.eval_rows,
+                                                            data.eval_examples, config, accelerator.device,
+                                                            synced=sharded)
                 record["eval/gold_accuracy"] = accuracy
                 for ex, answer in list(zip(data.eval_examples, answers))[:3]:
-                    self.log(f"  step {step}: {gold_question(data.eval_rows[ex.index])!r} -> {answer.strip()!r}")
+                    self.log(f"  step {step}: {question_text(data.eval_rows[ex.index])!r} -> {answer.strip()!r}")
             accelerator.wait_for_everyone()
         record["eval/time_s"] = time.perf_counter() - start
         self.state.eval_history.append({**record, "data_fingerprint": data.eval_fingerprint})
@@ -712,7 +476,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
     data = load_run_data(config, tokenizer, accelerator)
     config, reference, model, optimizer, scheduler = build_models(config, accelerator, data)
-    state, resumed_from = resume_or_start(config, accelerator, model, optimizer, scheduler, data.train_fingerprint)
+    state, resumed_from = resume.resume_or_start(config, accelerator, model, optimizer, scheduler,
+                                                 data.train_fingerprint)
     if accelerator.is_main_process:
         save_config(config, Path(config.output_dir) / "config.yaml")
     logger = metrics.MetricsLogger(config.output_dir, tensorboard=config.tensorboard,
@@ -754,8 +519,8 @@ def load_run_data(config: TrainConfig, tokenizer, accelerator) -> RunData:
     eval_rows, eval_examples = None, []
     if config.eval_file:
         eval_rows, eval_examples = load_examples(config.eval_file, tokenizer, config, log)
-        if warning := gold_length_warning(tokenizer, eval_examples, config.gold_eval_samples,
-                                          config.gold_max_new_tokens):
+        if warning := gold_eval.gold_length_warning(tokenizer, eval_examples, config.gold_eval_samples,
+                                                    config.gold_max_new_tokens):
             log(warning)
     world = accelerator.num_processes
     if config.steps_in_backward and world > 1:  # DDP/FSDP reduce gradients after the hooks that would step them
@@ -806,23 +571,6 @@ def build_models(config: TrainConfig, accelerator, data: RunData):
     if reference.mode == "adapter":
         reference.wrapped = model
     return config, reference, model, optimizer, scheduler
-
-
-def resume_or_start(config: TrainConfig, accelerator, model, optimizer, scheduler,
-                    train_fingerprint: str) -> tuple[TrainState, Path | None]:
-    """(the state to start from, the checkpoint it was restored from or None): with `resume`, the newest complete
-    checkpoint's (models and optimizer restored in place), else a fresh state."""
-    log = accelerator.print
-    state, resumed_from = TrainState(), None
-    if config.resume and (resumed_from := checkpoint.latest_checkpoint(config.output_dir)) is not None:
-        state = load_checkpoint(resumed_from, accelerator, model, optimizer, scheduler, config)
-        check_same_data(resumed_from, state, train_fingerprint, config)
-        log(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch}, step {state.step_in_epoch})")
-    elif config.resume:
-        refuse_damaged_checkpoints(config.output_dir)
-        log(f"resume: no complete checkpoint in {checkpoint.checkpoint_root(config.output_dir)}; starting fresh")
-    state.data_fingerprint = train_fingerprint
-    return state, resumed_from
 
 
 def train_steps(run: Run) -> int:
@@ -952,7 +700,7 @@ def finish(run: Run, *, nothing_ran: bool, run_start: float) -> TrainResult:
     policy = run.policy
     if config.finetune == "lora":
         policy = policy.merge_and_unload()
-    weights = gathered_state_dict(accelerator, policy)  # under FSDP: a collective, the whole model on rank 0
+    weights = resume.gathered_state_dict(accelerator, policy)  # under FSDP: a collective, the whole model on rank 0
     records = metrics.read_records(run.logger.path) if run.logger else []
     table = ""
     if accelerator.is_main_process:

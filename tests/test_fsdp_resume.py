@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rpo_fast import checkpoint, modeling, trainer
+from rpo_fast import checkpoint, modeling, resume, trainer
 from rpo_fast.config import load_config
 from test_ddp import free_port
 from tiny_lm import REPO, build_tiny_model_dir, subprocess_env, tiny_overrides
@@ -95,7 +95,7 @@ def test_sharded_checkpoint_layout(runs):
     # every rank's shard and the DCP metadata are under the manifest: a torn one is never picked up
     assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= set(manifest)
     assert not (step2 / "optimizer.pt").exists() and (step2 / "model" / "model.safetensors").is_file()
-    assert trainer.saved_world_size(step2) == 2
+    assert resume.saved_world_size(step2) == 2
 
 
 def test_killed_and_resumed_fsdp_run_equals_uninterrupted(runs):

@@ -421,7 +421,7 @@ def test_gold_max_new_tokens_fits_every_embedded_eval_answer(tiny_model_dir):
     text's own tokens; the trainer warns when the setting would cut one."""
     from bench.overopt.experiment import Setup
     from rpo_fast.config import TrainConfig
-    from rpo_fast.trainer import gold_answer_tokens, gold_length_warning
+    from rpo_fast.gold_eval import gold_answer_tokens, gold_length_warning
     from tiny_lm import REPO
 
     tokenizer = modeling.load_tokenizer(str(tiny_model_dir))

@@ -57,6 +57,7 @@ LOSS, CHUNKED, FWDGRAD = "rpo_fast/loss.py", "rpo_fast/chunked.py", "rpo_fast/fw
 ROW_PASSES = "rpo_fast/row_passes.py"
 FWD_KERNEL, BWD_KERNEL = "kernels/linear_logprobs_fwd.py", "kernels/linear_logprobs_bwd.py"
 TILES, ROW_KERNELS, TRAINER = "kernels/tiles.py", "kernels/logit_grad.py", "rpo_fast/trainer.py"
+RESUME = "rpo_fast/resume.py"
 MODEL_HEAD = "rpo_fast/integrations/_model.py"
 OPTIM = "rpo_fast/optim.py"
 SEGMENTS = "rpo_fast/segments.py"
@@ -297,7 +298,7 @@ MUTATIONS = [
         "for g in step_groups for i in g)"),),
         "trainer: the token_mean NLL normalizer counts the rejected tokens too (alpha effectively halved)",
         PIPELINE[-1:]),
-    Mutation("resume_rng_not_restored", TRAINER, ((
+    Mutation("resume_rng_not_restored", RESUME, ((
         'checkpoint.set_rng_state(checkpoint.load_torch(rng if rng.exists() else directory / "rng-rank0.pt"))',
         "pass"),), "resume: the RNG states (dropout) start from the seed, not where the run stopped",
         ("tests/test_checkpoint.py",)),
@@ -333,7 +334,7 @@ MUTATIONS = [
         "resume: Python's RNG not restored (hooks diverge)", ("tests/test_checkpoint.py",)),
     Mutation("numpy_rng_not_restored", "rpo_fast/checkpoint.py", (('np.random.set_state(state["numpy"])', "pass"),),
         "resume: numpy's RNG not restored", ("tests/test_checkpoint.py",)),
-    Mutation("resume_scheduler_not_restored", TRAINER, ((
+    Mutation("resume_scheduler_not_restored", RESUME, ((
         'scheduler.load_state_dict(checkpoint.load_torch(directory / "scheduler.pt"))', "pass"),),
         "resume: the learning-rate schedule restarts from its warmup", ("tests/test_checkpoint.py",)),
     # The low-precision optimizer and the logged metrics.

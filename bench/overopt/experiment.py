@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rpo_fast import modeling, trainer
+from rpo_fast import gold_eval, modeling, trainer
 from rpo_fast.config import load_config
 from rpo_fast.data import load_preference_rows, tokenize_pairs
 from rpo_fast.loss import fused_linear_rpo_loss
@@ -138,7 +138,7 @@ def logp_metrics(cur: dict, base: dict, beta: float) -> dict[str, float]:
 def gold_accuracy(model, tokenizer, eval_rows, eval_examples, config, samples: int) -> tuple[float, list[str]]:
     """(fraction correct, generated answers) of the first `samples` eval prompts, via the trainer's check."""
     cfg = dataclasses.replace(config, gold_eval_samples=samples)
-    result = trainer.gold_accuracy(model, tokenizer, eval_rows, eval_examples, cfg, torch.device("cpu"))
+    result = gold_eval.gold_accuracy(model, tokenizer, eval_rows, eval_examples, cfg, torch.device("cpu"))
     return result if isinstance(result, tuple) else (result, [])  # older trainer: the fraction alone
 
 
@@ -170,8 +170,8 @@ class Experiment:
         n = setup.eval_pairs or len(self.eval_examples)
         self.logp_examples = self.eval_examples[:n]
         self.gold_samples = min(setup.gold_samples, len(self.eval_examples))
-        if warning := trainer.gold_length_warning(self.tokenizer, self.eval_examples, self.gold_samples,
-                                                  setup.gold_max_new_tokens):
+        if warning := gold_eval.gold_length_warning(self.tokenizer, self.eval_examples, self.gold_samples,
+                                                    setup.gold_max_new_tokens):
             self.log(warning)
 
     def baseline(self, config) -> dict:
