@@ -64,12 +64,11 @@ def measure(case: str, steps: int) -> dict:
     batches = micro_batches(case, config, tokenizer, steps + 1)
     policy = finish_policy(modeling.load_causal_lm(config.model, config.gguf_file, dtype=config.dtype), config)
     assert modeling.shared_prompt_unsupported(policy) is None
-    reference = Reference("adapter", policy=policy)
     model = modeling.PackedRPOModel(policy, beta=config.beta, alpha=config.alpha, sft_norm=config.sft_norm,
                                     loss_type=config.loss_type, impl=config.impl)
     optimizer, _ = build_optimizer(model, config, steps + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
-    reference.wrapped = model  # the reference runs through the prepared model, as in the trainer
+    reference = Reference("adapter", policy=policy, wrapped=model)  # through the prepared model, as in the trainer
     configs = {share: load_config("configs/demo.yaml", {"share_prompt": share}) for share in (True, False)}
 
     times: dict[bool, list[float]] = {True: [], False: []}

@@ -195,11 +195,13 @@ def build_optimizer(model, config: TrainConfig, steps: int):
 
 
 class Reference:
-    """The reference policy in one of four modes; `inputs(batch)` -> keyword arguments for PackedRPOModel.
+    """The reference policy in one of four modes; `inputs(batch, split, autocast)` -> keyword arguments for
+    PackedRPOModel.
 
-    "adapter": `policy` is the LoRA policy, run with its adapter disabled; `wrapped`, once set, is the
-    PackedRPOModel around it as accelerate prepared it, through whose forward the reference then runs (under
-    FSDP only that forward gathers the embeddings and the head)."""
+    "none": no reference; "cache": the log-probs in `caches[split]`; "model": the `frozen` model's forward;
+    "adapter": `policy` is the LoRA policy, run with its adapter disabled through the forward of `wrapped`, the
+    PackedRPOModel around it as accelerate prepared it (under FSDP only that forward gathers the embeddings and
+    the head)."""
 
     def __init__(self, mode: str, *, frozen=None, policy=None, caches: dict[str, ReferenceCache] | None = None,
                  wrapped=None):
@@ -216,7 +218,7 @@ class Reference:
         was_training = model.training
         model.eval()  # the reference never sees dropout
         with adapter_off, autocast(), torch.no_grad():
-            if self.mode == "adapter" and self.wrapped is not None:
+            if self.mode == "adapter":
                 ref_hidden, ref_weight, ref_bias = self.wrapped(batch, head_inputs_only=True)
             else:
                 ref_hidden, ref_weight, ref_bias = modeling.reference_head_inputs(model, batch)
@@ -233,10 +235,13 @@ def resolve_share_prompt(config: TrainConfig, model, log) -> TrainConfig:
 
 
 def build_reference(config: TrainConfig, policy, datasets: dict[str, list], accelerator, log) -> Reference:
-    """Called before LoRA is added: `policy` is still the initial model, the default reference. Runs the
+    """The reference of modes "none", "model" and "cache" ("adapter" runs the prepared policy: `build_models`).
+    Called before LoRA is added: `policy` is still the initial model, the default reference. Runs the
     reference in `config.share_prompt`'s layout, which a separate `ref_model` must support too."""
-    if config.reference in ("none", "adapter"):
-        return Reference(config.reference)
+    if config.reference == "adapter":
+        raise ValueError("reference: 'adapter' is the trained policy with its adapter off, not built here")
+    if config.reference == "none":
+        return Reference("none")
     if config.ref_model:
         source = modeling.load_causal_lm(config.ref_model, dtype=config.dtype).to(accelerator.device)
         if config.liger_kernels:
@@ -539,9 +544,9 @@ def load_run_data(config: TrainConfig, tokenizer, accelerator) -> RunData:
 
 
 def build_models(config: TrainConfig, accelerator, data: RunData):
-    """(config, reference, model, optimizer, scheduler): the policy and its reference (taken before LoRA: the
-    initial policy is the default reference), the PackedRPOModel around the policy and its optimizer, both
-    prepared by accelerate, the scheduler; `config` has share_prompt off when the model cannot run it."""
+    """(config, reference, model, optimizer, scheduler): the policy and its reference, the PackedRPOModel around
+    the policy and its optimizer, both prepared by accelerate, the scheduler; `config` has share_prompt off when
+    the model cannot run it."""
     log = accelerator.print
     start = time.perf_counter()
     policy = build_policy(config, accelerator.device)
@@ -550,13 +555,13 @@ def build_models(config: TrainConfig, accelerator, data: RunData):
         log(memory_plan.forecast(config, policy.config, oom.device_memory_bytes(accelerator.device),
                                  run_world(accelerator)))
     splits = {"train": data.train_examples, **({"eval": data.eval_examples} if data.eval_examples else {})}
-    reference = build_reference(config, policy, splits, accelerator, log)
+    # A reference model or cache is taken before LoRA is added (the initial policy is the default reference);
+    # reference=adapter is the policy itself with its adapter off, run through the prepared model (below).
+    reference = build_reference(config, policy, splits, accelerator, log) if config.reference != "adapter" else None
     policy = finish_policy(policy, config)
     # Every process built the same weights from one seed; from here on each draws its own dropout masks (a
     # resumed run restores each process's RNG state instead).
     set_seed((config.seed + accelerator.process_index) % 2**32)
-    if reference.mode == "adapter":
-        reference.policy = policy
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"policy: {type(modeling.base_model(policy)).__name__}, {trainable:,} trainable parameters "
         f"({config.finetune}), reference: {config.reference}, attention: {policy.config._attn_implementation} "
@@ -568,8 +573,8 @@ def build_models(config: TrainConfig, accelerator, data: RunData):
     model = modeling.PackedRPOModel(policy, **loss_options)
     optimizer, scheduler = build_optimizer(model, config, data.steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours: one step per step
-    if reference.mode == "adapter":
-        reference.wrapped = model
+    if config.reference == "adapter":
+        reference = Reference("adapter", policy=policy, wrapped=model)
     return config, reference, model, optimizer, scheduler
 
 
