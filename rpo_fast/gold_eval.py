@@ -21,22 +21,22 @@ def gold_accuracy(model, tokenizer, rows, examples, config: TrainConfig, device,
     forward another has stopped making.
 
     Returns (fraction correct, the generated answers)."""
-    chosen = examples[:config.gold_eval_samples]
+    samples = examples[:config.gold_eval_samples]
     lm = modeling.base_model(model)
     was_training = model.training
     model.eval()
-    width = max(len(ex.prompt_ids) for ex in chosen)
+    width = max(len(ex.prompt_ids) for ex in samples)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ex.prompt_ids)) + ex.prompt_ids.tolist() for ex in chosen],
+    input_ids = torch.tensor([[pad] * (width - len(ex.prompt_ids)) + ex.prompt_ids.tolist() for ex in samples],
                              device=device)
-    mask = torch.tensor([[0] * (width - len(ex.prompt_ids)) + [1] * len(ex.prompt_ids) for ex in chosen],
+    mask = torch.tensor([[0] * (width - len(ex.prompt_ids)) + [1] * len(ex.prompt_ids) for ex in samples],
                         device=device)
     with generation_attention(lm):
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=config.gold_max_new_tokens,
                              do_sample=False, pad_token_id=pad, use_cache=True, synced_gpus=synced)
     model.train(was_training)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return sum(gold_reward(rows[ex.index], text) for ex, text in zip(chosen, texts)) / len(chosen), texts
+    return sum(gold_reward(rows[ex.index], text) for ex, text in zip(samples, texts)) / len(samples), texts
 
 
 def gold_answer_tokens(tokenizer, example: PreferenceExample) -> int:
