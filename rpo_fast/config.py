@@ -137,6 +137,10 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, str) and value.startswith("~"):
                 setattr(self, key, os.path.expanduser(value))
+        # One module name (a string neither "all-linear" nor a regex) is a list of one, matched as peft matches names.
+        targets = self.lora_target_modules
+        if isinstance(targets, str) and targets != "all-linear" and not is_module_regex(targets):
+            self.lora_target_modules = [targets]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,8 +185,6 @@ class TrainConfig:
             except re.error as e:
                 raise ValueError(f"lora_target_modules: expected a valid regex (it has a regex character), got "
                                  f"{self.lora_target_modules!r}: {e}") from None
-        elif isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
-            self.lora_target_modules = [self.lora_target_modules]  # one module name, matched as peft matches names
         if isinstance(self.lora_target_modules, list):
             _require("lora_target_modules", bool(self.lora_target_modules) and all(
                 all(part.isidentifier() for part in name.split(".")) for name in self.lora_target_modules),

@@ -206,8 +206,9 @@ def test_every_lora_target_must_name_a_module():
         modeling.add_lora(tiny(), r=2, alpha=4, dropout=0.0, target_modules=targets)
     model = modeling.add_lora(tiny(), r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "self_attn.v_proj"])
     assert sum("lora_A" in name for name, _ in model.named_parameters()) == 2
-    # a single name is a name, not a regex over full module paths
+    # a single name is a name, not a regex over full module paths: a list of one from the start, not after validate()
     assert load_config(None, {"lora_target_modules": "q_proj"}).lora_target_modules == ["q_proj"]
+    assert TrainConfig(lora_target_modules="q_proj").lora_target_modules == ["q_proj"]
     with pytest.raises(ValueError, match="lora_target_modules: expected 'all-linear', module names"):
         load_config(None, {"lora_target_modules": "q_proj,"})
 
