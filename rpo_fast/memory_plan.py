@@ -278,11 +278,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
-
-
 def plan_memory(
     model_config,
     *,
@@ -353,14 +348,14 @@ def plan_memory(
     Raises:
         ValueError: naming the argument, for unknown options or non-positive sizes.
     """
-    _check_choice("mode", mode, MODES)
-    _check_choice("dtype", dtype, DTYPE_BYTES)
-    _check_choice("lora_dtype", lora_dtype, DTYPE_BYTES)
-    _check_choice("reference", reference, REFERENCES)
-    _check_choice("loss_impl", loss_impl, LOSS_IMPLS)
-    _check_choice("head_backward", head_backward, checks.HEAD_BACKWARDS)
-    _check_choice("attention", attention, ATTENTIONS)
-    _check_choice("device", device, ("cuda", "cpu"))
+    checks.check_choice("mode", mode, MODES)
+    checks.check_choice("dtype", dtype, DTYPE_BYTES)
+    checks.check_choice("lora_dtype", lora_dtype, DTYPE_BYTES)
+    checks.check_choice("reference", reference, REFERENCES)
+    checks.check_choice("loss_impl", loss_impl, LOSS_IMPLS)
+    checks.check_choice("head_backward", head_backward, checks.HEAD_BACKWARDS)
+    checks.check_choice("attention", attention, ATTENTIONS)
+    checks.check_choice("device", device, ("cuda", "cpu"))
     opt_base, in_backward = optim.parse_mode(optimizer)
     for name, value in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes),
                         ("max_length", max_length), ("lora_rank", lora_rank)):
