@@ -375,10 +375,9 @@ def plan_memory(
     if fsdp_processes > 1 and ddp_processes > 1:
         raise ValueError(f"ddp_processes: expected 1 with fsdp_processes={fsdp_processes} (a run is DDP or FSDP), "
                          f"got {ddp_processes}")
-    for name, processes in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes)):
-        if processes > 1 and in_backward:
-            raise ValueError(f"optimizer: {optimizer!r} steps during backward, before the gradients are reduced "
-                             f"across processes: expected a mode without _in_backward with {name}={processes}")
+    if refusing := _processes_refusing(optimizer, fsdp_processes, ddp_processes):
+        raise ValueError(f"optimizer: {optimizer!r} steps during backward, before the gradients are reduced "
+                         f"across processes: expected a mode without _in_backward with {refusing}")
     if reference == "lora_disabled" and mode != "lora":
         raise ValueError("reference: 'lora_disabled' needs mode='lora', got mode='full_ft'")
     bad_targets = [t for t in lora_targets if t not in LINEARS]
@@ -554,6 +553,16 @@ def plan_memory(
     return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
                       phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
                       response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable, notes=notes)
+
+
+def _processes_refusing(optimizer: str, fsdp_processes: int, ddp_processes: int) -> str | None:
+    """"fsdp_processes=N" or "ddp_processes=N" when `optimizer` steps in backward and the run has several processes,
+    which it cannot: DDP and FSDP reduce the gradients after the hooks that would step them. None otherwise."""
+    if optim.parse_mode(optimizer)[1]:
+        for name, processes in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes)):
+            if processes > 1:
+                return f"{name}={processes}"
+    return None
 
 
 @dataclass
@@ -855,10 +864,45 @@ def train_config_plan_options(config, device: str = "cuda", world: World = World
         fsdp_processes=world.processes if world.fsdp else 1, ddp_processes=1 if world.fsdp else world.processes)
 
 
-def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, MemoryPlan]]:
-    """What one change to `options` (plan_memory's keyword arguments) does to the plan, for a run that does not
-    fit: [(the change in words, its plan)]. Those that fit on `gpu_bytes` come first, the one needing the most
-    memory (the smallest departure from the run asked for) first; then those that do not."""
+def train_config_keys(change: dict) -> dict:
+    """The training-config keys (`rpo_fast.config.TrainConfig`) that make a change of `single_changes` other than
+    the micro-batch's in a run: the inverse of `train_config_plan_options`, with what the config requires along
+    with it (no mixed precision over 16-bit weights; no clipping or accumulation for an optimizer that steps in
+    backward)."""
+    keys = {}
+    for name, value in change.items():
+        if name == "gradient_checkpointing":
+            keys[name] = value
+        elif name == "reference":
+            keys[name] = next(key for key, planned in TRAINER_REFERENCES.items() if planned == value)
+        elif name == "dtype":
+            keys[name] = next(key for key, planned in TRAINER_DTYPES.items() if planned == value)
+            if value != "fp32":
+                keys["mixed_precision"] = "no"
+        elif name == "optimizer":
+            keys[name] = value
+            if optim.parse_mode(value)[1]:
+                keys.update(max_grad_norm=0, gradient_accumulation_steps=1)
+        elif name == "mode":
+            keys["finetune"] = "lora" if value == "lora" else "full"
+        elif name == "lora_rank":
+            keys["lora_r"] = value
+        else:
+            raise ValueError(f"{name}: no training-config key sets it alone")
+    return keys
+
+
+class Alternative(NamedTuple):
+    """One change to a run's options (`alternatives`) and its plan."""
+
+    text: str  # the change in words
+    change: dict  # the plan_memory options it sets
+    plan: MemoryPlan
+
+
+def single_changes(options: dict) -> list[tuple[str, dict]]:
+    """The single changes `alternatives` plans for `options` (plan_memory's keyword arguments), each
+    (the change in words, the options it sets); they need no model."""
     full = options.get("mode", "full_ft") == "full_ft"
     changes = []
     if not options.get("gradient_checkpointing", True):
@@ -868,10 +912,9 @@ def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, Mem
     if options.get("dtype") == "fp32":
         changes.append(("bf16 weights (dtype: bfloat16, mixed_precision: no)", dict(dtype="bf16")))
     if full:
-        # DDP and FSDP reduce gradients after the hooks that would step them
-        distributed = options.get("fsdp_processes", 1) > 1 or options.get("ddp_processes", 1) > 1
         for opt in ("adamw_bf16_sr", "adamw8bit", "adamw_bf16_in_backward", "adamw_bf16_sr_in_backward"):
-            if opt != options.get("optimizer") and not (distributed and opt.endswith("_in_backward")):
+            if opt != options.get("optimizer") and not _processes_refusing(
+                    opt, options.get("fsdp_processes", 1), options.get("ddp_processes", 1)):
                 note = " (max_grad_norm 0, no accumulation)" if opt.endswith("_in_backward") else ""
                 changes.append((f"optimizer {opt}{note}", dict(optimizer=opt)))
         changes.append(("LoRA r16 with the disabled adapter as reference",
@@ -882,16 +925,24 @@ def alternatives(model_config, gpu_bytes: int, **options) -> list[tuple[str, Mem
     elif not tokens and pairs and pairs > 1:
         changes.append((f"half the micro-batch ({pairs // 2} pair{'s' if pairs // 2 > 1 else ''})",
                         dict(micro_batch_pairs=pairs // 2)))
-    plans = [(text, plan_memory(model_config, **{**options, **change})) for text, change in changes]
-    return sorted(plans, key=lambda item: (not item[1].fits(gpu_bytes), -item[1].required_bytes()))
+    return changes
+
+
+def alternatives(model_config, gpu_bytes: int, **options) -> list[Alternative]:
+    """What one change to `options` (plan_memory's keyword arguments; `single_changes`) does to the plan, for a
+    run that does not fit. Those that fit on `gpu_bytes` come first, the one needing the most memory (the
+    smallest departure from the run asked for) first; then those that do not."""
+    listed = [Alternative(text, change, plan_memory(model_config, **{**options, **change}))
+              for text, change in single_changes(options)]
+    return sorted(listed, key=lambda alt: (not alt.plan.fits(gpu_bytes), -alt.plan.required_bytes()))
 
 
 def alternatives_text(model_config, gpu_bytes: int, **options) -> str:
     """Lines for a plan that does not fit: each single change and the memory it would need."""
     lines = ["one change at a time:"]
-    for text, plan in alternatives(model_config, gpu_bytes, **options):
-        verdict = "fits" if plan.fits(gpu_bytes) else "does not fit"
-        lines.append(f"  {text}: needs {plan.required_bytes() / GiB:.1f} GiB ({verdict})")
+    for alt in alternatives(model_config, gpu_bytes, **options):
+        verdict = "fits" if alt.plan.fits(gpu_bytes) else "does not fit"
+        lines.append(f"  {alt.text}: needs {alt.plan.required_bytes() / GiB:.1f} GiB ({verdict})")
     return "\n".join(lines)
 
 
@@ -908,7 +959,7 @@ def forecast(config, model_config, gpu_bytes: int, world: World = World()) -> st
             f"{plan.required_bytes() / GiB:.1f} of {gpu_bytes / GiB:.1f} GiB")
     if plan.fits(gpu_bytes):
         return line + ": fits"
-    fitting = [text for text, alt in alternatives(model_config, gpu_bytes, **options) if alt.fits(gpu_bytes)]
+    fitting = [alt.text for alt in alternatives(model_config, gpu_bytes, **options) if alt.plan.fits(gpu_bytes)]
     return (line + ": does NOT fit, expect an out-of-memory error"
             + (f"; it would fit with {fitting[0]}" if fitting else "")
             + "; `rpo-fast plan-memory --config CONFIG` lists the options")

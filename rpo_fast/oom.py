@@ -7,7 +7,8 @@ import dataclasses
 import torch
 
 from .config import TrainConfig
-from .memory_plan import World, plan_for_train_config
+from .memory_plan import (World, alternatives, plan_for_train_config, single_changes, train_config_keys,
+                          train_config_plan_options)
 
 GiB = 2**30
 
@@ -59,23 +60,38 @@ def _prediction_and_advice(config: TrainConfig, model_config, device_bytes: int 
         advice.append(f"lower token_budget (e.g. --token_budget={smaller}"
                       + (f": {smaller_peak / GiB:.1f} GiB predicted" if smaller_peak is not None else "")
                       + "; raise gradient_accumulation_steps to keep the batch)")
-        if not config.gradient_checkpointing:
-            advice.append("--gradient_checkpointing=true (one layer input saved per layer instead of all "
-                          "activations)")
-    if config.reference == "model":
-        advice.append("--reference=cache (precomputed reference log-probs: no resident reference model)")
-    if config.finetune != "lora" and config.optimizer in ("adamw", "adamw_bf16"):
-        in_backward = ""
-        if world.processes == 1:  # DDP and FSDP reduce gradients after the hooks that would step them
-            accumulation = " --gradient_accumulation_steps=1" if config.gradient_accumulation_steps > 1 else ""
-            in_backward = (f"--optimizer={config.optimizer}_in_backward --max_grad_norm=0{accumulation} (no full "
-                           "gradients; no accumulation or clipping), ")
-        advice.append(f"--optimizer=adamw_bf16_sr or adamw8bit (smaller optimizer states), {in_backward}"
-                      "or --finetune=lora")
+    # The micro-batch's size is the line above; the optimizer update depends neither on it nor on checkpointing.
+    skip = {"tokens_per_micro_batch", "micro_batch_pairs"} | (set() if batch_advice else {"gradient_checkpointing"})
+    advice += _single_changes(config, model_config, device_bytes, world, peak, skip)
     if advice:
         lines.append("To fit: " + "; ".join(advice) + ".")
     lines.append("`rpo-fast plan-memory --config CONFIG` lists the options.")
     return lines
+
+
+def _single_changes(config: TrainConfig, model_config, device_bytes: int | None, world: World, peak: int | None,
+                    skip: set[str]) -> list[str]:
+    """The planner's single changes (`memory_plan.alternatives`, less those of the options in `skip`), each as the
+    train overrides that make it and its predicted peak: those that fit on the device, or, when none does or its
+    size is unknown, those that lower the peak. Without a plan, every change, without numbers."""
+    options = train_config_plan_options(config, "cuda", world)
+    try:
+        listed = [alt for alt in alternatives(model_config, device_bytes or 0, **options) if not skip & set(alt.change)]
+    except Exception:  # an architecture or option the planner does not model
+        listed = None
+    if peak is None or listed is None:
+        return [_overrides(config, change) for _, change in single_changes(options) if not skip & set(change)]
+    lower = [alt for alt in listed if alt.plan.peak_bytes < peak]
+    fitting = [alt for alt in lower if device_bytes and alt.plan.fits(device_bytes)]
+    return [f"{_overrides(config, alt.change)}: {alt.plan.peak_bytes / GiB:.1f} GiB predicted"
+            for alt in fitting or lower]
+
+
+def _overrides(config: TrainConfig, change: dict) -> str:
+    """`change` (plan_memory options) as the `--key=value` train overrides that make it, less those already set."""
+    keys = {key: value for key, value in train_config_keys(change).items() if getattr(config, key) != value}
+    return " ".join(f"--{key}={str(value).lower() if isinstance(value, bool) else value}"
+                    for key, value in keys.items())
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

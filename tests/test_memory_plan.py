@@ -528,6 +528,38 @@ def test_out_of_memory_advice_predicts_the_halved_token_budget():
     assert f"--token_budget=8192: {halved / GiB:.1f} GiB predicted" in message
 
 
+def test_out_of_memory_advice_lists_the_planners_alternatives():
+    """A CUDA out-of-memory error advises what `alternatives` (the planner's single changes, as `plan-memory` and
+    the start-up forecast list them) finds to fit, less the micro-batch's size (advised as token_budget): for fp32
+    AdamW under mixed precision on 79.1 GiB that includes bf16 weights, and in-backward modes with bf16 states,
+    not adamw_in_backward. Each is the train overrides that make it (the config they give plans as the
+    alternative does) and its predicted peak, in alternatives' order; without a plan, the changes alone."""
+    from rpo_fast.config import load_config, parse_overrides
+    from rpo_fast.memory_plan import alternatives, plan_for_train_config, train_config_plan_options
+    from rpo_fast.oom import update_out_of_memory_message
+
+    path, run = ROOT / "configs" / "mistral7b_full_80gb.yaml", {"optimizer": "adamw", "dtype": "float32",
+                                                                  "mixed_precision": "bf16"}
+    config = load_config(path, run)
+    gpu = int(79.1 * GiB)
+    message = update_out_of_memory_message(config, 3, "mistral-7b", gpu)
+    assert "--dtype=bfloat16 --mixed_precision=no: " in message
+    assert "--optimizer=adamw_bf16_in_backward --max_grad_norm=0 --gradient_accumulation_steps=1: " in message
+    assert "adamw_in_backward" not in message
+    advised = message.split("To fit: ")[1].split(". `rpo-fast")[0].split("; ")
+    fitting = [alt for alt in alternatives("mistral-7b", gpu, **train_config_plan_options(config))
+               if alt.plan.fits(gpu) and "tokens_per_micro_batch" not in alt.change]
+    assert len(advised) == len(fitting) >= 4
+    for item, alt in zip(advised, fitting):
+        overrides, predicted = item.split(": ")
+        assert predicted == f"{alt.plan.peak_bytes / GiB:.1f} GiB predicted"
+        changed = load_config(path, {**run, **parse_overrides(overrides.split())})
+        assert plan_for_train_config(changed, "mistral-7b").components == alt.plan.components, overrides
+    # a model the planner cannot read: the same changes, without numbers
+    unplanned = update_out_of_memory_message(config, 3, "no-such-model", gpu)
+    assert "--dtype=bfloat16 --mixed_precision=no; " in unplanned and "predict" not in unplanned
+
+
 def test_alternatives_for_a_run_that_does_not_fit(capsys):
     """Llama-3-8B with adamw_bf16 is 0.6 GiB short of 80 GB (docs/memory.md): the planner lists single changes,
     those that fit first, the smallest departure first, and each is the plan of exactly that change."""
@@ -539,13 +571,13 @@ def test_alternatives_for_a_run_that_does_not_fit(capsys):
                    gradient_checkpointing=False)
     assert not plan_memory("llama-3-8b", **options).fits(gpu)
     listed = alternatives("llama-3-8b", gpu, **options)
-    texts = [text for text, _ in listed]
+    texts = [alt.text for alt in listed]
     assert "gradient checkpointing on" in texts and any(t.startswith("reference log-probs precomputed") for t in texts)
-    fits = [plan.fits(gpu) for _, plan in listed]
+    fits = [alt.plan.fits(gpu) for alt in listed]
     assert fits == sorted(fits, reverse=True)  # the ones that fit come first
-    needed = [plan.required_bytes() for _, plan in listed if plan.fits(gpu)]
+    needed = [alt.plan.required_bytes() for alt in listed if alt.plan.fits(gpu)]
     assert needed == sorted(needed, reverse=True)
-    by_text = dict(listed)
+    by_text = {alt.text: alt.plan for alt in listed}
     assert (by_text["optimizer adamw8bit"].peak_bytes
             == plan_memory("llama-3-8b", **{**options, "optimizer": "adamw8bit"}).peak_bytes)
 

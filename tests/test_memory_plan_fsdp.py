@@ -89,11 +89,11 @@ def test_the_trainer_forecast_and_out_of_memory_advice_plan_the_run_world():
     alone = update_out_of_memory_message(config, 3, "mistral-7b", gpu)
     sharded = update_out_of_memory_message(config, 3, "mistral-7b", gpu, World(8, fsdp=True))
     assert f"predicts a peak of {fsdp.peak_bytes / GiB:.1f} GiB" in sharded
-    assert "adamw_in_backward" not in sharded and "adamw_in_backward" not in out_of_memory_message(
+    assert "_in_backward" not in sharded and "_in_backward" not in out_of_memory_message(
         config, 3, 4, 4096, 4096, "mistral-7b", gpu, World(2))
     # one process: the in-backward advice loads as written (it needs no accumulation)
     assert config.gradient_accumulation_steps > 1
-    advised = "--optimizer=adamw_in_backward --max_grad_norm=0 --gradient_accumulation_steps=1"
+    advised = "--optimizer=adamw_bf16_in_backward --max_grad_norm=0 --gradient_accumulation_steps=1"
     assert advised in alone
     assert load_config("configs/mistral7b_full_80gb.yaml", {"optimizer": "adamw", "dtype": "float32",
                                                             "mixed_precision": "bf16",
