@@ -356,7 +356,7 @@ def plan_memory(
     checks.check_choice("head_backward", head_backward, checks.HEAD_BACKWARDS)
     checks.check_choice("attention", attention, ATTENTIONS)
     checks.check_choice("device", device, ("cuda", "cpu"))
-    opt_base, in_backward = optim.parse_mode(optimizer)
+    _, in_backward = optim.parse_mode(optimizer)
     for name, value in (("fsdp_processes", fsdp_processes), ("ddp_processes", ddp_processes),
                         ("max_length", max_length), ("lora_rank", lora_rank)):
         if not checks.is_int(value) or value < 1:
@@ -384,27 +384,8 @@ def plan_memory(
     if mode == "lora" and (bad_targets or not lora_targets or lora_rank < 1):
         raise ValueError(f"lora_targets: expected a non-empty subset of {list(LINEARS)} and lora_rank >= 1, "
                          f"got {list(lora_targets)} and {lora_rank}")
-    if tokens_per_micro_batch is None:
-        if not micro_batch_pairs or micro_batch_pairs < 1:
-            raise ValueError(f"micro_batch_pairs: expected an integer >= 1 (or tokens_per_micro_batch), "
-                             f"got {micro_batch_pairs}")
-        tokens = 2 * micro_batch_pairs * max_length
-        n_seq = 2 * micro_batch_pairs
-    else:
-        if tokens_per_micro_batch < 2:
-            raise ValueError(f"tokens_per_micro_batch: expected >= 2, got {tokens_per_micro_batch}")
-        tokens = tokens_per_micro_batch
-        n_seq = max(2, 2 * math.ceil(tokens / (2 * max_length)))
-    if not 0 <= prompt_tokens < max_length:
-        raise ValueError(f"prompt_tokens: expected 0 <= prompt_tokens < max_length={max_length}, got {prompt_tokens}")
-    response = max(1, tokens - n_seq * prompt_tokens)
-    kv_tokens = tokens
-    if share_prompt:
-        if attention != "flash":
-            raise ValueError(f"share_prompt: needs attention='flash' (the packed attention), "
-                             f"got attention={attention!r}")
-        prompts = (n_seq // 2) * prompt_tokens  # one prompt copy per pair leaves the row, one joins the key rows
-        tokens, kv_tokens = tokens - prompts, tokens + prompts
+    tokens, response, kv_tokens = _micro_batch_tokens(max_length, micro_batch_pairs, tokens_per_micro_batch,
+                                                      prompt_tokens, share_prompt, attention)
     if loss_impl == "fused":
         loss_impl_resolved = "triton" if device == "cuda" else "torch"
     else:
@@ -413,8 +394,9 @@ def plan_memory(
     shape = model_shape(model_config)
     b = DTYPE_BYTES[dtype]
     lora = mode == "lora"
-    ctx = _Context(shape, tokens, response, b, lora, lora_rank, set(lora_targets), DTYPE_BYTES[lora_dtype],
-                   lora_dropout, attention, device, kv_tokens)
+    ctx = _Context(shape=shape, T=tokens, N=response, b=b, lora=lora, rank=lora_rank, targets=set(lora_targets),
+                   lb=DTYPE_BYTES[lora_dtype], dropout=lora_dropout, attention=attention, device=device,
+                   kv_tokens=kv_tokens)
 
     # Static: weights, optimizer state, reference weights.
     H, V, L = shape.hidden_size, shape.vocab_size, shape.num_layers
@@ -525,21 +507,6 @@ def plan_memory(
               workspace=in_backward_step(shape.embedding_params))
 
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
-    notes = []
-    if in_backward:
-        notes.append("optimizer steps in backward: gradient accumulation 1, no global-norm clipping")
-    if opt_base == "adamw" and dtype != "fp32" and not lora:
-        notes.append(f"torch AdamW on {dtype} weights keeps {dtype} states and loses updates below half an ulp; "
-                     "adamw_bf16 (Kahan) or adamw_bf16_sr preserve them")
-    if shape.tied_embeddings and not lora:
-        notes.append("tied embeddings: the head's gradient waits for the embedding's until the end of backward")
-    if W > 1:
-        notes.append(f"FSDP over {W} processes: one process's memory; weights, gradients and optimizer state "
-                     f"sharded {W} ways, two layers and the embedding/head gathered whole"
-                     + ("; the reference model is a whole copy per process" if reference == "model" else ""))
-    if ddp_processes > 1:
-        notes.append(f"DDP over {ddp_processes} processes: one process's memory, the whole model; the gradients are "
-                     "DDP's buckets, resident from the wrap on")
     options = dict(model=getattr(model_config, "name_or_path", None) or
                    (str(model_config) if isinstance(model_config, (str, os.PathLike)) else shape.name),
                    max_length=max_length, micro_batch_pairs=micro_batch_pairs,
@@ -552,7 +519,63 @@ def plan_memory(
                    fsdp_processes=W, ddp_processes=ddp_processes)
     return MemoryPlan(components=phases[peak_phase], peak_phase=peak_phase,
                       phases={k: sum(v.values()) for k, v in phases.items()}, options=options, tokens=tokens,
-                      response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable, notes=notes)
+                      response_tokens=response, n_params=shape.n_params, n_trainable=n_trainable,
+                      notes=_notes(options, shape))
+
+
+def _micro_batch_tokens(max_length: int, micro_batch_pairs: int | None, tokens_per_micro_batch: int | None,
+                        prompt_tokens: int, share_prompt: bool, attention: str) -> tuple[int, int, int]:
+    """The micro-batch `plan_memory`'s sizing options describe: its packed tokens T, its scored (response) tokens
+    N, and the key/value rows attention keeps (T, or more with a shared prompt).
+
+    Raises:
+        ValueError: naming the option, for sizes that make no micro-batch.
+    """
+    if tokens_per_micro_batch is None:
+        if not micro_batch_pairs or micro_batch_pairs < 1:
+            raise ValueError(f"micro_batch_pairs: expected an integer >= 1 (or tokens_per_micro_batch), "
+                             f"got {micro_batch_pairs}")
+        tokens = 2 * micro_batch_pairs * max_length
+        n_seq = 2 * micro_batch_pairs
+    else:
+        if tokens_per_micro_batch < 2:
+            raise ValueError(f"tokens_per_micro_batch: expected >= 2, got {tokens_per_micro_batch}")
+        tokens = tokens_per_micro_batch
+        n_seq = max(2, 2 * math.ceil(tokens / (2 * max_length)))
+    if not 0 <= prompt_tokens < max_length:
+        raise ValueError(f"prompt_tokens: expected 0 <= prompt_tokens < max_length={max_length}, got {prompt_tokens}")
+    response = max(1, tokens - n_seq * prompt_tokens)
+    kv_tokens = tokens
+    if share_prompt:
+        if attention != "flash":
+            raise ValueError(f"share_prompt: needs attention='flash' (the packed attention), "
+                             f"got attention={attention!r}")
+        prompts = (n_seq // 2) * prompt_tokens  # one prompt copy per pair leaves the row, one joins the key rows
+        tokens, kv_tokens = tokens - prompts, tokens + prompts
+    return tokens, response, kv_tokens
+
+
+def _notes(options: dict, shape: ModelShape) -> list[str]:
+    """What a plan's options (`MemoryPlan.options`) imply beyond its numbers."""
+    opt_base, in_backward = optim.parse_mode(options["optimizer"])
+    dtype, lora, reference = options["dtype"], options["mode"] == "lora", options["reference"]
+    fsdp_processes, ddp_processes = options["fsdp_processes"], options["ddp_processes"]
+    notes = []
+    if in_backward:
+        notes.append("optimizer steps in backward: gradient accumulation 1, no global-norm clipping")
+    if opt_base == "adamw" and dtype != "fp32" and not lora:
+        notes.append(f"torch AdamW on {dtype} weights keeps {dtype} states and loses updates below half an ulp; "
+                     "adamw_bf16 (Kahan) or adamw_bf16_sr preserve them")
+    if shape.tied_embeddings and not lora:
+        notes.append("tied embeddings: the head's gradient waits for the embedding's until the end of backward")
+    if fsdp_processes > 1:
+        notes.append(f"FSDP over {fsdp_processes} processes: one process's memory; weights, gradients and optimizer "
+                     f"state sharded {fsdp_processes} ways, two layers and the embedding/head gathered whole"
+                     + ("; the reference model is a whole copy per process" if reference == "model" else ""))
+    if ddp_processes > 1:
+        notes.append(f"DDP over {ddp_processes} processes: one process's memory, the whole model; the gradients are "
+                     "DDP's buckets, resident from the wrap on")
+    return notes
 
 
 def _processes_refusing(optimizer: str, fsdp_processes: int, ddp_processes: int) -> str | None:
