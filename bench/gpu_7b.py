@@ -72,7 +72,8 @@ import torch  # noqa: E402
 from rpo_fast import attention, fused_linear_rpo_loss, modeling  # noqa: E402
 from rpo_fast.config import TrainConfig  # noqa: E402
 from rpo_fast.data import PreferenceExample  # noqa: E402
-from rpo_fast.memory_plan import GiB, LiveTensorTracker, load_model_config, plan_memory  # noqa: E402
+from rpo_fast.live_memory import LiveTensorTracker  # noqa: E402
+from rpo_fast.memory_plan import GiB, load_model_config, plan_memory  # noqa: E402
 from rpo_fast.optim import build_optimizer, parse_mode  # noqa: E402
 from rpo_fast.packing import PackedBatch, pack_pairs  # noqa: E402
 from rpo_fast.trainer import Reference, finish_policy  # noqa: E402

@@ -76,7 +76,7 @@ def python_implementation(op) -> Callable | None:
     """The Python function behind one of rpo_fast's custom ops (an OpOverload), or None for any other op.
 
     A `TorchDispatchMode` sees a custom op as one call and none of the tensors allocated inside it; the
-    memory tools (`memory_plan.LiveTensorTracker`, the tests' recorders) run this function under the mode
+    memory tools (`live_memory.LiveTensorTracker`, the tests' recorders) run this function under the mode
     instead, so the op's temporaries are counted like any other.
     """
     return _PYTHON_IMPLEMENTATIONS.get(op)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpo_fast.memory_plan import OutputRecorder
+from rpo_fast.live_memory import OutputRecorder
 
 # Interpreter tests are ~10x faster single-threaded; the Makefile sets these too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

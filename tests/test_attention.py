@@ -137,7 +137,7 @@ def test_backend_on_cpu_is_sdpa():
 def test_cpu_path_uses_the_fused_kernel_not_the_math_one(dtype):
     """Per-sequence sdpa on CPU keeps only q, k, v, the output and logsumexp for backward (the flash kernel);
     the math fallback (3-D inputs) would keep each sequence's [H, L, L] probabilities, in fp32 for bf16."""
-    from rpo_fast.memory_plan import LiveTensorTracker
+    from rpo_fast.live_memory import LiveTensorTracker
 
     heads, kv_heads, dim, lengths = 4, 2, 16, [200, 56]
     total = sum(lengths)

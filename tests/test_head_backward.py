@@ -13,7 +13,7 @@ import torch
 import rpo_fast
 from conftest import HeadMatmulCounter, LargestTensorRecorder
 from rpo_fast import chunked, fwdgrad
-from rpo_fast.memory_plan import OutputRecorder
+from rpo_fast.live_memory import OutputRecorder
 from rpo_reference_math import logprobs64, random_pairs, rpo64
 
 H, V, B = 19, 61, 3

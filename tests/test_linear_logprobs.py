@@ -9,9 +9,9 @@ import torch
 
 import rpo_fast
 import rpo_fast.chunked
-from rpo_fast.memory_plan import OutputRecorder
 from rpo_fast.chunked import chunked_linear_logprobs_bwd, chunked_linear_logprobs_fwd
 from rpo_fast.kernels import TileConfig, linear_logprobs_bwd, linear_logprobs_fwd
+from rpo_fast.live_memory import OutputRecorder
 from conftest import max_abs_err
 from rpo_reference_math import assert_within, logprobs64, naive_logprobs
 

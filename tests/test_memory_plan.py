@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from rpo_fast import fused_linear_rpo_loss
-from rpo_fast.memory_plan import (GiB, LiveTensorTracker, load_model_config, main, model_shape, plan_memory,
-                                  shipped_configs)
+from rpo_fast.live_memory import LiveTensorTracker
+from rpo_fast.memory_plan import GiB, load_model_config, main, model_shape, plan_memory, shipped_configs
 from rpo_fast.modeling import enable_gradient_checkpointing
 from rpo_fast.optim import build_optimizer
 

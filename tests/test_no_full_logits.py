@@ -61,7 +61,7 @@ def test_recorders_see_inside_the_custom_op(impl, monkeypatch):
     """The fused head is a custom op, which a TorchDispatchMode sees as one call: the recorders run its Python
     implementation under the mode, so the temporaries inside (a logits chunk, the fp32 accumulators) count.
     Without that, every no-[N, V] check here would pass whatever the op allocated."""
-    from rpo_fast.memory_plan import LiveTensorTracker
+    from rpo_fast.live_memory import LiveTensorTracker
 
     N, H, V, rows = 40, 16, 97, 8
     monkeypatch.setattr(rpo_fast.chunked, "CHUNK_ELEMENTS", rows * V)

@@ -9,7 +9,7 @@ import torch
 
 from rpo_fast import fused_linear_rpo_loss
 from rpo_fast import modeling, optim
-from rpo_fast.memory_plan import LiveTensorTracker
+from rpo_fast.live_memory import LiveTensorTracker
 from rpo_fast.optim import (InBackwardOptimizer, LowPrecisionAdamW, build_optimizer, nearest_bf16_as_fp32,
                             stochastic_round_to_bf16)
 
