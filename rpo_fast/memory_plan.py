@@ -600,7 +600,7 @@ class _Context:
     dropout: float
     attention: str
     device: str
-    kv_tokens: int = 0  # keys/values attention keeps (T, or more for shared-prompt key rows); 0: T
+    kv_tokens: int  # keys/values attention keeps (T, or more for shared-prompt key rows)
 
     def _lora_branch(self, name: str) -> int:
         """Per-token bytes a LoRA branch on `name` saves: cast input, dropout, rank-r activation."""
@@ -644,7 +644,7 @@ class _Context:
                 per_token += b * self.T  # the block mask converted to an additive b-byte bias, per call
         per_token += 3 * b * I + b * I * self._input_kept(("down_proj",))
         per_token += sum(self._lora_branch(n) for n in LINEARS)
-        return self.T * per_token + (self.kv_tokens or self.T) * kv
+        return self.T * per_token + self.kv_tokens * kv
 
     def shared_saved(self) -> int:
         """Saved once per forward: RoPE cos/sin, ids, positions, the packed boolean mask."""
@@ -677,11 +677,11 @@ class LossMemory(NamedTuple):
 
 
 def _loss_memory(backward: str, N: int, V: int, H: int, b: int, trainable_head: bool, device: str,
-                 chunk_tokens: int | None = None, pair_rows: int = 0) -> LossMemory:
+                 chunk_tokens: int | None, pair_rows: int) -> LossMemory:
     """The head's workspace by how its gradient is made: "dense", "fwdgrad", "recompute" or "atomic".
 
-    `pair_rows`: the longest pair's response rows (chosen + rejected), which fwdgrad copies whole when they
-    exceed its chunk. The head's gradient (b x V x H) is part of `end` and `returned` (of `saved` for fwdgrad);
+    `chunk_tokens`: fwdgrad's logit rows per chunk (None: the device's default). `pair_rows`: the longest pair's
+    response rows (chosen + rejected), which fwdgrad copies whole when they exceed its chunk. The head's gradient (b x V x H) is part of `end` and `returned` (of `saved` for fwdgrad);
     `plan_memory` does not count it again among the gradients."""
     head_grad = b * V * H if trainable_head else 0
     returned = N * H * b + head_grad
